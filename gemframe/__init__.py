@@ -1,0 +1,58 @@
+"""gemframe: Google Gemini as a polars operation.
+
+Prompt and image columns in; a typed, cached reply struct out::
+
+    import polars as pl, gemframe as gf
+    df.with_columns(reply=gf.generate("prompt", images="image_path")).unnest("reply")
+"""
+
+from . import namespace as _namespace  # noqa: F401  (registers the .gemini namespaces)
+from .cache import CacheMode, ResponseCache, cache_key, default_cache_dir
+from .client import Client
+from .errors import (
+    APIError,
+    AuthenticationError,
+    ConfigError,
+    GemframeError,
+    InputError,
+    InsufficientCreditsError,
+    NotFoundError,
+    PermissionDeniedError,
+    RowError,
+)
+from .expr import generate, request, send
+from .payload import RequestBuilder, build_request, sniff_mime
+from .providers import DEFAULT_MODEL, EmulatorProvider, GoogleAI, Provider, Segmind
+from .response import REPLY_DTYPE, reply_dtype
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "CacheMode",
+    "Client",
+    "ConfigError",
+    "DEFAULT_MODEL",
+    "EmulatorProvider",
+    "GemframeError",
+    "GoogleAI",
+    "InputError",
+    "InsufficientCreditsError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "Provider",
+    "REPLY_DTYPE",
+    "RequestBuilder",
+    "ResponseCache",
+    "RowError",
+    "Segmind",
+    "build_request",
+    "cache_key",
+    "default_cache_dir",
+    "generate",
+    "reply_dtype",
+    "request",
+    "send",
+    "sniff_mime",
+]

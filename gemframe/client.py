@@ -1,0 +1,270 @@
+"""`Client`: a provider, an executor and a cache, and the loop that turns request bodies into
+reply records: look up the cache in batches, send only the misses (each distinct request once),
+store answers as they arrive, decode, report progress. Memory stays bounded because bodies are
+consumed lazily and at most a window of requests is in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Iterable
+from itertools import islice
+from typing import Any
+
+from .cache import CacheMode, ResponseCache, cache_key
+from .errors import APIError, RowError
+from .executor import Executor, Outcome, RetryPolicy
+from .progress import Progress
+from .providers import DEFAULT_MODEL, Provider, resolve_provider
+from .response import decode, failed
+
+# A row to answer: a request body, a RowError found while building it, or None (nothing to send).
+Row = dict[str, Any] | RowError | None
+
+_LOOKUP_BATCH = 1024  # rows per batched cache lookup
+_FLUSH_EVERY = 64  # answers per cache write transaction
+_FLUSH_SECONDS = 1.0
+
+
+class Client:
+    """Where requests go and how: provider and key, concurrency, retries, timeouts, cache.
+
+    ``provider`` is ``"google"``, ``"segmind"``, ``"emulator"`` or None to pick from the
+    environment (a Gemini key, else a Segmind key, else the offline emulator). The key comes from
+    ``api_key`` or the provider's environment variables and is never shown in repr or errors.
+    """
+
+    def __init__(
+        self,
+        provider: str | Provider | None = None,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        model: str = DEFAULT_MODEL,
+        concurrency: int = 16,
+        timeout: float = 120.0,
+        max_attempts: int = 5,
+        cache: str | CacheMode = CacheMode.USE,
+        cache_dir: str | None = None,
+        progress: bool = True,
+        **provider_options: Any,
+    ) -> None:
+        if isinstance(provider, Provider):
+            self.provider = provider
+        else:
+            self.provider = resolve_provider(
+                provider, api_key=api_key, base_url=base_url, **provider_options
+            )
+        self.model = model
+        self.cache_mode = CacheMode(cache)
+        self.progress = progress
+        self.executor = Executor(
+            self.provider,
+            concurrency=concurrency,
+            timeout=timeout,
+            retry=RetryPolicy(max_attempts=max_attempts),
+        )
+        self._cache_dir = cache_dir
+        self._cache: ResponseCache | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Client(provider={self.provider.name!r}, base_url={self.provider.base_url!r}, "
+            f"model={self.model!r}, concurrency={self.executor.concurrency}, "
+            f"cache={self.cache_mode.value!r})"
+        )
+
+    @property
+    def cache(self) -> ResponseCache:
+        """The on-disk cache, opened on first use."""
+        if self._cache is None:
+            self._cache = ResponseCache(self._cache_dir)
+        return self._cache
+
+    def close(self) -> None:
+        """Release the HTTP connections and the cache handle."""
+        self.executor.close()
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(
+        self,
+        rows: Iterable[Row],
+        *,
+        total: int | None = None,
+        model: str | None = None,
+        cache: str | CacheMode | None = None,
+        sample: int = 0,
+        progress: bool | Progress | None = None,
+        image_dir: str | None = None,
+        raw: bool = False,
+    ) -> list[dict[str, Any] | None]:
+        """Reply records for request bodies, in order; None for rows with nothing to send.
+
+        Raises `APIError` when the API refuses the whole run (answers already received are in
+        the cache by then); every other problem becomes that row's ``error``. ``progress`` may
+        be a `Progress` shared by several calls (a batch job's single bar).
+        """
+        model = model or self.model
+        if not isinstance(progress, Progress):
+            enabled = self.progress if progress is None else progress
+            progress = Progress(total, enabled, model, owned=True)
+        run = _Run(
+            self,
+            model,
+            CacheMode(cache) if cache is not None else self.cache_mode,
+            sample,
+            image_dir,
+            raw,
+            progress,
+        )
+        try:
+            return run.execute(rows)
+        finally:
+            run.finish()
+
+
+class _Run:
+    """The state of one `Client.send` call."""
+
+    def __init__(
+        self,
+        client: Client,
+        model: str,
+        mode: CacheMode,
+        sample: int,
+        image_dir: str | None,
+        raw: bool,
+        progress: Progress,
+    ) -> None:
+        self.client = client
+        self.provider = client.provider
+        self.model = model
+        self.mode = mode
+        self.sample = sample
+        self.image_dir = image_dir
+        self.raw = raw
+        self.progress = progress
+        self.cache = client.cache if mode is not CacheMode.OFF else None
+        self.url = self.provider.url(model)
+        self.records: list[dict[str, Any] | None] = []
+        self.waiting: dict[str, list[int]] = {}  # key -> rows waiting for its answer
+        self.done_rows: dict[str, int] = {}  # key -> a row already answered in this call
+        self.futures: dict[str, Any] = {}
+        self.finished: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.to_store: list[tuple[str, str, bytes]] = []
+        self.last_flush = time.monotonic()
+        self.window = max(64, client.executor.concurrency * 4)
+
+    def execute(self, rows: Iterable[Row]) -> list[dict[str, Any] | None]:
+        if self.mode is not CacheMode.READ:
+            self.provider.check_key()
+        iterator = iter(rows)
+        while batch := list(islice(iterator, _LOOKUP_BATCH)):
+            self._admit(batch)
+        while self.futures:
+            self._collect(block=True)
+        return self.records
+
+    def _admit(self, batch: list[Row]) -> None:
+        """Give cached answers to a batch of rows and send its misses."""
+        start = len(self.records)
+        self.records.extend([None] * len(batch))
+        fresh: dict[str, dict[str, Any]] = {}  # key -> body, first row of each new key
+        for row, item in enumerate(batch, start):
+            if item is None:
+                continue
+            if isinstance(item, RowError):
+                self._answer_row(row, failed(item))
+                continue
+            key = cache_key(item, provider=self.provider.name, model=self.model, sample=self.sample)
+            if key in self.done_rows:
+                self._answer_row(row, self.records[self.done_rows[key]])
+            elif key in self.waiting:
+                self.waiting[key].append(row)
+            else:
+                self.waiting[key] = [row]
+                fresh[key] = item
+        if self.cache is not None and self.mode in (CacheMode.USE, CacheMode.READ) and fresh:
+            for key, raw in self.cache.get_many(fresh).items():
+                del fresh[key]
+                self._answer(key, self._decode(json.loads(raw), raw, True, 0, 0.0))
+        for key, body in fresh.items():
+            if self.mode is CacheMode.READ:
+                self._answer(key, failed(RowError(
+                    None, "CACHE_MISS",
+                    "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
+                )))
+                continue
+            content = json.dumps(self.provider.wrap(body), separators=(",", ":")).encode()
+            future = self.client.executor.submit(key, self.url, content)
+            self.futures[key] = future
+            future.add_done_callback(lambda f, key=key: self.finished.put((key, f)))
+            while len(self.futures) >= self.window:
+                self._collect(block=True)
+        self._collect(block=False)
+
+    def _collect(self, block: bool) -> None:
+        """Handle finished requests: one (waiting if asked), then whatever else is done."""
+        while True:
+            try:
+                key, future = self.finished.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            del self.futures[key]
+            self._handle(key, future.result())
+
+    def _handle(self, key: str, outcome: Outcome) -> None:
+        if outcome.failure is not None and outcome.failure.fatal is not None:
+            raise outcome.failure.as_api_error()
+        if outcome.response is None:
+            assert outcome.error is not None
+            self._answer(key, failed(outcome.error, attempts=outcome.attempts, latency_ms=outcome.latency_ms))
+            return
+        if self.cache is not None and outcome.raw is not None:
+            self.to_store.append((key, self.model, outcome.raw))
+            if len(self.to_store) >= _FLUSH_EVERY or time.monotonic() - self.last_flush > _FLUSH_SECONDS:
+                self._flush()
+        self._answer(key, self._decode(outcome.response, outcome.raw, False, outcome.attempts, outcome.latency_ms))
+
+    def _decode(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float) -> dict[str, Any]:
+        record = decode(response, cached=cached, attempts=attempts, latency_ms=latency_ms, image_dir=self.image_dir)
+        if self.raw:
+            record["raw"] = raw.decode("utf-8") if raw is not None else json.dumps(response)
+        return record
+
+    def _answer(self, key: str, record: dict[str, Any]) -> None:
+        rows = self.waiting.pop(key)
+        self.done_rows[key] = rows[0]
+        for row in rows:
+            self._answer_row(row, record)
+
+    def _answer_row(self, row: int, record: dict[str, Any]) -> None:
+        self.records[row] = record
+        self.progress.advance(record)
+
+    def _flush(self) -> None:
+        if self.to_store and self.cache is not None:
+            self.cache.set_many(self.to_store)
+        self.to_store = []
+        self.last_flush = time.monotonic()
+
+    def finish(self) -> None:
+        """Cancel what is still in flight (after an error or Ctrl-C) and keep what was answered."""
+        for future in self.futures.values():
+            future.cancel()
+        self.futures.clear()
+        self._flush()
+        if self.progress.owned:
+            self.progress.close()
+

@@ -1,0 +1,197 @@
+"""The async engine: one background event-loop thread per process, one shared HTTP client per
+`Executor`, a concurrency limit, timeouts and retries with jittered exponential back-off.
+
+Running the loop on its own thread is what lets a synchronous polars expression use asyncio the
+same way from a script, from Jupyter (whose loop is already running) and from polars' streaming
+worker threads (which call the expression concurrently). Callers submit a request and get a
+`concurrent.futures.Future`; cancelling it cancels the request on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import json
+import os
+import random
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .errors import RowError
+from .providers import Failure, Provider
+
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_pid: int | None = None
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The process-wide event loop thread, started on first use (and again after a fork)."""
+    global _loop, _loop_pid
+    with _loop_lock:
+        if _loop is None or _loop_pid != os.getpid():
+            _loop = asyncio.new_event_loop()
+            _loop_pid = os.getpid()
+            threading.Thread(target=_loop.run_forever, name="gemframe-loop", daemon=True).start()
+        return _loop
+
+
+@dataclass
+class Outcome:
+    """The end of one request after all its attempts."""
+
+    response: dict[str, Any] | None  # parsed JSON of a 200 answer
+    raw: bytes | None  # the same answer's bytes, for the cache
+    error: RowError | None
+    failure: Failure | None  # the last non-200 answer, if any (carries `fatal`)
+    attempts: int
+    latency_ms: float
+
+
+@dataclass
+class RetryPolicy:
+    """How hard to try: attempts per row, back-off base and cap (seconds), overall deadline."""
+
+    max_attempts: int = 5
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    max_retry_after: float = 300.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Full-jitter exponential back-off, or the server's own wait (plus a little jitter)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after) + random.uniform(0, self.backoff_base)
+        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+
+
+@dataclass
+class _Shared:
+    """One request in flight and how many callers wait for it."""
+
+    task: asyncio.Future[Outcome]
+    waiters: int = 0
+
+
+class Executor:
+    """Sends request bodies to one provider with bounded concurrency and retries."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        concurrency: int = 16,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.provider = provider
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._http: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._inflight: dict[str, _Shared] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        _open_executors.add(self)
+
+    def __repr__(self) -> str:
+        return f"Executor({self.provider!r}, concurrency={self.concurrency})"
+
+    def submit(self, key: str, url: str, content: bytes) -> concurrent.futures.Future[Outcome]:
+        """Send one request from any thread; identical keys in flight share one request."""
+        loop = background_loop()
+        if loop is not self._loop:  # first use, or a fork made a new loop
+            self._loop, self._http, self._slots, self._inflight = loop, None, None, {}
+        return asyncio.run_coroutine_threadsafe(self._shared(key, url, content), loop)
+
+    async def _shared(self, key: str, url: str, content: bytes) -> Outcome:
+        shared = self._inflight.get(key)
+        if shared is None:
+            shared = self._inflight[key] = _Shared(asyncio.ensure_future(self._send(url, content)))
+            shared.task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.task)
+        finally:
+            shared.waiters -= 1
+            if shared.waiters == 0 and not shared.task.done():  # everyone gave up: stop it
+                shared.task.cancel()
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+            self._http = httpx.AsyncClient(
+                transport=self.provider.transport(self.concurrency),
+                headers=self.provider.headers(),
+                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 30.0)),
+            )
+        return self._http
+
+    async def _send(self, url: str, content: bytes) -> Outcome:
+        client = self._client()
+        assert self._slots is not None
+        start = time.perf_counter()
+        failure: Failure | None = None
+        error: RowError | None = None
+        attempt = 0
+        while attempt < self.retry.max_attempts:
+            attempt += 1
+            retry_after: float | None = None
+            async with self._slots:
+                try:
+                    response = await client.post(url, content=content)
+                    body = await response.aread()
+                except httpx.TransportError as exc:
+                    error = self._transport_error(exc)
+                    response = None
+            if response is not None:
+                if response.status_code == 200:
+                    try:
+                        parsed = json.loads(body)
+                    except ValueError:
+                        error = RowError(200, "MALFORMED_RESPONSE", f"answer is not JSON: {body[:80]!r}")
+                    else:
+                        latency = (time.perf_counter() - start) * 1000
+                        return Outcome(parsed, body, None, None, attempt, latency)
+                else:
+                    failure = self.provider.failure(response)
+                    error = RowError(failure.code, failure.status, failure.message)
+                    if failure.fatal or not failure.retryable:
+                        break
+                    retry_after = failure.retry_after
+            if attempt < self.retry.max_attempts:
+                await asyncio.sleep(self.retry.delay(attempt, retry_after))
+        latency = (time.perf_counter() - start) * 1000
+        return Outcome(None, None, error, failure, attempt, latency)
+
+    def _transport_error(self, exc: httpx.TransportError) -> RowError:
+        # httpx-aiohttp reports a refused connection as ConnectTimeout: look at the cause.
+        cause = exc.__cause__
+        if isinstance(cause, TimeoutError) or (cause is None and isinstance(exc, httpx.TimeoutException)):
+            return RowError(None, "TIMEOUT", f"no answer within {self.timeout:g}s")
+        return RowError(None, "CONNECTION_ERROR", f"{type(cause or exc).__name__}: {cause or exc}")
+
+    def close(self) -> None:
+        """Close the HTTP client (the executor reopens one if used again)."""
+        http, self._http = self._http, None
+        if http is not None and self._loop is not None and self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(http.aclose(), self._loop).result(timeout=5)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+
+
+_open_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for executor in list(_open_executors):
+        executor.close()

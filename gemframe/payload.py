@@ -1,0 +1,256 @@
+"""Rows to Gemini ``generateContent`` request bodies. Pure functions, no I/O but reading images.
+
+A body is plain JSON-able data, exactly what the API receives::
+
+    {"contents": [{"role": "user", "parts": [{"text": ...}, {"inlineData": {"mimeType", "data"}}]}],
+     "systemInstruction": {"parts": [{"text": ...}]},
+     "generationConfig": {...}, "safetySettings": [...]}
+
+Images may be a file path, an http(s) URL, raw bytes, a ``{"mime_type", "data"}`` dict (so a
+reply's generated images can be fed back), or a list of those. The MIME type is sniffed from the
+bytes, never guessed from a file name. Reading and base64-encoding a file happens once per
+distinct (path, size, mtime), so a thousand rows sharing one reference image cost one read.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from .errors import ConfigError, InputError
+
+# The generationConfig fields of the v1beta API, camelCase.
+GENERATION_CONFIG_KEYS = frozenset(
+    {
+        "stopSequences", "responseMimeType", "responseSchema", "responseJsonSchema",
+        "responseModalities", "candidateCount", "maxOutputTokens", "temperature", "topP", "topK",
+        "seed", "presencePenalty", "frequencyPenalty", "responseLogprobs", "logprobs",
+        "thinkingConfig", "imageConfig", "mediaResolution", "speechConfig",
+    }
+)
+# Sub-configs whose own keys are API field names (responseSchema's keys are user data: untouched).
+_NESTED_CONFIGS = frozenset({"thinkingConfig", "imageConfig", "speechConfig"})
+
+HARM_CATEGORIES = frozenset(
+    {
+        "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH",
+        "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_DANGEROUS_CONTENT",
+        "HARM_CATEGORY_CIVIC_INTEGRITY",
+    }
+)
+HARM_THRESHOLDS = frozenset(
+    {
+        "HARM_BLOCK_THRESHOLD_UNSPECIFIED", "BLOCK_LOW_AND_ABOVE", "BLOCK_MEDIUM_AND_ABOVE",
+        "BLOCK_ONLY_HIGH", "BLOCK_NONE", "OFF",
+    }
+)
+
+SUPPORTED_MIME = "PNG, JPEG, WEBP, GIF, HEIC/HEIF or PDF"
+_HEIC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}
+_HEIF_BRANDS = {b"mif1", b"msf1", b"heif"}
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The MIME type of image/document bytes from their magic number, or None if unsupported."""
+    head = data[:16]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[4:8] == b"ftyp":
+        if head[8:12] in _HEIC_BRANDS:
+            return "image/heic"
+        if head[8:12] in _HEIF_BRANDS:
+            return "image/heif"
+    if head.startswith(b"%PDF-"):
+        return "application/pdf"
+    return None
+
+
+def _camel(key: str) -> str:
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key)
+
+
+def normalize_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A generationConfig with camelCase keys, validated; snake_case keys are accepted."""
+    if not config:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = _camel(str(key))
+        if name not in GENERATION_CONFIG_KEYS:
+            close = difflib.get_close_matches(name, sorted(GENERATION_CONFIG_KEYS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown generation config key {key!r}.{hint} "
+                f"Valid keys: {', '.join(sorted(GENERATION_CONFIG_KEYS))}."
+            )
+        if value is None:
+            continue
+        if name in _NESTED_CONFIGS and isinstance(value, Mapping):
+            value = {_camel(str(k)): v for k, v in value.items()}
+        elif name == "responseModalities":
+            value = [str(m).upper() for m in ([value] if isinstance(value, str) else value)]
+        elif name == "stopSequences" and isinstance(value, str):
+            value = [value]
+        out[name] = value
+    return out or None
+
+
+def _harm_name(value: str, prefix: str, allowed: frozenset[str], what: str) -> str:
+    name = str(value).upper()
+    if name not in allowed and prefix + name in allowed:
+        name = prefix + name
+    if name not in allowed:
+        raise ConfigError(f"unknown safety {what} {value!r}; use one of {', '.join(sorted(allowed))}")
+    return name
+
+
+def normalize_safety(
+    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None,
+) -> list[dict[str, str]] | None:
+    """safetySettings from ``{category: threshold}`` or a list of ``{category, threshold}``.
+
+    Short names are accepted: ``{"harassment": "block_none"}``.
+    """
+    if not safety:
+        return None
+    pairs: Iterable[tuple[str, str]]
+    if isinstance(safety, Mapping):
+        pairs = safety.items()
+    else:
+        try:
+            pairs = [(s["category"], s["threshold"]) for s in safety]
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(
+                "safety settings must be {category: threshold} or a list of "
+                "{'category': ..., 'threshold': ...} dicts"
+            ) from exc
+    return [
+        {
+            "category": _harm_name(c, "HARM_CATEGORY_", HARM_CATEGORIES, "category"),
+            "threshold": _harm_name(t, "", HARM_THRESHOLDS, "threshold"),
+        }
+        for c, t in pairs
+    ]
+
+
+def _inline(data: bytes, origin: str) -> dict[str, str]:
+    mime = sniff_mime(data)
+    if mime is None:
+        raise InputError(
+            f"{origin} is not a {SUPPORTED_MIME} file (starts with {data[:8]!r}); "
+            "pass image bytes or a path to an image"
+        )
+    return {"mimeType": mime, "data": base64.b64encode(data).decode("ascii")}
+
+
+@lru_cache(maxsize=32)
+def _inline_file(path: str, size: int, mtime_ns: int) -> dict[str, str]:
+    """Read and encode a file once per (path, size, mtime): edits re-read, repeats do not."""
+    with open(path, "rb") as f:
+        return _inline(f.read(), f"image file {path!r}")
+
+
+@lru_cache(maxsize=32)
+def _inline_url(url: str) -> dict[str, str]:
+    import httpx
+
+    try:
+        response = httpx.get(url, follow_redirects=True, timeout=30.0)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise InputError(f"could not download image {url!r}: {exc}") from None
+    return _inline(response.content, f"image URL {url!r}")
+
+
+def inline_data(image: Any) -> dict[str, str]:
+    """One image value (path, URL, bytes or {mime_type, data} dict) as an ``inlineData`` dict."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _inline(bytes(image), "image bytes")
+    if isinstance(image, Mapping):  # a reply image: {"mime_type", "data"} or {"path"}
+        data = image.get("data")
+        if isinstance(data, str):
+            data = base64.b64decode(data)
+        return inline_data(data if data is not None else image.get("path"))
+    if isinstance(image, (str, os.PathLike)):
+        text = os.fspath(image)
+        if text.startswith(("http://", "https://")):
+            return _inline_url(text)
+        try:
+            stat = os.stat(text)
+        except OSError as exc:
+            raise InputError(f"cannot read image file {text!r}: {exc.strerror}") from None
+        return _inline_file(os.path.abspath(text), stat.st_size, stat.st_mtime_ns)
+    raise InputError(
+        f"unsupported image value of type {type(image).__name__}; "
+        "use a path, URL, bytes, or a list of them"
+    )
+
+
+def image_parts(images: Any) -> list[dict[str, Any]]:
+    """Parts for a row's images value: None, one image, or a list of images (nulls skipped)."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return [{"inlineData": inline_data(img)} for img in images if img is not None]
+    return [{"inlineData": inline_data(images)}]
+
+
+class RequestBuilder:
+    """Builds request bodies for many rows sharing one system instruction, config and safety.
+
+    The shared parts are validated and normalised once, at construction, so a bad config fails
+    before any row is read.
+    """
+
+    def __init__(
+        self,
+        system: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+    ) -> None:
+        self.system = system
+        self.config = normalize_config(config)
+        self.safety = normalize_safety(safety)
+        shared: dict[str, Any] = {}
+        if system:
+            shared["systemInstruction"] = {"parts": [{"text": system}]}
+        if self.config:
+            shared["generationConfig"] = self.config
+        if self.safety:
+            shared["safetySettings"] = self.safety
+        self._shared = shared
+
+    def build(self, prompt: str | None, images: Any = None) -> dict[str, Any] | None:
+        """The request body for one row, or None for a row with neither prompt nor images."""
+        parts: list[dict[str, Any]] = []
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+            parts.append({"text": prompt})
+        parts.extend(image_parts(images))
+        if not parts:
+            return None
+        return {"contents": [{"role": "user", "parts": parts}], **self._shared}
+
+
+def build_request(
+    prompt: str | None,
+    images: Any = None,
+    *,
+    system: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+) -> dict[str, Any] | None:
+    """The ``generateContent`` body for a single prompt (and images); None if both are empty."""
+    return RequestBuilder(system, config, safety).build(prompt, images)

@@ -1,0 +1,353 @@
+"""Endpoint dialects: where a request goes, how it is authenticated and wrapped, and what an
+error answer means. One small class per dialect; everything else in gemframe is dialect-free.
+
+- `GoogleAI`: ``POST {base}/v1beta/models/{model}:generateContent``, key in ``x-goog-api-key``.
+- `Segmind`: ``POST {base}/v1/{slug}``, body nested under ``messages``, key in ``x-api-key``.
+- `EmulatorProvider`: the Google dialect, answered in-process by `gemframe.emulator`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import httpx
+
+from .errors import (
+    APIError,
+    AuthenticationError,
+    InsufficientCreditsError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+
+DEFAULT_MODEL = "gemini-2.0-flash-preview-image-generation"
+
+# Statuses worth another attempt: rate limits, timeouts and server-side trouble.
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED", 406: "NOT_ACCEPTABLE", 408: "DEADLINE_EXCEEDED", 409: "ABORTED",
+    410: "GONE", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "BAD_GATEWAY",
+    503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a non-200 answer means for the row and for the run."""
+
+    code: int
+    status: str
+    message: str
+    retryable: bool = False
+    retry_after: float | None = None  # seconds the server asked us to wait
+    fatal: type[APIError] | None = None  # set when every row would fail the same way
+    hint: str = ""
+
+    def as_api_error(self) -> APIError:
+        return (self.fatal or APIError).from_answer(self.code, self.status, self.message, self.hint)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _parse_reset_at(value: str | None, now: float | None = None) -> float | None:
+    """Seconds until Segmind's ``x-rate-limit-reset-at-utc`` (ISO-8601 or epoch seconds)."""
+    if not value:
+        return None
+    now = time.time() if now is None else now
+    try:
+        stamp = float(value)
+        return max(0.0, (stamp / 1000 if stamp > 1e11 else stamp) - now)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now)
+
+
+def _google_retry_delay(details: Any) -> float | None:
+    """``google.rpc.RetryInfo.retryDelay`` ("17s", "1.5s") from an error's details, in seconds."""
+    for detail in details if isinstance(details, list) else []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
+            delay = str(detail.get("retryDelay", "")).rstrip("s")
+            try:
+                return float(delay)
+            except ValueError:
+                return None
+    return None
+
+
+def _json_or_none(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _snippet(content: bytes) -> str:
+    text = content[:200].decode("utf-8", "replace").strip()
+    return " ".join(text.split()) or "(empty body)"
+
+
+class Provider:
+    """One endpoint dialect. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    default_base_url: ClassVar[str]
+    key_env: ClassVar[tuple[str, ...]] = ()
+    key_required: ClassVar[bool] = True
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None) -> None:
+        self._api_key = api_key if api_key is not None else self._key_from_env()
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
+
+    def __repr__(self) -> str:  # never the key
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    def _key_from_env(self) -> str | None:
+        return next((os.environ[v] for v in self.key_env if os.environ.get(v)), None)
+
+    @property
+    def has_key(self) -> bool:
+        return bool(self._api_key)
+
+    @property
+    def secret(self) -> str | None:
+        """The API key, for redaction checks; never log or print it."""
+        return self._api_key
+
+    def check_key(self) -> None:
+        """Fail before sending anything when a key is required and none is configured."""
+        if self.key_required and not self._api_key:
+            env = " or ".join(self.key_env)
+            raise AuthenticationError.from_answer(
+                None, "UNAUTHENTICATED", f"no API key for provider {self.name!r}",
+                f"Set {env}, pass api_key= to gf.Client, or use provider='emulator' to run offline.",
+            )
+
+    def url(self, model: str) -> str:
+        raise NotImplementedError
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def wrap(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body as this endpoint expects it (Google's format is sent unchanged)."""
+        return body
+
+    def transport(self, max_connections: int) -> httpx.AsyncBaseTransport:
+        """The network seam: aiohttp's connection pool under httpx's API (see DESIGN.md)."""
+        from httpx_aiohttp import AiohttpTransport
+
+        return AiohttpTransport(limits=httpx.Limits(max_connections=max_connections))
+
+    def failure(self, response: httpx.Response) -> Failure:
+        raise NotImplementedError
+
+    def _key_hint(self) -> str:
+        where = f"{' or '.join(self.key_env)} (or api_key=)" if self.key_env else "api_key="
+        return f"Check the API key in {where}."
+
+
+class GoogleAI(Provider):
+    """Google's Gemini API (AI Studio keys)."""
+
+    name = "google"
+    default_base_url = "https://generativelanguage.googleapis.com"
+    key_env = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+
+    def url(self, model: str) -> str:
+        return f"{self.base_url}/v1beta/models/{model.removeprefix('models/')}:generateContent"
+
+    def headers(self) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if self._api_key:
+            headers["x-goog-api-key"] = self._api_key
+        return headers
+
+    def failure(self, response: httpx.Response) -> Failure:
+        code = response.status_code
+        data = _json_or_none(response.content)
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            status = str(error.get("status") or _GOOGLE_STATUS.get(code, "UNKNOWN"))
+            message = str(error.get("message") or "")
+            details = error.get("details")
+        else:
+            status = _GOOGLE_STATUS.get(code, "UNKNOWN")
+            message = str(error) if error else _snippet(response.content)
+            details = None
+        retry_after = _google_retry_delay(details)
+        if retry_after is None:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+        reasons = {d.get("reason") for d in details or [] if isinstance(d, dict)}
+        fatal: type[APIError] | None = None
+        hint = ""
+        if code == 401 or "API_KEY_INVALID" in reasons or "API key not valid" in message:
+            fatal, hint = AuthenticationError, self._key_hint()
+        elif code == 403:
+            if self._api_key:
+                fatal, hint = PermissionDeniedError, "The key is not allowed to use this model."
+            else:
+                fatal, hint = AuthenticationError, self._key_hint()
+        elif code in (404, 410):
+            fatal, hint = NotFoundError, f"Check the model name and base URL ({self.base_url})."
+        elif code == 405:
+            fatal, hint = APIError, f"Check the base URL ({self.base_url})."
+        return Failure(code, status, message, code in RETRYABLE_STATUS, retry_after, fatal, hint)
+
+
+class EmulatorProvider(GoogleAI):
+    """The built-in offline emulator, served in-process; no key, no network."""
+
+    name = "emulator"
+    default_base_url = "http://emulator"
+    key_env = ()
+    key_required = False
+
+    def __init__(
+        self, api_key: str | None = None, base_url: str | None = None, app: Any = None
+    ) -> None:
+        super().__init__(api_key, base_url)
+        self.app = app
+
+    def transport(self, max_connections: int) -> httpx.AsyncBaseTransport:
+        if self.base_url != self.default_base_url:  # an emulator served over TCP
+            return super().transport(max_connections)
+        if self.app is None:
+            from .emulator import Emulator
+
+            self.app = Emulator()
+        return httpx.ASGITransport(app=self.app)
+
+
+# Google model ids that Segmind serves under its own slug.
+SEGMIND_SLUGS = {
+    "gemini-2.0-flash-preview-image-generation": "gemini-2-flash-image-generation",
+    "gemini-2.0-flash-exp-image-generation": "gemini-2-flash-image-generation",
+}
+
+
+class Segmind(Provider):
+    """Segmind's gateway: the Gemini body under ``messages``, one URL per model slug.
+
+    The gateway documents the key in ``x-api-key`` and refuses it as a bearer token, while the
+    model page shows ``Authorization: Bearer``; ``auth_header="authorization"`` switches.
+    """
+
+    name = "segmind"
+    default_base_url = "https://api.segmind.com"
+    key_env = ("SEGMIND_API_KEY",)
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        auth_header: str = "x-api-key",
+    ) -> None:
+        super().__init__(api_key, base_url)
+        if auth_header.lower() not in ("x-api-key", "authorization"):
+            raise ValueError("auth_header must be 'x-api-key' or 'authorization'")
+        self.auth_header = auth_header.lower()
+
+    def url(self, model: str) -> str:
+        return f"{self.base_url}/v1/{SEGMIND_SLUGS.get(model, model)}"
+
+    def headers(self) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if self._api_key:
+            if self.auth_header == "authorization":
+                headers["authorization"] = f"Bearer {self._api_key}"
+            else:
+                headers["x-api-key"] = self._api_key
+        return headers
+
+    def wrap(self, body: dict[str, Any]) -> dict[str, Any]:
+        messages = dict(body)
+        system = messages.pop("systemInstruction", None)
+        if system is not None:  # Segmind's page: system_instruction.parts is one object
+            parts = system.get("parts") or [{}]
+            messages = {"system_instruction": {"parts": parts[0]}, **messages}
+        return {"messages": messages}
+
+    def failure(self, response: httpx.Response) -> Failure:
+        code = response.status_code
+        data = _json_or_none(response.content)
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):  # a Google-shaped body passed through
+            message = str(error.get("message") or "")
+        else:
+            message = str(error) if error else _snippet(response.content)
+        status = _GOOGLE_STATUS.get(code, "UNKNOWN")
+        retry_after = _parse_reset_at(response.headers.get("x-rate-limit-reset-at-utc"))
+        if retry_after is None:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+        fatal: type[APIError] | None = None
+        hint = ""
+        lowered = message.lower()
+        if code == 401:
+            fatal, hint = AuthenticationError, self._key_hint()
+        elif code == 403:
+            fatal, hint = PermissionDeniedError, "Your Segmind account or team may not use this model."
+        elif code in (404, 410):
+            what = "retired" if code == 410 else "not found"
+            fatal, hint = NotFoundError, f"Model {what}: check the model slug and base URL ({self.base_url})."
+        elif code == 406 and "content-type" in lowered.replace(" ", "-"):
+            fatal, hint = APIError, "The request lacked a JSON Content-Type (a proxy may strip it)."
+        elif code == 406:
+            status = "INSUFFICIENT_CREDITS"
+            fatal, hint = InsufficientCreditsError, "Top up Segmind credits or raise the team spend limit."
+        elif code == 405:
+            fatal, hint = APIError, f"Check the base URL ({self.base_url})."
+        return Failure(code, status, message, code in RETRYABLE_STATUS, retry_after, fatal, hint)
+
+
+PROVIDERS: dict[str, type[Provider]] = {
+    p.name: p for p in (GoogleAI, Segmind, EmulatorProvider)
+}
+
+
+def resolve_provider(provider: str | Provider | None, **options: Any) -> Provider:
+    """A provider instance from a name, an instance, or the environment.
+
+    With no name: ``GEMFRAME_PROVIDER``, else Google if a Gemini key is set, else Segmind if a
+    Segmind key is set, else the offline emulator.
+    """
+    if isinstance(provider, Provider):
+        return provider
+    if provider is None:
+        provider = os.environ.get("GEMFRAME_PROVIDER") or next(
+            (p.name for p in (GoogleAI, Segmind) if any(os.environ.get(v) for v in p.key_env)),
+            "emulator",
+        )
+    try:
+        cls = PROVIDERS[provider.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}"
+        ) from None
+    return cls(**options)

@@ -1,0 +1,118 @@
+"""Shared fixtures: an in-process emulator (counting requests at the server), a client wired
+to it with a private cache directory, and small images."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+import gemframe as gf
+from gemframe.emulator import Emulator
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch, tmp_path):
+    """No real keys and no shared cache leak into a test."""
+    for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GEMFRAME_CACHE_DIR", str(tmp_path / "default-cache"))
+
+
+@pytest.fixture
+def emulator() -> Emulator:
+    return Emulator()
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def client(emulator, cache_dir):
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False) as c:
+        yield c
+
+
+def _image_bytes(fmt: str = "PNG", size=(32, 24), color="navy") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_bytes():
+    """``image_bytes(fmt, size, color)`` makes a small image's bytes."""
+    return _image_bytes
+
+
+@pytest.fixture
+def png_path(tmp_path) -> Path:
+    path = tmp_path / "square.png"
+    path.write_bytes(_image_bytes("PNG", (40, 30)))
+    return path
+
+
+@pytest.fixture
+def sample_input(tmp_path):
+    """sample_data/prompts.parquet with absolute image paths (tests run from any directory)."""
+    frame = pl.read_parquet(SAMPLE / "prompts.parquet").with_columns(
+        pl.col("image_path").map_elements(lambda p: str(SAMPLE.parent / p), return_dtype=pl.String)
+    )
+    path = tmp_path / "prompts.parquet"
+    frame.write_parquet(path)
+    return path
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return ROOT
+
+
+class ServedEmulator:
+    """An emulator served over TCP on 127.0.0.1 by uvicorn in a background thread."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.emulator = emulator
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(emulator, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture
+def served_emulator():
+    """``served_emulator(**knobs)`` starts an emulator on a free loopback port."""
+    servers: list[ServedEmulator] = []
+
+    def start(**knobs) -> ServedEmulator:
+        servers.append(ServedEmulator(Emulator(**knobs)))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,570 @@
+"""The offline Gemini emulator: answers, determinism, validation, auth, faults and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from gemframe.emulator import Emulator, Stats, serve
+
+GENERATE = "/v1beta/models/gemini-2.5-flash:generateContent"
+COUNT = "/v1beta/models/gemini-2.5-flash:countTokens"
+SEGMIND = "/v1/gemini-2-flash-image-generation"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def client(emu: Emulator) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=emu), base_url="http://emulator")
+
+
+def post(emu: Emulator, body: Any = None, url: str = GENERATE, **kwargs: Any) -> httpx.Response:
+    """One POST; a dict body is sent as JSON, bytes as they are."""
+    if isinstance(body, (bytes, str)):
+        kwargs["content"] = body
+    elif body is not None:
+        kwargs["json"] = body
+
+    async def go() -> httpx.Response:
+        async with client(emu) as c:
+            return await c.post(url, **kwargs)
+
+    return asyncio.run(go())
+
+
+def ask(prompt: str, *media: dict, **config: Any) -> dict:
+    """A one-turn request; keyword arguments become generationConfig."""
+    body: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": prompt}, *media]}]}
+    if config:
+        body["generationConfig"] = config
+    return body
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (64, 48), colour=(200, 40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def inline(data: bytes, mime: str = "image/png") -> dict:
+    return {"inlineData": {"mimeType": mime, "data": base64.b64encode(data).decode()}}
+
+
+def parts(response: httpx.Response, candidate: int = 0) -> list[dict]:
+    assert response.status_code == 200, response.text
+    return response.json()["candidates"][candidate]["content"]["parts"]
+
+
+def text(response: httpx.Response, candidate: int = 0) -> str:
+    return "".join(p["text"] for p in parts(response, candidate) if "text" in p and not p.get("thought"))
+
+
+def png_parts(response: httpx.Response) -> list[Image.Image]:
+    return [
+        Image.open(io.BytesIO(base64.b64decode(p["inlineData"]["data"])))
+        for p in parts(response) if "inlineData" in p
+    ]
+
+
+def google_error(response: httpx.Response, code: int, status: str, fragment: str) -> dict:
+    assert response.status_code == code, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["status"] == status
+    assert fragment in error["message"], error["message"]
+    return error
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def test_text_reply_and_usage():
+    r = post(Emulator(), ask("Hello there, emulator"))
+    assert r.headers["content-type"] == "application/json"
+    assert r.content == json.dumps(r.json(), separators=(",", ":"), ensure_ascii=False).encode()
+    body = r.json()
+    candidate = body["candidates"][0]
+    assert candidate["content"] == {
+        "parts": [{"text": 'Emulated reply to: "Hello there, emulator".'}], "role": "model"
+    }
+    assert candidate["finishReason"] == "STOP" and candidate["index"] == 0
+    assert candidate["safetyRatings"] == []
+    usage = body["usageMetadata"]
+    reply_tokens = -(-len(text(r)) // 4)
+    assert usage == {
+        "promptTokenCount": 6,  # 22 characters
+        "candidatesTokenCount": reply_tokens,
+        "totalTokenCount": 6 + reply_tokens,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 6}],
+    }
+    assert body["modelVersion"] == "emulator-gemini-2.5-flash"
+    assert len(body["responseId"]) == 22
+
+
+def test_describes_png_and_jpeg_inputs():
+    png, jpeg = image_bytes("PNG", (64, 48)), image_bytes("JPEG", (30, 20))
+    r = post(Emulator(), ask("What is this?", inline(png), inline(jpeg, "image/jpeg")))
+    assert text(r) == 'Emulated reply to: "What is this?". Image 1: PNG 64x48. Image 2: JPEG 30x20.'
+    usage = r.json()["usageMetadata"]
+    assert usage["promptTokenCount"] == 4 + 2 * 258
+    assert usage["promptTokensDetails"] == [
+        {"modality": "TEXT", "tokenCount": 4}, {"modality": "IMAGE", "tokenCount": 516}
+    ]
+
+
+def test_describes_pdf_and_rejects_other_bytes():
+    pdf = b"%PDF-1.4\n1 0 obj << /Type /Page >> endobj\n2 0 obj << /Type /Page >> endobj\n%%EOF"
+    r = post(Emulator(), ask("Summarise", inline(pdf, "application/pdf")))
+    assert text(r).endswith(f"Document 1: PDF, {len(pdf)} bytes.")
+    assert r.json()["usageMetadata"]["promptTokensDetails"][1] == {"modality": "DOCUMENT", "tokenCount": 516}
+    bad = post(Emulator(), ask("What?", inline(b"not an image at all")))
+    google_error(bad, 400, "INVALID_ARGUMENT", "Unable to process input image")
+
+
+def test_system_instruction_and_history():
+    body = {
+        "systemInstruction": {"parts": [{"text": "You are a terse assistant who answers in French."}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": "Hi"}]},
+            {"role": "model", "parts": [{"text": "Bonjour! How can I help you today, my friend?"}]},
+            {"role": "user", "parts": [{"text": "Tell me more"}]},
+        ],
+    }
+    reply = text(post(Emulator(), body))
+    assert reply.startswith('Emulated reply to: "Tell me more".')
+    assert "(system: You are a terse assistant who answers in)" in reply
+    assert '(turn 2, previously: "Bonjour! How can I help you today, my fr...")' in reply
+
+
+def test_same_request_same_bytes():
+    emu = Emulator(jitter=0.01, seed=7)
+    body = ask("Draw a lighthouse", inline(image_bytes()), responseModalities=["TEXT", "IMAGE"],
+               candidateCount=2, thinkingConfig={"includeThoughts": True})
+    raw = json.dumps(body).encode()
+    first, second = post(emu, raw), post(emu, raw)
+    assert first.status_code == 200 and first.content == second.content
+    other = post(emu, ask("Draw a lighthouse!"))
+    assert other.json()["responseId"] != first.json()["responseId"]
+    digest = hashlib.sha256(raw).digest()
+    assert first.json()["responseId"] == base64.urlsafe_b64encode(digest).decode()[:22]
+
+
+def test_max_output_tokens_truncates():
+    r = post(Emulator(), ask("Write a long story about the sea", maxOutputTokens=3))
+    candidate = r.json()["candidates"][0]
+    assert candidate["finishReason"] == "MAX_TOKENS"
+    assert text(r) == 'Emulated reply to: "Write a long story about the sea".'[:12]
+    assert r.json()["usageMetadata"]["candidatesTokenCount"] == 3
+
+
+def test_stop_sequences_cut_the_text():
+    r = post(Emulator(), ask("alpha beta", stopSequences=["beta"]))
+    assert text(r) == 'Emulated reply to: "alpha '
+    assert r.json()["candidates"][0]["finishReason"] == "STOP"
+
+
+def test_json_mode_without_schema():
+    r = post(Emulator(), ask("Give me JSON", responseMimeType="application/json"))
+    assert json.loads(text(r)) == {"reply": 'Emulated reply to: "Give me JSON".'}
+
+
+PERSON = {
+    "type": "OBJECT",
+    "properties": {
+        "name": {"type": "STRING"},
+        "age": {"type": "INTEGER"},
+        "height": {"type": "number", "minimum": 1.5, "maximum": 2.0},
+        "happy": {"type": "BOOLEAN"},
+        "mood": {"type": "STRING", "enum": ["calm", "angry", "sad"]},
+        "tags": {"type": "ARRAY", "items": {"type": "STRING"}},
+    },
+    "required": ["name", "age"],
+    "propertyOrdering": ["name", "age", "height", "happy", "mood", "tags"],
+}
+
+
+def test_json_mode_follows_openapi_schema():
+    emu = Emulator()
+    config = {"responseMimeType": "application/json", "responseSchema": PERSON}
+    value = json.loads(text(post(emu, ask("Describe Ada Lovelace briefly", **config))))
+    assert list(value) == PERSON["propertyOrdering"]
+    assert value["name"] == "name: Describe Ada Lovelace briefly"
+    assert isinstance(value["age"], int) and 1 <= value["age"] <= 100
+    assert isinstance(value["height"], float) and 1.5 <= value["height"] <= 2.0
+    assert isinstance(value["happy"], bool)
+    assert value["mood"] in PERSON["properties"]["mood"]["enum"]
+    assert value["tags"] == ["tags 1: Describe Ada Lovelace briefly", "tags 2: Describe Ada Lovelace briefly"]
+    by_seed = {text(post(emu, ask("Describe Ada", **config, seed=s))) for s in range(6)}
+    assert len(by_seed) > 1  # the seed moves the numbers
+    assert text(post(emu, ask("Describe Ada", **config, seed=3))) in by_seed
+
+
+def test_json_mode_follows_json_schema():
+    schema = {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/$defs/item"}, "minItems": 3},
+            "note": {"type": ["string", "null"], "maxLength": 8},
+            "kind": {"anyOf": [{"const": "fixed"}, {"type": "integer"}]},
+            "when": {"type": "string", "format": "date"},
+        },
+        "$defs": {"item": {"type": "object", "properties": {"qty": {"type": "integer", "maximum": 5}}}},
+    }
+    config = {"responseMimeType": "application/json", "responseJsonSchema": schema}
+    value = json.loads(text(post(Emulator(), ask("Order list", **config))))
+    assert len(value["items"]) == 3
+    assert all(isinstance(i["qty"], int) and 1 <= i["qty"] <= 5 for i in value["items"])
+    assert value["note"] == "note: Or" and value["kind"] == "fixed"
+    assert value["when"].startswith("2024-01-")
+
+
+def test_enum_mode_answers_one_value():
+    schema = {"type": "STRING", "enum": ["positive", "negative"]}
+    r = post(Emulator(), ask("I love it", responseMimeType="text/x.enum", responseSchema=schema))
+    assert text(r) in ("positive", "negative")
+
+
+def test_candidate_count():
+    r = post(Emulator(), ask("Name a colour", candidateCount=3))
+    candidates = r.json()["candidates"]
+    assert [c["index"] for c in candidates] == [0, 1, 2]
+    assert text(r, 0) == 'Emulated reply to: "Name a colour".'
+    assert text(r, 2) == 'Emulated reply to: "Name a colour". [candidate 2]'
+    assert r.json()["usageMetadata"]["candidatesTokenCount"] == sum(-(-len(text(r, i)) // 4) for i in range(3))
+
+
+def test_thoughts_part():
+    r = post(Emulator(), ask("Why is the sky blue?", thinkingConfig={"includeThoughts": True}))
+    first, answer = parts(r)
+    assert first["thought"] is True and first["text"].startswith("Thinking about:")
+    assert "thought" not in answer
+    usage = r.json()["usageMetadata"]
+    assert usage["thoughtsTokenCount"] == -(-len(first["text"]) // 4)
+    assert usage["totalTokenCount"] == (
+        usage["promptTokenCount"] + usage["candidatesTokenCount"] + usage["thoughtsTokenCount"]
+    )
+
+
+def test_image_generation_from_prompt():
+    emu = Emulator()
+    r = post(emu, ask("A red fox in the snow", responseModalities=["IMAGE"]))
+    (part,) = parts(r)
+    assert part["inlineData"]["mimeType"] == "image/png" and part["thoughtSignature"]
+    (img,) = png_parts(r)
+    assert img.format == "PNG" and img.size == (256, 256)
+    assert len(base64.b64decode(part["inlineData"]["data"])) < 20_000
+    usage = r.json()["usageMetadata"]
+    assert usage["candidatesTokenCount"] == 1290
+    assert usage["candidatesTokensDetails"] == [{"modality": "IMAGE", "tokenCount": 1290}]
+    wide = post(emu, ask("A red fox in the snow", responseModalities=["IMAGE"], imageConfig={"aspectRatio": "16:9"}))
+    assert png_parts(wide)[0].size == (256, 144)
+    reseeded = post(emu, ask("A red fox in the snow", responseModalities=["IMAGE"], seed=42))
+    assert png_parts(reseeded)[0].tobytes() != img.tobytes()
+    both = parts(post(emu, ask("A red fox", responseModalities=["text", "image"])))
+    assert "text" in both[0] and "thoughtSignature" in both[0] and "inlineData" in both[1]
+
+
+def test_image_edit_differs_from_input_and_from_generation():
+    source = image_bytes("PNG", (120, 80), (30, 120, 200))
+    edit = png_parts(post(Emulator(), ask("Add a hat", inline(source), responseModalities=["IMAGE"])))[0]
+    drawn = png_parts(post(Emulator(), ask("Add a hat", responseModalities=["IMAGE"])))[0]
+    original = Image.open(io.BytesIO(source)).convert("RGB")
+    assert edit.width == 256 and edit.tobytes() != drawn.tobytes()
+    assert edit.convert("RGB").resize(original.size).tobytes() != original.tobytes()
+    # A follow-up turn without an image edits the model's previous image.
+    follow_up = {
+        "contents": [
+            {"role": "user", "parts": [{"text": "Draw a boat"}]},
+            {"role": "model", "parts": [{**inline(source), "thoughtSignature": "c2ln"}]},
+            {"role": "user", "parts": [{"text": "Make it red"}]},
+        ],
+        "generationConfig": {"responseModalities": ["IMAGE"]},
+    }
+    again = png_parts(post(Emulator(), follow_up))[0]
+    assert again.size == edit.size and again.tobytes() != drawn.tobytes()
+
+
+# --- magic markers ---------------------------------------------------------------------------
+
+
+def test_safety_marker():
+    candidate = post(Emulator(), ask("Tell me [emulator:safety]")).json()["candidates"][0]
+    assert candidate["finishReason"] == "SAFETY" and "content" not in candidate
+    assert [r["probability"] for r in candidate["safetyRatings"]].count("HIGH") == 1
+
+
+def test_block_marker():
+    body = post(Emulator(), ask("[emulator:block] hi")).json()
+    assert "candidates" not in body
+    assert body["promptFeedback"]["blockReason"] == "SAFETY"
+    assert body["usageMetadata"]["promptTokenCount"] > 0
+
+
+def test_recitation_and_empty_markers():
+    candidate = post(Emulator(), ask("[emulator:recitation]")).json()["candidates"][0]
+    assert candidate["finishReason"] == "RECITATION" and "content" not in candidate
+    empty = post(Emulator(), ask("[emulator:empty]")).json()
+    assert empty["candidates"] == [] and "candidatesTokenCount" not in empty["usageMetadata"]
+
+
+@pytest.mark.parametrize("code,status", [
+    (400, "INVALID_ARGUMENT"), (403, "PERMISSION_DENIED"), (404, "NOT_FOUND"),
+    (429, "RESOURCE_EXHAUSTED"), (500, "INTERNAL"), (503, "UNAVAILABLE"), (504, "DEADLINE_EXCEEDED"),
+])
+def test_status_marker(code, status):
+    google_error(post(Emulator(), ask(f"x [emulator:status={code}]")), code, status, "")
+
+
+def test_sleep_marker_allows_timeout_tests():
+    emu = Emulator()
+
+    async def go() -> None:
+        async with client(emu) as c:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(c.post(GENERATE, json=ask("[emulator:sleep=30]")), 0.05)
+
+    started = time.perf_counter()
+    asyncio.run(go())
+    assert time.perf_counter() - started < 2
+    assert emu.stats.in_flight == 0
+
+
+# --- validation ------------------------------------------------------------------------------
+
+PNG_PART = inline(image_bytes())
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b"{not json", "Invalid JSON payload received."),
+    (b"[1, 2]", "Root element must be a message"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "foo": 1}, 'Unknown name "foo": Cannot find field.'),
+    ({"contents": []}, "contents is not specified"),
+    ({"generationConfig": {}}, "contents is not specified"),
+    ({"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}, "Please use a valid role: user, model."),
+    ({"contents": [{"role": "user", "parts": []}]}, "parts must not be empty"),
+    ({"contents": [{"role": "user", "parts": [{"thought": True}]}]}, "required oneof field 'data'"),
+    ({"contents": [{"parts": [{"text": "x"}, {"inlineData": {"mimeType": "image/png", "data": "@@not base64@@"}}]}]},
+     "Invalid value at 'contents[0].parts[1].inline_data.data' (TYPE_BYTES), Base64 decoding failed for \"@@not"),
+    ({"contents": [{"parts": [{"text": "x"}, {"inline_data": {"mime_type": "image/png", "data": "QUJD" * 40}}]}]},
+     "Unable to process input image"),
+    (ask("x", temprature=0.5), 'Unknown name "temprature" at \'generation_config\''),
+    (ask("x", candidateCount=9), "candidate_count"),
+    (ask("x", temperature="hot"), "generation_config.temperature"),
+    (ask("x", responseMimeType="text/csv"), "allowed mimetypes"),
+    (ask("x", responseModalities=["SMELL"]), "response_modalities[0]"),
+    (ask("x", responseSchema={"type": "STRING"}), "response_mime_type must be application/json"),
+    (ask("x", responseMimeType="application/json",
+         responseSchema={"type": "OBJECT", "properties": {"a": {"type": "STRING"}}, "additionalProperties": False}),
+     'Unknown name "additionalProperties"'),
+    ({**ask("x"), "safetySettings": [{"category": "HARM_CATEGORY_MEAN", "threshold": "BLOCK_NONE"}]},
+     "safety_settings[0].category"),
+    ({**ask("x"), "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "SOMETIMES"}]},
+     "safety_settings[0].threshold"),
+])
+def test_validation_errors(body, fragment):
+    google_error(post(Emulator(), body), 400, "INVALID_ARGUMENT", fragment)
+
+
+def test_accepts_snake_case_and_url_safe_base64():
+    data = base64.urlsafe_b64encode(image_bytes()).decode().rstrip("=")
+    body = {
+        "system_instruction": {"parts": [{"text": "Be brief"}]},
+        "contents": [{"role": "user", "parts": [{"text": "Hi"}, {"inline_data": {"mime_type": "image/png", "data": data}}]}],
+        "generation_config": {"max_output_tokens": 100, "candidate_count": 1},
+        "safety_settings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
+    }
+    assert "Image 1: PNG 64x48." in text(post(Emulator(), body))
+
+
+def test_base64_error_echo_is_truncated():
+    data = "!" * 500
+    error = google_error(post(Emulator(), ask("x", {"inlineData": {"mimeType": "image/png", "data": data}})),
+                         400, "INVALID_ARGUMENT", "Base64 decoding failed")
+    assert len(error["message"]) < 150
+
+
+def test_payload_too_large():
+    body = b'{"contents": [{"parts": [{"text": "' + b"a" * (20 * 1024 * 1024) + b'"}]}]}'
+    google_error(post(Emulator(), body), 400, "INVALID_ARGUMENT", "Request payload size exceeds the limit")
+
+
+def test_unknown_model_and_method():
+    r = post(Emulator(), ask("x"), url="/v1beta/models/gpt-4o:generateContent")
+    google_error(r, 404, "NOT_FOUND", "models/gpt-4o is not found for API version v1beta")
+    ok = post(Emulator(), ask("x"), url="/v1beta/models/emulator-small:generateContent")
+    assert ok.json()["modelVersion"] == "emulator-emulator-small"
+    google_error(post(Emulator(), ask("x"), url="/v1beta/models/gemini-2.5-flash:dance"), 404, "NOT_FOUND", "")
+
+
+# --- auth ------------------------------------------------------------------------------------
+
+
+def test_google_api_key():
+    emu = Emulator(api_key="sekret")
+    google_error(post(emu, ask("x")), 403, "PERMISSION_DENIED", "unregistered callers")
+    wrong = google_error(post(emu, ask("x"), headers={"x-goog-api-key": "nope"}), 400, "INVALID_ARGUMENT",
+                         "API key not valid. Please pass a valid API key.")
+    assert wrong["details"][0]["reason"] == "API_KEY_INVALID"
+    assert post(emu, ask("x"), headers={"x-goog-api-key": "sekret"}).status_code == 200
+    assert post(emu, ask("x"), url=GENERATE + "?key=sekret").status_code == 200
+    assert post(Emulator(), ask("x"), headers={"x-goog-api-key": "anything"}).status_code == 200
+
+
+def test_segmind_api_key():
+    emu = Emulator(api_key="sekret")
+    body = {"messages": ask("x")}
+    missing = post(emu, body, url=SEGMIND)
+    assert missing.status_code == 401
+    assert missing.json() == {"error": "Missing Authorization or x-api-key in header"}
+    wrong = post(emu, body, url=SEGMIND, headers={"x-api-key": "nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"].startswith("Unauthorized. API key is invalid")
+    assert post(emu, body, url=SEGMIND, headers={"x-api-key": "sekret"}).status_code == 200
+    assert post(emu, body, url=SEGMIND, headers={"authorization": "Bearer sekret"}).status_code == 200
+
+
+# --- Segmind ---------------------------------------------------------------------------------
+
+
+def test_segmind_unwraps_messages_like_google():
+    png = image_bytes()
+    google = ask("What's in this image?", inline(png, "image/jpeg"))
+    google["systemInstruction"] = {"parts": [{"text": "You are a helpful assistant."}]}
+    segmind = {"messages": {"system_instruction": {"parts": {"text": "You are a helpful assistant."}},
+                            "contents": google["contents"]}}
+    via_segmind, via_google = post(Emulator(), segmind, url=SEGMIND), post(Emulator(), google)
+    assert text(via_segmind) == text(via_google)
+    assert "Image 1: PNG 64x48." in text(via_segmind) and "(system: You are a helpful" in text(via_segmind)
+    assert via_segmind.json()["usageMetadata"] == via_google.json()["usageMetadata"]
+
+
+@pytest.mark.parametrize("url,body,headers,code,fragment", [
+    (SEGMIND, b"{oops", {"content-type": "application/json"}, 400, "Invalid JSON"),
+    (SEGMIND, {"contents": []}, {}, 400, "Unsupported parameter: contents"),
+    (SEGMIND, {"messages": [1]}, {}, 400, '"messages" must be an object'),
+    (SEGMIND, {"messages": {"contents": [{"role": "bot", "parts": [{"text": "x"}]}]}}, {}, 400, "valid role"),
+    (SEGMIND, b'{"messages": {}}', {}, 406, "Content-Type must be application/json"),
+    ("/v1/flux-schnell", {"messages": ask("x")}, {}, 404, "Model not found"),
+    (SEGMIND, {"messages": ask("[emulator:status=500]")}, {}, 500, "internal error"),
+])
+def test_segmind_error_shapes(url, body, headers, code, fragment):
+    r = post(Emulator(), body, url=url, headers=headers)
+    assert r.status_code == code
+    assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
+    assert fragment in r.json()["error"]
+
+
+# --- faults and stats ------------------------------------------------------------------------
+
+
+def test_fail_first_with_retry_after():
+    emu = Emulator(fail_first=2, retry_after=1.5)
+    body = ask("Flaky")
+    for _ in range(2):
+        r = post(emu, body)
+        google_error(r, 503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
+        assert r.headers["retry-after"] == "1.5"
+    assert post(emu, body).status_code == 200
+    assert post(emu, ask("Another body")).status_code == 503  # counted per distinct body
+    emu.reset_stats()
+    assert post(emu, body).status_code == 503  # a reset restarts the count
+
+
+def test_fail_first_429_carries_retry_info():
+    emu = Emulator(fail_first=1, fail_status=429, retry_after=2)
+    error = google_error(post(emu, ask("x")), 429, "RESOURCE_EXHAUSTED", "exhausted")
+    assert error["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}]
+    segmind = post(emu, {"messages": ask("x")}, url=SEGMIND)
+    assert segmind.status_code == 429 and isinstance(segmind.json()["error"], str)
+    assert segmind.headers["retry-after"] == "2" and "x-rate-limit-reset-at-utc" in segmind.headers
+    assert "retry-after" not in post(Emulator(fail_first=1), ask("x")).headers
+
+
+def test_stats_count_requests_bodies_and_concurrency():
+    emu = Emulator(latency=0.05)
+
+    async def burst() -> list[httpx.Response]:
+        async with client(emu) as c:
+            return await asyncio.gather(*(c.post(GENERATE, json=ask(f"q{i % 3}")) for i in range(6)))
+
+    started = time.perf_counter()
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    assert time.perf_counter() - started < 0.25  # concurrent, not serial
+    post(emu, b"not json")  # failures count too
+    stats = emu.stats
+    assert isinstance(stats, Stats)
+    assert stats.requests == 7 and stats.in_flight == 0 and stats.max_in_flight == 6
+    assert len(stats.by_body) == 4
+    assert stats.by_body[hashlib.sha256(b"not json").hexdigest()] == 1
+    assert sorted(stats.by_body.values()) == [1, 2, 2, 2]
+
+    async def over_http() -> tuple[dict, dict]:
+        async with client(emu) as c:
+            before = (await c.get("/emulator/stats")).json()
+            await c.post("/emulator/reset")
+            return before, (await c.get("/emulator/stats")).json()
+
+    before, after = asyncio.run(over_http())
+    assert before == {"requests": 7, "distinct_bodies": 4, "max_in_flight": 6, "in_flight": 0}
+    assert after == {"requests": 0, "distinct_bodies": 0, "max_in_flight": 0, "in_flight": 0}
+
+
+def test_count_tokens_matches_usage():
+    emu = Emulator()
+    body = ask("Count these tokens please", inline(image_bytes()))
+    body["systemInstruction"] = {"parts": [{"text": "Be nice"}]}
+    usage = post(emu, body).json()["usageMetadata"]
+    wrapped = post(emu, {"generateContentRequest": {"model": "models/gemini-2.5-flash", **body}}, url=COUNT)
+    assert wrapped.json()["totalTokens"] == usage["promptTokenCount"]
+    bare = post(emu, {"contents": body["contents"]}, url=COUNT).json()
+    assert bare["totalTokens"] == usage["promptTokenCount"] - 2  # without the system instruction
+    assert emu.stats.requests == 1  # countTokens is not a generate call
+    google_error(post(emu, {"contents": []}, url=COUNT), 400, "INVALID_ARGUMENT", "contents is not specified")
+
+
+# --- TCP -------------------------------------------------------------------------------------
+
+
+def test_serves_over_tcp_with_uvicorn():
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    emu = Emulator()
+    server = uvicorn.Server(uvicorn.Config(emu, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.started
+        r = httpx.post(f"http://127.0.0.1:{port}{GENERATE}", json=ask("Over the wire"))
+        assert r.status_code == 200 and text(r) == 'Emulated reply to: "Over the wire".'
+        assert httpx.get(f"http://127.0.0.1:{port}/emulator/stats").json()["requests"] == 1
+    finally:
+        server.should_exit = True
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_serve_runs_uvicorn(monkeypatch):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    emu = Emulator()
+    serve(emu, port=9999)
+    assert calls[0][0] is emu
+    assert calls[0][1]["host"] == "127.0.0.1" and calls[0][1]["port"] == 9999

@@ -1,0 +1,146 @@
+import json
+import time
+from email.utils import formatdate
+
+import httpx
+import pytest
+
+import gemframe as gf
+from gemframe.providers import parse_retry_after, resolve_provider
+
+KEY = "sk-test-secret-0123456789"
+
+
+def _response(status: int, body, headers=None) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.Response(status, content=content, headers=headers or {})
+
+
+def test_google_url_headers_and_body():
+    google = gf.GoogleAI(api_key=KEY, base_url="http://127.0.0.1:9/")
+    assert google.url("gemini-2.5-flash") == "http://127.0.0.1:9/v1beta/models/gemini-2.5-flash:generateContent"
+    assert google.url("models/gemini-2.5-flash").endswith("/models/gemini-2.5-flash:generateContent")
+    assert google.headers()["x-goog-api-key"] == KEY
+    body = {"contents": []}
+    assert google.wrap(body) is body
+
+
+def test_keys_from_environment(monkeypatch):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.setenv("GOOGLE_API_KEY", "from-google-env")
+    assert gf.GoogleAI().headers()["x-goog-api-key"] == "from-google-env"
+    monkeypatch.setenv("GEMINI_API_KEY", "from-gemini-env")
+    assert gf.GoogleAI().headers()["x-goog-api-key"] == "from-gemini-env"
+    monkeypatch.setenv("SEGMIND_API_KEY", "seg")
+    assert gf.Segmind().headers()["x-api-key"] == "seg"
+
+
+def test_provider_resolution(monkeypatch):
+    for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_provider(None).name == "emulator"
+    monkeypatch.setenv("SEGMIND_API_KEY", "s")
+    assert resolve_provider(None).name == "segmind"
+    monkeypatch.setenv("GEMINI_API_KEY", "g")
+    assert resolve_provider(None).name == "google"
+    monkeypatch.setenv("GEMFRAME_PROVIDER", "emulator")
+    assert resolve_provider(None).name == "emulator"
+    with pytest.raises(ValueError, match="unknown provider 'openai'"):
+        resolve_provider("openai")
+
+
+def test_missing_key_fails_before_sending(monkeypatch):
+    monkeypatch.delenv("SEGMIND_API_KEY", raising=False)
+    with pytest.raises(gf.AuthenticationError, match="SEGMIND_API_KEY"):
+        gf.Segmind().check_key()
+
+
+def test_segmind_wraps_like_the_reference_page():
+    segmind = gf.Segmind(api_key=KEY)
+    body = gf.build_request("What's in this image?", system="You are a helpful assistant.")
+    assert segmind.url(gf.DEFAULT_MODEL) == "https://api.segmind.com/v1/gemini-2-flash-image-generation"
+    assert segmind.url("gemini-2.5-flash-image") == "https://api.segmind.com/v1/gemini-2.5-flash-image"
+    assert segmind.wrap(body) == {
+        "messages": {
+            "system_instruction": {"parts": {"text": "You are a helpful assistant."}},
+            "contents": [{"role": "user", "parts": [{"text": "What's in this image?"}]}],
+        }
+    }
+    assert segmind.headers() == {"content-type": "application/json", "x-api-key": KEY}
+    bearer = gf.Segmind(api_key=KEY, auth_header="Authorization")
+    assert bearer.headers()["authorization"] == f"Bearer {KEY}"
+
+
+def test_key_never_in_repr():
+    for provider in (gf.GoogleAI(api_key=KEY), gf.Segmind(api_key=KEY)):
+        assert KEY not in repr(provider)
+    client = gf.Client("google", api_key=KEY)
+    assert KEY not in repr(client) and KEY not in str(vars(client))
+
+
+@pytest.mark.parametrize(
+    "status, body, error, fatal",
+    [
+        (400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT",
+                         "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}},
+         "INVALID_ARGUMENT", gf.AuthenticationError),
+        (400, {"error": {"code": 400, "message": "bad field", "status": "INVALID_ARGUMENT"}}, "INVALID_ARGUMENT", None),
+        (403, {"error": {"code": 403, "message": "denied", "status": "PERMISSION_DENIED"}}, "PERMISSION_DENIED", gf.PermissionDeniedError),
+        (404, {"error": {"code": 404, "message": "models/x is not found", "status": "NOT_FOUND"}}, "NOT_FOUND", gf.NotFoundError),
+        (503, {"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}, "UNAVAILABLE", None),
+        (502, b"<html>Bad Gateway</html>", "BAD_GATEWAY", None),
+    ],
+)
+def test_google_error_mapping(status, body, error, fatal):
+    failure = gf.GoogleAI(api_key=KEY).failure(_response(status, body))
+    assert (failure.code, failure.status, failure.fatal) == (status, error, fatal)
+    assert failure.retryable == (status in (429, 500, 502, 503, 504))
+    assert failure.message
+
+
+def test_google_retry_delay_from_retry_info_and_header():
+    body = {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED",
+                      "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "17s"}]}}
+    failure = gf.GoogleAI(api_key=KEY).failure(_response(429, body))
+    assert failure.retryable and failure.retry_after == 17.0 and failure.fatal is None
+    header = gf.GoogleAI(api_key=KEY).failure(_response(429, {"error": {"code": 429}}, {"Retry-After": "3"}))
+    assert header.retry_after == 3.0
+
+
+@pytest.mark.parametrize(
+    "status, body, fatal, status_name",
+    [
+        (401, {"error": "Missing Authorization or x-api-key in header"}, gf.AuthenticationError, "UNAUTHENTICATED"),
+        (403, {"error": "Team not permitted"}, gf.PermissionDeniedError, "PERMISSION_DENIED"),
+        (404, {"error": "Model not found"}, gf.NotFoundError, "NOT_FOUND"),
+        (406, {"error": "Insufficient credits. Balance 0.01, cost 0.04"}, gf.InsufficientCreditsError, "INSUFFICIENT_CREDITS"),
+        (406, {"error": "Content-Type must be application/json"}, gf.APIError, "NOT_ACCEPTABLE"),
+        (410, {"error": "This model has been retired"}, gf.NotFoundError, "GONE"),
+        (405, b"<!DOCTYPE html><html><body>Method Not Allowed</body></html>", gf.APIError, "METHOD_NOT_ALLOWED"),
+        (500, {"error": "Internal server error"}, None, "INTERNAL"),
+        (400, {"error": "Unsupported parameter foo"}, None, "INVALID_ARGUMENT"),
+    ],
+)
+def test_segmind_error_mapping(status, body, fatal, status_name):
+    failure = gf.Segmind(api_key=KEY).failure(_response(status, body))
+    assert failure.fatal is fatal and failure.status == status_name and failure.code == status
+    if status == 405:
+        assert "Method Not Allowed" in failure.message
+
+
+def test_segmind_rate_limit_reset_header():
+    reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30))
+    failure = gf.Segmind(api_key=KEY).failure(_response(429, {"error": "Too many requests"}, {"x-rate-limit-reset-at-utc": reset}))
+    assert failure.retryable and 25 <= failure.retry_after <= 31
+
+
+def test_parse_retry_after_forms():
+    assert parse_retry_after("2.5") == 2.5
+    assert 8 <= parse_retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_api_error_message_has_hint_not_key():
+    failure = gf.GoogleAI(api_key=KEY).failure(_response(401, {"error": {"code": 401, "message": "bad", "status": "UNAUTHENTICATED"}}))
+    text = str(failure.as_api_error())
+    assert "GEMINI_API_KEY" in text and KEY not in text

@@ -1,0 +1,63 @@
+"""The real network path: httpx over aiohttp's pool, to an emulator served on 127.0.0.1,
+in both the Google and the Segmind dialect."""
+
+import polars as pl
+import pytest
+
+import gemframe as gf
+
+
+def test_google_dialect_over_tcp(served_emulator, cache_dir):
+    server = served_emulator(api_key="secret-key", latency=0.01)
+    with gf.Client("google", api_key="secret-key", base_url=server.url, cache_dir=str(cache_dir), concurrency=8, progress=False) as c:
+        out = pl.DataFrame({"prompt": [f"q{i}" for i in range(40)]}).with_columns(reply=gf.generate("prompt", client=c))
+    assert out["reply"].struct.field("error").is_null().all()
+    assert out["reply"].struct.field("text").str.contains("q").all()
+    assert server.emulator.stats.requests == 40 and server.emulator.stats.max_in_flight <= 8
+
+
+def test_segmind_dialect_over_tcp(served_emulator, cache_dir, png_path):
+    server = served_emulator(api_key="seg-key")
+    with gf.Client("segmind", api_key="seg-key", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+        out = pl.DataFrame({"prompt": ["What's in this image?"], "img": [str(png_path)]}).with_columns(
+            reply=gf.generate("prompt", images="img", system="You are a helpful assistant.", client=c)
+        ).unnest("reply")
+    assert out["error"][0] is None and "PNG 40x30" in out["text"][0] and "system" in out["text"][0]
+
+
+@pytest.mark.parametrize("provider, error", [("google", gf.AuthenticationError), ("segmind", gf.AuthenticationError)])
+def test_bad_key_over_tcp_stops_the_run(served_emulator, cache_dir, provider, error):
+    server = served_emulator(api_key="right")
+    with gf.Client(provider, api_key="wrong", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+        with pytest.raises(error) as info:
+            pl.DataFrame({"prompt": [str(i) for i in range(500)]}).with_columns(reply=gf.generate("prompt", client=c))
+    assert "wrong" not in str(info.value).replace("wrong key", "")
+    assert server.emulator.stats.requests <= 64
+
+
+def test_unknown_model_is_not_found(served_emulator, cache_dir):
+    server = served_emulator()
+    with gf.Client("google", api_key="k", base_url=server.url, model="no-such-model", cache_dir=str(cache_dir), progress=False) as c:
+        with pytest.raises(gf.NotFoundError, match="Check the model name"):
+            pl.DataFrame({"prompt": ["x"]}).with_columns(reply=gf.generate("prompt", client=c))
+
+
+def test_connection_refused_is_a_row_error_after_retries(cache_dir):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with gf.Client("google", api_key="k", base_url=f"http://127.0.0.1:{port}", max_attempts=2, cache_dir=str(cache_dir), progress=False) as c:
+        out = pl.DataFrame({"prompt": ["x"]}).with_columns(reply=gf.generate("prompt", client=c)).unnest("reply")
+    assert out["error"][0]["status"] == "CONNECTION_ERROR" and out["attempts"][0] == 2
+
+
+def test_slow_answer_times_out_per_request(served_emulator, cache_dir):
+    server = served_emulator()
+    with gf.Client("google", api_key="k", base_url=server.url, timeout=0.3, max_attempts=2, cache_dir=str(cache_dir), progress=False) as c:
+        out = pl.DataFrame({"prompt": ["[emulator:sleep=2] slow", "fast"]}).with_columns(
+            reply=gf.generate("prompt", client=c)
+        ).unnest("reply")
+    assert out["error"][0]["status"] == "TIMEOUT" and out["attempts"][0] == 2
+    assert out["error"][1] is None
