@@ -4,6 +4,10 @@ Prompt and image columns in; a typed, cached reply struct out::
 
     import polars as pl, gemframe as gf
     df.with_columns(reply=gf.generate("prompt", images="image_path")).unnest("reply")
+
+Conversations continue with ``gf.generate(..., history=gf.turns("prompt", "reply"))``,
+structured output is ``response_schema=``, and ``gf.show`` / ``gf.save_images`` look at and
+keep generated images.
 """
 
 from . import namespace as _namespace  # noqa: F401  (registers the .gemini namespaces)
@@ -20,6 +24,8 @@ from .errors import (
     PermissionDeniedError,
     RowError,
 )
+from .conversation import HISTORY_DTYPE, turns
+from .display import save_images, show
 from .expr import generate, request, send
 from .payload import RequestBuilder, build_request, sniff_mime
 from .providers import DEFAULT_MODEL, EmulatorProvider, GoogleAI, Provider, Segmind
@@ -37,6 +43,7 @@ __all__ = [
     "EmulatorProvider",
     "GemframeError",
     "GoogleAI",
+    "HISTORY_DTYPE",
     "InputError",
     "InsufficientCreditsError",
     "NotFoundError",
@@ -53,6 +60,9 @@ __all__ = [
     "generate",
     "reply_dtype",
     "request",
+    "save_images",
     "send",
+    "show",
     "sniff_mime",
+    "turns",
 ]

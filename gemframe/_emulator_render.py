@@ -50,7 +50,7 @@ def render_prompt(text: str, key: str, size: tuple[int, int] = (MAX_SIDE, MAX_SI
     width = size[0] - 2 * MARGIN
     lines = _wrap(text, font, width)
     if len(lines) > max_lines:
-        lines = lines[: max_lines - 1] + [_fit(lines[max_lines - 1] + "...", font, width)]
+        lines = [*lines[: max_lines - 1], _fit(lines[max_lines - 1] + "...", font, width)]
     for row, line in enumerate(lines):
         draw.text((MARGIN, MARGIN + row * line_height), line, fill=_ink(background), font=font)
     return _png(img, colours=16)

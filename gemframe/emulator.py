@@ -63,7 +63,8 @@ is a 400. Generation config is honoured:
   ``responseJsonSchema`` (JSON Schema incl. ``$ref``/``anyOf``/type lists) a value that follows
   the schema: strings ``"<property>: <first words of the prompt>"``, integers in ``[1, 100]`` (or
   ``minimum``..``maximum``), numbers with two decimals, booleans, arrays of 2 items (clamped to
-  ``minItems``/``maxItems``), enums and integers chosen by hash of (prompt, seed, path).
+  ``minItems``/``maxItems``, at most 16); numbers, booleans and enum choices are hashes of
+  (prompt, seed, candidate, path).
   ``text/x.enum`` with an enum schema answers one enum value.
 - ``candidateCount=N``: N candidates; candidate i>0 has `` [candidate i]`` appended (inside the
   strings of a JSON reply) and its own hash-derived values and image.
@@ -73,8 +74,16 @@ is a 400. Generation config is honoured:
   256 px image (``imageConfig.aspectRatio`` honoured) of the prompt on a colour from
   (prompt, seed); with one, an edited copy of the first image of the last user turn (or, when
   that turn has none, of the latest image earlier in the conversation): fitted to 256 px,
-  inverted, tinted and captioned. The first non-thought part of an image reply carries a
-  ``thoughtSignature``. ``["IMAGE"]`` alone means no text part.
+  inverted, tinted and captioned. As Gemini's image models do, the first non-thought part of
+  an image reply and every image part carry a ``thoughtSignature``. ``["IMAGE"]`` alone means
+  no text part.
+
+Multi-turn: the reply text notes the turn and the previous model answer (see above), and an
+image reply with no image in the prompt turn edits the latest image of the conversation. A
+``model`` turn's image part must be sent back with its ``thoughtSignature`` (every image the
+emulator returns has one), else the request is a 400 INVALID_ARGUMENT "Image part is missing a
+thought_signature ...", as the real API answers for its image models; a signature must be
+base64, and the documented placeholder ``skip_thought_signature_validator`` is accepted.
 
 Tokens: ``max(1, ceil(len(text)/4))`` per non-empty text part, 258 per input image, 258 per PDF
 page, 258 per ``fileData`` part, 1290 per generated image. ``promptTokenCount`` covers the
@@ -90,15 +99,20 @@ Magic markers (in the last user turn's text)
 ``[emulator:status=NNN]``  HTTP NNN (400-599) with the dialect's error body.
 ``[emulator:sleep=S]``     wait S more seconds before answering (for timeout tests).
 
-Determinism: every answer is a pure function of the request (model, raw body, and ``seed`` for
-the delay), so the same request gets byte-identical bodies; ``responseId`` is the first 22
-URL-safe base64 characters of sha256(body) and ``thoughtSignature`` is derived from it too.
+Precedence: a request is delayed (latency, jitter), then checked (auth, route, body), then
+``fail_first`` applies, then ``sleep``, then ``status``, then block > empty > safety > recitation.
+
+Determinism: every answer is a pure function of the request (route, model, raw body; the
+constructor's ``seed`` only moves the delay), so the same request gets byte-identical bodies
+(only Segmind's ``x-rate-limit-reset-at-utc`` header depends on the clock). ``responseId`` is
+the first 22 URL-safe base64 characters of sha256(body); ``thoughtSignature`` derives from it.
 Responses are compact JSON with ``content-type: application/json``.
 
 Validation follows the real API: 400 INVALID_ARGUMENT for non-JSON bodies, unknown fields
 (camelCase and snake_case both accepted), missing contents, bad roles, empty or data-less parts,
 bad base64, unknown generationConfig keys, out-of-range candidateCount, unknown safety
-categories or thresholds, unsupported response MIME types or modalities, and bodies over 20 MiB.
+categories or thresholds, unsupported response MIME types or modalities, a schema without a
+JSON (or ``text/x.enum``) MIME type, and bodies over 20 MiB.
 """
 
 from __future__ import annotations
@@ -112,9 +126,10 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Collection
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -294,6 +309,7 @@ class Part:
     thought: bool = False
     media: Media | None = None
     tokens: int = 0
+    signature: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -463,16 +479,37 @@ def _parse_part(value: Any, where: str) -> Part:
             f"Invalid JSON payload received. Oneof field 'data' at '{where}' is already set."
         )
     thought = fields.get("thought") is True
+    signature = None
+    if fields.get("thought_signature") is not None:
+        signature = _b64decode(fields["thought_signature"], f"{where}.thought_signature")
     name, payload = data[0], fields[data[0]]
     if name == "text":
         if not isinstance(payload, str):
             raise _bad_value(f"{where}.text", payload, "TYPE_STRING")
-        return Part(text=payload, thought=thought, tokens=tokens(payload))
+        return Part(text=payload, thought=thought, tokens=tokens(payload), signature=signature)
     if name == "inline_data":
-        return Part(media=_parse_blob(payload, f"{where}.inline_data"))
+        media = _parse_blob(payload, f"{where}.inline_data")
+        return Part(thought=thought, media=media, signature=signature)
     if name == "file_data":
-        return Part(media=_parse_file(payload, f"{where}.file_data"))
-    return Part(tokens=tokens(json.dumps(payload)))  # function calls, code: billed as text
+        return Part(media=_parse_file(payload, f"{where}.file_data"), signature=signature)
+    return Part(tokens=tokens(json.dumps(payload)), signature=signature)  # function calls, code
+
+MISSING_SIGNATURE = (
+    "Image part is missing a thought_signature in content position {content}, part position "
+    "{part}. Please refer to https://ai.google.dev/gemini-api/docs/thought-signatures for more "
+    "details."
+)
+
+
+def check_signatures(req: GenRequest) -> None:
+    """Every image a model turn sends back must carry the thoughtSignature it came with."""
+    for i, turn in enumerate(req.turns):
+        if turn.role != "model":
+            continue
+        for j, part in enumerate(turn.parts):
+            is_image = part.media is not None and part.media.kind == "Image"
+            if is_image and not part.thought and not part.signature:
+                raise _invalid(MISSING_SIGNATURE.format(content=i + 1, part=j + 1))
 
 
 def _parse_blob(value: Any, where: str) -> Media:
@@ -578,10 +615,11 @@ def _check_numbers(fields: dict[str, Any]) -> dict[str, int]:
 
 
 def _is_integral(value: Any) -> bool:
-    """An int, or a float with no fraction (proto3 JSON accepts 5.0 for an int32)."""
-    if isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int32, or a float with no fraction (proto3 JSON accepts 5.0 for an int32)."""
+    if isinstance(value, float) and not value.is_integer():
+        return False
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_number and -(2**31) <= value < 2**31
 
 
 def _parse_stop(value: Any) -> tuple[str, ...]:
@@ -764,17 +802,23 @@ def _candidate(req: GenRequest, index: int, digest: str, tally: _Tally) -> dict[
         parts.append({"text": text})
         tally.text += tokens(text)
     if config.image:
-        parts.append({"inlineData": {"mimeType": "image/png", "data": _image(req, index)}})
+        image = {"inlineData": {"mimeType": "image/png", "data": _image(req, index)}}
+        parts.append({**image, "thoughtSignature": _signature(f"{digest}|{index}|image")})
         tally.image += IMAGE_OUTPUT_TOKENS
         signed = 1 if config.thoughts else 0
-        signature = hashlib.sha256(f"thoughtSignature|{digest}|{index}".encode()).digest()
-        parts[signed] = {**parts[signed], "thoughtSignature": base64.b64encode(signature).decode()}
+        if "thoughtSignature" not in parts[signed]:
+            parts[signed] = {**parts[signed], "thoughtSignature": _signature(f"{digest}|{index}")}
     return {
         "content": {"parts": parts, "role": "model"},
         "finishReason": finish,
         "index": index,
         "safetyRatings": [],
     }
+
+
+def _signature(key: str) -> str:
+    """An opaque, deterministic thoughtSignature (base64, as the API sends them)."""
+    return base64.b64encode(hashlib.sha256(f"thoughtSignature|{key}".encode()).digest()).decode()
 
 
 def _limit(text: str, config: Config) -> tuple[str, str]:
@@ -844,6 +888,7 @@ class _Faker:
     """
 
     MAX_DEPTH = 8
+    MAX_ITEMS = 16
     MAX_STEPS = 10**6
 
     def __init__(self, root: dict, prompt: str, key: str, suffix: str) -> None:
@@ -905,7 +950,7 @@ class _Faker:
     def _array(self, schema: dict, path: str, label: str, depth: int) -> list[Any]:
         if depth >= self.MAX_DEPTH:
             return []
-        count = max(_keyword(schema, "min_items", int) or 0, 2)
+        count = min(max(_keyword(schema, "min_items", int) or 0, 2), self.MAX_ITEMS)
         max_items = _keyword(schema, "max_items", int)
         if max_items is not None:
             count = min(count, max_items)
@@ -1121,6 +1166,7 @@ class Emulator:
             else:
                 body = self._admit_google(request, raw, model, "generateContent")
             req = parse_generate(body)
+            check_signatures(req)
             if attempt <= self.fail_first:
                 raise _failure(self.fail_status, self.retry_after)
             markers = req.markers

@@ -1,4 +1,5 @@
-"""The polars expressions: `generate`, `request` and `send`.
+"""The polars expressions: `generate`, `request` and `send` (`turns`, for conversations, is in
+`gemframe.conversation`).
 
 Each is a thin `pl.map_batches` over the prompt/image (or request) columns that declares the
 reply struct as ``return_dtype`` and is elementwise, so lazy frames know the schema before
@@ -8,6 +9,7 @@ running and the streaming engine can feed it morsel by morsel.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
@@ -20,6 +22,8 @@ from .errors import InputError, RowError
 from .payload import RequestBuilder
 from .progress import Progress
 from .response import reply_dtype, to_series
+from .schema import ResponseSchema, SchemaMismatch
+from .schema import response_schema as translate_schema
 
 IntoExpr = Union[str, pl.Expr]
 """A column name or an expression, as polars functions accept."""
@@ -41,6 +45,15 @@ def _to_expr(value: IntoExpr) -> pl.Expr:
     return pl.col(value) if isinstance(value, str) else value
 
 
+def _image_expr(value: IntoExpr | bytes | os.PathLike) -> pl.Expr:
+    """A column name, an expression, or one image shared by every row (bytes or a path)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return pl.lit(bytes(value), dtype=pl.Binary)
+    if isinstance(value, os.PathLike):
+        return pl.lit(os.fspath(value), dtype=pl.String)
+    return _to_expr(value)
+
+
 def _is_text(dtype: pl.DataType) -> bool:
     return dtype in (pl.String, pl.Null, pl.Categorical) or isinstance(dtype, (pl.Categorical, pl.Enum))
 
@@ -51,7 +64,11 @@ def _is_image(dtype: pl.DataType) -> bool:
     return dtype in (pl.String, pl.Binary, pl.Null) or isinstance(dtype, pl.Struct)
 
 
-def _check_columns(prompts: pl.Series, images: pl.Series | None) -> None:
+def _is_history(dtype: pl.DataType) -> bool:
+    return dtype == pl.Null or (isinstance(dtype, pl.List) and (dtype.inner == pl.Null or isinstance(dtype.inner, pl.Struct)))
+
+
+def _check_columns(prompts: pl.Series, images: pl.Series | None, history: pl.Series | None = None) -> None:
     if not _is_text(prompts.dtype):
         raise InputError(
             f"prompt column {prompts.name!r} has dtype {prompts.dtype}; it must hold strings. "
@@ -62,24 +79,82 @@ def _check_columns(prompts: pl.Series, images: pl.Series | None) -> None:
             f"images column {images.name!r} has dtype {images.dtype}; it must hold paths/URLs "
             "(String), bytes (Binary), or a List of either"
         )
+    if history is not None and not _is_history(history.dtype):
+        raise InputError(
+            f"history column {history.name!r} has dtype {history.dtype}; it must be a list of "
+            "turns (structs with role and parts), as gf.turns(...) makes: gf.HISTORY_DTYPE"
+        )
 
 
-def _rows(builder: RequestBuilder, prompts: list[Any], images: list[Any]) -> Iterator[Row]:
-    for row, (prompt, image) in enumerate(zip(prompts, images)):
+class _Inputs:
+    """The input expressions of `generate`/`request` and, per batch, their columns as lists
+    (a literal, e.g. one reference image for every row, is broadcast to the batch)."""
+
+    def __init__(self, prompt: IntoExpr, images: Any, history: IntoExpr | None) -> None:
+        self.exprs = [_to_expr(prompt)]
+        self.has_images, self.has_history = images is not None, history is not None
+        if images is not None:
+            self.exprs.append(_image_expr(images))
+        if history is not None:
+            self.exprs.append(_to_expr(history))
+
+    def columns(self, columns: list[pl.Series]) -> tuple[list[Any], list[Any], list[Any], int]:
+        height = max((len(c) for c in columns if len(c) != 1), default=1)
+        columns = [c.new_from_index(0, height) if len(c) == 1 and height != 1 else c for c in columns]
+        prompts = columns[0]
+        image_col = columns[1] if self.has_images else None
+        history_col = columns[-1] if self.has_history else None
+        _check_columns(prompts, image_col, history_col)
+        asked = prompts.is_not_null()
+        if image_col is not None:
+            asked = asked | image_col.is_not_null()
+        none = [None] * height
+        return (
+            prompts.to_list(),
+            image_col.to_list() if image_col is not None else none,
+            history_col.to_list() if history_col is not None else none,
+            int(asked.sum()),
+        )
+
+
+def _rows(builder: RequestBuilder, prompts: list[Any], images: list[Any], histories: list[Any]) -> Iterator[Row]:
+    for row, (prompt, image, history) in enumerate(zip(prompts, images, histories)):
         try:
-            yield builder.build(prompt, image)
+            yield builder.build(prompt, image, history)
         except InputError as exc:
             yield RowError(None, "INVALID_INPUT", f"row {row}: {exc}")
+
+
+def _with_parsed(records: list[dict[str, Any] | None], schema: ResponseSchema) -> list[dict[str, Any] | None]:
+    """Records with ``parsed`` filled from their text; a reply that does not fit the schema
+    gets a ``PARSE_ERROR`` (identical rows share one record, so each is parsed once)."""
+    done: dict[int, dict[str, Any]] = {}
+    out: list[dict[str, Any] | None] = []
+    for record in records:
+        if record is None or record.get("error") is not None:
+            out.append(record)
+            continue
+        if id(record) not in done:
+            try:
+                done[id(record)] = {**record, "parsed": schema.parse(record.get("text"))}
+            except SchemaMismatch as exc:
+                cut = " (the answer was cut at maxOutputTokens)" if record.get("finish_reason") == "MAX_TOKENS" else ""
+                error = RowError(None, "PARSE_ERROR", f"reply does not fit the response schema{cut}: {exc}")
+                done[id(record)] = {**record, "parsed": None, "error": error.as_dict()}
+        out.append(done[id(record)])
+    return out
 
 
 def generate(
     prompt: IntoExpr,
     *,
-    images: IntoExpr | None = None,
+    images: IntoExpr | bytes | os.PathLike | None = None,
+    history: IntoExpr | None = None,
     system: str | None = None,
     model: str | None = None,
     config: Mapping[str, Any] | None = None,
     safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+    response_schema: Any = None,
     client: Client | None = None,
     cache: str | CacheMode | None = None,
     sample: int = 0,
@@ -89,60 +164,60 @@ def generate(
 ) -> pl.Expr:
     """Ask Gemini once per row; returns the reply struct column (named ``reply``).
 
-    ``images`` holds a path, URL, bytes, or a list of them per row (nulls allowed); ``config``
-    is a generationConfig (snake_case or camelCase keys); ``safety`` maps harm categories to
-    thresholds. A row with a null prompt and no images gets a null reply and sends nothing.
-    ``image_dir`` writes generated images there (named by content hash) and returns their paths.
-    ``sample`` picks a distinct cached answer for the same request (for N samples per prompt).
+    ``images`` holds a path, URL, bytes, or a list of them per row (nulls allowed), or one image
+    for every row (``bytes``, a ``pathlib.Path`` or ``pl.lit(...)``); ``history`` is a column of
+    earlier turns sent before the prompt (see `gemframe.turns`); ``config`` is a
+    generationConfig (snake_case or camelCase keys); ``safety`` maps harm categories to
+    thresholds. ``response_schema`` (a polars dtype, a dataclass/TypedDict, or a JSON-schema
+    dict) asks for JSON and adds a typed ``parsed`` field; a reply that does not fit it is a
+    ``PARSE_ERROR`` row error. A row with a null prompt and no images gets a null reply and
+    sends nothing. ``image_dir`` writes generated images there (named by content hash) and
+    returns their paths. ``sample`` picks a distinct cached answer for the same request.
     """
-    builder = RequestBuilder(system, config, safety)  # a bad config fails here, not mid-run
-    dtype = reply_dtype(image_files=image_dir is not None, raw=raw)
-    exprs = [_to_expr(prompt)] + ([_to_expr(images)] if images is not None else [])
+    builder = RequestBuilder(system, config, safety, response_schema)  # bad config fails here
+    schema = builder.schema
+    dtype = reply_dtype(image_files=image_dir is not None, raw=raw, parsed=schema.dtype if schema else None)
+    inputs = _Inputs(prompt, images, history)
 
     def run(columns: list[pl.Series]) -> pl.Series:
-        prompts, image_col = columns[0], (columns[1] if len(columns) > 1 else None)
-        _check_columns(prompts, image_col)
-        if image_col is None:
-            image_list: list[Any] = [None] * len(prompts)
-            total = len(prompts) - prompts.null_count()
-        else:
-            image_list = image_col.to_list()
-            total = int((prompts.is_not_null() | image_col.is_not_null()).sum())
+        prompts, image_list, histories, total = inputs.columns(columns)
         records = (client or default_client()).send(
-            _rows(builder, prompts.to_list(), image_list),
+            _rows(builder, prompts, image_list, histories),
             total=total, model=model, cache=cache, sample=sample,
             progress=progress, image_dir=image_dir, raw=raw,
         )
+        if schema is not None:
+            records = _with_parsed(records, schema)
         return to_series("reply", records, dtype)
 
-    return pl.map_batches(exprs, run, return_dtype=dtype, is_elementwise=True).alias("reply")
+    return pl.map_batches(inputs.exprs, run, return_dtype=dtype, is_elementwise=True).alias("reply")
 
 
 def request(
     prompt: IntoExpr,
     *,
-    images: IntoExpr | None = None,
+    images: IntoExpr | bytes | os.PathLike | None = None,
+    history: IntoExpr | None = None,
     system: str | None = None,
     config: Mapping[str, Any] | None = None,
     safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+    response_schema: Any = None,
 ) -> pl.Expr:
     """The exact ``generateContent`` JSON body per row, as a String column (``request``),
     without sending anything: to look at, save, diff, or send later with `send`."""
-    builder = RequestBuilder(system, config, safety)
-    exprs = [_to_expr(prompt)] + ([_to_expr(images)] if images is not None else [])
+    builder = RequestBuilder(system, config, safety, response_schema)
+    inputs = _Inputs(prompt, images, history)
 
     def run(columns: list[pl.Series]) -> pl.Series:
-        prompts, image_col = columns[0], (columns[1] if len(columns) > 1 else None)
-        _check_columns(prompts, image_col)
-        image_list = image_col.to_list() if image_col is not None else [None] * len(prompts)
+        prompts, image_list, histories, _ = inputs.columns(columns)
         bodies = []
-        for item in _rows(builder, prompts.to_list(), image_list):
+        for item in _rows(builder, prompts, image_list, histories):
             if isinstance(item, RowError):
                 raise InputError(item.message)
             bodies.append(None if item is None else json.dumps(item, ensure_ascii=False))
         return pl.Series("request", bodies, dtype=pl.String)
 
-    return pl.map_batches(exprs, run, return_dtype=pl.String, is_elementwise=True).alias("request")
+    return pl.map_batches(inputs.exprs, run, return_dtype=pl.String, is_elementwise=True).alias("request")
 
 
 def _parsed(requests: list[str | None]) -> Iterator[Row]:
@@ -171,9 +246,14 @@ def send(
     progress: bool | Progress | None = None,
     image_dir: str | None = None,
     raw: bool = False,
+    response_schema: Any = None,
 ) -> pl.Expr:
-    """Send a column of JSON request bodies (as made by `request`); returns the reply struct."""
-    dtype = reply_dtype(image_files=image_dir is not None, raw=raw)
+    """Send a column of JSON request bodies (as made by `request`); returns the reply struct.
+
+    ``response_schema`` parses each reply into a typed ``parsed`` field, as in `generate`
+    (the requests should ask for it: ``gf.request(..., response_schema=...)``)."""
+    schema = translate_schema(response_schema) if response_schema is not None else None
+    dtype = reply_dtype(image_files=image_dir is not None, raw=raw, parsed=schema.dtype if schema else None)
 
     def run(column: pl.Series) -> pl.Series:
         if column.dtype not in (pl.String, pl.Null):
@@ -183,6 +263,8 @@ def send(
             total=len(column) - column.null_count(), model=model, cache=cache,
             sample=sample, progress=progress, image_dir=image_dir, raw=raw,
         )
+        if schema is not None:
+            records = _with_parsed(records, schema)
         return to_series("reply", records, dtype)
 
     return _to_expr(requests).map_batches(run, return_dtype=dtype, is_elementwise=True).alias("reply")

@@ -6,6 +6,9 @@ A body is plain JSON-able data, exactly what the API receives::
      "systemInstruction": {"parts": [{"text": ...}]},
      "generationConfig": {...}, "safetySettings": [...]}
 
+A row's ``history`` (earlier turns, see `gemframe.conversation`) goes first in ``contents``;
+model turns keep the ``thoughtSignature`` of each part exactly where the model put it.
+
 Images may be a file path, an http(s) URL, raw bytes, a ``{"mime_type", "data"}`` dict (so a
 reply's generated images can be fed back), or a list of those. The MIME type is sniffed from the
 bytes, never guessed from a file name. Reading and base64-encoding a file happens once per
@@ -197,6 +200,66 @@ def inline_data(image: Any) -> dict[str, str]:
     )
 
 
+_TURN_ROLES = ("user", "model")
+
+
+def _history_part(part: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+    """One history part (``text`` or an image as ``data``/``path``, maybe a signature)."""
+    text, data, path = part.get("text"), part.get("data"), part.get("path")
+    signature = part.get("thought_signature", part.get("thoughtSignature"))
+    if sum(v is not None for v in (text, data, path)) > 1:
+        raise InputError(f"{where} holds more than one of text, data and path; a part is one of them")
+    out: dict[str, Any]
+    if text is not None:
+        if not isinstance(text, str):
+            raise InputError(f"{where}: text must be a string, got {type(text).__name__}")
+        out = {"text": text}
+    elif data is not None or path is not None:
+        out = {"inlineData": inline_data(data if data is not None else path)}
+    elif signature is not None:
+        out = {"text": ""}  # a signature-only part, as Gemini sometimes ends a turn
+    else:
+        return None
+    if signature is not None:
+        out["thoughtSignature"] = signature
+    return out
+
+
+def history_contents(history: Any) -> list[dict[str, Any]]:
+    """``contents`` entries for a row's history: a list of turns, each ``{"role", "parts"}``
+    (parts as in `gemframe.conversation.HISTORY_DTYPE`) or ``{"role", "text", "images"}``."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise InputError(f"history must be a list of turns, got {type(history).__name__}")
+    contents = []
+    for i, turn in enumerate(history):
+        where = f"history turn {i + 1}"
+        if turn is None:
+            continue
+        if not isinstance(turn, Mapping):
+            raise InputError(f"{where} must be a struct/dict with role and parts, got {type(turn).__name__}")
+        role = turn.get("role") or "user"
+        if role not in _TURN_ROLES:
+            raise InputError(f"{where} has role {role!r}; use 'user' or 'model'")
+        parts: list[dict[str, Any]] = []
+        if turn.get("parts") is not None:
+            for j, part in enumerate(turn["parts"]):
+                if part is not None:
+                    built = _history_part(part, f"{where} part {j + 1}")
+                    if built is not None:
+                        parts.append(built)
+        else:
+            if turn.get("text") is not None:
+                parts.append({"text": turn["text"]})
+            parts.extend(image_parts(turn.get("images")))
+        if not parts:
+            hint = " (the reply it came from failed or was empty)" if role == "model" else ""
+            raise InputError(f"{where} ({role}) has no parts{hint}")
+        contents.append({"role": role, "parts": parts})
+    return contents
+
+
 def image_parts(images: Any) -> list[dict[str, Any]]:
     """Parts for a row's images value: None, one image, or a list of images (nulls skipped)."""
     if images is None:
@@ -218,10 +281,17 @@ class RequestBuilder:
         system: str | None = None,
         config: Mapping[str, Any] | None = None,
         safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+        response_schema: Any = None,
     ) -> None:
         self.system = system
         self.config = normalize_config(config)
         self.safety = normalize_safety(safety)
+        self.schema = None
+        if response_schema is not None:
+            from .schema import response_schema as translate
+
+            self.schema = translate(response_schema)
+            self.config = _with_schema(self.config, self.schema.config)
         shared: dict[str, Any] = {}
         if system:
             shared["systemInstruction"] = {"parts": [{"text": system}]}
@@ -231,8 +301,9 @@ class RequestBuilder:
             shared["safetySettings"] = self.safety
         self._shared = shared
 
-    def build(self, prompt: str | None, images: Any = None) -> dict[str, Any] | None:
-        """The request body for one row, or None for a row with neither prompt nor images."""
+    def build(self, prompt: str | None, images: Any = None, history: Any = None) -> dict[str, Any] | None:
+        """The request body for one row (its history first), or None for a row with neither
+        prompt nor images."""
         parts: list[dict[str, Any]] = []
         if prompt is not None:
             if not isinstance(prompt, str):
@@ -241,16 +312,32 @@ class RequestBuilder:
         parts.extend(image_parts(images))
         if not parts:
             return None
-        return {"contents": [{"role": "user", "parts": parts}], **self._shared}
+        contents = [*history_contents(history), {"role": "user", "parts": parts}]
+        return {"contents": contents, **self._shared}
+
+
+def _with_schema(config: dict[str, Any] | None, schema_config: dict[str, Any]) -> dict[str, Any]:
+    """generationConfig plus a translated response schema; the schema may be given only once."""
+    config = dict(config or {})
+    for key in ("responseSchema", "responseJsonSchema"):
+        if key in config:
+            raise ConfigError(f"give the schema once: response_schema= or config[{key!r}], not both")
+    mime = config.get("responseMimeType")
+    if mime not in (None, "application/json"):
+        raise ConfigError(f"response_schema= answers application/json, but config sets responseMimeType {mime!r}")
+    return {**config, **schema_config}
 
 
 def build_request(
     prompt: str | None,
     images: Any = None,
     *,
+    history: Any = None,
     system: str | None = None,
     config: Mapping[str, Any] | None = None,
     safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+    response_schema: Any = None,
 ) -> dict[str, Any] | None:
-    """The ``generateContent`` body for a single prompt (and images); None if both are empty."""
-    return RequestBuilder(system, config, safety).build(prompt, images)
+    """The ``generateContent`` body for a single prompt (and images, after a history); None if
+    prompt and images are both empty."""
+    return RequestBuilder(system, config, safety, response_schema).build(prompt, images, history)

@@ -2,6 +2,9 @@
 
 ``text`` joins the non-thought text parts of the first candidate, as the official SDK's
 ``.text`` does; thought summaries go to ``thoughts``; ``images`` skips thought images.
+``parts`` records the layout of those non-thought parts — kind, length of a text part, and the
+``thoughtSignature`` the model put on it — so a conversation can send the model's turn back
+exactly as the API requires (see `gemframe.conversation`) without storing any payload twice.
 An answer with no usable content (prompt blocked, SAFETY/RECITATION finish, no candidates) is
 still an answer, and says why in ``error`` as well as ``finish_reason``/``block_reason``.
 """
@@ -20,15 +23,23 @@ from .errors import RowError
 ERROR_DTYPE = pl.Struct({"code": pl.Int32, "status": pl.String, "message": pl.String})
 _IMAGE_BYTES = pl.Struct({"mime_type": pl.String, "data": pl.Binary})
 _IMAGE_FILE = pl.Struct({"mime_type": pl.String, "path": pl.String})
+PART_DTYPE = pl.Struct({"kind": pl.String, "length": pl.Int32, "thought_signature": pl.String})
+"""One non-thought part of the answer, without its payload: ``kind`` is ``"text"`` (its
+``length`` characters are the next ones of ``text``) or ``"image"`` (the next of ``images``)."""
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 _OK_FINISH = {None, "STOP", "MAX_TOKENS", "FINISH_REASON_UNSPECIFIED"}
 
 
-def reply_dtype(*, image_files: bool = False, raw: bool = False) -> pl.Struct:
-    """The reply struct. ``image_files``: images as file paths, not bytes; ``raw``: keep JSON."""
-    fields: dict[str, pl.DataType] = {
-        "text": pl.String(),
+def reply_dtype(
+    *, image_files: bool = False, raw: bool = False, parsed: pl.DataType | None = None
+) -> pl.Struct:
+    """The reply struct. ``image_files``: images as file paths, not bytes; ``raw``: keep JSON;
+    ``parsed``: the dtype of the structured-output value (a ``parsed`` field after ``text``)."""
+    fields: dict[str, pl.DataType] = {"text": pl.String()}
+    if parsed is not None:
+        fields["parsed"] = parsed
+    fields |= {
         "thoughts": pl.String(),
         "finish_reason": pl.String(),
         "prompt_tokens": pl.Int64(),
@@ -36,6 +47,7 @@ def reply_dtype(*, image_files: bool = False, raw: bool = False) -> pl.Struct:
         "total_tokens": pl.Int64(),
         "thoughts_tokens": pl.Int64(),
         "images": pl.List(_IMAGE_FILE if image_files else _IMAGE_BYTES),
+        "parts": pl.List(PART_DTYPE),
         "block_reason": pl.String(),
         "model_version": pl.String(),
         "response_id": pl.String(),
@@ -52,7 +64,7 @@ def reply_dtype(*, image_files: bool = False, raw: bool = False) -> pl.Struct:
 REPLY_DTYPE = reply_dtype()
 
 
-def _save_image(data: bytes, mime: str, image_dir: str) -> str:
+def save_image(data: bytes, mime: str, image_dir: str) -> str:
     """Write an image named by its content hash (idempotent) and return its path."""
     name = f"{hashlib.sha256(data).hexdigest()[:32]}.{_EXTENSIONS.get(mime, 'bin')}"
     path = os.path.join(image_dir, name)
@@ -79,9 +91,15 @@ def decode(
     texts: list[str] = []
     thoughts: list[str] = []
     images: list[dict[str, Any]] = []
+    layout: list[dict[str, Any]] = []
     for part in (first.get("content") or {}).get("parts") or []:
+        signature = part.get("thoughtSignature") or part.get("thought_signature")
         if "text" in part:
-            (thoughts if part.get("thought") else texts).append(part["text"])
+            if part.get("thought"):
+                thoughts.append(part["text"])
+            else:
+                texts.append(part["text"])
+                layout.append({"kind": "text", "length": len(part["text"]), "thought_signature": signature})
         elif not part.get("thought"):
             inline = part.get("inlineData") or part.get("inline_data")
             if inline:
@@ -90,7 +108,8 @@ def decode(
                 if image_dir is None:
                     images.append({"mime_type": mime, "data": data})
                 else:
-                    images.append({"mime_type": mime, "path": _save_image(data, mime, image_dir)})
+                    images.append({"mime_type": mime, "path": save_image(data, mime, image_dir)})
+                layout.append({"kind": "image", "length": None, "thought_signature": signature})
     usage = response.get("usageMetadata") or {}
     block_reason = (response.get("promptFeedback") or {}).get("blockReason")
     finish_reason = first.get("finishReason")
@@ -111,6 +130,7 @@ def decode(
         "total_tokens": usage.get("totalTokenCount"),
         "thoughts_tokens": usage.get("thoughtsTokenCount"),
         "images": images,
+        "parts": layout,
         "block_reason": block_reason,
         "model_version": response.get("modelVersion"),
         "response_id": response.get("responseId"),
@@ -125,6 +145,7 @@ def failed(error: RowError, *, attempts: int = 0, latency_ms: float | None = Non
     """The reply record of a row that got no answer."""
     return {
         "images": [],
+        "parts": [],
         "error": error.as_dict(),
         "cached": False,
         "attempts": attempts,

@@ -68,13 +68,16 @@ def parts(response: httpx.Response, candidate: int = 0) -> list[dict]:
 
 
 def text(response: httpx.Response, candidate: int = 0) -> str:
-    return "".join(p["text"] for p in parts(response, candidate) if "text" in p and not p.get("thought"))
+    return "".join(
+        p["text"] for p in parts(response, candidate) if "text" in p and not p.get("thought")
+    )
 
 
 def png_parts(response: httpx.Response) -> list[Image.Image]:
     return [
         Image.open(io.BytesIO(base64.b64decode(p["inlineData"]["data"])))
-        for p in parts(response) if "inlineData" in p
+        for p in parts(response)
+        if "inlineData" in p
     ]
 
 
@@ -96,7 +99,8 @@ def test_text_reply_and_usage():
     body = r.json()
     candidate = body["candidates"][0]
     assert candidate["content"] == {
-        "parts": [{"text": 'Emulated reply to: "Hello there, emulator".'}], "role": "model"
+        "parts": [{"text": 'Emulated reply to: "Hello there, emulator".'}],
+        "role": "model",
     }
     assert candidate["finishReason"] == "STOP" and candidate["index"] == 0
     assert candidate["safetyRatings"] == []
@@ -119,7 +123,8 @@ def test_describes_png_and_jpeg_inputs():
     usage = r.json()["usageMetadata"]
     assert usage["promptTokenCount"] == 4 + 2 * 258
     assert usage["promptTokensDetails"] == [
-        {"modality": "TEXT", "tokenCount": 4}, {"modality": "IMAGE", "tokenCount": 516}
+        {"modality": "TEXT", "tokenCount": 4},
+        {"modality": "IMAGE", "tokenCount": 516},
     ]
 
 
@@ -127,14 +132,19 @@ def test_describes_pdf_and_rejects_other_bytes():
     pdf = b"%PDF-1.4\n1 0 obj << /Type /Page >> endobj\n2 0 obj << /Type /Page >> endobj\n%%EOF"
     r = post(Emulator(), ask("Summarise", inline(pdf, "application/pdf")))
     assert text(r).endswith(f"Document 1: PDF, {len(pdf)} bytes.")
-    assert r.json()["usageMetadata"]["promptTokensDetails"][1] == {"modality": "DOCUMENT", "tokenCount": 516}
+    assert r.json()["usageMetadata"]["promptTokensDetails"][1] == {
+        "modality": "DOCUMENT",
+        "tokenCount": 516,
+    }
     bad = post(Emulator(), ask("What?", inline(b"not an image at all")))
     google_error(bad, 400, "INVALID_ARGUMENT", "Unable to process input image")
 
 
 def test_system_instruction_and_history():
     body = {
-        "systemInstruction": {"parts": [{"text": "You are a terse assistant who answers in French."}]},
+        "systemInstruction": {
+            "parts": [{"text": "You are a terse assistant who answers in French."}]
+        },
         "contents": [
             {"role": "user", "parts": [{"text": "Hi"}]},
             {"role": "model", "parts": [{"text": "Bonjour! How can I help you today, my friend?"}]},
@@ -149,8 +159,13 @@ def test_system_instruction_and_history():
 
 def test_same_request_same_bytes():
     emu = Emulator(jitter=0.01, seed=7)
-    body = ask("Draw a lighthouse", inline(image_bytes()), responseModalities=["TEXT", "IMAGE"],
-               candidateCount=2, thinkingConfig={"includeThoughts": True})
+    body = ask(
+        "Draw a lighthouse",
+        inline(image_bytes()),
+        responseModalities=["TEXT", "IMAGE"],
+        candidateCount=2,
+        thinkingConfig={"includeThoughts": True},
+    )
     raw = json.dumps(body).encode()
     first, second = post(emu, raw), post(emu, raw)
     assert first.status_code == 200 and first.content == second.content
@@ -204,7 +219,10 @@ def test_json_mode_follows_openapi_schema():
     assert isinstance(value["height"], float) and 1.5 <= value["height"] <= 2.0
     assert isinstance(value["happy"], bool)
     assert value["mood"] in PERSON["properties"]["mood"]["enum"]
-    assert value["tags"] == ["tags 1: Describe Ada Lovelace briefly", "tags 2: Describe Ada Lovelace briefly"]
+    assert value["tags"] == [
+        "tags 1: Describe Ada Lovelace briefly",
+        "tags 2: Describe Ada Lovelace briefly",
+    ]
     by_seed = {text(post(emu, ask("Describe Ada", **config, seed=s))) for s in range(6)}
     assert len(by_seed) > 1  # the seed moves the numbers
     assert text(post(emu, ask("Describe Ada", **config, seed=3))) in by_seed
@@ -219,7 +237,9 @@ def test_json_mode_follows_json_schema():
             "kind": {"anyOf": [{"const": "fixed"}, {"type": "integer"}]},
             "when": {"type": "string", "format": "date"},
         },
-        "$defs": {"item": {"type": "object", "properties": {"qty": {"type": "integer", "maximum": 5}}}},
+        "$defs": {
+            "item": {"type": "object", "properties": {"qty": {"type": "integer", "maximum": 5}}}
+        },
     }
     config = {"responseMimeType": "application/json", "responseJsonSchema": schema}
     value = json.loads(text(post(Emulator(), ask("Order list", **config))))
@@ -241,7 +261,9 @@ def test_candidate_count():
     assert [c["index"] for c in candidates] == [0, 1, 2]
     assert text(r, 0) == 'Emulated reply to: "Name a colour".'
     assert text(r, 2) == 'Emulated reply to: "Name a colour". [candidate 2]'
-    assert r.json()["usageMetadata"]["candidatesTokenCount"] == sum(-(-len(text(r, i)) // 4) for i in range(3))
+    assert r.json()["usageMetadata"]["candidatesTokenCount"] == sum(
+        -(-len(text(r, i)) // 4) for i in range(3)
+    )
 
 
 def test_thoughts_part():
@@ -267,7 +289,14 @@ def test_image_generation_from_prompt():
     usage = r.json()["usageMetadata"]
     assert usage["candidatesTokenCount"] == 1290
     assert usage["candidatesTokensDetails"] == [{"modality": "IMAGE", "tokenCount": 1290}]
-    wide = post(emu, ask("A red fox in the snow", responseModalities=["IMAGE"], imageConfig={"aspectRatio": "16:9"}))
+    wide = post(
+        emu,
+        ask(
+            "A red fox in the snow",
+            responseModalities=["IMAGE"],
+            imageConfig={"aspectRatio": "16:9"},
+        ),
+    )
     assert png_parts(wide)[0].size == (256, 144)
     reseeded = post(emu, ask("A red fox in the snow", responseModalities=["IMAGE"], seed=42))
     assert png_parts(reseeded)[0].tobytes() != img.tobytes()
@@ -277,7 +306,9 @@ def test_image_generation_from_prompt():
 
 def test_image_edit_differs_from_input_and_from_generation():
     source = image_bytes("PNG", (120, 80), (30, 120, 200))
-    edit = png_parts(post(Emulator(), ask("Add a hat", inline(source), responseModalities=["IMAGE"])))[0]
+    edit = png_parts(
+        post(Emulator(), ask("Add a hat", inline(source), responseModalities=["IMAGE"]))
+    )[0]
     drawn = png_parts(post(Emulator(), ask("Add a hat", responseModalities=["IMAGE"])))[0]
     original = Image.open(io.BytesIO(source)).convert("RGB")
     assert edit.width == 256 and edit.tobytes() != drawn.tobytes()
@@ -293,6 +324,35 @@ def test_image_edit_differs_from_input_and_from_generation():
     }
     again = png_parts(post(Emulator(), follow_up))[0]
     assert again.size == edit.size and again.tobytes() != drawn.tobytes()
+
+
+def test_every_image_part_is_signed_and_must_come_back_signed():
+    emu = Emulator()
+    answer = parts(post(emu, ask("A boat", responseModalities=["TEXT", "IMAGE"])))
+    assert [("text" in p, bool(p.get("thoughtSignature"))) for p in answer] == [(True, True), (False, True)]
+    image = {k: v for k, v in answer[1].items() if k != "thoughtSignature"}
+
+    def follow_up(model_parts: list) -> dict:
+        return {
+            "contents": [
+                {"role": "user", "parts": [{"text": "A boat"}]},
+                {"role": "model", "parts": model_parts},
+                {"role": "user", "parts": [{"text": "Make it red"}]},
+            ],
+            "generationConfig": {"responseModalities": ["TEXT", "IMAGE"]},
+        }
+
+    assert post(emu, follow_up(answer)).status_code == 200
+    google_error(
+        post(emu, follow_up([answer[0], image])), 400, "INVALID_ARGUMENT",
+        "Image part is missing a thought_signature in content position 2, part position 2",
+    )
+    skip = {**image, "thoughtSignature": "skip_thought_signature_validator"}
+    assert post(emu, follow_up([skip])).status_code == 200  # the documented placeholder
+    bad = {**image, "thoughtSignature": "@@"}
+    google_error(post(emu, follow_up([bad])), 400, "INVALID_ARGUMENT", "Base64 decoding failed")
+    # A user turn's images need no signature.
+    assert post(emu, ask("Edit", image, responseModalities=["IMAGE"])).status_code == 200
 
 
 # --- magic markers ---------------------------------------------------------------------------
@@ -318,10 +378,18 @@ def test_recitation_and_empty_markers():
     assert empty["candidates"] == [] and "candidatesTokenCount" not in empty["usageMetadata"]
 
 
-@pytest.mark.parametrize("code,status", [
-    (400, "INVALID_ARGUMENT"), (403, "PERMISSION_DENIED"), (404, "NOT_FOUND"),
-    (429, "RESOURCE_EXHAUSTED"), (500, "INTERNAL"), (503, "UNAVAILABLE"), (504, "DEADLINE_EXCEEDED"),
-])
+@pytest.mark.parametrize(
+    "code,status",
+    [
+        (400, "INVALID_ARGUMENT"),
+        (403, "PERMISSION_DENIED"),
+        (404, "NOT_FOUND"),
+        (429, "RESOURCE_EXHAUSTED"),
+        (500, "INTERNAL"),
+        (503, "UNAVAILABLE"),
+        (504, "DEADLINE_EXCEEDED"),
+    ],
+)
 def test_status_marker(code, status):
     google_error(post(Emulator(), ask(f"x [emulator:status={code}]")), code, status, "")
 
@@ -342,36 +410,60 @@ def test_sleep_marker_allows_timeout_tests():
 
 # --- validation ------------------------------------------------------------------------------
 
-PNG_PART = inline(image_bytes())
+
+def turn(*parts: dict, role: str = "user") -> dict:
+    """A request of one content with these parts."""
+    return {"contents": [{"role": role, "parts": list(parts)}]}
 
 
-@pytest.mark.parametrize("body,fragment", [
-    (b"{not json", "Invalid JSON payload received."),
-    (b"[1, 2]", "Root element must be a message"),
-    ({"contents": [{"parts": [{"text": "x"}]}], "foo": 1}, 'Unknown name "foo": Cannot find field.'),
-    ({"contents": []}, "contents is not specified"),
-    ({"generationConfig": {}}, "contents is not specified"),
-    ({"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}, "Please use a valid role: user, model."),
-    ({"contents": [{"role": "user", "parts": []}]}, "parts must not be empty"),
-    ({"contents": [{"role": "user", "parts": [{"thought": True}]}]}, "required oneof field 'data'"),
-    ({"contents": [{"parts": [{"text": "x"}, {"inlineData": {"mimeType": "image/png", "data": "@@not base64@@"}}]}]},
-     "Invalid value at 'contents[0].parts[1].inline_data.data' (TYPE_BYTES), Base64 decoding failed for \"@@not"),
-    ({"contents": [{"parts": [{"text": "x"}, {"inline_data": {"mime_type": "image/png", "data": "QUJD" * 40}}]}]},
-     "Unable to process input image"),
-    (ask("x", temprature=0.5), 'Unknown name "temprature" at \'generation_config\''),
-    (ask("x", candidateCount=9), "candidate_count"),
-    (ask("x", temperature="hot"), "generation_config.temperature"),
-    (ask("x", responseMimeType="text/csv"), "allowed mimetypes"),
-    (ask("x", responseModalities=["SMELL"]), "response_modalities[0]"),
-    (ask("x", responseSchema={"type": "STRING"}), "response_mime_type must be application/json"),
-    (ask("x", responseMimeType="application/json",
-         responseSchema={"type": "OBJECT", "properties": {"a": {"type": "STRING"}}, "additionalProperties": False}),
-     'Unknown name "additionalProperties"'),
-    ({**ask("x"), "safetySettings": [{"category": "HARM_CATEGORY_MEAN", "threshold": "BLOCK_NONE"}]},
-     "safety_settings[0].category"),
-    ({**ask("x"), "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "SOMETIMES"}]},
-     "safety_settings[0].threshold"),
-])
+def blob(data: str, mime: str = "image/png") -> dict:
+    return {"inlineData": {"mimeType": mime, "data": data}}
+
+
+SAY_X = {"text": "x"}
+BASE64_ERROR = (
+    "Invalid value at 'contents[0].parts[1].inline_data.data' (TYPE_BYTES), "
+    'Base64 decoding failed for "@@not'
+)
+OBJECT_WITH_EXTRA = {
+    "type": "OBJECT",
+    "properties": {"a": {"type": "STRING"}},
+    "additionalProperties": False,
+}
+
+
+def safety(category: str, threshold: str) -> dict:
+    return {**turn(SAY_X), "safetySettings": [{"category": category, "threshold": threshold}]}
+
+
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        (b"{not json", "Invalid JSON payload received."),
+        (b'{"contents": NaN}', "Invalid JSON payload received."),
+        (b"[1, 2]", "Root element must be a message"),
+        ({**turn(SAY_X), "foo": 1}, 'Unknown name "foo": Cannot find field.'),
+        ({"contents": []}, "contents is not specified"),
+        ({"generationConfig": {}}, "contents is not specified"),
+        (turn(SAY_X, role="assistant"), "Please use a valid role: user, model."),
+        (turn(), "parts must not be empty"),
+        (turn({"thought": True}), "required oneof field 'data'"),
+        (turn(SAY_X, blob("@@not base64@@")), BASE64_ERROR),
+        (turn(SAY_X, blob("QUJD" * 40)), "Unable to process input image"),
+        (ask("x", temprature=0.5), "Unknown name \"temprature\" at 'generation_config'"),
+        (ask("x", candidateCount=9), "candidate_count"),
+        (ask("x", temperature="hot"), "generation_config.temperature"),
+        (ask("x", responseMimeType="text/csv"), "allowed mimetypes"),
+        (ask("x", responseModalities=["SMELL"]), "response_modalities[0]"),
+        (ask("x", responseSchema={"type": "STRING"}), "must be application/json"),
+        (
+            ask("x", responseMimeType="application/json", responseSchema=OBJECT_WITH_EXTRA),
+            'Unknown name "additionalProperties"',
+        ),
+        (safety("HARM_CATEGORY_MEAN", "BLOCK_NONE"), "safety_settings[0].category"),
+        (safety("HARM_CATEGORY_HARASSMENT", "SOMETIMES"), "safety_settings[0].threshold"),
+    ],
+)
 def test_validation_errors(body, fragment):
     google_error(post(Emulator(), body), 400, "INVALID_ARGUMENT", fragment)
 
@@ -380,7 +472,15 @@ def test_accepts_snake_case_and_url_safe_base64():
     data = base64.urlsafe_b64encode(image_bytes()).decode().rstrip("=")
     body = {
         "system_instruction": {"parts": [{"text": "Be brief"}]},
-        "contents": [{"role": "user", "parts": [{"text": "Hi"}, {"inline_data": {"mime_type": "image/png", "data": data}}]}],
+        "contents": [
+            {
+                "role": "user",
+                "parts": [
+                    {"text": "Hi"},
+                    {"inline_data": {"mime_type": "image/png", "data": data}},
+                ],
+            }
+        ],
         "generation_config": {"max_output_tokens": 100, "candidate_count": 1},
         "safety_settings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
     }
@@ -388,15 +488,16 @@ def test_accepts_snake_case_and_url_safe_base64():
 
 
 def test_base64_error_echo_is_truncated():
-    data = "!" * 500
-    error = google_error(post(Emulator(), ask("x", {"inlineData": {"mimeType": "image/png", "data": data}})),
-                         400, "INVALID_ARGUMENT", "Base64 decoding failed")
+    r = post(Emulator(), ask("x", blob("!" * 500)))
+    error = google_error(r, 400, "INVALID_ARGUMENT", "Base64 decoding failed")
     assert len(error["message"]) < 150
 
 
 def test_payload_too_large():
     body = b'{"contents": [{"parts": [{"text": "' + b"a" * (20 * 1024 * 1024) + b'"}]}]}'
-    google_error(post(Emulator(), body), 400, "INVALID_ARGUMENT", "Request payload size exceeds the limit")
+    google_error(
+        post(Emulator(), body), 400, "INVALID_ARGUMENT", "Request payload size exceeds the limit"
+    )
 
 
 def test_unknown_model_and_method():
@@ -404,7 +505,12 @@ def test_unknown_model_and_method():
     google_error(r, 404, "NOT_FOUND", "models/gpt-4o is not found for API version v1beta")
     ok = post(Emulator(), ask("x"), url="/v1beta/models/emulator-small:generateContent")
     assert ok.json()["modelVersion"] == "emulator-emulator-small"
-    google_error(post(Emulator(), ask("x"), url="/v1beta/models/gemini-2.5-flash:dance"), 404, "NOT_FOUND", "")
+    google_error(
+        post(Emulator(), ask("x"), url="/v1beta/models/gemini-2.5-flash:dance"),
+        404,
+        "NOT_FOUND",
+        "",
+    )
 
 
 # --- auth ------------------------------------------------------------------------------------
@@ -413,8 +519,12 @@ def test_unknown_model_and_method():
 def test_google_api_key():
     emu = Emulator(api_key="sekret")
     google_error(post(emu, ask("x")), 403, "PERMISSION_DENIED", "unregistered callers")
-    wrong = google_error(post(emu, ask("x"), headers={"x-goog-api-key": "nope"}), 400, "INVALID_ARGUMENT",
-                         "API key not valid. Please pass a valid API key.")
+    wrong = google_error(
+        post(emu, ask("x"), headers={"x-goog-api-key": "nope"}),
+        400,
+        "INVALID_ARGUMENT",
+        "API key not valid. Please pass a valid API key.",
+    )
     assert wrong["details"][0]["reason"] == "API_KEY_INVALID"
     assert post(emu, ask("x"), headers={"x-goog-api-key": "sekret"}).status_code == 200
     assert post(emu, ask("x"), url=GENERATE + "?key=sekret").status_code == 200
@@ -428,9 +538,13 @@ def test_segmind_api_key():
     assert missing.status_code == 401
     assert missing.json() == {"error": "Missing Authorization or x-api-key in header"}
     wrong = post(emu, body, url=SEGMIND, headers={"x-api-key": "nope"})
-    assert wrong.status_code == 401 and wrong.json()["error"].startswith("Unauthorized. API key is invalid")
+    assert wrong.status_code == 401 and wrong.json()["error"].startswith(
+        "Unauthorized. API key is invalid"
+    )
     assert post(emu, body, url=SEGMIND, headers={"x-api-key": "sekret"}).status_code == 200
-    assert post(emu, body, url=SEGMIND, headers={"authorization": "Bearer sekret"}).status_code == 200
+    assert (
+        post(emu, body, url=SEGMIND, headers={"authorization": "Bearer sekret"}).status_code == 200
+    )
 
 
 # --- Segmind ---------------------------------------------------------------------------------
@@ -440,23 +554,38 @@ def test_segmind_unwraps_messages_like_google():
     png = image_bytes()
     google = ask("What's in this image?", inline(png, "image/jpeg"))
     google["systemInstruction"] = {"parts": [{"text": "You are a helpful assistant."}]}
-    segmind = {"messages": {"system_instruction": {"parts": {"text": "You are a helpful assistant."}},
-                            "contents": google["contents"]}}
+    segmind = {
+        "messages": {
+            "system_instruction": {"parts": {"text": "You are a helpful assistant."}},
+            "contents": google["contents"],
+        }
+    }
     via_segmind, via_google = post(Emulator(), segmind, url=SEGMIND), post(Emulator(), google)
     assert text(via_segmind) == text(via_google)
-    assert "Image 1: PNG 64x48." in text(via_segmind) and "(system: You are a helpful" in text(via_segmind)
+    assert "Image 1: PNG 64x48." in text(via_segmind) and "(system: You are a helpful" in text(
+        via_segmind
+    )
     assert via_segmind.json()["usageMetadata"] == via_google.json()["usageMetadata"]
 
 
-@pytest.mark.parametrize("url,body,headers,code,fragment", [
-    (SEGMIND, b"{oops", {"content-type": "application/json"}, 400, "Invalid JSON"),
-    (SEGMIND, {"contents": []}, {}, 400, "Unsupported parameter: contents"),
-    (SEGMIND, {"messages": [1]}, {}, 400, '"messages" must be an object'),
-    (SEGMIND, {"messages": {"contents": [{"role": "bot", "parts": [{"text": "x"}]}]}}, {}, 400, "valid role"),
-    (SEGMIND, b'{"messages": {}}', {}, 406, "Content-Type must be application/json"),
-    ("/v1/flux-schnell", {"messages": ask("x")}, {}, 404, "Model not found"),
-    (SEGMIND, {"messages": ask("[emulator:status=500]")}, {}, 500, "internal error"),
-])
+@pytest.mark.parametrize(
+    "url,body,headers,code,fragment",
+    [
+        (SEGMIND, b"{oops", {"content-type": "application/json"}, 400, "Invalid JSON"),
+        (SEGMIND, {"contents": []}, {}, 400, "Unsupported parameter: contents"),
+        (SEGMIND, {"messages": [1]}, {}, 400, '"messages" must be an object'),
+        (
+            SEGMIND,
+            {"messages": {"contents": [{"role": "bot", "parts": [{"text": "x"}]}]}},
+            {},
+            400,
+            "valid role",
+        ),
+        (SEGMIND, b'{"messages": {}}', {}, 406, "Content-Type must be application/json"),
+        ("/v1/flux-schnell", {"messages": ask("x")}, {}, 404, "Model not found"),
+        (SEGMIND, {"messages": ask("[emulator:status=500]")}, {}, 500, "internal error"),
+    ],
+)
 def test_segmind_error_shapes(url, body, headers, code, fragment):
     r = post(Emulator(), body, url=url, headers=headers)
     assert r.status_code == code
@@ -483,7 +612,9 @@ def test_fail_first_with_retry_after():
 def test_fail_first_429_carries_retry_info():
     emu = Emulator(fail_first=1, fail_status=429, retry_after=2)
     error = google_error(post(emu, ask("x")), 429, "RESOURCE_EXHAUSTED", "exhausted")
-    assert error["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}]
+    assert error["details"] == [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}
+    ]
     segmind = post(emu, {"messages": ask("x")}, url=SEGMIND)
     assert segmind.status_code == 429 and isinstance(segmind.json()["error"], str)
     assert segmind.headers["retry-after"] == "2" and "x-rate-limit-reset-at-utc" in segmind.headers
@@ -495,7 +626,9 @@ def test_stats_count_requests_bodies_and_concurrency():
 
     async def burst() -> list[httpx.Response]:
         async with client(emu) as c:
-            return await asyncio.gather(*(c.post(GENERATE, json=ask(f"q{i % 3}")) for i in range(6)))
+            return await asyncio.gather(
+                *(c.post(GENERATE, json=ask(f"q{i % 3}")) for i in range(6))
+            )
 
     started = time.perf_counter()
     assert all(r.status_code == 200 for r in asyncio.run(burst()))
@@ -524,12 +657,16 @@ def test_count_tokens_matches_usage():
     body = ask("Count these tokens please", inline(image_bytes()))
     body["systemInstruction"] = {"parts": [{"text": "Be nice"}]}
     usage = post(emu, body).json()["usageMetadata"]
-    wrapped = post(emu, {"generateContentRequest": {"model": "models/gemini-2.5-flash", **body}}, url=COUNT)
+    wrapped = post(
+        emu, {"generateContentRequest": {"model": "models/gemini-2.5-flash", **body}}, url=COUNT
+    )
     assert wrapped.json()["totalTokens"] == usage["promptTokenCount"]
     bare = post(emu, {"contents": body["contents"]}, url=COUNT).json()
     assert bare["totalTokens"] == usage["promptTokenCount"] - 2  # without the system instruction
     assert emu.stats.requests == 1  # countTokens is not a generate call
-    google_error(post(emu, {"contents": []}, url=COUNT), 400, "INVALID_ARGUMENT", "contents is not specified")
+    google_error(
+        post(emu, {"contents": []}, url=COUNT), 400, "INVALID_ARGUMENT", "contents is not specified"
+    )
 
 
 # --- TCP -------------------------------------------------------------------------------------

@@ -1,20 +1,43 @@
 """The notebooks run top to bottom on the emulator, as a user would run them."""
 
 import base64
+import re
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb"])
+def _check_quickstart(text: str, html: str, pngs: list[str]) -> None:
+    assert "cached rows: 11 of 11" in text
+    assert pngs and base64.b64decode(pngs[0]).startswith(b"\x89PNG")
+
+
+def _check_images(text: str, html: str, pngs: list[str]) -> None:
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    # posters (2), edits (2), the three turns of a conversation (3), plus the two originals
+    assert len(images) >= 7 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "cached: True | byte-identical images: True" in text
+    assert "model: text+thoughtSignature | inlineData+thoughtSignature" in text
+    assert "(turn 3, previously:" in text
+    assert "turns answered from the cache: 6 of 6" in text
+    assert "'mood': Enum(categories=['calm', 'busy', 'playful'])" in text
+
+
+CHECKS = {"quickstart.ipynb": _check_quickstart, "images.ipynb": _check_images}
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "images.ipynb"])
 def test_notebook_executes(repo_root, tmp_path, monkeypatch, name):
     monkeypatch.setenv("GEMFRAME_CACHE_DIR", str(tmp_path / "cache"))
-    notebook = nbformat.read(repo_root / "notebooks" / name, as_version=4)
+    path = repo_root / "notebooks" / name
+    saved = nbformat.read(path, as_version=4)
+    notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(repo_root / "notebooks")}}).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs)
-    assert "cached rows: 11 of 11" in text
-    pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
-    assert pngs and base64.b64decode(pngs[0]).startswith(b"\x89PNG")
+    for run in (notebook, saved):  # as executed now, and as saved (images visible without running it)
+        outputs = [o for cell in run.cells if cell.cell_type == "code" for o in cell.outputs]
+        assert not [o for o in outputs if o.output_type == "error"]
+        text = "".join(o.get("text", "") for o in outputs)
+        html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+        pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+        CHECKS[name](text, html, pngs)

@@ -1,0 +1,190 @@
+"""Looking at generated images: `show` (an HTML grid of prompts and their images, for
+notebooks) and `save_images` (a reply column's images as files named by content hash)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Mapping
+from typing import Any, Union
+
+import polars as pl
+
+from .errors import InputError
+from .payload import sniff_mime
+from .response import save_image
+
+__all__ = ["save_images", "show"]
+
+_TEXT_CHARS = 280
+_PROMPT_CHARS = 200
+
+
+class HtmlGrid:
+    """Rendered HTML, shown by Jupyter (``_repr_html_``); ``data`` holds the markup. Used only
+    when IPython is not installed (otherwise `show` returns ``IPython.display.HTML``)."""
+
+    def __init__(self, data: str) -> None:
+        self.data = data
+
+    def _repr_html_(self) -> str:
+        return self.data
+
+    def __str__(self) -> str:
+        return self.data
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _images_of(value: Any) -> list[Any]:
+    """The images in one cell: a reply struct, a list of images, one image, or None."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping) and "images" in value:
+        return [i for i in value.get("images") or [] if i is not None]
+    if isinstance(value, (list, tuple)):
+        return [i for i in value if i is not None]
+    return [value]
+
+
+def _image_bytes(image: Any) -> tuple[bytes | None, str | None]:
+    """(bytes, path) of an image value: a reply image struct, bytes, or a path."""
+    if isinstance(image, Mapping):
+        if image.get("data") is not None:
+            return bytes(image["data"]), None
+        return None, image.get("path")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image), None
+    return None, os.fspath(image)
+
+
+def _img_tag(image: Any, embed: bool, width: int) -> str:
+    data, path = _image_bytes(image)
+    title = ""
+    if data is None and path is not None:
+        title = f' title="{html.escape(path)}"'
+        if embed and os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = f.read()
+    if data is not None:
+        mime = sniff_mime(data) or "image/png"
+        src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    elif path is not None:
+        src = html.escape(path)
+    else:
+        return ""
+    style = f"max-width:{width}px;max-height:{width}px;display:block;margin:4px 0;border-radius:4px"
+    return f'<img src="{src}"{title} style="{style}"/>'
+
+
+def _cells(data: Any, prompt: str | None, reply: str, n: int) -> list[tuple[str | None, Any]]:
+    """(prompt, reply-ish value) for the first n rows of a frame or series."""
+    if isinstance(data, pl.LazyFrame):
+        data = data.head(n).collect()
+    if isinstance(data, pl.Series):
+        return [(None, v) for v in data.head(n).to_list()]
+    if not isinstance(data, pl.DataFrame):
+        raise InputError(f"show() takes a polars DataFrame, LazyFrame or Series, not {type(data).__name__}")
+    data = data.head(n)
+    prompts = data[prompt].cast(pl.String).to_list() if prompt and prompt in data.columns else [None] * data.height
+    if reply in data.columns:
+        values = data[reply].to_list()
+    else:  # an unnested reply: its fields are the frame's columns
+        fields = [c for c in ("text", "images", "error") if c in data.columns]
+        if not fields:
+            raise InputError(
+                f"show(): no column {reply!r} (nor unnested reply fields text/images) in the frame; "
+                f"pass reply='<your reply column>'"
+            )
+        values = data.select(fields).to_dicts()
+    return list(zip(prompts, values))
+
+
+def show(
+    data: pl.DataFrame | pl.LazyFrame | pl.Series,
+    prompt: str | None = "prompt",
+    reply: str = "reply",
+    n: int = 8,
+    *,
+    embed: bool = True,
+    width: int = 192,
+) -> Any:
+    """An HTML grid of the first ``n`` rows: each prompt with its generated images, the reply
+    text and any error, for a notebook.
+
+    ``data`` is a frame with a ``prompt`` column and a ``reply`` column (or unnested reply
+    fields), or a Series of replies, of image lists, or of images. Image bytes are embedded as
+    data URIs; image files (``image_dir=``) are read and embedded too, so the grid survives in a
+    saved notebook — ``embed=False`` links them by path instead. Returns
+    ``IPython.display.HTML`` (or an object with ``_repr_html_`` without IPython).
+    """
+    cards = []
+    for prompt_text, value in _cells(data, prompt, reply, n):
+        body = []
+        if prompt_text is not None:
+            body.append(f'<div style="font-weight:600">{html.escape(_clip(prompt_text, _PROMPT_CHARS))}</div>')
+        body.extend(_img_tag(image, embed, width) for image in _images_of(value))
+        if isinstance(value, Mapping):
+            if value.get("text"):
+                body.append(f'<div style="color:#555">{html.escape(_clip(value["text"], _TEXT_CHARS))}</div>')
+            error = value.get("error")
+            if error:
+                message = f"{error.get('status')}: {error.get('message')}"
+                body.append(f'<div style="color:#b00020">{html.escape(_clip(message, _TEXT_CHARS))}</div>')
+        elif value is None:
+            body.append('<div style="color:#999">(no reply)</div>')
+        cards.append(
+            '<div style="border:1px solid #ddd;border-radius:6px;padding:8px;font-size:12px;'
+            f'overflow-wrap:anywhere">{"".join(body)}</div>'
+        )
+    markup = (
+        '<div class="gemframe-grid" style="display:grid;gap:8px;'
+        f'grid-template-columns:repeat(auto-fill,minmax({width + 20}px,1fr))">{"".join(cards)}</div>'
+    )
+    try:
+        from IPython.display import HTML
+    except ImportError:
+        return HtmlGrid(markup)
+    return HTML(markup)
+
+
+def _save_cell(value: Any, directory: str) -> list[str] | None:
+    if value is None:
+        return None
+    paths = []
+    for image in _images_of(value):
+        data, path = _image_bytes(image)
+        if data is None:
+            if path is None:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise InputError(f"cannot read image file {path!r}: {exc.strerror}") from None
+        mime = (image.get("mime_type") if isinstance(image, Mapping) else None) or sniff_mime(data) or ""
+        paths.append(save_image(data, mime, directory))
+    return paths
+
+
+def save_images(
+    images: pl.Series | pl.Expr | str, directory: str | os.PathLike
+) -> Union[pl.Series, pl.Expr]:
+    """Write every image of a reply column (or a column of image lists / images) to
+    ``directory`` as files named by their content hash; returns their paths as a
+    ``list[str]`` column named ``image_paths`` (null for a null reply). Given a Series, returns a Series; given a
+    column name or expression, returns an expression: ``df.with_columns(paths=gf.save_images("reply", "out"))``.
+    Writing is idempotent: the same image is one file however often it occurs."""
+    directory = os.fspath(directory)
+    dtype = pl.List(pl.String)
+
+    def run(series: pl.Series) -> pl.Series:
+        return pl.Series("paths", [_save_cell(v, directory) for v in series.to_list()], dtype=dtype)
+
+    if isinstance(images, pl.Series):
+        return run(images).alias("image_paths")
+    expr = pl.col(images) if isinstance(images, str) else images
+    return expr.map_batches(run, return_dtype=dtype, is_elementwise=True).alias("image_paths")

@@ -1,0 +1,77 @@
+"""gf.show (an HTML grid for notebooks) and gf.save_images (images as files)."""
+
+import base64
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import gemframe as gf
+
+IMAGES = {"response_modalities": ["TEXT", "IMAGE"]}
+
+
+@pytest.fixture
+def replies(client):
+    df = pl.DataFrame({"prompt": ["A <b>bold</b> poster", "A fox", "A boat", "[emulator:status=400] broken"]})
+    return df.with_columns(reply=gf.generate("prompt", config=IMAGES, client=client))
+
+
+def _srcs(markup: str) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', markup)
+
+
+def test_show_a_frame_embeds_images_with_their_prompts(replies):
+    grid = gf.show(replies)
+    markup = grid._repr_html_() if hasattr(grid, "_repr_html_") else grid.data
+    assert markup == grid.data
+    assert "A &lt;b&gt;bold&lt;/b&gt; poster" in markup and "<b>bold" not in markup  # prompts are escaped
+    srcs = _srcs(markup)
+    assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    first = replies["reply"][0]["images"][0]["data"]
+    assert base64.b64decode(srcs[0].split(",", 1)[1]) == first
+    assert "INVALID_ARGUMENT" in markup  # the failed row says why
+    assert len(_srcs(gf.show(replies, n=2).data)) == 2
+
+
+def test_show_series_and_unnested_frames(replies):
+    assert len(_srcs(gf.show(replies["reply"]).data)) == 3
+    assert len(_srcs(gf.show(replies["reply"].struct.field("images")).data)) == 3
+    unnested = gf.show(replies.unnest("reply"), n=1).data
+    assert len(_srcs(unnested)) == 1 and "poster" in unnested
+    assert len(_srcs(gf.show(replies.lazy(), n=3).data)) == 3
+    with pytest.raises(gf.InputError, match="reply="):
+        gf.show(pl.DataFrame({"prompt": ["x"]}))
+
+
+def test_show_image_files_embedded_or_linked(client, tmp_path):
+    out = pl.DataFrame({"prompt": ["A fox"]}).with_columns(
+        reply=gf.generate("prompt", config=IMAGES, image_dir=str(tmp_path / "img"), client=client)
+    )
+    path = out["reply"][0]["images"][0]["path"]
+    embedded = gf.show(out).data
+    assert _srcs(embedded)[0].startswith("data:image/png;base64,") and f'title="{path}"' in embedded
+    assert _srcs(gf.show(out, embed=False).data) == [path]
+
+
+def test_show_without_ipython(replies, monkeypatch):
+    monkeypatch.setitem(sys.modules, "IPython.display", None)
+    grid = gf.show(replies, n=1)
+    assert type(grid).__name__ == "HtmlGrid" and "<img" in grid._repr_html_()
+
+
+def test_save_images_names_files_by_content(replies, tmp_path):
+    paths = gf.save_images(replies["reply"], tmp_path / "saved")
+    assert paths.dtype == pl.List(pl.String) and paths.list.len().to_list() == [1, 1, 1, 0]
+    for path, reply in zip(paths.to_list()[:3], replies["reply"].to_list()):
+        data = Path(path[0]).read_bytes()
+        assert data == reply["images"][0]["data"]
+        assert Path(path[0]).name == hashlib.sha256(data).hexdigest()[:32] + ".png"
+    # As an expression, again: the same files (idempotent), and null replies stay null.
+    frame = replies.vstack(pl.DataFrame({"prompt": [None], "reply": [None]}, schema=replies.schema))
+    again = frame.with_columns(paths=gf.save_images("reply", tmp_path / "saved"))
+    assert again["paths"].to_list()[:4] == paths.to_list() and again["paths"][4] is None
+    assert len(list((tmp_path / "saved").iterdir())) == 3
