@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import queue
-import time
 from collections.abc import Iterable
 from itertools import islice
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from .cache import CacheMode, ResponseCache, cache_key
 from .errors import APIError, RowError
 from .executor import Executor, Outcome, RetryPolicy
+from .limits import RateLimiter
 from .progress import Progress
 from .providers import DEFAULT_MODEL, Provider, resolve_provider
 from .response import decode, failed
@@ -24,16 +24,20 @@ from .response import decode, failed
 Row = dict[str, Any] | RowError | None
 
 _LOOKUP_BATCH = 1024  # rows per batched cache lookup
-_FLUSH_EVERY = 64  # answers per cache write transaction
-_FLUSH_SECONDS = 1.0
 
 
 class Client:
-    """Where requests go and how: provider and key, concurrency, retries, timeouts, cache.
+    """Where requests go and how: provider and key, concurrency, retries, timeouts, rate
+    limits, cache.
 
     ``provider`` is ``"google"``, ``"segmind"``, ``"emulator"`` or None to pick from the
     environment (a Gemini key, else a Segmind key, else the offline emulator). The key comes from
     ``api_key`` or the provider's environment variables and is never shown in repr or errors.
+
+    ``max_attempts`` and ``deadline`` (seconds) bound the retries of one row, ``backoff`` is the
+    base of their jittered exponential back-off; ``rpm``/``tpm`` cap
+    requests/tokens per minute; ``adaptive`` (default on) slows down on 429 answers and speeds
+    back up, settling under the server's limit when none is configured.
     """
 
     def __init__(
@@ -46,6 +50,11 @@ class Client:
         concurrency: int = 16,
         timeout: float = 120.0,
         max_attempts: int = 5,
+        deadline: float = 900.0,
+        backoff: float = 0.5,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        adaptive: bool = True,
         cache: str | CacheMode = CacheMode.USE,
         cache_dir: str | None = None,
         progress: bool = True,
@@ -64,7 +73,8 @@ class Client:
             self.provider,
             concurrency=concurrency,
             timeout=timeout,
-            retry=RetryPolicy(max_attempts=max_attempts),
+            retry=RetryPolicy(max_attempts=max_attempts, deadline=deadline, backoff_base=backoff),
+            limiter=RateLimiter(rpm=rpm, tpm=tpm, adaptive=adaptive),
         )
         self._cache_dir = cache_dir
         self._cache: ResponseCache | None = None
@@ -161,8 +171,6 @@ class _Run:
         self.done_rows: dict[str, int] = {}  # key -> a row already answered in this call
         self.futures: dict[str, Any] = {}
         self.finished: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.to_store: list[tuple[str, str, bytes]] = []
-        self.last_flush = time.monotonic()
         self.window = max(64, client.executor.concurrency * 4)
 
     def execute(self, rows: Iterable[Row]) -> list[dict[str, Any] | None]:
@@ -214,15 +222,24 @@ class _Run:
         self._collect(block=False)
 
     def _collect(self, block: bool) -> None:
-        """Handle finished requests: one (waiting if asked), then whatever else is done."""
+        """Handle finished requests (waiting for one if asked): answers are stored in the cache
+        in one transaction as soon as they arrive, so a crash right after loses none of them."""
+        try:
+            done = [self.finished.get(block=block)]
+        except queue.Empty:
+            return
         while True:
             try:
-                key, future = self.finished.get(block=block)
+                done.append(self.finished.get_nowait())
             except queue.Empty:
-                return
-            block = False
+                break
+        outcomes = [(key, future.result()) for key, future in done]
+        for key, _ in done:
             del self.futures[key]
-            self._handle(key, future.result())
+        if self.cache is not None:
+            self.cache.set_many((k, self.model, o.raw) for k, o in outcomes if o.raw is not None)
+        for key, outcome in outcomes:
+            self._handle(key, outcome)
 
     def _handle(self, key: str, outcome: Outcome) -> None:
         if outcome.failure is not None and outcome.failure.fatal is not None:
@@ -230,12 +247,8 @@ class _Run:
         if outcome.response is None:
             assert outcome.error is not None
             self._answer(key, failed(outcome.error, attempts=outcome.attempts, latency_ms=outcome.latency_ms))
-            return
-        if self.cache is not None and outcome.raw is not None:
-            self.to_store.append((key, self.model, outcome.raw))
-            if len(self.to_store) >= _FLUSH_EVERY or time.monotonic() - self.last_flush > _FLUSH_SECONDS:
-                self._flush()
-        self._answer(key, self._decode(outcome.response, outcome.raw, False, outcome.attempts, outcome.latency_ms))
+        else:
+            self._answer(key, self._decode(outcome.response, outcome.raw, False, outcome.attempts, outcome.latency_ms))
 
     def _decode(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float) -> dict[str, Any]:
         record = decode(response, cached=cached, attempts=attempts, latency_ms=latency_ms, image_dir=self.image_dir)
@@ -253,18 +266,11 @@ class _Run:
         self.records[row] = record
         self.progress.advance(record)
 
-    def _flush(self) -> None:
-        if self.to_store and self.cache is not None:
-            self.cache.set_many(self.to_store)
-        self.to_store = []
-        self.last_flush = time.monotonic()
-
     def finish(self) -> None:
         """Cancel what is still in flight (after an error or Ctrl-C) and keep what was answered."""
         for future in self.futures.values():
             future.cancel()
         self.futures.clear()
-        self._flush()
         if self.progress.owned:
             self.progress.close()
 

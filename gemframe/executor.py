@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import json
+import logging
 import os
 import random
 import threading
@@ -24,7 +25,10 @@ from typing import Any
 import httpx
 
 from .errors import RowError
+from .limits import RateLimiter, estimate_tokens
 from .providers import Failure, Provider
+
+logger = logging.getLogger("gemframe")
 
 _loop_lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -42,6 +46,14 @@ def background_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(body)
+    except ValueError:  # truncated, HTML, empty...
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
 @dataclass
 class Outcome:
     """The end of one request after all its attempts."""
@@ -56,12 +68,13 @@ class Outcome:
 
 @dataclass
 class RetryPolicy:
-    """How hard to try: attempts per row, back-off base and cap (seconds), overall deadline."""
+    """How hard to try: attempts per row, back-off base and cap, and a per-row deadline (seconds)."""
 
     max_attempts: int = 5
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     max_retry_after: float = 300.0
+    deadline: float = 900.0  # seconds from a row's first attempt after which it stops retrying
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         """Full-jitter exponential back-off, or the server's own wait (plus a little jitter)."""
@@ -88,6 +101,7 @@ class Executor:
         concurrency: int = 16,
         timeout: float = 120.0,
         retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -95,6 +109,7 @@ class Executor:
         self.concurrency = concurrency
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.limiter = limiter or RateLimiter()
         self._http: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inflight: dict[str, _Shared] = {}
@@ -138,38 +153,47 @@ class Executor:
         client = self._client()
         assert self._slots is not None
         start = time.perf_counter()
+        estimate = estimate_tokens(content)
         failure: Failure | None = None
         error: RowError | None = None
         attempt = 0
-        while attempt < self.retry.max_attempts:
+        while True:
             attempt += 1
             retry_after: float | None = None
+            await self.limiter.acquire(estimate)
+            sent = time.monotonic()
             async with self._slots:
                 try:
                     response = await client.post(url, content=content)
                     body = await response.aread()
                 except httpx.TransportError as exc:
-                    error = self._transport_error(exc)
-                    response = None
-            if response is not None:
-                if response.status_code == 200:
-                    try:
-                        parsed = json.loads(body)
-                    except ValueError:
-                        error = RowError(200, "MALFORMED_RESPONSE", f"answer is not JSON: {body[:80]!r}")
-                    else:
-                        latency = (time.perf_counter() - start) * 1000
-                        return Outcome(parsed, body, None, None, attempt, latency)
-                else:
-                    failure = self.provider.failure(response)
-                    error = RowError(failure.code, failure.status, failure.message)
-                    if failure.fatal or not failure.retryable:
-                        break
-                    retry_after = failure.retry_after
-            if attempt < self.retry.max_attempts:
-                await asyncio.sleep(self.retry.delay(attempt, retry_after))
-        latency = (time.perf_counter() - start) * 1000
-        return Outcome(None, None, error, failure, attempt, latency)
+                    error, response = self._transport_error(exc), None
+            if response is None:
+                pass
+            elif response.status_code == 200:
+                parsed = _json_object(body)
+                if parsed is not None:
+                    usage = parsed.get("usageMetadata") or {}
+                    self.limiter.on_answer(sent, estimate, usage.get("totalTokenCount"))
+                    return Outcome(parsed, body, None, None, attempt, (time.perf_counter() - start) * 1000)
+                error = RowError(200, "MALFORMED_RESPONSE", f"answer is not a JSON object: {body[:80]!r}")
+            else:
+                failure = self.provider.failure(response)
+                error = RowError(failure.code, failure.status, failure.message)
+                if failure.fatal or not failure.retryable:
+                    break
+                if response.status_code == 429:
+                    self.limiter.on_throttle(sent)
+                retry_after = failure.retry_after
+            if attempt >= self.retry.max_attempts:
+                break
+            delay = self.retry.delay(attempt, retry_after)
+            if time.perf_counter() - start + delay > self.retry.deadline:
+                error = RowError(error.code, error.status, f"{error.message} (gave up: retry deadline {self.retry.deadline:g}s)")
+                break
+            logger.debug("retrying %s after %s %s (attempt %d/%d) in %.2fs", url, error.code or "", error.status, attempt, self.retry.max_attempts, delay)
+            await asyncio.sleep(delay)
+        return Outcome(None, None, error, failure, attempt, (time.perf_counter() - start) * 1000)
 
     def _transport_error(self, exc: httpx.TransportError) -> RowError:
         # httpx-aiohttp reports a refused connection as ConnectTimeout: look at the cause.

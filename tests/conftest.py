@@ -116,3 +116,19 @@ def served_emulator():
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def fault_server():
+    """``fault_server(**knobs)`` starts a misbehaving server on a free loopback port."""
+    from .fault_server import FaultServer
+
+    servers = []
+
+    def start(**knobs):
+        servers.append(FaultServer(**knobs).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
