@@ -123,3 +123,9 @@ class ResponseCache:
 
     def close(self) -> None:
         self._store.close()
+
+    def __enter__(self) -> ResponseCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

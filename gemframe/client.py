@@ -24,6 +24,7 @@ from .response import decode, failed
 Row = dict[str, Any] | RowError | None
 
 _LOOKUP_BATCH = 1024  # rows per batched cache lookup
+INLINE_LIMIT = 20 * 2**20  # the API's limit on one request's inline data, in bytes
 
 
 class Client:
@@ -170,12 +171,14 @@ class _Run:
         self.waiting: dict[str, list[int]] = {}  # key -> rows waiting for its answer
         self.done_rows: dict[str, int] = {}  # key -> a row already answered in this call
         self.futures: dict[str, Any] = {}
+        self.unstored: list[tuple[str, str, bytes]] = []  # answers not yet in the cache
         self.finished: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.window = max(64, client.executor.concurrency * 4)
 
     def execute(self, rows: Iterable[Row]) -> list[dict[str, Any] | None]:
         if self.mode is not CacheMode.READ:
             self.provider.check_key()
+        self.client.executor.tripped = None  # each call tries again (the key may be fixed)
         iterator = iter(rows)
         while batch := list(islice(iterator, _LOOKUP_BATCH)):
             self._admit(batch)
@@ -214,6 +217,13 @@ class _Run:
                 )))
                 continue
             content = json.dumps(self.provider.wrap(body), separators=(",", ":")).encode()
+            if len(content) > INLINE_LIMIT:
+                self._answer(key, failed(RowError(
+                    None, "INVALID_INPUT",
+                    f"row {self.waiting[key][0]}: the request is {len(content) / 2**20:.1f} MB; the API takes "
+                    f"about {INLINE_LIMIT // 2**20} MB inline per request: send smaller or fewer images",
+                )))
+                continue
             future = self.client.executor.submit(key, self.url, content)
             self.futures[key] = future
             future.add_done_callback(lambda f, key=key: self.finished.put((key, f)))
@@ -237,7 +247,9 @@ class _Run:
         for key, _ in done:
             del self.futures[key]
         if self.cache is not None:
-            self.cache.set_many((k, self.model, o.raw) for k, o in outcomes if o.raw is not None)
+            self.unstored = [(k, self.model, o.raw) for k, o in outcomes if o.raw is not None]
+            self.cache.set_many(self.unstored)
+            self.unstored = []
         for key, outcome in outcomes:
             self._handle(key, outcome)
 
@@ -271,6 +283,8 @@ class _Run:
         for future in self.futures.values():
             future.cancel()
         self.futures.clear()
+        if self.unstored and self.cache is not None:  # a Ctrl-C hit the cache write: redo it
+            self.cache.set_many(self.unstored)
         if self.progress.owned:
             self.progress.close()
 

@@ -110,6 +110,7 @@ class Executor:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.limiter = limiter or RateLimiter()
+        self.tripped: Failure | None = None  # a whole-run failure: stops all sending until reset
         self._http: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inflight: dict[str, _Shared] = {}
@@ -161,8 +162,10 @@ class Executor:
             attempt += 1
             retry_after: float | None = None
             await self.limiter.acquire(estimate)
-            sent = time.monotonic()
             async with self._slots:
+                if self.tripped is not None:  # the API refused the run: send nothing more
+                    return Outcome(None, None, error, self.tripped, attempt - 1, 0.0)
+                sent = time.monotonic()
                 try:
                     response = await client.post(url, content=content)
                     body = await response.aread()
@@ -180,7 +183,10 @@ class Executor:
             else:
                 failure = self.provider.failure(response)
                 error = RowError(failure.code, failure.status, failure.message)
-                if failure.fatal or not failure.retryable:
+                if failure.fatal:
+                    self.tripped = failure
+                    break
+                if not failure.retryable:
                     break
                 if response.status_code == 429:
                     self.limiter.on_throttle(sent)

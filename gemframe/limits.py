@@ -58,10 +58,10 @@ class AdaptiveRate:
         self,
         decrease: float = 0.85,
         increase: float = 0.03,
-        acceleration: float = 0.005,
-        threshold: float = 0.05,
+        acceleration: float = 0.002,
+        threshold: float = 0.03,
         min_answers: int = 10,
-        window: float = 2.0,
+        window: float = 1.0,
         min_rate: float = 0.2,
     ) -> None:
         self.decrease = decrease  # new rate = decrease x accepted rate
@@ -134,8 +134,8 @@ class RateLimiter:
     def __init__(self, rpm: float | None = None, tpm: float | None = None, adaptive: bool = True) -> None:
         if (rpm is not None and rpm <= 0) or (tpm is not None and tpm <= 0):
             raise ValueError("rpm and tpm must be positive")
-        self.requests = TokenBucket(rpm / 60.0, max(1.0, rpm / 60.0)) if rpm else None
-        self.tokens = TokenBucket(tpm / 60.0, tpm) if tpm else None
+        self.requests = TokenBucket(rpm / 60.0, 1.0) if rpm else None  # evenly paced, no bursts
+        self.tokens = TokenBucket(tpm / 60.0, tpm / 6.0) if tpm else None  # bursts of 10 s worth
         self.adaptive = AdaptiveRate() if adaptive else None
 
     async def acquire(self, estimated_tokens: int) -> None:

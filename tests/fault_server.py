@@ -27,6 +27,7 @@ class Stats:
     statuses: Counter = field(default_factory=Counter)  # status (or fault name) -> count
     in_flight: int = 0
     max_in_flight: int = 0
+    times: list = field(default_factory=list)  # arrival time of every request
     first_success: float | None = None
     last_success: float | None = None
 
@@ -136,6 +137,7 @@ class FaultServer:
         digest = hashlib.sha256(body).hexdigest()
         stats = self.stats
         stats.attempts[digest] += 1
+        stats.times.append(time.monotonic())
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
