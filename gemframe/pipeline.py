@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from .client import Client
-from .errors import InputError
+from .errors import APIError, InputError
 from .expr import default_client, generate
 from .payload import RequestBuilder
 from .progress import Progress
@@ -156,6 +156,12 @@ def run(
         writer.close()
         writer = None
         os.replace(partial, output)
+    except APIError as exc:  # say what was saved, so nobody fears a rerun
+        raise type(exc)(
+            f"{exc}\n{bar.rows} of {source.metadata.num_rows} rows were answered before this "
+            f"({bar.cached} from the cache); every answer is cached, so rerunning the same command "
+            "after the fix resends none of them. No output file was written."
+        ) from exc
     finally:
         bar.close()
         if writer is not None:

@@ -49,7 +49,7 @@ def test_missing_column_fails_before_sending(client, emulator, sample_input, tmp
 def test_fatal_error_leaves_no_output(cache_dir, sample_input, tmp_path):
     guarded = Emulator(api_key="right")
     with gf.Client("emulator", app=guarded, api_key="wrong", cache_dir=str(cache_dir), progress=False) as c:
-        with pytest.raises(gf.AuthenticationError):
+        with pytest.raises(gf.AuthenticationError, match="rerunning the same command"):
             run(str(sample_input), str(tmp_path / "o.parquet"), client=c, progress=False)
     assert not (tmp_path / "o.parquet").exists()
 
