@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--image-dir", metavar="DIR", help="write generated images here and store their paths")
     run.add_argument("--batch-rows", type=int, default=10_000, metavar="N", help="rows per batch read/written (default: 10000)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--batch", action="store_true", help="use the provider's Batch Mode (half price, answered within a day); "
+                     "jobs are recorded in OUT.parquet.batch.json, so running the command again resumes them")
+    run.add_argument("--poll-interval", type=float, default=30.0, metavar="S", help="seconds between batch polls (default: 30)")
 
     emulator = commands.add_parser("emulator", help="serve the offline Gemini emulator over HTTP")
     emulator.add_argument("--host", default="127.0.0.1")
@@ -90,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             args.input, args.output, prompt=args.prompt, images=args.images, system=args.system,
             model=args.model, config=args.config, safety=args.safety, client=client,
             image_dir=args.image_dir, batch_rows=args.batch_rows, progress=not args.no_progress,
+            mode="batch" if args.batch else "live", poll_interval=args.poll_interval,
         )
     finally:
         client.close()

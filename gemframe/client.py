@@ -118,8 +118,17 @@ class Client:
         progress: bool | Progress | None = None,
         image_dir: str | None = None,
         raw: bool = False,
+        mode: str = "live",
+        batch_state: str | None = None,
+        poll_interval: float = 30.0,
+        wait: bool = True,
     ) -> list[dict[str, Any] | None]:
         """Reply records for request bodies, in order; None for rows with nothing to send.
+
+        ``mode="batch"`` sends the misses as provider batch jobs (half price, answered within a
+        day) recorded in ``batch_state`` (default: a file in the cache directory named by the
+        requests), polling every ``poll_interval`` seconds; ``wait=False`` submits and returns,
+        with ``BATCH_PENDING`` row errors until a later call collects the answers.
 
         Raises `APIError` when the API refuses the whole run (answers already received are in
         the cache by then); every other problem becomes that row's ``error``. ``progress`` may
@@ -138,6 +147,10 @@ class Client:
             raw,
             progress,
         )
+        if mode == "batch":
+            run.batch_options = (batch_state, poll_interval, wait)
+        elif mode != "live":
+            raise ValueError(f"mode must be 'live' or 'batch', not {mode!r}")
         try:
             return run.execute(rows)
         finally:
@@ -171,6 +184,8 @@ class _Run:
         self.waiting: dict[str, list[int]] = {}  # key -> rows waiting for its answer
         self.done_rows: dict[str, int] = {}  # key -> a row already answered in this call
         self.futures: dict[str, Any] = {}
+        self.batch_options: tuple[str | None, float, bool] | None = None  # set in batch mode
+        self.batch_bodies: dict[str, bytes] = {}  # batch mode: the misses' request JSON
         self.unstored: list[tuple[str, str, bytes]] = []  # answers not yet in the cache
         self.finished: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.window = max(64, client.executor.concurrency * 4)
@@ -184,7 +199,22 @@ class _Run:
             self._admit(batch)
         while self.futures:
             self._collect(block=True)
+        if self.batch_bodies:
+            self._resolve_batch()
         return self.records
+
+    def _resolve_batch(self) -> None:
+        from .batch import BatchJobs, default_state_path
+
+        path, poll_interval, wait = self.batch_options
+        every_key = [*self.done_rows, *self.batch_bodies]  # the whole call, hits included
+        path = path or default_state_path(self.client.cache.directory, self.model, every_key)
+        jobs = BatchJobs(self.client, self.model, path, poll_interval, self.progress)
+        for key, answer in jobs.resolve(self.batch_bodies, wait).items():
+            if isinstance(answer, RowError):
+                self._answer(key, failed(answer))
+            else:
+                self._answer(key, self._decode(json.loads(answer), answer, False, 1, None))
 
     def _admit(self, batch: list[Row]) -> None:
         """Give cached answers to a batch of rows and send its misses."""
@@ -223,6 +253,9 @@ class _Run:
                     f"row {self.waiting[key][0]}: the request is {len(content) / 2**20:.1f} MB; the API takes "
                     f"about {INLINE_LIMIT // 2**20} MB inline per request: send smaller or fewer images",
                 )))
+                continue
+            if self.batch_options is not None:
+                self.batch_bodies[key] = content
                 continue
             future = self.client.executor.submit(key, self.url, content)
             self.futures[key] = future

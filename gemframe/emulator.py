@@ -21,6 +21,11 @@ Routes
     ``Authorization: Bearer``. Slugs must start with ``gemini`` (else 404). Needs
     ``Content-Type: application/json`` (else 406). Errors are plain ``{"error": "<message>"}``;
     successes are the same body as the Google route.
+``POST /v1beta/models/{model}:batchGenerateContent``, ``GET /v1beta/batches/{id}``,
+``POST /v1beta/batches/{id}:cancel``, ``GET /v1beta/batches``
+    Batch Mode with inlined requests, as long-running operations (see ``_emulator_batch``).
+    Knobs: ``batch_polls`` (polls until done), ``batch_outcome`` (final state),
+    ``batch_fail_every`` (every k-th request gets a per-request error).
 ``GET /emulator/stats`` / ``POST /emulator/reset``
     Stats as ``{"requests", "distinct_bodies", "max_in_flight", "in_flight"}`` / reset them.
 
@@ -138,6 +143,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import _emulator_render as render
+from ._emulator_batch import BatchError, BatchStore
 
 __all__ = ["Emulator", "Stats", "serve"]
 
@@ -1106,6 +1112,9 @@ class Emulator:
         fail_first: int = 0,
         fail_status: int = 503,
         retry_after: float | None = None,
+        batch_polls: int = 2,
+        batch_outcome: str = "BATCH_STATE_SUCCEEDED",
+        batch_fail_every: int = 0,
     ) -> None:
         self.latency = latency
         self.jitter = jitter
@@ -1115,8 +1124,12 @@ class Emulator:
         self.fail_status = fail_status
         self.retry_after = retry_after
         self.stats = Stats()
+        self.batches = BatchStore(self._answer_batched)
+        self.batches.polls, self.batches.outcome, self.batches.fail_every = batch_polls, batch_outcome, batch_fail_every
         self._app = Starlette(routes=[
             Route("/v1beta/models/{model_action:path}", self._google, methods=["POST"]),
+            Route("/v1beta/batches", self._batch_list, methods=["GET"]),
+            Route("/v1beta/batches/{batch_action:path}", self._batch, methods=["GET", "POST"]),
             Route("/v1/{slug}", self._segmind, methods=["POST"]),
             Route("/emulator/stats", self._stats, methods=["GET"]),
             Route("/emulator/reset", self._reset, methods=["POST"]),
@@ -1144,7 +1157,43 @@ class Emulator:
             details = [{"modality": m, "tokenCount": n} for m, n in counts.items()]
             total = sum(counts.values())
             return _json_response({"totalTokens": total, "promptTokensDetails": details})
+        if action == "batchGenerateContent":
+            try:
+                body = self._admit_google(request, await request.body(), model, action)
+                return _json_response(self.batches.create(model, body))
+            except ErrorAnswer as err:
+                return _google_error(err)
+            except BatchError as err:
+                return _google_error(ErrorAnswer(err.code, err.message))
         return _google_error(ErrorAnswer(404, "Method not found."))
+
+    def _answer_batched(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One request of a batch job, answered as generateContent would answer it."""
+        digest = hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+        req = parse_generate(body)
+        check_signatures(req)
+        return build_reply(req, model, digest)
+
+    async def _batch(self, request: Request) -> Response:
+        name, _, action = request.path_params["batch_action"].partition(":")
+        try:
+            self._check_key(request)
+            if request.method == "GET" and not action:
+                return _json_response(self.batches.get(f"batches/{name}"))
+            if request.method == "POST" and action == "cancel":
+                return _json_response(self.batches.cancel(f"batches/{name}"))
+            raise BatchError(404, "Method not found.")
+        except ErrorAnswer as err:
+            return _google_error(err)
+        except BatchError as err:
+            return _google_error(ErrorAnswer(err.code, err.message))
+
+    async def _batch_list(self, request: Request) -> Response:
+        try:
+            self._check_key(request)
+        except ErrorAnswer as err:
+            return _google_error(err)
+        return _json_response(self.batches.list())
 
     async def _segmind(self, request: Request) -> Response:
         return await self._generate(request, request.path_params["slug"], segmind=True)
@@ -1193,12 +1242,7 @@ class Emulator:
         self, request: Request, raw: bytes, model: str, action: str
     ) -> dict[str, Any]:
         """Google's checks before the body: key, model, size; then the JSON object."""
-        if self.api_key is not None:
-            key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
-            if not key:
-                raise ErrorAnswer(403, UNREGISTERED_CALLER)
-            if key != self.api_key:
-                raise ErrorAnswer(400, INVALID_KEY, INVALID_KEY_DETAILS)
+        self._check_key(request)
         if not model.startswith(("gemini", "emulator")):
             raise ErrorAnswer(404, (
                 f"models/{model} is not found for API version v1beta, or is not supported for "
@@ -1208,6 +1252,14 @@ class Emulator:
         if len(raw) > MAX_BODY_BYTES:
             raise _invalid(f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
         return load_body(raw)
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is not None:
+            key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
+            if not key:
+                raise ErrorAnswer(403, UNREGISTERED_CALLER)
+            if key != self.api_key:
+                raise ErrorAnswer(400, INVALID_KEY, INVALID_KEY_DETAILS)
 
     def _admit_segmind(self, request: Request, raw: bytes, slug: str) -> dict[str, Any]:
         """Segmind's gateway checks: key, slug, content type; then unwrap ``messages``."""

@@ -26,7 +26,7 @@ import httpx
 
 from .errors import RowError
 from .limits import RateLimiter, estimate_tokens
-from .providers import Failure, Provider
+from .providers import RETRYABLE_STATUS, Failure, Provider
 
 logger = logging.getLogger("gemframe")
 
@@ -122,10 +122,13 @@ class Executor:
 
     def submit(self, key: str, url: str, content: bytes) -> concurrent.futures.Future[Outcome]:
         """Send one request from any thread; identical keys in flight share one request."""
+        return asyncio.run_coroutine_threadsafe(self._shared(key, url, content), self._use_loop())
+
+    def _use_loop(self) -> asyncio.AbstractEventLoop:
         loop = background_loop()
         if loop is not self._loop:  # first use, or a fork made a new loop
             self._loop, self._http, self._slots, self._inflight = loop, None, None, {}
-        return asyncio.run_coroutine_threadsafe(self._shared(key, url, content), loop)
+        return loop
 
     async def _shared(self, key: str, url: str, content: bytes) -> Outcome:
         shared = self._inflight.get(key)
@@ -200,6 +203,26 @@ class Executor:
             logger.debug("retrying %s after %s %s (attempt %d/%d) in %.2fs", url, error.code or "", error.status, attempt, self.retry.max_attempts, delay)
             await asyncio.sleep(delay)
         return Outcome(None, None, error, failure, attempt, (time.perf_counter() - start) * 1000)
+
+    def call(self, method: str, url: str, content: bytes | None = None) -> concurrent.futures.Future[httpx.Response]:
+        """One control call (batch create/poll) from any thread, retried on transient failures;
+        the future holds the last response, fully read."""
+        return asyncio.run_coroutine_threadsafe(self._call(method, url, content), self._use_loop())
+
+    async def _call(self, method: str, url: str, content: bytes | None) -> httpx.Response:
+        client = self._client()
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                response = await client.request(method, url, content=content)
+                await response.aread()
+            except httpx.TransportError:
+                if attempt == self.retry.max_attempts:
+                    raise
+            else:
+                if response.status_code not in RETRYABLE_STATUS or attempt == self.retry.max_attempts:
+                    return response
+            await asyncio.sleep(self.retry.delay(attempt, None))
+        raise AssertionError("unreachable")
 
     def _transport_error(self, exc: httpx.TransportError) -> RowError:
         # httpx-aiohttp reports a refused connection as ConnectTimeout: look at the cause.

@@ -161,6 +161,10 @@ def generate(
     progress: bool | Progress | None = None,
     image_dir: str | None = None,
     raw: bool = False,
+    mode: str = "live",
+    batch_state: str | None = None,
+    poll_interval: float = 30.0,
+    wait: bool = True,
 ) -> pl.Expr:
     """Ask Gemini once per row; returns the reply struct column (named ``reply``).
 
@@ -173,6 +177,10 @@ def generate(
     ``PARSE_ERROR`` row error. A row with a null prompt and no images gets a null reply and
     sends nothing. ``image_dir`` writes generated images there (named by content hash) and
     returns their paths. ``sample`` picks a distinct cached answer for the same request.
+    ``mode="batch"`` sends the misses through the provider's Batch Mode (half price, answered
+    within a day) and waits, polling every ``poll_interval`` seconds; stopped and run again, it
+    picks up the same jobs (recorded in ``batch_state``, by default in the cache directory);
+    ``wait=False`` submits and returns at once, rows not yet answered being ``BATCH_PENDING``.
     """
     builder = RequestBuilder(system, config, safety, response_schema)  # bad config fails here
     schema = builder.schema
@@ -185,6 +193,7 @@ def generate(
             _rows(builder, prompts, image_list, histories),
             total=total, model=model, cache=cache, sample=sample,
             progress=progress, image_dir=image_dir, raw=raw,
+            mode=mode, batch_state=batch_state, poll_interval=poll_interval, wait=wait,
         )
         if schema is not None:
             records = _with_parsed(records, schema)

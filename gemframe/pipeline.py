@@ -19,6 +19,7 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
+from .batch import BatchJobs
 from .client import Client
 from .errors import APIError, InputError
 from .expr import default_client, generate
@@ -93,9 +94,13 @@ def run(
     image_dir: str | None = None,
     batch_rows: int = 10_000,
     progress: bool = True,
+    mode: str = "live",
+    poll_interval: float = 30.0,
 ) -> dict[str, Any]:
     """Answer every row of ``input`` and write ``output`` (input columns + reply fields).
 
+    ``mode="batch"`` submits every miss as provider batch jobs (recorded in
+    ``OUT.batch.json``, so a rerun resumes them), waits for all of them, then writes the output.
     Returns the run manifest, which is also stored in the output's metadata.
     """
     client = client or default_client()
@@ -114,10 +119,17 @@ def run(
     started = time.time()
     bar = Progress(source.metadata.num_rows, progress, model)
     tally = _Tally()
-    expr = generate(
-        prompt, images=images, system=system, model=model, config=config, safety=safety,
-        client=client, cache=cache, progress=bar, image_dir=image_dir,
-    )
+    batch: dict[str, Any] = {}
+    if mode == "batch":
+        batch = {"mode": "batch", "batch_state": f"{output}.batch.json", "poll_interval": poll_interval}
+    request = dict(prompt=prompt, images=images, system=system, model=model, config=config,
+                   safety=safety, client=client, cache=cache, image_dir=image_dir, **batch)
+    expr = generate(**request, progress=bar)
+    if batch:  # submit the misses of every batch, wait once for all jobs, then write as usual
+        submit = generate(**request, progress=False, wait=False)
+        for record_batch in source.iter_batches(batch_size=batch_rows):
+            pl.from_arrow(record_batch).select(submit)
+        BatchJobs(client, model, batch["batch_state"], poll_interval, bar).resolve({}, wait=True)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     partial = f"{output}.partial"
     writer: pq.ParquetWriter | None = None

@@ -22,6 +22,7 @@ class Progress:
         self.tokens = 0
         self._bar = tqdm(total=total, desc=f"gemframe {model}", unit="row", dynamic_ncols=True) if enabled else None
         self._postfix_at = 0.0
+        self._status: dict[str, str] = {}
 
     def advance(self, record: dict[str, Any]) -> None:
         self.rows += 1
@@ -38,8 +39,14 @@ class Progress:
                 self._postfix_at = now
                 self._bar.set_postfix(self.postfix(), refresh=False)
 
-    def postfix(self) -> dict[str, int]:
-        return {"cached": self.cached, "errors": self.errors, "tokens": self.tokens}
+    def postfix(self) -> dict[str, Any]:
+        return {"cached": self.cached, "errors": self.errors, "tokens": self.tokens, **self._status}
+
+    def status(self, **fields: str) -> None:
+        """Extra postfix fields, e.g. a batch job's state."""
+        self._status.update(fields)
+        if self._bar is not None:
+            self._bar.set_postfix(self.postfix())
 
     def close(self) -> None:
         if self._bar is not None:

@@ -189,6 +189,17 @@ class GoogleAI(Provider):
             headers["x-goog-api-key"] = self._api_key
         return headers
 
+    def batch_url(self, model: str) -> str:
+        """Batch Mode: create a job of inlined requests."""
+        return f"{self.base_url}/v1beta/models/{model.removeprefix('models/')}:batchGenerateContent"
+
+    def operation_url(self, name: str) -> str:
+        """A batch job (``batches/...``) as a long-running operation."""
+        return f"{self.base_url}/v1beta/{name}"
+
+    def batches_url(self) -> str:
+        return f"{self.base_url}/v1beta/batches"
+
     def failure(self, response: httpx.Response) -> Failure:
         code = response.status_code
         data = _json_or_none(response.content)

@@ -1,0 +1,191 @@
+"""Batch Mode: the misses of a call go to the provider's batch API as one or more jobs (inlined
+requests, each job under the API's ~20 MB inline limit), answered asynchronously at half price.
+
+The jobs are recorded in a small JSON state file *before* they are submitted and after every
+change, so a run that is stopped — Ctrl-C, kill -9, a closed laptop — and started again polls the
+same jobs instead of submitting new ones: a row is never submitted twice. A job whose creation
+may or may not have reached the server is found again by its display name. Answers go into the
+cache as each job is collected, so batch and live runs share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, RowError
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .progress import Progress
+
+STATE_FORMAT = 1
+JOB_LIMIT_BYTES = 18 * 2**20  # stay under the API's 20 MB inline batch limit
+JOB_LIMIT_REQUESTS = 10_000
+FINAL_STATES = {"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"}
+
+
+@dataclass
+class Job:
+    """One submitted (or about to be submitted) batch job and what came of it."""
+
+    display_name: str
+    keys: list[str]
+    name: str | None = None  # batches/...; None until the create call answered
+    state: str = "UNSUBMITTED"
+    collected: bool = False
+    errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> RowError fields
+
+
+def _chunks(bodies: dict[str, bytes]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for key, content in bodies.items():
+        if chunk and (size + len(content) > JOB_LIMIT_BYTES or len(chunk) >= JOB_LIMIT_REQUESTS):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(key)
+        size += len(content)
+    if chunk:
+        yield chunk
+
+
+class BatchJobs:
+    """The batch jobs of one state file, for one provider and model."""
+
+    def __init__(self, client: Client, model: str, state_path: str, poll_interval: float, progress: Progress) -> None:
+        provider = client.provider
+        if not hasattr(provider, "batch_url"):
+            raise ConfigError(f"batch mode needs the Google or emulator provider, not {provider.name!r}")
+        self.client = client
+        self.provider = provider
+        self.model = model
+        self.path = state_path
+        self.poll_interval = poll_interval
+        self.progress = progress
+        self.jobs = self._load()
+
+    # -- the state file ---------------------------------------------------------------------
+    def _load(self) -> list[Job]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            state = json.load(f)
+        if (state.get("provider"), state.get("model")) != (self.provider.name, self.model):
+            raise ConfigError(
+                f"{self.path} holds batch jobs for {state.get('provider')}/{state.get('model')}, "
+                f"not {self.provider.name}/{self.model}; pass another state path or delete it"
+            )
+        return [Job(**job) for job in state["jobs"]]
+
+    def _save(self) -> None:
+        state = {"format": STATE_FORMAT, "provider": self.provider.name, "model": self.model,
+                 "jobs": [asdict(job) for job in self.jobs]}
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self.path)
+
+    # -- the work ----------------------------------------------------------------------------
+    def resolve(self, bodies: dict[str, bytes], wait: bool) -> dict[str, bytes | RowError]:
+        """Answers (raw response bytes) or row errors for the keys of ``bodies`` (request JSON)."""
+        covered = {k for job in self.jobs if not job.collected for k in job.keys}
+        covered |= {k for job in self.jobs for k in job.errors}
+        new = {k: v for k, v in bodies.items() if k not in covered}
+        for keys in _chunks(new):
+            digest = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
+            self.jobs.append(Job(display_name=f"gemframe-{digest}", keys=keys))
+            self._save()  # recorded before it is sent: a crash now cannot submit it twice
+        contents = {k: v for k, v in bodies.items()}
+        self._submit_unsubmitted(contents)
+        self._poll(wait)
+        answers: dict[str, bytes | RowError] = {}
+        found = self.client.cache.get_many(bodies) if self.client.cache_mode.value != "off" else {}
+        pending = {k: job for job in self.jobs if not job.collected for k in job.keys}
+        errors = {k: e for job in self.jobs for k, e in job.errors.items()}
+        for key in bodies:
+            if key in errors:
+                answers[key] = RowError(**errors[key])
+            elif key in found:
+                answers[key] = found[key]
+            elif key in pending:
+                job = pending[key]
+                answers[key] = RowError(None, "BATCH_PENDING", f"batch job {job.name} is {job.state}; run again to collect it (state: {self.path})")
+            else:
+                answers[key] = RowError(None, "BATCH_LOST", "answered by a batch job but no longer in the cache; delete the state file to resubmit")
+        return answers
+
+    def _submit_unsubmitted(self, contents: dict[str, bytes]) -> None:
+        todo = [job for job in self.jobs if job.name is None]
+        if not todo:
+            return
+        existing = {op.get("metadata", {}).get("displayName"): op.get("name") for op in self._call("GET", self.provider.batches_url()).get("operations", [])}
+        for job in todo:
+            if job.display_name in existing:  # created before a crash: adopt it
+                job.name = existing[job.display_name]
+            else:
+                missing = [k for k in job.keys if k not in contents]
+                if missing:
+                    raise ConfigError(f"{self.path}: an unsubmitted job lists rows this call does not have; delete the state file")
+                requests = b",".join(b'{"request":' + contents[k] + b',"metadata":{"key":"' + k.encode() + b'"}}' for k in job.keys)
+                body = b'{"batch":{"display_name":"' + job.display_name.encode() + b'","input_config":{"requests":{"requests":[' + requests + b"]}}}}"
+                job.name = self._call("POST", self.provider.batch_url(self.model), body)["name"]
+            job.state = "BATCH_STATE_PENDING"
+            self._save()
+
+    def _poll(self, wait: bool) -> None:
+        while True:
+            for job in self.jobs:
+                if job.collected or job.name is None:
+                    continue
+                operation = self._call("GET", self.provider.operation_url(job.name))
+                job.state = operation.get("metadata", {}).get("state", job.state)
+                if operation.get("done") or job.state in FINAL_STATES:
+                    self._collect(job, operation)
+                self._save()
+            open_jobs = [job for job in self.jobs if not job.collected]
+            self.progress.status(batch=", ".join(sorted({j.state.removeprefix("BATCH_STATE_").lower() for j in open_jobs})) or "done", jobs=f"{len(self.jobs) - len(open_jobs)}/{len(self.jobs)}")
+            if not open_jobs or not wait:
+                return
+            time.sleep(self.poll_interval)
+
+    def _collect(self, job: Job, operation: dict[str, Any]) -> None:
+        """Write a finished job's answers to the cache; remember its per-row errors."""
+        if job.state == "BATCH_STATE_SUCCEEDED":
+            output = (operation.get("response") or {}).get("inlinedResponses") or {}
+            items = output.get("inlinedResponses", []) if isinstance(output, dict) else output
+            by_key = {(i.get("metadata") or {}).get("key"): i for i in items}
+            entries = []
+            for position, key in enumerate(job.keys):
+                item = by_key.get(key) or (items[position] if position < len(items) else {})
+                if "response" in item:
+                    entries.append((key, self.model, json.dumps(item["response"], separators=(",", ":")).encode()))
+                else:
+                    error = item.get("error") or {"message": "missing from the job's results"}
+                    job.errors[key] = asdict(RowError(error.get("code"), error.get("status") or "BATCH_ERROR", error.get("message", "")))
+            if self.client.cache_mode.value != "off":
+                self.client.cache.set_many(entries)
+        else:
+            message = (operation.get("error") or {}).get("message") or f"batch job ended in {job.state}"
+            status = job.state.removeprefix("BATCH_STATE_")
+            job.errors = {key: asdict(RowError(None, f"BATCH_{status}", message)) for key in job.keys}
+        job.collected = True
+
+    def _call(self, method: str, url: str, content: bytes | None = None) -> dict[str, Any]:
+        response = self.client.executor.call(method, url, content).result()
+        if response.status_code != 200:
+            raise self.provider.failure(response).as_api_error()
+        return response.json()
+
+
+def default_state_path(cache_dir: str, model: str, keys: list[str]) -> str:
+    """Where an expression's batch state lives when none is given: in the cache directory,
+    named by the requests, so running the same cell again finds its jobs."""
+    digest = hashlib.sha256((model + "".join(sorted(keys))).encode()).hexdigest()[:24]
+    return os.path.join(cache_dir, "batches", f"{digest}.json")
