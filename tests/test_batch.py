@@ -99,7 +99,8 @@ def test_cli_batch_killed_mid_poll_resumes_without_resubmitting(served_emulator,
     env = {**os.environ, "GEMINI_API_KEY": "k"}
     job = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not any(j.polls >= 3 for j in server.emulator.batches.jobs.values()) and time.monotonic() < deadline:
+    jobs = server.emulator.batches.jobs
+    while not (sum(len(j.requests) for j in jobs.values()) == 200 and max(j.polls for j in jobs.values()) >= 6) and time.monotonic() < deadline:
         time.sleep(0.02)
     job.send_signal(signal.SIGKILL)  # killed while polling
     job.wait()
