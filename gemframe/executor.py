@@ -22,8 +22,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
+from ._http import AiohttpSession, HttpxSession, Reply, TransportFailure
 from .errors import RowError
 from .limits import RateLimiter, estimate_tokens
 from .providers import RETRYABLE_STATUS, Failure, Provider
@@ -111,7 +110,7 @@ class Executor:
         self.retry = retry or RetryPolicy()
         self.limiter = limiter or RateLimiter()
         self.tripped: Failure | None = None  # a whole-run failure: stops all sending until reset
-        self._http: httpx.AsyncClient | None = None
+        self._http: AiohttpSession | HttpxSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inflight: dict[str, _Shared] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,14 +142,15 @@ class Executor:
             if shared.waiters == 0 and not shared.task.done():  # everyone gave up: stop it
                 shared.task.cancel()
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> AiohttpSession | HttpxSession:
         if self._http is None:
             self._slots = asyncio.Semaphore(self.concurrency)
-            self._http = httpx.AsyncClient(
-                transport=self.provider.transport(self.concurrency),
-                headers=self.provider.headers(),
-                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 30.0)),
-            )
+            transport = self.provider.transport()
+            headers = self.provider.headers()
+            if transport is None:
+                self._http = AiohttpSession(headers, self.concurrency, self.timeout)
+            else:
+                self._http = HttpxSession(transport, headers, self.timeout)
         return self._http
 
     async def _send(self, url: str, content: bytes) -> Outcome:
@@ -170,13 +170,13 @@ class Executor:
                     return Outcome(None, None, error, self.tripped, attempt - 1, 0.0)
                 sent = time.monotonic()
                 try:
-                    response = await client.post(url, content=content)
-                    body = await response.aread()
-                except httpx.TransportError as exc:
-                    error, response = self._transport_error(exc), None
+                    response: Reply | None = await client.request("POST", url, content)
+                except TransportFailure as exc:
+                    error, response = RowError(None, exc.status, exc.message), None
             if response is None:
                 pass
             elif response.status_code == 200:
+                body = response.content
                 parsed = _json_object(body)
                 if parsed is not None:
                     usage = parsed.get("usageMetadata") or {}
@@ -204,18 +204,17 @@ class Executor:
             await asyncio.sleep(delay)
         return Outcome(None, None, error, failure, attempt, (time.perf_counter() - start) * 1000)
 
-    def call(self, method: str, url: str, content: bytes | None = None) -> concurrent.futures.Future[httpx.Response]:
+    def call(self, method: str, url: str, content: bytes | None = None) -> concurrent.futures.Future[Reply]:
         """One control call (batch create/poll) from any thread, retried on transient failures;
-        the future holds the last response, fully read."""
+        the future holds the last answer."""
         return asyncio.run_coroutine_threadsafe(self._call(method, url, content), self._use_loop())
 
-    async def _call(self, method: str, url: str, content: bytes | None) -> httpx.Response:
+    async def _call(self, method: str, url: str, content: bytes | None) -> Reply:
         client = self._client()
         for attempt in range(1, self.retry.max_attempts + 1):
             try:
-                response = await client.request(method, url, content=content)
-                await response.aread()
-            except httpx.TransportError:
+                response = await client.request(method, url, content)
+            except TransportFailure:
                 if attempt == self.retry.max_attempts:
                     raise
             else:
@@ -223,13 +222,6 @@ class Executor:
                     return response
             await asyncio.sleep(self.retry.delay(attempt, None))
         raise AssertionError("unreachable")
-
-    def _transport_error(self, exc: httpx.TransportError) -> RowError:
-        # httpx-aiohttp reports a refused connection as ConnectTimeout: look at the cause.
-        cause = exc.__cause__
-        if isinstance(cause, TimeoutError) or (cause is None and isinstance(exc, httpx.TimeoutException)):
-            return RowError(None, "TIMEOUT", f"no answer within {self.timeout:g}s")
-        return RowError(None, "CONNECTION_ERROR", f"{type(cause or exc).__name__}: {cause or exc}")
 
     def close(self) -> None:
         """Close the HTTP client (the executor reopens one if used again)."""

@@ -159,13 +159,14 @@ class Provider:
         """The body as this endpoint expects it (Google's format is sent unchanged)."""
         return body
 
-    def transport(self, max_connections: int) -> httpx.AsyncBaseTransport:
-        """The network seam: aiohttp's connection pool under httpx's API (see DESIGN.md)."""
-        from httpx_aiohttp import AiohttpTransport
+    def transport(self) -> httpx.AsyncBaseTransport | None:
+        """An httpx transport to answer in-process (the emulator, a test mock), or None for the
+        real network through aiohttp's connection pool."""
+        return None
 
-        return AiohttpTransport(limits=httpx.Limits(max_connections=max_connections))
-
-    def failure(self, response: httpx.Response) -> Failure:
+    def failure(self, response: Any) -> Failure:
+        """What a non-200 answer (an httpx.Response or anything with status_code, headers,
+        content) means."""
         raise NotImplementedError
 
     def _key_hint(self) -> str:
@@ -200,7 +201,7 @@ class GoogleAI(Provider):
     def batches_url(self) -> str:
         return f"{self.base_url}/v1beta/batches"
 
-    def failure(self, response: httpx.Response) -> Failure:
+    def failure(self, response: Any) -> Failure:
         code = response.status_code
         data = _json_or_none(response.content)
         error = data.get("error") if isinstance(data, dict) else None
@@ -246,9 +247,9 @@ class EmulatorProvider(GoogleAI):
         super().__init__(api_key, base_url)
         self.app = app
 
-    def transport(self, max_connections: int) -> httpx.AsyncBaseTransport:
+    def transport(self) -> httpx.AsyncBaseTransport | None:
         if self.base_url != self.default_base_url:  # an emulator served over TCP
-            return super().transport(max_connections)
+            return None
         if self.app is None:
             from .emulator import Emulator
 
@@ -305,7 +306,7 @@ class Segmind(Provider):
             messages = {"system_instruction": {"parts": parts[0]}, **messages}
         return {"messages": messages}
 
-    def failure(self, response: httpx.Response) -> Failure:
+    def failure(self, response: Any) -> Failure:
         code = response.status_code
         data = _json_or_none(response.content)
         error = data.get("error") if isinstance(data, dict) else None

@@ -1,0 +1,86 @@
+"""The two HTTP sessions under the executor, behind one tiny interface (`request` -> `Reply`).
+
+Real traffic goes straight to aiohttp's connection pool: measured here, httpx's request/response
+models cost ~3x raw aiohttp's CPU per request even over aiohttp's transport (bench/PROFILE.md).
+httpx stays the seam for everything that is not the network: the in-process emulator
+(``httpx.ASGITransport``) and test transports (``httpx.MockTransport``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import httpx
+
+
+@dataclass
+class Reply:
+    """A fully read HTTP answer (duck-types the parts of ``httpx.Response`` providers read)."""
+
+    status_code: int
+    headers: Mapping[str, str]  # case-insensitive
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class TransportFailure(Exception):
+    """No HTTP answer: ``status`` is ``TIMEOUT`` or ``CONNECTION_ERROR``."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class AiohttpSession:
+    """aiohttp's pool, sized to the concurrency; honours proxy environment variables."""
+
+    def __init__(self, headers: dict[str, str], max_connections: int, timeout: float) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections),
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 30.0)),
+            trust_env=True,
+        )
+        self._timeout = timeout
+
+    async def request(self, method: str, url: str, content: bytes | None = None) -> Reply:
+        try:
+            async with self._session.request(method, url, data=content) as response:
+                return Reply(response.status, response.headers, await response.read())
+        except asyncio.TimeoutError:
+            raise TransportFailure("TIMEOUT", f"no answer within {self._timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            raise TransportFailure("CONNECTION_ERROR", f"{type(exc).__name__}: {exc}") from None
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+class HttpxSession:
+    """An ``httpx.AsyncClient`` over a given transport (the emulator's ASGI app, a mock)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, headers: dict[str, str], timeout: float) -> None:
+        self._client = httpx.AsyncClient(
+            transport=transport, headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0))
+        )
+        self._timeout = timeout
+
+    async def request(self, method: str, url: str, content: bytes | None = None) -> Reply:
+        try:
+            response = await self._client.request(method, url, content=content)
+            return Reply(response.status_code, response.headers, await response.aread())
+        except httpx.TimeoutException:
+            raise TransportFailure("TIMEOUT", f"no answer within {self._timeout:g}s") from None
+        except httpx.TransportError as exc:
+            raise TransportFailure("CONNECTION_ERROR", f"{type(exc).__name__}: {exc}") from None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
