@@ -30,6 +30,10 @@ from .expr import generate, request, send
 from .payload import RequestBuilder, build_request, sniff_mime
 from .providers import DEFAULT_MODEL, EmulatorProvider, GoogleAI, Provider, Segmind
 from .response import REPLY_DTYPE, reply_dtype
+from .estimate import PRICES, Estimate, estimate
+from .manifest import manifest, read_manifest
+from .pipeline import run
+from .report import Report, report
 
 __version__ = "0.1.0"
 
@@ -41,6 +45,7 @@ __all__ = [
     "ConfigError",
     "DEFAULT_MODEL",
     "EmulatorProvider",
+    "Estimate",
     "GemframeError",
     "GoogleAI",
     "HISTORY_DTYPE",
@@ -48,8 +53,10 @@ __all__ = [
     "InsufficientCreditsError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PRICES",
     "Provider",
     "REPLY_DTYPE",
+    "Report",
     "RequestBuilder",
     "ResponseCache",
     "RowError",
@@ -57,9 +64,14 @@ __all__ = [
     "build_request",
     "cache_key",
     "default_cache_dir",
+    "estimate",
     "generate",
+    "manifest",
+    "read_manifest",
     "reply_dtype",
+    "report",
     "request",
+    "run",
     "save_images",
     "send",
     "show",

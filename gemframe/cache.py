@@ -5,6 +5,12 @@ Inline images enter the key by the digest of their data, so renaming a file stil
 editing it misses. Values are the raw response bytes behind a one-line JSON header carrying the
 entry format version, so later releases can read old caches. Only HTTP 200 answers are stored:
 a transient failure is never replayed.
+
+Management (``gemframe cache stats|clear|export|import``): `ResponseCache.stats` (entries, size,
+by model, oldest/newest), `ResponseCache.clear` (all, one model, or older than a date), and
+`ResponseCache.export` / `ResponseCache.import_` to a parquet file of (key, model, created,
+format, response) rows, so a team can share answers or archive an experiment's exact answers
+next to its results. Importing merges.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import date, datetime, timedelta, timezone
 from enum import Enum
 from functools import lru_cache
 from typing import Any
@@ -21,6 +29,8 @@ from typing import Any
 import diskcache
 
 ENTRY_FORMAT = 1
+EXPORT_COLUMNS = ("key", "model", "created", "format", "response")
+_EXPORT_BATCH = 1000  # rows per transaction / record batch when exporting or importing
 
 
 class CacheMode(str, Enum):
@@ -117,9 +127,139 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._store)
 
-    def clear(self) -> int:
-        """Remove every entry; returns how many were removed."""
-        return self._store.clear()
+    def contains_many(self, keys: Iterable[str]) -> set[str]:
+        """The keys that are stored, without reading their answers (one transaction)."""
+        with self._store.transact():
+            return {key for key in keys if key in self._store}
+
+    # -- management ---------------------------------------------------------------------------
+    # diskcache keeps each entry's tag (our model), store time and size in its SQLite table
+    # ``Cache``; reading those columns directly answers stats and filters without reading any
+    # answer. ``store_time`` is kept equal to the entry's ``created`` (imports set it).
+
+    def stats(self) -> dict[str, Any]:
+        """Entries, bytes on disk, and per model: entries, bytes, oldest and newest answer."""
+        rows = self._store._sql(
+            "SELECT tag, COUNT(*), SUM(size + COALESCE(LENGTH(value), 0)), MIN(store_time), "
+            "MAX(store_time) FROM Cache GROUP BY tag ORDER BY tag"
+        ).fetchall()
+        by_model = {
+            str(tag): {"entries": n, "bytes": int(size or 0), "oldest": _iso(lo), "newest": _iso(hi)}
+            for tag, n, size, lo, hi in rows
+        }
+        stamps = [(lo, hi) for *_, lo, hi in rows if lo is not None]
+        return {
+            "directory": self.directory,
+            "entries": sum(m["entries"] for m in by_model.values()),
+            "bytes_on_disk": self._store.volume(),
+            "oldest": _iso(min(lo for lo, _ in stamps)) if stamps else None,
+            "newest": _iso(max(hi for _, hi in stamps)) if stamps else None,
+            "by_model": by_model,
+        }
+
+    def _keys(self, model: str | None = None, before: Any = None, after: Any = None) -> list[str]:
+        where, args = ["raw = 1"], []
+        if model is not None:
+            where.append("tag = ?")
+            args.append(model)
+        if before is not None:
+            where.append("store_time < ?")
+            args.append(parse_when(before))
+        if after is not None:
+            where.append("store_time >= ?")
+            args.append(parse_when(after))
+        query = f"SELECT key FROM Cache WHERE {' AND '.join(where)} ORDER BY rowid"
+        return [key for (key,) in self._store._sql(query, args).fetchall()]
+
+    def clear(self, *, model: str | None = None, before: Any = None) -> int:
+        """Remove entries: every one, or those of one ``model`` and/or answered ``before`` a
+        time (a datetime, a date, an ISO string, epoch seconds, or an age like ``"30d"``,
+        ``"12h"``). Returns how many were removed."""
+        if model is None and before is None:
+            return self._store.clear()
+        keys = self._keys(model, before)
+        for start in range(0, len(keys), _EXPORT_BATCH):
+            with self._store.transact():
+                for key in keys[start:start + _EXPORT_BATCH]:
+                    self._store.delete(key)
+        return len(keys)
+
+    def entries(self, *, model: str | None = None, before: Any = None, after: Any = None) -> Iterator[dict[str, Any]]:
+        """The stored entries (all, or one model's, stored before/after a time) as ``{key, model,
+        created, format, response}`` (response bytes without the header; created in epoch
+        seconds)."""
+        keys = self._keys(model, before, after)
+        for start in range(0, len(keys), _EXPORT_BATCH):
+            with self._store.transact():
+                batch = [(key, self._store.get(key)) for key in keys[start:start + _EXPORT_BATCH]]
+            for key, entry in batch:
+                if entry is None:  # removed by another process meanwhile
+                    continue
+                header, _, raw = entry.partition(b"\n")
+                meta = json.loads(header)
+                yield {
+                    "key": key, "model": meta.get("model"), "created": meta.get("created"),
+                    "format": meta.get("format"), "response": raw,
+                }
+
+    def export(self, path: str | os.PathLike[str], *, model: str | None = None, before: Any = None) -> int:
+        """Write the entries (all, or one model's / older ones) to a parquet file; returns the
+        count. The file is written next to ``path`` and renamed when complete."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([
+            ("key", pa.string()), ("model", pa.string()), ("created", pa.timestamp("s", tz="UTC")),
+            ("format", pa.int32()), ("response", pa.large_binary()),
+        ])
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        partial, count = f"{path}.partial", 0
+        with pq.ParquetWriter(partial, schema) as writer:
+            writer.add_key_value_metadata({b"gemframe_cache": json.dumps({"format": ENTRY_FORMAT}).encode()})
+            rows: list[dict[str, Any]] = []
+            for entry in self.entries(model=model, before=before):
+                rows.append(entry)
+                if len(rows) == _EXPORT_BATCH:
+                    writer.write_table(pa.Table.from_pylist(rows, schema))
+                    count += len(rows)
+                    rows = []
+            if rows or not count:
+                writer.write_table(pa.Table.from_pylist(rows, schema))
+                count += len(rows)
+        os.replace(partial, path)
+        return count
+
+    def import_(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> dict[str, int]:
+        """Merge the entries of an exported parquet file into this cache. A key already stored
+        is kept unless ``overwrite``. Returns ``{"added", "replaced", "kept"}`` counts."""
+        import pyarrow.parquet as pq
+
+        source = pq.ParquetFile(os.fspath(path))
+        missing = [c for c in EXPORT_COLUMNS if c not in source.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{os.fspath(path)} is not a gemframe cache export: no columns {missing}")
+        counts = {"added": 0, "replaced": 0, "kept": 0}
+        for batch in source.iter_batches(batch_size=_EXPORT_BATCH, columns=list(EXPORT_COLUMNS)):
+            rows = batch.to_pylist()
+            for row in rows:
+                if row["format"] != ENTRY_FORMAT:
+                    raise ValueError(
+                        f"{os.fspath(path)}: entry format {row['format']}; this gemframe reads format {ENTRY_FORMAT}"
+                    )
+            with self._store.transact():
+                for row in rows:
+                    key, created = row["key"], row["created"]
+                    stamp = created.timestamp() if isinstance(created, datetime) else float(created or time.time())
+                    present = key in self._store
+                    if present and not overwrite:
+                        counts["kept"] += 1
+                        continue
+                    counts["replaced" if present else "added"] += 1
+                    header = json.dumps({"format": ENTRY_FORMAT, "model": row["model"], "created": int(stamp)})
+                    self._store.set(key, header.encode() + b"\n" + row["response"], tag=row["model"])
+                    self._store._sql("UPDATE Cache SET store_time = ? WHERE key = ? AND raw = 1", (stamp, key))
+        return counts
 
     def close(self) -> None:
         self._store.close()
@@ -129,3 +269,35 @@ class ResponseCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_when(value: Any, now: float | None = None) -> float:
+    """Epoch seconds from a datetime, a date (midnight UTC), an ISO-8601 string (naive means
+    UTC), epoch seconds, or an age before now: ``"30d"``, ``"12h"``, ``"2w"``."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp()
+    if isinstance(value, timedelta):
+        return (time.time() if now is None else now) - value.total_seconds()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        age = _AGE.match(value)
+        if age:
+            return (time.time() if now is None else now) - float(age[1]) * _AGE_SECONDS[age[2]]
+        try:
+            return parse_when(datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
+        except ValueError:
+            pass
+    raise ValueError(f"not a date, time or age: {value!r} (use e.g. 2025-01-31, 2025-01-31T12:00Z or 30d)")

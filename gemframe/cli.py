@@ -1,4 +1,5 @@
-"""``gemframe``: run a parquet job, serve the emulator, look after the cache. Thin over the API."""
+"""``gemframe``: run a parquet job (or dry-run it), serve the emulator, look after the cache
+(stats, clear, export, import), print a run's manifest or report. Thin over the API."""
 
 from __future__ import annotations
 
@@ -6,17 +7,25 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .cache import CacheMode, ResponseCache, default_cache_dir
-from .errors import GemframeError
+from .errors import GemframeError, InputError
 from .providers import DEFAULT_MODEL, PROVIDERS
+
+if TYPE_CHECKING:
+    from .client import Client
 
 EPILOG = """\
 examples:
   gemframe run sample_data/prompts.parquet out.parquet --prompt prompt --images image_path --provider emulator
   GEMINI_API_KEY=... gemframe run in.parquet out.parquet --model gemini-2.5-flash --concurrency 64
   gemframe emulator --port 8080
+  gemframe run in.parquet out.parquet --dry-run          # requests, cache hits, tokens, estimated cost
+  gemframe run in.parquet out.parquet --cache read --manifest out.json   # replay: no key, no network
+  gemframe report out.parquet --html report.html
   gemframe cache stats
+  gemframe cache export answers.parquet && gemframe cache import answers.parquet
 """
 
 
@@ -59,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=int, default=16, metavar="N", help="requests in flight (default: 16)")
     run.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout in seconds (default: 120)")
     run.add_argument("--max-attempts", type=int, default=5, metavar="N", help="attempts per row on transient errors (default: 5)")
+    run.add_argument("--samples", type=int, default=1, metavar="N", help="N answers per row (rows get a 'sample' column 0..N-1, each cached separately)")
+    run.add_argument("--manifest", metavar="PATH", help="also write the run manifest to this JSON file")
+    run.add_argument("--dry-run", action="store_true", help="send nothing: count rows, requests, cache hits, tokens and the estimated cost")
+    run.add_argument("--count-tokens", action="store_true", help="with --dry-run: count input tokens with the API's countTokens (exact) instead of locally")
+    run.add_argument("--output-tokens", type=float, metavar="N", help="with --dry-run: assume N output tokens per request")
+    run.add_argument("--prices", metavar="FILE.json", help="price overrides {model: {input, output[, image]}} (USD per 1M tokens / per image); default $GEMFRAME_PRICES")
     run.add_argument("--cache", choices=[m.value for m in CacheMode], default="use", help="cache mode (default: use)")
     run.add_argument("--cache-dir", metavar="DIR", help=f"cache directory (default: $GEMFRAME_CACHE_DIR or {default_cache_dir()})")
     run.add_argument("--image-dir", metavar="DIR", help="write generated images here and store their paths")
@@ -73,9 +88,33 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--port", type=int, default=8080)
     emulator.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds added to each answer")
 
-    cache = commands.add_parser("cache", help="inspect or clear the answer cache")
-    cache.add_argument("action", choices=["stats", "clear"])
-    cache.add_argument("--cache-dir", metavar="DIR")
+    cache = commands.add_parser("cache", help="inspect, clear, export or import the answer cache")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--cache-dir", metavar="DIR", help="cache directory (default: $GEMFRAME_CACHE_DIR or ~/.cache/gemframe)")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    stats = actions.add_parser("stats", parents=[where], help="entries, size on disk, by model, oldest/newest")
+    stats.add_argument("--json", action="store_true", help="as JSON")
+    clear = actions.add_parser("clear", parents=[where], help="remove entries: all, or by model and/or age")
+    clear.add_argument("--model", metavar="M", help="only this model's entries")
+    clear.add_argument("--older-than", metavar="WHEN", help="only entries stored before a date/time (2025-01-31, 2025-01-31T12:00Z) or older than an age (30d, 12h)")
+    export = actions.add_parser("export", parents=[where], help="write entries to a parquet file (key, model, created, format, response)")
+    export.add_argument("file", metavar="FILE.parquet")
+    export.add_argument("--model", metavar="M", help="only this model's entries")
+    export.add_argument("--older-than", metavar="WHEN", help="only entries stored before this date/time or age")
+    load = actions.add_parser("import", parents=[where], help="merge the entries of an exported parquet file into the cache")
+    load.add_argument("file", metavar="FILE.parquet")
+    load.add_argument("--overwrite", action="store_true", help="replace entries already stored under the same key")
+
+    manifest = commands.add_parser("manifest", help="print the run manifest stored in a gemframe output")
+    manifest.add_argument("output", metavar="OUT.parquet")
+
+    report = commands.add_parser(
+        "report", help="summarize a gemframe output: counts, errors, tokens, latency, cost; --html for charts",
+    )
+    report.add_argument("output", metavar="OUT.parquet")
+    report.add_argument("--html", metavar="FILE.html", help="also write an HTML report (charts, sample replies, image thumbnails)")
+    report.add_argument("--samples", type=int, default=8, metavar="N", help="replies to show (default: 8)")
+    report.add_argument("--prices", metavar="FILE.json", help="price overrides for the cost estimate")
     return parser
 
 
@@ -89,16 +128,34 @@ def _run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
     )
     try:
+        if args.dry_run:
+            return _dry_run(args, client)
         manifest = run(
             args.input, args.output, prompt=args.prompt, images=args.images, system=args.system,
             model=args.model, config=args.config, safety=args.safety, client=client,
             image_dir=args.image_dir, batch_rows=args.batch_rows, progress=not args.no_progress,
             mode="batch" if args.batch else "live", poll_interval=args.poll_interval,
+            samples=args.samples, manifest_path=args.manifest, prices=args.prices,
         )
     finally:
         client.close()
     summary = {k: manifest[k] for k in ("rows", "cache_hits", "requests_sent", "errors", "wall_seconds")}
+    summary["cost_usd"] = (manifest.get("cost") or {}).get("this_run")
     print(f"wrote {args.output}: {json.dumps(summary)}", file=sys.stderr)
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, client: Client) -> int:
+    from .estimate import estimate
+
+    result = estimate(
+        args.input, args.prompt, images=args.images, system=args.system, model=args.model,
+        config=args.config, safety=args.safety, client=client, samples=args.samples,
+        exact=args.count_tokens, output_tokens=args.output_tokens, prices=args.prices,
+        batch=bool(getattr(args, "batch", False)),
+    )
+    print(result)
+    print(f"dry run: nothing was sent and {args.output} was not written", file=sys.stderr)
     return 0
 
 
@@ -110,20 +167,74 @@ def _emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 def _cache(args: argparse.Namespace) -> int:
-    store = ResponseCache(args.cache_dir)
+    with ResponseCache(args.cache_dir) as store:
+        try:
+            return _cache_action(args, store)
+        except (ValueError, OSError) as exc:
+            raise InputError(str(exc)) from None
+
+
+def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
     if args.action == "stats":
-        print(json.dumps({"directory": store.directory, "entries": len(store)}))
+        stats = store.stats()
+        if args.json:
+            print(json.dumps(stats, indent=2))
+            return 0
+        print(f"cache {stats['directory']}: {stats['entries']:,} entries, {_size(stats['bytes_on_disk'])} on disk")
+        if stats["entries"]:
+            print(f"  oldest {stats['oldest']}, newest {stats['newest']}")
+            width = max(len(m) for m in stats["by_model"])
+            print(f"  {'model':<{width}}  {'entries':>9}  {'size':>10}  newest")
+            for model, row in stats["by_model"].items():
+                print(f"  {model:<{width}}  {row['entries']:>9,}  {_size(row['bytes']):>10}  {row['newest']}")
+    elif args.action == "clear":
+        removed = store.clear(model=args.model, before=args.older_than)
+        print(f"removed {removed:,} entries from {store.directory}")
+    elif args.action == "export":
+        count = store.export(args.file, model=args.model, before=args.older_than)
+        print(f"exported {count:,} entries to {args.file}")
     else:
-        print(f"removed {store.clear()} entries from {store.directory}")
-    store.close()
+        counts = store.import_(args.file, overwrite=args.overwrite)
+        print(f"imported {args.file} into {store.directory}: {counts['added']:,} added, "
+              f"{counts['replaced']:,} replaced, {counts['kept']:,} already present (kept)")
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from .manifest import read_manifest
+
+    manifest = read_manifest(args.output)
+    if manifest is None:
+        raise InputError(f"{args.output} has no gemframe manifest (was it written by gemframe run?)")
+    print(json.dumps(manifest, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    result = report(args.output, html=args.html, samples=args.samples, prices=args.prices)
+    print(result)
+    if args.html:
+        print(f"wrote {args.html}", file=sys.stderr)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gemframe`` command."""
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "emulator": _emulator, "cache": _cache}[args.command]
+    handler = {
+        "run": _run, "emulator": _emulator, "cache": _cache, "manifest": _manifest, "report": _report,
+    }[args.command]
     try:
         return handler(args)
     except GemframeError as exc:

@@ -3,16 +3,16 @@
 The output is written to ``OUT.partial`` and renamed into place only when complete, so a killed
 job never leaves a half-written file; rerunning it resends nothing that was answered (the
 answers are in the cache). A run manifest (what produced the file, counts, tokens, time) is
-stored in the parquet key-value metadata under ``gemframe``.
+stored in the parquet key-value metadata under ``gemframe`` (and, with ``manifest_path``, in a
+JSON sidecar); see `gemframe.manifest`. ``samples=N`` answers every row N times (sample indices
+0..N-1, each its own cache entry) and writes N rows per input row with a ``sample`` column.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,63 +20,17 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from .batch import BatchJobs
+from .cache import CacheMode
 from .client import Client
 from .errors import APIError, InputError
+from .estimate import Prices
 from .expr import default_client, generate
+from .manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
 from .payload import RequestBuilder
 from .progress import Progress
 from .response import reply_dtype
 
-MANIFEST_KEY = b"gemframe"
-MANIFEST_FORMAT = 1
-
-
-def _fingerprint(path: str) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
-
-
-class _Tally:
-    """Counts for the manifest, from the reply column of each batch."""
-
-    def __init__(self) -> None:
-        self.rows = self.skipped = self.cached = self.sent = 0
-        self.prompt_tokens = self.candidates_tokens = 0
-        self.errors: Counter[str] = Counter()
-
-    def add(self, replies: pl.Series) -> None:
-        self.rows += len(replies)
-        self.skipped += replies.null_count()
-        fields = replies.struct
-        cached = fields.field("cached").fill_null(False)
-        error = fields.field("error").struct.field("status")
-        self.cached += int(cached.sum())
-        self.sent += int((~cached & (fields.field("attempts").fill_null(0) > 0)).sum())
-        fresh = ~cached
-        self.prompt_tokens += int(fields.field("prompt_tokens").filter(fresh).sum() or 0)
-        self.candidates_tokens += int(fields.field("candidates_tokens").filter(fresh).sum() or 0)
-        self.errors.update(s for s in error.to_list() if s is not None)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "rows": self.rows,
-            "rows_without_prompt": self.skipped,
-            "cache_hits": self.cached,
-            "requests_sent": self.sent,
-            "errors": dict(self.errors),
-            "prompt_tokens_paid": self.prompt_tokens,
-            "candidates_tokens_paid": self.candidates_tokens,
-        }
-
-
-def read_manifest(path: str) -> dict[str, Any] | None:
-    """The run manifest stored in a gemframe output parquet, or None."""
-    metadata = pq.read_metadata(path).metadata or {}
-    raw = metadata.get(MANIFEST_KEY)
-    return json.loads(raw) if raw else None
+__all__ = ["MANIFEST_KEY", "read_manifest", "run"]
 
 
 def run(
@@ -96,12 +50,18 @@ def run(
     progress: bool = True,
     mode: str = "live",
     poll_interval: float = 30.0,
+    samples: int = 1,
+    manifest_path: str | None = None,
+    prices: Prices | None = None,
 ) -> dict[str, Any]:
     """Answer every row of ``input`` and write ``output`` (input columns + reply fields).
 
     ``mode="batch"`` submits every miss as provider batch jobs (recorded in
     ``OUT.batch.json``, so a rerun resumes them), waits for all of them, then writes the output.
-    Returns the run manifest, which is also stored in the output's metadata.
+    Returns the run manifest, which is also stored in the output's metadata (and written to
+    ``manifest_path`` as JSON when given). ``samples=N`` (N > 1) writes N rows per input row,
+    sample indices 0..N-1 in a ``sample`` column; ``prices`` overrides the price table used for
+    the manifest's cost (see `gemframe.estimate`).
     """
     client = client or default_client()
     model = model or client.model
@@ -111,25 +71,30 @@ def run(
     for role, name in (("prompt", prompt), ("images", images)):
         if name is not None and name not in columns:
             raise InputError(f"{input}: no {role} column {name!r}; columns are {columns}")
-    clash = sorted(set(columns) & set(reply_dtype().to_schema()))
+    if samples < 1:
+        raise InputError("samples must be >= 1")
+    clash = sorted(set(columns) & (set(reply_dtype().to_schema()) | ({"sample"} if samples > 1 else set())))
     if clash:
         raise InputError(
             f"{input}: columns {clash} would collide with the reply fields; rename them first"
         )
     started = time.time()
-    bar = Progress(source.metadata.num_rows, progress, model)
-    tally = _Tally()
+    bar = Progress(source.metadata.num_rows * samples, progress, model)
+    tally = Tally()
+    paid: set[str] = set()
     batch: dict[str, Any] = {}
     if mode == "batch":
         batch = {"mode": "batch", "batch_state": f"{output}.batch.json", "poll_interval": poll_interval}
     request = dict(prompt=prompt, images=images, system=system, model=model, config=config,
                    safety=safety, client=client, cache=cache, image_dir=image_dir, **batch)
-    expr = generate(**request, progress=bar)
+    exprs = [generate(**request, progress=bar, sample=k) for k in range(samples)]
     if batch:  # submit the misses of every batch, wait once for all jobs, then write as usual
-        submit = generate(**request, progress=False, wait=False)
         for record_batch in source.iter_batches(batch_size=batch_rows):
-            pl.from_arrow(record_batch).select(submit)
+            for k in range(samples):  # one at a time: each call updates the one state file
+                pl.from_arrow(record_batch).select(generate(**request, progress=False, wait=False, sample=k))
         BatchJobs(client, model, batch["batch_state"], poll_interval, bar).resolve({}, wait=True)
+        if client.cache_mode is not CacheMode.OFF:  # answers the jobs stored: paid in this run
+            paid = {json.loads(e["response"]).get("responseId") for e in client.cache.entries(model=model, after=started)}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     partial = f"{output}.partial"
     writer: pq.ParquetWriter | None = None
@@ -140,34 +105,35 @@ def run(
         for batch in batches:
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
-            answered = frame.with_columns(expr)
-            tally.add(answered["reply"])
+            answered = _answer(frame, exprs, tally, paid)
             table = answered.unnest("reply").to_arrow()
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)
+        finished = time.time()
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "gemframe": _version(),
-            "provider": client.provider.name,
-            "base_url": client.provider.base_url,
-            "model": model,
-            "system": system,
+            **describe(
+                client=client, model=model, system=system, config=config, safety=safety,
+                prompt=prompt, images=images, samples=samples,
+                cache_mode=(cache or client.cache_mode.value),
+            ),
             "config": builder.config,
             "safety": builder.safety,
-            "prompt_column": prompt,
-            "images_column": images,
-            "input": _fingerprint(input),
+            "mode": mode,
+            "input": fingerprint(input),
             "output": os.path.abspath(output),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "wall_seconds": round(time.time() - started, 3),
-            **tally.as_dict(),
+            "started": _stamp(started),
+            "finished": _stamp(finished),
+            "wall_seconds": round(finished - started, 3),
+            **tally.as_dict(model, prices, batch=mode == "batch"),
         }
         assert writer is not None
         writer.add_key_value_metadata({MANIFEST_KEY: json.dumps(manifest).encode()})
         writer.close()
         writer = None
         os.replace(partial, output)
+        if manifest_path:
+            write_manifest(manifest, manifest_path)
     except APIError as exc:  # say what was saved, so nobody fears a rerun
         raise type(exc)(
             f"{exc}\n{bar.rows} of {source.metadata.num_rows} rows were answered before this "
@@ -181,7 +147,19 @@ def run(
     return manifest
 
 
-def _version() -> str:
-    from . import __version__
+def _answer(frame: pl.DataFrame, exprs: list[pl.Expr], tally: Tally, paid: set[str]) -> pl.DataFrame:
+    """The batch with its reply column; with several samples, one row per (input row, sample)."""
+    if len(exprs) == 1:
+        answered = frame.with_columns(exprs[0])
+        tally.add(answered["reply"], paid)
+        return answered
+    parts = []
+    for k, expr in enumerate(exprs):
+        part = frame.with_row_index("__gemframe_row").with_columns(pl.lit(k, pl.Int32).alias("sample"), expr)
+        tally.add(part["reply"], paid)
+        parts.append(part)
+    return pl.concat(parts).sort("__gemframe_row", "sample", maintain_order=True).drop("__gemframe_row")
 
-    return __version__
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

@@ -1,9 +1,11 @@
 import base64
+from datetime import date, datetime, timezone
 
+import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe.cache import ResponseCache
+from gemframe.cache import ResponseCache, parse_when
 
 
 def _body(text="hi", image: bytes | None = None):
@@ -54,3 +56,87 @@ def test_newer_entry_format_is_refused(tmp_path):
     cache._store.set("k", b'{"format": 99}\n{}')
     with pytest.raises(ValueError, match="newer"):
         cache.get_many(["k"])
+
+
+# -- management: stats, clear by model/age, export/import ---------------------------------------
+
+
+def _filled(tmp_path):
+    cache = ResponseCache(tmp_path / "c")
+    cache.set_many([("k1", "m1", b'{"a": 1}'), ("k2", "m1", b"x" * 50_000), ("k3", "m2", b"{}")])
+    return cache
+
+
+def test_stats_by_model(tmp_path):
+    cache = _filled(tmp_path)
+    stats = cache.stats()
+    assert stats["entries"] == 3 and stats["bytes_on_disk"] > 50_000
+    assert stats["by_model"]["m1"]["entries"] == 2 and stats["by_model"]["m1"]["bytes"] > 50_000
+    assert stats["by_model"]["m2"]["entries"] == 1
+    assert stats["oldest"] <= stats["newest"] and stats["newest"].endswith("Z")
+    assert ResponseCache(tmp_path / "empty").stats()["entries"] == 0
+
+
+def test_clear_by_model_and_age(tmp_path):
+    cache = _filled(tmp_path)
+    assert cache.clear(before="2000-01-01") == 0
+    assert cache.clear(model="m1") == 2 and cache.get_many(["k1", "k2", "k3"]).keys() == {"k3"}
+    assert cache.clear(before=datetime.now(timezone.utc).timestamp() + 5) == 1 and len(cache) == 0
+
+
+def test_export_import_round_trip_keeps_bytes_and_dates(tmp_path):
+    cache = _filled(tmp_path)
+    assert cache.export(tmp_path / "all.parquet") == 3
+    assert cache.export(tmp_path / "m2.parquet", model="m2") == 1
+    frame = pl.read_parquet(tmp_path / "all.parquet")
+    assert frame.columns == ["key", "model", "created", "format", "response"]
+    assert frame.filter(pl.col("key") == "k2")["response"][0] == b"x" * 50_000
+    other = ResponseCache(tmp_path / "other")
+    assert other.import_(tmp_path / "all.parquet") == {"added": 3, "replaced": 0, "kept": 0}
+    assert other.get_many(["k1", "k2", "k3"]) == cache.get_many(["k1", "k2", "k3"])
+    assert other.stats()["oldest"] == cache.stats()["oldest"]  # the answers keep their dates
+
+
+def test_import_merges_and_keeps_local_answers_unless_overwrite(tmp_path):
+    cache = _filled(tmp_path)
+    cache.export(tmp_path / "all.parquet")
+    mine = ResponseCache(tmp_path / "mine")
+    mine.set_many([("k1", "m1", b"mine"), ("k9", "m1", b"only mine")])
+    assert mine.import_(tmp_path / "all.parquet") == {"added": 2, "replaced": 0, "kept": 1}
+    assert mine.get_many(["k1", "k9"]) == {"k1": b"mine", "k9": b"only mine"} and len(mine) == 4
+    assert mine.import_(tmp_path / "all.parquet", overwrite=True) == {"added": 0, "replaced": 3, "kept": 0}
+    assert mine.get_many(["k1"]) == {"k1": b'{"a": 1}'}
+
+
+def test_import_of_old_answers_then_clear_older_than(tmp_path):
+    old = pl.DataFrame({
+        "key": ["old"], "model": ["m"], "created": [datetime(2020, 1, 1, tzinfo=timezone.utc)],
+        "format": [1], "response": [b"{}"],
+    })
+    old.write_parquet(tmp_path / "old.parquet")
+    cache = _filled(tmp_path)
+    cache.import_(tmp_path / "old.parquet")
+    assert cache.stats()["oldest"] == "2020-01-01T00:00:00Z"
+    assert cache.clear(before=date(2021, 1, 1)) == 1 and len(cache) == 3
+
+
+def test_import_refuses_other_files(tmp_path):
+    pl.DataFrame({"a": [1]}).write_parquet(tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="not a gemframe cache export"):
+        ResponseCache(tmp_path / "c").import_(tmp_path / "x.parquet")
+    pl.DataFrame({"key": ["k"], "model": ["m"], "created": [0], "format": [99], "response": [b"{}"]}).write_parquet(tmp_path / "f.parquet")
+    with pytest.raises(ValueError, match="format 99"):
+        ResponseCache(tmp_path / "c").import_(tmp_path / "f.parquet")
+
+
+def test_parse_when():
+    assert parse_when("2025-01-31") == datetime(2025, 1, 31, tzinfo=timezone.utc).timestamp()
+    assert parse_when("2025-01-31T12:00Z") == datetime(2025, 1, 31, 12, tzinfo=timezone.utc).timestamp()
+    assert parse_when("30d", now=100 * 86400) == 70 * 86400 and parse_when("2h", now=7200) == 0
+    with pytest.raises(ValueError, match="not a date"):
+        parse_when("last tuesday")
+
+
+def test_contains_many_does_not_read_values(tmp_path):
+    cache = _filled(tmp_path)
+    assert cache.contains_many(["k1", "k3", "nope"]) == {"k1", "k3"}

@@ -11,6 +11,11 @@ from nbclient import NotebookClient
 def _check_quickstart(text: str, html: str, pngs: list[str]) -> None:
     assert "cached rows: 11 of 11" in text
     assert pngs and base64.b64decode(pngs[0]).startswith(b"\x89PNG")
+    # Experiments: try 4 rows, estimate (4 hits, 7 to send), scale up, report, replay from the cache.
+    assert re.search(r"cache hits\s+4\n", text) and re.search(r"to send\s+7\n", text)
+    assert "'cache_hits': 4, 'requests_sent': 7" in text and "estimated cost this run: $" in text
+    assert "gfreport" in html and html.count("<svg") >= 4
+    assert "replayed from the cache: 11 | requests sent: 0 | identical answers: True" in text
 
 
 def _check_images(text: str, html: str, pngs: list[str]) -> None:

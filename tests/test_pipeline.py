@@ -1,8 +1,10 @@
 """gemframe run (the parquet-to-parquet job), through the CLI and the Python API."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import polars as pl
 import pytest
@@ -10,6 +12,7 @@ import pytest
 import gemframe as gf
 from gemframe.cli import main
 from gemframe.emulator import Emulator
+from gemframe.estimate import cost
 from gemframe.pipeline import read_manifest, run
 
 
@@ -83,6 +86,189 @@ def test_cli_cache_stats_and_clear(client, sample_input, tmp_path, capsys, cache
     run(str(sample_input), str(tmp_path / "o.parquet"), client=client, progress=False)
     client.close()
     assert main(["cache", "stats", "--cache-dir", str(cache_dir)]) == 0
-    assert "\"entries\": 11" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "11 entries" in out and gf.DEFAULT_MODEL in out
+    assert main(["cache", "stats", "--json", "--cache-dir", str(cache_dir)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["entries"] == 11 and stats["by_model"][gf.DEFAULT_MODEL]["entries"] == 11
+    assert main(["cache", "clear", "--model", "other-model", "--cache-dir", str(cache_dir)]) == 0
+    assert "removed 0" in capsys.readouterr().out
+    assert main(["cache", "clear", "--older-than", "30d", "--cache-dir", str(cache_dir)]) == 0
+    assert "removed 0" in capsys.readouterr().out
     assert main(["cache", "clear", "--cache-dir", str(cache_dir)]) == 0
     assert "removed 11" in capsys.readouterr().out
+    assert main(["cache", "clear", "--older-than", "someday", "--cache-dir", str(cache_dir)]) == 2
+    assert "not a date" in capsys.readouterr().err
+
+
+# -- manifests ----------------------------------------------------------------------------------
+
+
+def test_manifest_records_tokens_cache_and_cost_and_round_trips(client, emulator, sample_input, tmp_path, capsys):
+    out, sidecar = tmp_path / "o.parquet", tmp_path / "o.manifest.json"
+    config = {"temperature": 0, "response_modalities": ["TEXT", "IMAGE"]}
+    first = run(str(sample_input), str(out), images="image_path", system="Be brief.", config=config,
+                client=client, progress=False, manifest_path=str(sidecar))
+    assert first == read_manifest(str(out)) == json.loads(sidecar.read_text()) == gf.read_manifest(sidecar)
+    frame = pl.read_parquet(out)
+    assert first["gemframe"] == gf.__version__ and first["system"] == "Be brief."
+    assert first["config"] == {"temperature": 0, "responseModalities": ["TEXT", "IMAGE"]}
+    assert (first["cache_hits"], first["cache_misses"], first["requests_sent"]) == (0, 11, 11)
+    tokens = first["tokens"]
+    assert tokens["input"] == tokens["input_paid"] == frame["prompt_tokens"].sum()
+    assert tokens["output"] == tokens["output_paid"] == frame["candidates_tokens"].sum()
+    assert first["images_generated"] == frame["images"].list.len().sum() == 11
+    assert first["finish_reasons"] == {"STOP": 11} and first["errors"] == {}
+    images = first["images_generated"]
+    expected = cost(
+        gf.DEFAULT_MODEL, input_tokens=tokens["input"], output_tokens=tokens["output"] - 1290 * images, images=images
+    )["usd"]
+    assert first["cost"]["this_run"] == first["cost"]["all_rows"] == expected > 0
+    # A rerun pays nothing: the tokens are all still there, none of them paid.
+    second = run(str(sample_input), str(tmp_path / "b.parquet"), images="image_path", system="Be brief.",
+                 config=config, client=client, progress=False)
+    assert (second["cache_hits"], second["cache_misses"], second["requests_sent"]) == (11, 0, 0)
+    assert second["tokens"]["input"] == tokens["input"] and second["tokens"]["input_paid"] == 0
+    assert second["cost"]["this_run"] == 0 and second["cost"]["all_rows"] == expected
+    assert main(["manifest", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    plain = tmp_path / "plain.parquet"
+    pl.DataFrame({"a": [1]}).write_parquet(plain)
+    assert main(["manifest", str(plain)]) == 2 and "no gemframe manifest" in capsys.readouterr().err
+
+
+def test_duplicate_rows_count_one_request(client, emulator, tmp_path):
+    src = tmp_path / "dup.parquet"
+    pl.DataFrame({"prompt": ["same", "same", "same", "other"]}).write_parquet(src)
+    manifest = run(str(src), str(tmp_path / "o.parquet"), client=client, progress=False)
+    assert manifest["requests_sent"] == emulator.stats.requests == 2
+    assert manifest["cache_misses"] == 4
+    one = pl.read_parquet(tmp_path / "o.parquet")["prompt_tokens"]
+    assert manifest["tokens"]["input_paid"] == one[0] + one[3] and manifest["tokens"]["input"] == one.sum()
+
+
+def test_manifest_for_expressions(client, emulator, sample_input):
+    started = time.time()
+    kw = dict(system="Be brief.", config={"temperature": 0}, client=client)
+    out = pl.read_parquet(sample_input).with_columns(reply=gf.generate("prompt", images="image_path", **kw))
+    m = gf.manifest(out, images="image_path", prompt="prompt", input=sample_input, started=started, **kw)
+    assert m["provider"] == "emulator" and m["model"] == gf.DEFAULT_MODEL and m["system"] == "Be brief."
+    assert m["config"] == {"temperature": 0} and m["input"]["sha256"] and m["wall_seconds"] >= 0
+    assert (m["rows"], m["rows_without_prompt"], m["requests_sent"]) == (12, 1, emulator.stats.requests)
+    assert m["tokens"]["input"] == out["reply"].struct.field("prompt_tokens").sum()
+    assert gf.manifest(out["reply"], client=client)["cache_misses"] == 11  # a reply column works too
+    unnested = gf.manifest(out.unnest("reply"), client=client)  # and so do the unnested fields
+    assert {k: unnested[k] for k in ("rows", "rows_without_prompt", "tokens")} == {k: m[k] for k in ("rows", "rows_without_prompt", "tokens")}
+    # Stored the way the docs say, it reads back like a gemframe run's.
+    path = sample_input.parent / "expr.parquet"
+    out.write_parquet(path, metadata={"gemframe": json.dumps(m)})
+    assert gf.read_manifest(path) == m
+
+
+# -- replay: byte-identical output from the cache, no key, no network -----------------------------
+
+REPLY_RUN_FIELDS = ["cached", "attempts", "latency_ms"]  # how this run got each answer
+
+
+def test_cli_replay_reproduces_the_output_without_key_or_network(served_emulator, sample_input, tmp_path, monkeypatch, capsys):
+    server = served_emulator()
+    cache = str(tmp_path / "cache")
+    common = ["--images", "image_path", "--provider", "google", "--cache-dir", cache, "--no-progress",
+              "--config", '{"response_modalities": ["TEXT", "IMAGE"], "seed": 3}']
+    monkeypatch.setenv("GEMINI_API_KEY", "a-key")
+    first, cached, replay = (tmp_path / f"{n}.parquet" for n in ("first", "cached", "replay"))
+    assert main(["run", str(sample_input), str(first), "--base-url", server.url, *common]) == 0
+    assert main(["run", str(sample_input), str(cached), "--base-url", server.url, *common]) == 0
+    sent = server.emulator.stats.requests
+    assert sent == 11
+    monkeypatch.delenv("GEMINI_API_KEY")  # no key, and nothing listens at the base URL
+    assert main(["run", str(sample_input), str(replay), "--base-url", "http://127.0.0.1:9", "--cache", "read",
+                 "--manifest", str(tmp_path / "replay.json"), *common]) == 0
+    assert server.emulator.stats.requests == sent
+    a, b, c = (pl.read_parquet(p) for p in (first, cached, replay))
+    assert c.equals(b)  # every column, images included, identical to the earlier cached run
+    assert c.drop(REPLY_RUN_FIELDS).equals(a.drop(REPLY_RUN_FIELDS))  # and the answers to the first run's
+    assert c["images"].list.len().sum() == 11
+    ma, mc = read_manifest(str(first)), read_manifest(str(replay))
+    differ = {"started", "finished", "wall_seconds", "output", "base_url", "cache_mode",
+              "cache_hits", "cache_misses", "requests_sent", "tokens", "images_generated_paid", "cost"}
+    assert {k: v for k, v in ma.items() if k not in differ} == {k: v for k, v in mc.items() if k not in differ}
+    assert (mc["cache_hits"], mc["requests_sent"], mc["cache_mode"]) == (11, 0, "read")
+    assert mc["tokens"]["input"] == ma["tokens"]["input"] and mc["cost"]["all_rows"] == ma["cost"]["this_run"]
+    # A row that was never answered is a clear per-row error; the others still replay.
+    extra = tmp_path / "extra.parquet"
+    pl.concat([pl.read_parquet(sample_input), pl.DataFrame({"id": [99], "task": ["new"], "prompt": ["A new question"], "image_path": [None]})]).write_parquet(extra)
+    assert main(["run", str(extra), str(tmp_path / "extra_out.parquet"), "--base-url", "http://127.0.0.1:9", "--cache", "read", *common]) == 0
+    d = pl.read_parquet(tmp_path / "extra_out.parquet")
+    assert d.head(12).drop("id").equals(b.drop("id"))
+    error = d["error"][12]
+    assert error["status"] == "CACHE_MISS" and "not in the cache" in error["message"]
+    assert read_manifest(str(tmp_path / "extra_out.parquet"))["errors"] == {"CACHE_MISS": 1}
+    assert server.emulator.stats.requests == sent
+
+
+def test_cli_export_clear_import_replay_sends_nothing(served_emulator, sample_input, tmp_path, capsys):
+    server = served_emulator()
+    cache = str(tmp_path / "cache")
+    common = ["--images", "image_path", "--emulator", "--base-url", server.url, "--cache-dir", cache, "--no-progress"]
+    assert main(["run", str(sample_input), str(tmp_path / "a.parquet"), *common]) == 0
+    sent = server.emulator.stats.requests
+    archive = tmp_path / "team" / "answers.parquet"
+    assert main(["cache", "export", str(archive), "--cache-dir", cache]) == 0
+    assert "exported 11 entries" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", cache]) == 0
+    assert main(["cache", "import", str(archive), "--cache-dir", cache]) == 0
+    assert "11 added" in capsys.readouterr().out
+    assert main(["run", str(sample_input), str(tmp_path / "b.parquet"), *common, "--cache", "read"]) == 0
+    assert main(["run", str(sample_input), str(tmp_path / "c.parquet"), *common]) == 0  # cache 'use' too
+    assert server.emulator.stats.requests == sent
+    assert read_manifest(str(tmp_path / "c.parquet"))["requests_sent"] == 0
+    a, b = pl.read_parquet(tmp_path / "a.parquet"), pl.read_parquet(tmp_path / "b.parquet")
+    assert b.drop(REPLY_RUN_FIELDS).equals(a.drop(REPLY_RUN_FIELDS))
+    # The Python API: a fresh cache gets the archive and replays it.
+    with gf.Client("emulator", base_url=server.url, cache_dir=str(tmp_path / "fresh"), cache="read", progress=False) as c:
+        c.cache.import_(archive)
+        replayed = gf.run(str(sample_input), str(tmp_path / "d.parquet"), images="image_path", client=c, progress=False)
+    assert replayed["cache_hits"] == 11 and server.emulator.stats.requests == sent
+
+
+# -- samples ------------------------------------------------------------------------------------
+
+
+def test_cli_samples_writes_n_rows_per_input_and_reruns_from_cache(client, emulator, sample_input, tmp_path, cache_dir):
+    out = tmp_path / "s.parquet"
+    manifest = run(str(sample_input), str(out), images="image_path", client=client, progress=False, samples=3)
+    frame = pl.read_parquet(out)
+    assert frame.height == 36 and frame["sample"].to_list()[:6] == [0, 1, 2, 0, 1, 2]
+    assert frame["id"].to_list()[:6] == [0, 0, 0, 1, 1, 1]
+    assert manifest["samples"] == 3 and manifest["requests_sent"] == emulator.stats.requests == 33
+    assert len(client.cache) == 33  # one cache entry per (row, sample)
+    client.close()
+    code = main(["run", str(sample_input), str(tmp_path / "s2.parquet"), "--images", "image_path", "--emulator",
+                 "--cache-dir", str(cache_dir), "--samples", "3", "--no-progress", "--cache", "read"])
+    again = pl.read_parquet(tmp_path / "s2.parquet")
+    assert code == 0 and again.drop(REPLY_RUN_FIELDS).equals(frame.drop(REPLY_RUN_FIELDS))
+    assert again["cached"].drop_nulls().all() and read_manifest(str(tmp_path / "s2.parquet"))["cache_hits"] == 33
+
+
+def test_samples_refuses_a_sample_column(client, tmp_path):
+    src = tmp_path / "in.parquet"
+    pl.DataFrame({"prompt": ["a"], "sample": [1]}).write_parquet(src)
+    with pytest.raises(gf.InputError, match="sample"):
+        run(str(src), str(tmp_path / "o.parquet"), client=client, progress=False, samples=2)
+
+
+def test_batch_mode_manifest_counts_the_jobs_answers_as_paid(sample_input, tmp_path):
+    """Batch answers are collected into the cache before the output is written from it; the
+    manifest still counts them as this run's requests, priced at the Batch Mode discount."""
+    emulator = Emulator(batch_polls=1)
+    with gf.Client("emulator", app=emulator, cache_dir=str(tmp_path / "c"), progress=False) as c:
+        first = run(str(sample_input), str(tmp_path / "a.parquet"), images="image_path", client=c,
+                    progress=False, mode="batch", poll_interval=0.01, samples=2)
+        again = run(str(sample_input), str(tmp_path / "b.parquet"), images="image_path", client=c,
+                    progress=False, mode="batch", poll_interval=0.01, samples=2)
+    assert emulator.stats.requests == 0  # nothing went to generateContent
+    assert (first["cache_hits"], first["requests_sent"], first["errors"]) == (0, 22, {})
+    assert first["tokens"]["input_paid"] == first["tokens"]["input"] > 0
+    assert first["cost"]["batch_discount"] and first["cost"]["this_run"] > 0
+    assert (again["cache_hits"], again["requests_sent"], again["cost"]["this_run"]) == (22, 0, 0)

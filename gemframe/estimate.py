@@ -1,0 +1,448 @@
+"""What a job will cost before it is paid: `estimate` (``gemframe run --dry-run``), the price
+table and `cost`.
+
+`estimate` builds every row's request exactly as `gemframe.generate` would, keys it as the cache
+does, and counts rows, distinct requests, cache hits and what would be sent, with the input
+tokens of what would be sent: a local estimate (the rule the emulator follows: ``ceil(len/4)``
+tokens per text part, 258 per image or document part) or, with ``exact=True``, the API's own
+``countTokens`` endpoint (Google and the emulator; Segmind has none, so it is counted locally).
+Nothing is sent to ``generateContent``. Output tokens are an assumption, said as such: the
+``output_tokens`` argument, else the mean of up to 200 answers of this job already in the cache
+(the "try 100 rows first" case), else the config's ``maxOutputTokens`` (an upper bound), else
+`DEFAULT_OUTPUT_TOKENS`.
+
+Prices are USD per 1M input / output tokens and, for image models, per generated image
+(Google's list prices, `PRICES_AS_OF`). Override or extend them with ``prices=`` (a dict like
+`PRICES`, or a path to a JSON file of one) or ``$GEMFRAME_PRICES`` (a JSON file); the argument
+wins over the file, the file over the built-in table. A model is priced by its exact id, else by
+the longest id in the table that it starts with (``gemini-2.5-flash-preview-05-20`` is priced as
+``gemini-2.5-flash``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import polars as pl
+
+from .cache import CacheMode, cache_key
+from .errors import InputError
+from .payload import RequestBuilder
+
+if TYPE_CHECKING:
+    from .client import Client
+
+PRICES_AS_OF = "2025-09"
+PRICES_SOURCE = "https://ai.google.dev/gemini-api/docs/pricing"
+PRICES_ENV = "GEMFRAME_PRICES"
+
+# USD per 1M input tokens, per 1M output tokens (text and thinking), and per generated image
+# (image models; their image output is 1290 tokens at $30 per 1M). Standard paid tier,
+# prompts up to 128k/200k tokens.
+PRICES: dict[str, dict[str, float]] = {
+    "gemini-2.5-pro": {"input": 1.25, "output": 10.00},
+    "gemini-2.5-flash": {"input": 0.30, "output": 2.50},
+    "gemini-2.5-flash-lite": {"input": 0.10, "output": 0.40},
+    "gemini-2.5-flash-image": {"input": 0.30, "output": 2.50, "image": 0.039},
+    "gemini-2.0-flash": {"input": 0.10, "output": 0.40},
+    "gemini-2.0-flash-lite": {"input": 0.075, "output": 0.30},
+    "gemini-2.0-flash-preview-image-generation": {"input": 0.10, "output": 0.40, "image": 0.039},
+    "gemini-2.0-flash-exp-image-generation": {"input": 0.10, "output": 0.40, "image": 0.039},
+    "gemini-1.5-pro": {"input": 1.25, "output": 5.00},
+    "gemini-1.5-flash": {"input": 0.075, "output": 0.30},
+    "gemini-1.5-flash-8b": {"input": 0.0375, "output": 0.15},
+}
+
+IMAGE_INPUT_TOKENS = 258  # per input image or document part (the emulator's and Gemini's flat rate)
+IMAGE_OUTPUT_TOKENS = 1290  # per generated image
+DEFAULT_OUTPUT_TOKENS = 400  # per request, when nothing better is known
+BATCH_DISCOUNT = 0.5  # Batch Mode is billed at half the standard price
+_OBSERVE = 200  # cached answers read to learn the typical output of a job
+_CHUNK = 1024  # rows built and keyed at a time
+
+Prices = Union[Mapping[str, Mapping[str, float]], str, os.PathLike]
+
+
+def _load(source: Prices) -> dict[str, dict[str, float]]:
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source) as f:
+                source = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read prices from {os.fspath(source)!r}: {exc}") from None
+    if not isinstance(source, Mapping):
+        raise InputError("prices must map model ids to {'input': USD/1M, 'output': USD/1M, 'image': USD}")
+    table = {}
+    for model, entry in source.items():
+        if not isinstance(entry, Mapping) or not set(entry) <= {"input", "output", "image"}:
+            raise InputError(
+                f"price of {model!r} must be {{'input': USD per 1M, 'output': USD per 1M[, 'image': USD]}}, got {entry!r}"
+            )
+        table[str(model)] = {k: float(v) for k, v in entry.items()}
+    return table
+
+
+def price_table(prices: Prices | None = None) -> dict[str, dict[str, float]]:
+    """The built-in table, updated from ``$GEMFRAME_PRICES`` (a JSON file) and then ``prices``."""
+    table = {model: dict(entry) for model, entry in PRICES.items()}
+    for source in (os.environ.get(PRICES_ENV) or None, prices):
+        if source is not None:
+            for model, entry in _load(source).items():
+                table[model] = {**table.get(model, {}), **entry}
+    return table
+
+
+def model_price(model: str, prices: Prices | None = None) -> tuple[str, dict[str, float]] | None:
+    """(the table entry's id, its prices) for a model, or None if it is not in the table."""
+    table = price_table(prices)
+    model = model.removeprefix("models/")
+    if model in table:
+        return model, table[model]
+    matches = [m for m in table if model.startswith(m)]
+    if not matches:
+        return None
+    best = max(matches, key=len)
+    return best, table[best]
+
+
+def cost(
+    model: str,
+    *,
+    input_tokens: float,
+    output_tokens: float,
+    images: float = 0,
+    prices: Prices | None = None,
+    batch: bool = False,
+) -> dict[str, Any] | None:
+    """Estimated USD for token counts: ``output_tokens`` are text and thinking tokens,
+    ``images`` generated images (priced per image when the model has an image price, else as
+    1290 output tokens each); ``batch``: Batch Mode, billed at `BATCH_DISCOUNT` of the price.
+    None when the model has no price."""
+    found = model_price(model, prices)
+    if found is None:
+        return None
+    entry, price = found
+    input_usd = input_tokens * price.get("input", 0.0) / 1e6
+    if "image" in price:
+        output_usd = output_tokens * price.get("output", 0.0) / 1e6
+        images_usd = images * price["image"]
+    else:
+        output_usd = (output_tokens + images * IMAGE_OUTPUT_TOKENS) * price.get("output", 0.0) / 1e6
+        images_usd = 0.0
+    if batch:
+        input_usd, output_usd, images_usd = (v * BATCH_DISCOUNT for v in (input_usd, output_usd, images_usd))
+    return {
+        "usd": round(input_usd + output_usd + images_usd, 6),
+        "input_usd": round(input_usd, 6),
+        "output_usd": round(output_usd, 6),
+        "images_usd": round(images_usd, 6),
+        "priced_as": entry,
+        "prices": price,
+        "batch": batch,
+    }
+
+
+def count_tokens(body: Mapping[str, Any]) -> int:
+    """A local estimate of a request's input tokens, as the emulator counts them: the system
+    instruction and every turn; ``ceil(len/4)`` (at least 1) per text part, 258 per inline or
+    file part."""
+    turns = list(body.get("contents") or [])
+    system = body.get("systemInstruction") or body.get("system_instruction")
+    if system:
+        turns.append(system)
+    total = 0
+    for turn in turns:
+        for part in turn.get("parts") or ():
+            text = part.get("text")
+            if text:
+                total += max(1, math.ceil(len(text) / 4))
+            elif any(k in part for k in ("inlineData", "inline_data", "fileData", "file_data")):
+                total += IMAGE_INPUT_TOKENS
+    return total
+
+
+def _answer_output(raw: bytes) -> tuple[int, int]:
+    """(text+thinking output tokens, generated images) of one cached answer."""
+    response = json.loads(raw)
+    usage = response.get("usageMetadata") or {}
+    candidates = response.get("candidates") or []
+    parts = ((candidates[0] if candidates else {}).get("content") or {}).get("parts") or []
+    images = sum(1 for p in parts if (p.get("inlineData") or p.get("inline_data")) and not p.get("thought"))
+    image_tokens = sum(
+        d.get("tokenCount", 0) for d in usage.get("candidatesTokensDetails") or () if d.get("modality") == "IMAGE"
+    ) or images * IMAGE_OUTPUT_TOKENS
+    text = max(0, usage.get("candidatesTokenCount", 0) - image_tokens) + usage.get("thoughtsTokenCount", 0)
+    return text, images
+
+
+@dataclass
+class Estimate:
+    """What a job would send and cost. ``str()`` is a readable summary; `as_dict` is JSON-able."""
+
+    model: str
+    provider: str
+    cache_mode: str
+    samples: int
+    rows: int = 0
+    rows_without_prompt: int = 0
+    invalid_rows: int = 0
+    requests: int = 0  # rows x samples with something to send
+    distinct_requests: int = 0
+    cache_hits: int = 0  # distinct requests already answered in the cache
+    to_send: int = 0  # distinct requests that would be sent
+    cache_misses: int = 0  # in cache mode 'read': distinct requests that would be CACHE_MISS errors
+    input_tokens: int = 0  # of the requests to send
+    token_method: str = "local"
+    output_tokens_per_request: float = 0.0
+    images_per_request: float = 0.0
+    output_basis: str = ""
+    output_tokens: int = 0
+    images: int = 0
+    cost: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        tokens = {
+            "local": "local estimate: ~4 characters a token, 258 per image",
+            "countTokens": "exact, from the API's countTokens",
+        }.get(self.token_method, self.token_method)
+        lines = [
+            f"gemframe estimate: {self.model} on {self.provider} (cache: {self.cache_mode}"
+            + (f", {self.samples} samples per row" if self.samples > 1 else "") + ")",
+            f"  rows            {self.rows:>12,}  ({self.rows_without_prompt:,} without prompt or images, {self.invalid_rows:,} invalid)",
+            f"  requests        {self.requests:>12,}  ({self.distinct_requests:,} distinct)",
+            f"  cache hits      {self.cache_hits:>12,}",
+            f"  to send         {self.to_send:>12,}",
+        ]
+        if self.cache_mode == CacheMode.READ.value:
+            lines.append(f"  cache misses    {self.cache_misses:>12,}  (cache 'read': these become CACHE_MISS errors)")
+        lines += [
+            f"  input tokens    {self.input_tokens:>12,}  ({tokens})",
+            f"  output tokens   {self.output_tokens:>12,}  ({self.output_tokens_per_request:,.0f} a request: {self.output_basis})",
+        ]
+        if self.images:
+            lines.append(f"  images out      {self.images:>12,}  ({self.images_per_request:g} a request)")
+        if self.cost is None:
+            lines.append(f"  est. cost       {'?':>12}  (no price for {self.model}: pass prices= or set ${PRICES_ENV})")
+        else:
+            c = self.cost
+            parts = f"input ${c['input_usd']:,.4f} + output ${c['output_usd']:,.4f}"
+            if c["images_usd"]:
+                parts += f" + images ${c['images_usd']:,.4f}"
+            lines.append(
+                f"  est. cost       {'$' + format(c['usd'], ',.4f'):>12}  ({parts}; {c['priced_as']} list prices as of {PRICES_AS_OF})"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _expr(value: Any) -> pl.Expr:
+    if isinstance(value, str):
+        return pl.col(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return pl.lit(bytes(value), dtype=pl.Binary)
+    if isinstance(value, os.PathLike):
+        return pl.lit(os.fspath(value), dtype=pl.String)
+    return value
+
+
+def _columns(data: Any, prompt: Any, images: Any, history: Any) -> pl.DataFrame:
+    if isinstance(data, (str, os.PathLike)):
+        data = pl.scan_parquet(os.fspath(data))
+    if not isinstance(data, (pl.DataFrame, pl.LazyFrame)):
+        raise InputError(f"estimate() takes a DataFrame, a LazyFrame or a parquet path, not {type(data).__name__}")
+    exprs = [_expr(prompt).alias("prompt")]
+    if images is not None:
+        exprs.append(_expr(images).alias("images"))
+    if history is not None:
+        exprs.append(_expr(history).alias("history"))
+    try:
+        selected = data.select(exprs)
+        frame = selected.collect() if isinstance(selected, pl.LazyFrame) else selected
+    except pl.exceptions.ColumnNotFoundError as exc:
+        raise InputError(f"estimate: {exc}") from None
+    if frame["prompt"].dtype not in (pl.String, pl.Null):
+        raise InputError(f"prompt column has dtype {frame['prompt'].dtype}; it must hold strings")
+    return frame
+
+
+class _Counter:
+    """countTokens through the client's provider, concurrently, one chunk at a time."""
+
+    def __init__(self, client: Client, model: str) -> None:
+        self.client = client
+        self.url = client.provider.url(model).rsplit(":", 1)[0] + ":countTokens"
+        self.model = model.removeprefix("models/")
+        self.failed = 0
+        self.last_error = ""
+
+    def count(self, bodies: list[dict[str, Any]]) -> list[int]:
+        import httpx
+
+        futures = []
+        for body in bodies:
+            request = {"generateContentRequest": {"model": f"models/{self.model}", **body}}
+            content = json.dumps(request, separators=(",", ":")).encode()
+            futures.append(self.client.executor.call("POST", self.url, content))
+        counts = []
+        for body, future in zip(bodies, futures):
+            try:
+                response = future.result()
+            except httpx.HTTPError as exc:
+                response, self.last_error = None, f"{type(exc).__name__}: {exc}"
+            if response is not None and response.status_code == 200:
+                counts.append(int(response.json().get("totalTokens", 0)))
+                continue
+            if response is not None:
+                failure = self.client.provider.failure(response)
+                if failure.fatal is not None:
+                    raise failure.as_api_error()
+                self.last_error = f"{failure.code} {failure.status}: {failure.message}"
+            self.failed += 1
+            counts.append(count_tokens(body))
+        return counts
+
+
+def estimate(
+    data: pl.DataFrame | pl.LazyFrame | str | os.PathLike,
+    prompt: Any = "prompt",
+    *,
+    images: Any = None,
+    history: Any = None,
+    system: str | None = None,
+    model: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+    response_schema: Any = None,
+    client: Client | None = None,
+    cache: str | CacheMode | None = None,
+    samples: int = 1,
+    exact: bool = False,
+    output_tokens: float | None = None,
+    prices: Prices | None = None,
+    batch: bool = False,
+) -> Estimate:
+    """Count what ``gf.generate(prompt, images=..., ...)`` over ``data`` would send and cost,
+    sending nothing to ``generateContent``.
+
+    ``data`` is a DataFrame, a LazyFrame or a parquet path; the other arguments are those of
+    `gemframe.generate` (``samples=N``: sample indices 0..N-1, as ``gemframe run --samples N``).
+    ``exact=True`` counts input tokens with the API's ``countTokens`` (free, but needs the key
+    for Google); ``output_tokens`` is your assumption of output tokens per request; ``batch``
+    prices the requests at the Batch Mode discount.
+    """
+    from .expr import default_client
+
+    if samples < 1:
+        raise InputError("samples must be >= 1")
+    client = client or default_client()
+    model = model or client.model
+    mode = CacheMode(cache) if cache is not None else client.cache_mode
+    builder = RequestBuilder(system, config, safety, response_schema)  # a bad config fails here
+    frame = _columns(data, prompt, images, history)
+    result = Estimate(model=model, provider=client.provider.name, cache_mode=mode.value, samples=samples)
+    looks_up = mode in (CacheMode.USE, CacheMode.READ)
+    store = client.cache if looks_up else None
+    counter = None
+    if exact:
+        from .providers import GoogleAI
+
+        if isinstance(client.provider, GoogleAI):
+            if mode is not CacheMode.READ:
+                client.provider.check_key()
+            counter = _Counter(client, model)
+        else:
+            result.notes.append(f"{client.provider.name} has no countTokens endpoint: input tokens are a local estimate")
+    seen: set[bytes] = set()
+    observed: list[tuple[int, int]] = []
+    first_invalid = ""
+    result.rows = frame.height
+    for start in range(0, frame.height, _CHUNK):
+        chunk = frame.slice(start, _CHUNK)
+        prompts = chunk["prompt"].to_list()
+        image_list = chunk["images"].to_list() if "images" in chunk.columns else [None] * chunk.height
+        histories = chunk["history"].to_list() if "history" in chunk.columns else [None] * chunk.height
+        fresh: dict[str, dict[str, Any]] = {}  # key -> body, new in this chunk
+        for row, (p, i, h) in enumerate(zip(prompts, image_list, histories), start):
+            try:
+                body = builder.build(p, i, h)
+            except InputError as exc:
+                result.invalid_rows += 1
+                first_invalid = first_invalid or f"row {row}: {exc}"
+                continue
+            if body is None:
+                result.rows_without_prompt += 1
+                continue
+            for k in range(samples):
+                result.requests += 1
+                key = cache_key(body, provider=client.provider.name, model=model, sample=k)
+                digest = bytes.fromhex(key)
+                if digest not in seen:
+                    seen.add(digest)
+                    fresh[key] = body
+        result.distinct_requests += len(fresh)
+        hits = store.contains_many(fresh) if store is not None else set()
+        result.cache_hits += len(hits)
+        if hits and len(observed) < _OBSERVE:
+            wanted = list(hits)[: _OBSERVE - len(observed)]
+            observed += [_answer_output(raw) for raw in store.get_many(wanted).values()]
+        missing = {k: b for k, b in fresh.items() if k not in hits}
+        if mode is CacheMode.READ:
+            result.cache_misses += len(missing)
+            continue
+        result.to_send += len(missing)
+        bodies: dict[int, tuple[dict[str, Any], int]] = {}  # one count per distinct body (samples share it)
+        for body in missing.values():
+            entry = bodies.setdefault(id(body), (body, 0))
+            bodies[id(body)] = (body, entry[1] + 1)
+        if counter is not None and bodies:
+            counts = counter.count([b for b, _ in bodies.values()])
+        else:
+            counts = [count_tokens(b) for b, _ in bodies.values()]
+        result.input_tokens += sum(n * times for n, (_, times) in zip(counts, bodies.values()))
+    if counter is not None:
+        result.token_method = "countTokens"
+        if counter.failed:
+            result.token_method = "countTokens+local"
+            result.notes.append(f"{counter.failed} requests counted locally: countTokens failed ({counter.last_error})")
+    if first_invalid:
+        result.notes.append(f"{result.invalid_rows} rows cannot be sent (their error, e.g. {first_invalid})")
+    _assume_output(result, builder.config or {}, observed, output_tokens)
+    result.output_tokens = round(result.output_tokens_per_request * result.to_send)
+    result.images = round(result.images_per_request * result.to_send)
+    result.cost = cost(
+        model, input_tokens=result.input_tokens, output_tokens=result.output_tokens,
+        images=result.images, prices=prices, batch=batch,
+    )
+    if batch:
+        result.notes.append(f"Batch Mode: priced at {BATCH_DISCOUNT:.0%} of the standard price")
+    return result
+
+
+def _assume_output(result: Estimate, config: Mapping[str, Any], observed: list[tuple[int, int]], given: float | None) -> None:
+    wants_image = "IMAGE" in [str(m).upper() for m in config.get("responseModalities") or ()]
+    if given is not None:
+        result.output_tokens_per_request, result.output_basis = float(given), "as given"
+        result.images_per_request = 1.0 if wants_image else 0.0
+    elif observed:
+        result.output_tokens_per_request = sum(t for t, _ in observed) / len(observed)
+        result.images_per_request = round(sum(i for _, i in observed) / len(observed), 3)
+        result.output_basis = f"mean of {len(observed)} cached answers of this job"
+    elif config.get("maxOutputTokens"):
+        result.output_tokens_per_request = float(config["maxOutputTokens"])
+        result.output_basis = "maxOutputTokens, an upper bound"
+        result.images_per_request = 1.0 if wants_image else 0.0
+    else:
+        result.output_tokens_per_request = float(DEFAULT_OUTPUT_TOKENS)
+        result.output_basis = "a default guess; pass output_tokens= (--output-tokens) or try a few rows first"
+        result.images_per_request = 1.0 if wants_image else 0.0

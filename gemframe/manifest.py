@@ -1,0 +1,274 @@
+"""Run manifests: what produced a result, in a small JSON-able dict.
+
+`gemframe run` stores one in the output parquet's key-value metadata (key ``gemframe``) and, on
+request, in a JSON sidecar; `read_manifest` reads it back (``gemframe manifest OUT.parquet``
+prints it). For results made with expressions, `manifest` builds the same dict from a reply
+column::
+
+    out = df.with_columns(reply=gf.generate("prompt", config=cfg, client=client))
+    m = gf.manifest(out, client=client, config=cfg)
+    out.write_parquet("out.parquet", metadata={"gemframe": json.dumps(m)})   # gf.read_manifest reads it
+
+Counts come from the reply fields: ``cached`` rows are cache hits, rows answered by a request
+made in this run are cache misses; ``requests_sent`` counts distinct requests (identical rows
+share one), ``tokens`` counts every answered row and, ``*_paid``, only this run's requests;
+``cost`` prices both from the price table (`gemframe.estimate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from .estimate import IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, Prices, cost
+
+if TYPE_CHECKING:
+    from .client import Client
+
+MANIFEST_KEY = b"gemframe"
+MANIFEST_FORMAT = 2
+TIMING_FIELDS = ("started", "finished", "wall_seconds")
+"""Fields that differ between two runs that produced the same data."""
+
+_TALLY_FIELDS = (
+    "cached", "attempts", "error", "finish_reason", "prompt_tokens", "candidates_tokens",
+    "thoughts_tokens", "images", "response_id", "latency_ms",
+)
+
+
+def fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Path, size and sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def reply_struct(data: pl.Series | pl.DataFrame, reply: str = "reply") -> pl.Series:
+    """The reply struct column of a frame (a ``reply`` struct, or the reply fields unnested as
+    ``gemframe run`` writes them), or the series itself."""
+    if isinstance(data, pl.Series):
+        return data
+    if reply in data.columns and isinstance(data.schema[reply], pl.Struct):
+        return data[reply]
+    present = [c for c in _TALLY_FIELDS if c in data.columns]
+    if "cached" not in present or "error" not in present:
+        raise ValueError(f"no reply column {reply!r} and no reply fields (cached, error, ...) in {data.columns}")
+    # A row whose reply was null (nothing to send) has every reply field null.
+    return data.select(
+        pl.when(pl.any_horizontal(pl.col(present).is_not_null())).then(pl.struct(present)).alias(reply)
+    ).to_series()
+
+
+class Tally:
+    """Counts for a manifest, added up over the reply column of each batch (or send call)."""
+
+    def __init__(self) -> None:
+        self.rows = self.skipped = self.hits = self.misses = self.sent = 0
+        self.tokens = Counter[str]()
+        self.errors: Counter[str] = Counter()
+        self.finish: Counter[str] = Counter()
+
+    def add(self, replies: pl.Series, paid: set[str] | None = None) -> None:
+        """One reply column; each call is one send call (identical requests share one record).
+        ``paid``: response ids answered in this run although read from the cache (batch jobs
+        collected into the cache before the output is written)."""
+        self.rows += len(replies)
+        self.skipped += replies.null_count()
+        frame = replies.filter(replies.is_not_null()).struct.unnest()
+        for name in _TALLY_FIELDS:  # a user's reply struct may lack some (e.g. raw selections)
+            if name not in frame.columns:
+                frame = frame.with_columns(pl.lit(None).alias(name))
+        frame = frame.with_columns(
+            pl.col("cached").cast(pl.Boolean).fill_null(False),
+            pl.col("attempts").cast(pl.Int64).fill_null(0),
+            n_images=pl.col("images").list.len().fill_null(0) if frame.schema["images"] != pl.Null else pl.lit(0),
+        )
+        if paid:
+            frame = frame.with_columns(
+                fetched=pl.col("response_id").is_in(list(paid)).fill_null(False) & pl.col("cached")
+            ).with_columns(pl.col("cached") & ~pl.col("fetched"), pl.col("attempts") + pl.col("fetched").cast(pl.Int64))
+        hits = int(frame["cached"].sum())
+        self.hits += hits
+        self.misses += frame.height - hits
+        errors = frame["error"].struct.field("status") if frame.schema["error"] != pl.Null else frame["error"]
+        self.errors.update(s for s in errors.to_list() if s is not None)
+        self.finish.update(s for s in frame["finish_reason"].to_list() if s is not None)
+        # Rows sharing one request share its record: same response, attempts and latency.
+        fresh = frame.filter(~pl.col("cached") & (pl.col("attempts") > 0)).unique(
+            subset=["response_id", "attempts", "latency_ms"], keep="first", maintain_order=True
+        )
+        self.sent += fresh.height
+        for suffix, part in (("", frame), ("_paid", fresh)):
+            sums = part.select(
+                pl.col("prompt_tokens", "candidates_tokens", "thoughts_tokens", "n_images").cast(pl.Int64).sum()
+            ).row(0)
+            prompt, candidates, thoughts, images = (int(v or 0) for v in sums)
+            self.tokens[f"input{suffix}"] += prompt
+            self.tokens[f"output{suffix}"] += candidates + thoughts
+            self.tokens[f"thoughts{suffix}"] += thoughts
+            self.tokens[f"images{suffix}"] += images
+
+    def as_dict(self, model: str | None = None, prices: Prices | None = None, batch: bool = False) -> dict[str, Any]:
+        """The counts; with a ``model``, their estimated ``cost`` too (``batch``: at the Batch
+        Mode discount)."""
+        t = self.tokens
+        tokens = {k: int(t[k]) for k in ("input", "output", "thoughts", "input_paid", "output_paid", "thoughts_paid")}
+        out = {
+            "rows": self.rows,
+            "rows_without_prompt": self.skipped,
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "requests_sent": self.sent,
+            "errors": dict(self.errors.most_common()),
+            "finish_reasons": dict(self.finish.most_common()),
+            "tokens": tokens,
+            "images_generated": int(t["images"]),
+            "images_generated_paid": int(t["images_paid"]),
+        }
+        if model is not None:
+            out["cost"] = _cost(model, t, prices, batch)
+        return out
+
+
+def _cost(model: str, tokens: Mapping[str, int], prices: Prices | None, batch: bool = False) -> dict[str, Any]:
+    def usd(suffix: str) -> dict[str, Any] | None:
+        text_out = max(0, tokens[f"output{suffix}"] - tokens[f"images{suffix}"] * IMAGE_OUTPUT_TOKENS)
+        return cost(model, input_tokens=tokens[f"input{suffix}"], output_tokens=text_out,
+                    images=tokens[f"images{suffix}"], prices=prices, batch=batch)
+
+    paid, everything = usd("_paid"), usd("")
+    if paid is None or everything is None:
+        return {"currency": "USD", "this_run": None, "all_rows": None,
+                "note": f"no price for model {model!r}: pass prices= or set $GEMFRAME_PRICES"}
+    return {
+        "currency": "USD",
+        "this_run": paid["usd"],  # the answers received (paid for) in this run
+        "all_rows": everything["usd"],  # every answer in the output, cached ones included
+        "priced_as": paid["priced_as"],
+        "prices": paid["prices"],
+        "batch_discount": batch,
+        "basis": f"estimated from actual usageMetadata at list prices as of {PRICES_AS_OF} "
+                 "(USD per 1M input/output tokens, per generated image)",
+    }
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def describe(
+    *,
+    client: Client,
+    model: str,
+    system: str | None,
+    config: Mapping[str, Any] | None,
+    safety: Any,
+    prompt: Any,
+    images: Any,
+    samples: int,
+    cache_mode: str,
+) -> dict[str, Any]:
+    """The "what produced it" part of a manifest."""
+    from .payload import normalize_config, normalize_safety
+
+    def column(value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return f"<{len(value)} bytes, sha256 {hashlib.sha256(value).hexdigest()[:16]}>"
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+    return {
+        "format": MANIFEST_FORMAT,
+        "gemframe": _version(),
+        "provider": client.provider.name,
+        "base_url": client.provider.base_url,
+        "model": model,
+        "system": system,
+        "config": normalize_config(config),
+        "safety": normalize_safety(safety),
+        "prompt_column": column(prompt),
+        "images_column": column(images),
+        "samples": samples,
+        "cache_mode": cache_mode,
+    }
+
+
+def manifest(
+    data: pl.Series | pl.DataFrame,
+    reply: str = "reply",
+    *,
+    client: Client | None = None,
+    model: str | None = None,
+    system: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+    prompt: Any = None,
+    images: Any = None,
+    input: str | os.PathLike[str] | None = None,
+    samples: int = 1,
+    cache: str | None = None,
+    started: float | None = None,
+    prices: Prices | None = None,
+) -> dict[str, Any]:
+    """A run manifest for replies made with `gemframe.generate`: pass the frame (or the reply
+    column) and what you passed to ``generate`` (client, model, system, config, ...), so the
+    manifest says what produced them. ``input``: a file to fingerprint; ``started``: the
+    ``time.time()`` before the call, for the wall time."""
+    from .expr import default_client
+
+    client = client or default_client()
+    model = model or client.model
+    tally = Tally()
+    tally.add(reply_struct(data, reply))
+    out = describe(
+        client=client, model=model, system=system, config=config, safety=safety, prompt=prompt,
+        images=images, samples=samples, cache_mode=cache or client.cache_mode.value,
+    )
+    if input is not None:
+        out["input"] = fingerprint(input)
+    now = time.time()
+    if started is not None:
+        out.update(started=_stamp(started), finished=_stamp(now), wall_seconds=round(now - started, 3))
+    else:
+        out["finished"] = _stamp(now)
+    return {**out, **tally.as_dict(model, prices)}
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run manifest stored in a parquet file's metadata (or a JSON sidecar file), or None."""
+    path = os.fspath(path)
+    if path.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_metadata(path).metadata or {}
+    raw = metadata.get(MANIFEST_KEY)
+    return json.loads(raw) if raw else None
+
+
+def write_manifest(manifest: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """A manifest as a pretty JSON sidecar file (written whole, then renamed)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)

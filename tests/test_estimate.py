@@ -1,0 +1,137 @@
+"""Dry runs and cost: gf.estimate / gemframe run --dry-run count what would be sent and what it
+would cost, and send nothing to generateContent; the price table is overridable."""
+
+import json
+
+import polars as pl
+import pytest
+
+import gemframe as gf
+from gemframe.cli import main
+from gemframe.estimate import BATCH_DISCOUNT, count_tokens, cost, model_price, price_table
+
+IMAGE_CONFIG = {"response_modalities": ["TEXT", "IMAGE"]}
+
+
+def test_estimate_counts_rows_requests_and_input_tokens_without_sending(client, emulator, sample_input):
+    est = gf.estimate(sample_input, images="image_path", system="Be brief.", client=client)
+    assert emulator.stats.requests == 0
+    assert (est.rows, est.rows_without_prompt, est.invalid_rows) == (12, 1, 0)
+    assert (est.requests, est.distinct_requests, est.cache_hits, est.to_send) == (11, 11, 0, 11)
+    assert est.token_method == "local" and est.output_basis.startswith("a default guess")
+    # The local estimate follows the emulator's own rule, so it matches what the run reports.
+    out = pl.read_parquet(sample_input).with_columns(
+        reply=gf.generate("prompt", images="image_path", system="Be brief.", client=client)
+    )
+    assert est.input_tokens == out["reply"].struct.field("prompt_tokens").sum()
+    assert est.cost is not None and est.cost["usd"] > 0 and est.cost["priced_as"] == gf.DEFAULT_MODEL
+    text = str(est)
+    assert "to send" in text and "est. cost" in text and f"{est.input_tokens:,}" in text
+
+
+def test_after_a_first_try_the_estimate_counts_hits_and_uses_the_observed_output(client, emulator, sample_input):
+    df = pl.read_parquet(sample_input)
+    kw = dict(images="image_path", config=IMAGE_CONFIG, client=client)
+    tried = df.head(4).with_columns(reply=gf.generate("prompt", **kw))  # try on a few rows
+    sent = emulator.stats.requests
+    est = gf.estimate(df.lazy(), **kw)  # then estimate the whole frame
+    assert emulator.stats.requests == sent == 4
+    assert (est.cache_hits, est.to_send) == (4, 7)
+    assert est.output_basis == "mean of 4 cached answers of this job"
+    replies = tried["reply"].struct
+    text_out = (replies.field("candidates_tokens") - 1290 * replies.field("images").list.len()).mean()
+    assert est.output_tokens_per_request == pytest.approx(text_out)
+    assert est.images_per_request == 1 and est.images == 7
+    assert est.cost["images_usd"] == pytest.approx(7 * 0.039)
+
+
+def test_duplicates_samples_and_invalid_rows(client, emulator, tmp_path):
+    df = pl.DataFrame({"prompt": ["a", "a", "b", None, "c"], "image": [None, None, None, None, str(tmp_path / "nope.png")]})
+    est = gf.estimate(df, images="image", client=client, samples=3)
+    assert (est.rows, est.rows_without_prompt, est.invalid_rows) == (5, 1, 1)
+    assert (est.requests, est.distinct_requests, est.to_send) == (9, 6, 6)
+    assert est.input_tokens == 6 * 1 and "cannot be sent" in " ".join(est.notes)
+    assert emulator.stats.requests == 0
+
+
+def test_read_mode_counts_misses_instead_of_sends(client, sample_input):
+    est = gf.estimate(sample_input, images="image_path", client=client, cache="read")
+    assert (est.to_send, est.cache_misses) == (0, 11) and est.cost["usd"] == 0
+    assert "CACHE_MISS" in str(est)
+
+
+def test_exact_counts_come_from_count_tokens(client, emulator, sample_input):
+    local = gf.estimate(sample_input, images="image_path", client=client)
+    exact = gf.estimate(sample_input, images="image_path", client=client, exact=True)
+    assert exact.token_method == "countTokens" and exact.input_tokens == local.input_tokens
+    assert emulator.stats.requests == 0  # countTokens is not generateContent
+
+
+def test_exact_over_http_with_the_google_dialect(served_emulator, sample_input, cache_dir):
+    server = served_emulator()
+    with gf.Client("google", api_key="k", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+        exact = gf.estimate(sample_input, images="image_path", client=c, exact=True)
+        local = gf.estimate(sample_input, images="image_path", client=c)
+    assert exact.token_method == "countTokens" and exact.input_tokens == local.input_tokens > 0
+    assert server.emulator.stats.requests == 0
+
+
+def test_exact_on_segmind_falls_back_to_local(cache_dir, sample_input):
+    with gf.Client("segmind", api_key="k", base_url="http://127.0.0.1:9", cache_dir=str(cache_dir), progress=False) as c:
+        est = gf.estimate(sample_input, images="image_path", client=c, exact=True)
+    assert est.token_method == "local" and "no countTokens" in est.notes[0]
+
+
+def test_output_assumption_order(client, sample_input):
+    given = gf.estimate(sample_input, client=client, output_tokens=50)
+    assert (given.output_tokens_per_request, given.output_basis) == (50, "as given")
+    capped = gf.estimate(sample_input, client=client, config={"max_output_tokens": 64})
+    assert capped.output_tokens_per_request == 64 and "maxOutputTokens" in capped.output_basis
+    assert capped.output_tokens == 64 * capped.to_send
+
+
+def test_count_tokens_rule():
+    body = {
+        "systemInstruction": {"parts": [{"text": "abcde"}]},  # 2
+        "contents": [{"role": "user", "parts": [{"text": "abcd"}, {"inlineData": {"mimeType": "image/png", "data": "x"}}]}],
+    }
+    assert count_tokens(body) == 2 + 1 + 258
+
+
+def test_price_table_prefix_override_env_and_batch(tmp_path, monkeypatch):
+    assert model_price("gemini-2.5-flash-preview-05-20")[0] == "gemini-2.5-flash"
+    assert model_price("models/gemini-2.5-flash-lite")[0] == "gemini-2.5-flash-lite"
+    assert model_price("gpt-4") is None and cost("gpt-4", input_tokens=1, output_tokens=1) is None
+    one = cost("gemini-2.5-flash", input_tokens=1_000_000, output_tokens=1_000_000)
+    assert one["usd"] == pytest.approx(0.30 + 2.50)
+    half = cost("gemini-2.5-flash", input_tokens=1_000_000, output_tokens=1_000_000, batch=True)
+    assert half["usd"] == pytest.approx(one["usd"] * BATCH_DISCOUNT)
+    # Without a per-image price an image is 1290 output tokens.
+    assert cost("gemini-2.0-flash", input_tokens=0, output_tokens=0, images=1)["usd"] == pytest.approx(1290 * 0.40 / 1e6)
+    assert cost("gemini-2.0-flash-preview-image-generation", input_tokens=0, output_tokens=0, images=2)["usd"] == pytest.approx(0.078)
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"my-model": {"input": 1, "output": 2}, "gemini-2.5-flash": {"input": 9}}))
+    monkeypatch.setenv("GEMFRAME_PRICES", str(path))
+    table = price_table()
+    assert table["my-model"] == {"input": 1.0, "output": 2.0} and table["gemini-2.5-flash"] == {"input": 9.0, "output": 2.5}
+    assert price_table({"my-model": {"input": 3}})["my-model"] == {"input": 3.0, "output": 2.0}  # the argument wins
+    assert cost("my-model", input_tokens=2_000_000, output_tokens=0)["usd"] == 2.0
+    with pytest.raises(gf.InputError, match="must be"):
+        price_table({"m": {"inptu": 1}})
+
+
+def test_cli_dry_run_sends_nothing_and_writes_nothing(served_emulator, sample_input, tmp_path, capsys):
+    server = served_emulator()
+    out = tmp_path / "o.parquet"
+    prices = tmp_path / "p.json"
+    prices.write_text(json.dumps({"gemini-2.0-flash-preview-image-generation": {"input": 1000, "output": 0, "image": 0}}))
+    code = main([
+        "run", str(sample_input), str(out), "--images", "image_path", "--emulator", "--base-url", server.url,
+        "--cache-dir", str(tmp_path / "c"), "--dry-run", "--samples", "2", "--count-tokens", "--prices", str(prices),
+    ])
+    printed = capsys.readouterr()
+    assert code == 0 and not out.exists() and server.emulator.stats.requests == 0
+    assert "requests                  22" in printed.out and "exact, from the API's countTokens" in printed.out
+    assert "nothing was sent" in printed.err
+    tokens = int(printed.out.split("input tokens")[1].split()[0].replace(",", ""))
+    assert f"${tokens * 1000 / 1e6:,.4f}" in printed.out  # priced from the override file
