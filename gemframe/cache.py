@@ -50,7 +50,7 @@ def default_cache_dir() -> str:
     return os.path.join(base, "gemframe")
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=16)  # small: each entry keeps an encoded image alive
 def _data_digest(data: str) -> str:
     # Python caches a str's hash, so the same encoded image shared by many rows hashes once.
     return "sha256:" + hashlib.sha256(data.encode("ascii")).hexdigest()

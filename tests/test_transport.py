@@ -61,3 +61,14 @@ def test_slow_answer_times_out_per_request(served_emulator, cache_dir):
         ).unnest("reply")
     assert out["error"][0]["status"] == "TIMEOUT" and out["attempts"][0] == 2
     assert out["error"][1] is None
+
+
+def test_proxy_environment_is_honoured_once_per_host(monkeypatch):
+    from gemframe._http import _proxy_for
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    _proxy_for.cache_clear()
+    assert _proxy_for("https", "generativelanguage.googleapis.com") == "http://127.0.0.1:3128"
+    assert _proxy_for("http", "127.0.0.1") is None
+    _proxy_for.cache_clear()

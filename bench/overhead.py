@@ -1,0 +1,60 @@
+"""Benchmark 2, client overhead: CPU seconds per request at server latency 0, concurrency 64.
+
+Each client runs in its own fresh process (`clients.py`) against the bench server (another
+process), after a warm-up batch; the figure is the best of ``repeat`` measured batches of
+``rows`` distinct prompts (the least disturbed by the machine). Baselines: raw aiohttp and raw
+httpx loops. gemframe is measured with ``cache="off"`` and with ``cache="use"`` on a fresh
+cache directory (keys + writes, as in real use); both include payload building, cache keys,
+decoding and the Arrow struct.
+"""
+
+from __future__ import annotations
+
+from _common import BenchServer, Row, Section, run_worker
+
+SIZES = {"quick": dict(rows=500, repeat=1, warmup=64), "default": dict(rows=5000, repeat=2, warmup=200)}
+GOAL = 1.5
+
+
+def run(mode: str) -> Section:
+    size = SIZES.get(mode, SIZES["default"])
+    rows, concurrency = size["rows"], 64
+    section = Section(
+        "overhead", "2. Client overhead",
+        f"{rows:,} rows, server latency 0, concurrency {concurrency}; CPU time of the client process "
+        f"(all threads) per request, best of {size['repeat']} batch(es) after a {size['warmup']}-row warm-up.",
+    )
+    results = {}
+    with BenchServer(0.0) as server:
+        for name, client, cache, repeat in [
+            ("aiohttp", "aiohttp", "off", size["repeat"]),
+            ("httpx", "httpx", "off", 1),
+            ("gemframe cache=off", "gemframe", "off", size["repeat"]),
+            ("gemframe cache=use", "gemframe", "use", size["repeat"]),
+        ]:
+            before = server.stats()
+            r = run_worker("clients.py", [
+                "--client", client, "--url", server.url, "--rows", str(rows), "--concurrency", str(concurrency),
+                "--cache", cache, "--warmup", str(size["warmup"]), "--repeat", str(repeat),
+            ])
+            after = server.stats()
+            sent = after["requests"] - before["requests"]
+            expected = size["warmup"] + rows * repeat
+            if r["wrong"] or sent != expected:
+                section.notes.append(f"{name}: {r['wrong']} wrong answers, {sent} requests (expected {expected}).")
+            r["ms"] = 1000 * r["cpu_s"] / rows
+            r["server_ms"] = 1000 * (after["cpu_s"] - before["cpu_s"]) / expected
+            results[name] = r
+    base = results["aiohttp"]["ms"]
+    for name, r in results.items():
+        is_gf = name.startswith("gemframe")
+        section.rows.append(Row(
+            f"{name}: CPU per request", round(r["ms"], 4), round(base, 4), "raw aiohttp", "ms",
+            goal=f"<= {GOAL}x" if is_gf else "", met=(r["ms"] / base <= GOAL) if is_gf else None,
+            note=f"wall {r['wall_s']:.2f}s ({rows / r['wall_s']:,.0f} req/s); batches {', '.join(f'{c:.2f}' for c in r['cpu_s_all'])} CPU s",
+        ))
+    section.notes.append(
+        "Server CPU per request (its own process, not counted above): "
+        + ", ".join(f"{n} {r['server_ms']:.3f} ms" for n, r in results.items()) + "."
+    )
+    return section
