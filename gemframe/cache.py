@@ -29,6 +29,7 @@ from typing import Any
 import diskcache
 
 ENTRY_FORMAT = 1
+_CURRENT_HEADER = b'{"format": 1,'  # how set_many's json.dumps header starts
 EXPORT_COLUMNS = ("key", "model", "created", "format", "response")
 _EXPORT_BATCH = 1000  # rows per transaction / record batch when exporting or importing
 
@@ -119,6 +120,8 @@ class ResponseCache:
     @staticmethod
     def _unpack(entry: bytes) -> bytes:
         header, _, raw = entry.partition(b"\n")
+        if header.startswith(_CURRENT_HEADER):  # the common case, without parsing JSON
+            return raw
         fmt = json.loads(header).get("format")
         if fmt != ENTRY_FORMAT:
             raise ValueError(f"cache entry format {fmt} is newer than this gemframe understands")
