@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -356,6 +357,11 @@ def resolve_provider(provider: str | Provider | None, **options: Any) -> Provide
             (p.name for p in (GoogleAI, Segmind) if any(os.environ.get(v) for v in p.key_env)),
             "emulator",
         )
+        if provider == "emulator":
+            logging.getLogger("gemframe").warning(
+                "no GEMINI_API_KEY, GOOGLE_API_KEY or SEGMIND_API_KEY set: answering with the offline "
+                "emulator (its replies say model_version 'emulator-...'); pass provider= to choose"
+            )
     try:
         cls = PROVIDERS[provider.lower()]
     except KeyError:

@@ -144,3 +144,12 @@ def test_api_error_message_has_hint_not_key():
     failure = gf.GoogleAI(api_key=KEY).failure(_response(401, {"error": {"code": 401, "message": "bad", "status": "UNAUTHENTICATED"}}))
     text = str(failure.as_api_error())
     assert "GEMINI_API_KEY" in text and KEY not in text
+
+
+def test_falling_back_to_the_emulator_is_said(monkeypatch, caplog):
+    for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_provider(None).name == "emulator"
+    assert "offline emulator" in caplog.text
+    caplog.clear()
+    assert resolve_provider("emulator").name == "emulator" and not caplog.text
