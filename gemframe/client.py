@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
-from collections.abc import Iterable
-from itertools import islice
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .cache import CacheMode, ResponseCache, cache_key
@@ -23,7 +22,34 @@ from .response import decode, failed
 # A row to answer: a request body, a RowError found while building it, or None (nothing to send).
 Row = dict[str, Any] | RowError | None
 
-_LOOKUP_BATCH = 1024  # rows per batched cache lookup
+_LOOKUP_BATCH = 1024  # rows per batched cache lookup...
+_LOOKUP_BYTES = 64 * 2**20  # ...or fewer, when their inline images add up to this
+_INFLIGHT_BYTES = 256 * 2**20  # encoded request bodies held at once
+
+
+def _inline_bytes(row: Row) -> int:
+    if not isinstance(row, dict):
+        return 0
+    return sum(
+        len(part["inlineData"].get("data", ""))
+        for content in row.get("contents") or ()
+        for part in content.get("parts") or ()
+        if "inlineData" in part
+    )
+
+
+def _batches(rows: Iterable[Row]) -> Iterator[list[Row]]:
+    """Rows in lookup batches, bounded by count and by image bytes (memory stays bounded)."""
+    batch: list[Row] = []
+    size = 0
+    for row in rows:
+        batch.append(row)
+        size += _inline_bytes(row)
+        if len(batch) >= _LOOKUP_BATCH or size >= _LOOKUP_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 INLINE_LIMIT = 20 * 2**20  # the API's limit on one request's inline data, in bytes
 
 
@@ -189,13 +215,14 @@ class _Run:
         self.unstored: list[tuple[str, str, bytes]] = []  # answers not yet in the cache
         self.finished: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.window = max(64, client.executor.concurrency * 4)
+        self.inflight_bytes = 0  # encoded bodies waiting or in flight: bounded by _INFLIGHT_BYTES
+        self.sizes: dict[str, int] = {}
 
     def execute(self, rows: Iterable[Row]) -> list[dict[str, Any] | None]:
         if self.mode is not CacheMode.READ:
             self.provider.check_key()
         self.client.executor.tripped = None  # each call tries again (the key may be fixed)
-        iterator = iter(rows)
-        while batch := list(islice(iterator, _LOOKUP_BATCH)):
+        for batch in _batches(rows):
             self._admit(batch)
         while self.futures:
             self._collect(block=True)
@@ -259,8 +286,10 @@ class _Run:
                 continue
             future = self.client.executor.submit(key, self.url, content)
             self.futures[key] = future
+            self.inflight_bytes += len(content)
+            self.sizes[key] = len(content)
             future.add_done_callback(lambda f, key=key: self.finished.put((key, f)))
-            while len(self.futures) >= self.window:
+            while len(self.futures) >= self.window or self.inflight_bytes > _INFLIGHT_BYTES:
                 self._collect(block=True)
         self._collect(block=False)
 
@@ -279,6 +308,7 @@ class _Run:
         outcomes = [(key, future.result()) for key, future in done]
         for key, _ in done:
             del self.futures[key]
+            self.inflight_bytes -= self.sizes.pop(key)
         if self.cache is not None:
             self.unstored = [(k, self.model, o.raw) for k, o in outcomes if o.raw is not None]
             self.cache.set_many(self.unstored)
