@@ -114,3 +114,16 @@ def test_cli_batch_killed_mid_poll_resumes_without_resubmitting(served_emulator,
     out = pl.read_parquet(dst)
     assert out["id"].to_list() == list(range(200)) and out["error"].is_null().all()
     assert batches.creates == creates and server.emulator.stats.requests == 0  # resumed, not resubmitted
+
+
+def test_a_cancelled_job_fails_its_rows(cache_dir, tmp_path):
+    emulator = Emulator(batch_polls=1000)
+    state = str(tmp_path / "jobs.json")
+    with _client(emulator, cache_dir) as client:
+        _batch(FRAME, client, batch_state=state, wait=False)
+        name = json.load(open(state))["jobs"][0]["name"]
+        answer = client.executor.call("POST", client.provider.operation_url(name) + ":cancel").result()
+        assert answer.status_code == 200
+        out = _batch(FRAME, client, batch_state=state)
+    assert (out["error"].struct.field("status").drop_nulls() == "BATCH_CANCELLED").all()
+    assert emulator.batches.creates == 1
