@@ -28,14 +28,14 @@ _INFLIGHT_BYTES = 256 * 2**20  # encoded request bodies held at once
 
 
 def _inline_bytes(row: Row) -> int:
-    if not isinstance(row, dict):
-        return 0
-    return sum(
-        len(part["inlineData"].get("data", ""))
-        for content in row.get("contents") or ()
-        for part in content.get("parts") or ()
-        if "inlineData" in part
-    )
+    size = 0
+    if isinstance(row, dict):
+        for content in row.get("contents") or ():
+            for part in content.get("parts") or ():
+                inline = part.get("inlineData")
+                if inline is not None:
+                    size += len(inline.get("data", ""))
+    return size
 
 
 def _batches(rows: Iterable[Row]) -> Iterator[list[Row]]:
