@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .cache import CacheMode, ResponseCache, cache_key
-from .errors import APIError, RowError
+from .errors import RowError
 from .executor import Executor, Outcome, RetryPolicy
 from .limits import RateLimiter
 from .progress import Progress
