@@ -209,7 +209,7 @@ class _Run:
         self.records: list[dict[str, Any] | None] = []
         self.waiting: dict[str, list[int]] = {}  # key -> rows waiting for its answer
         self.done_rows: dict[str, int] = {}  # key -> a row already answered in this call
-        self.futures: dict[str, Any] = {}
+        self.in_flight: set[str] = set()  # keys submitted and not yet collected
         self.batch_options: tuple[str | None, float, bool] | None = None  # set in batch mode
         self.batch_bodies: dict[str, bytes] = {}  # batch mode: the misses' request JSON
         self.unstored: list[tuple[str, str, bytes]] = []  # answers not yet in the cache
@@ -224,7 +224,7 @@ class _Run:
         self.client.executor.tripped = None  # each call tries again (the key may be fixed)
         for batch in _batches(rows):
             self._admit(batch)
-        while self.futures:
+        while self.in_flight:
             self._collect(block=True)
         if self.batch_bodies:
             self._resolve_batch()
@@ -266,6 +266,7 @@ class _Run:
             for key, raw in self.cache.get_many(fresh).items():
                 del fresh[key]
                 self._answer(key, self._decode(json.loads(raw), raw, True, 0, 0.0))
+        outgoing: list[tuple[str, str, bytes]] = []  # submitted together: one loop wake-up
         for key, body in fresh.items():
             if self.mode is CacheMode.READ:
                 self._answer(key, failed(RowError(
@@ -284,13 +285,17 @@ class _Run:
             if self.batch_options is not None:
                 self.batch_bodies[key] = content
                 continue
-            future = self.client.executor.submit(key, self.url, content)
-            self.futures[key] = future
+            outgoing.append((key, self.url, content))
+            self.in_flight.add(key)
             self.inflight_bytes += len(content)
             self.sizes[key] = len(content)
-            future.add_done_callback(lambda f, key=key: self.finished.put((key, f)))
-            while len(self.futures) >= self.window or self.inflight_bytes > _INFLIGHT_BYTES:
-                self._collect(block=True)
+            if len(self.in_flight) >= self.window or self.inflight_bytes > _INFLIGHT_BYTES:
+                self.client.executor.submit_many(outgoing, self.finished)
+                outgoing = []
+                while len(self.in_flight) >= self.window or self.inflight_bytes > _INFLIGHT_BYTES:
+                    self._collect(block=True)
+        if outgoing:
+            self.client.executor.submit_many(outgoing, self.finished)
         self._collect(block=False)
 
     def _collect(self, block: bool) -> None:
@@ -305,9 +310,9 @@ class _Run:
                 done.append(self.finished.get_nowait())
             except queue.Empty:
                 break
-        outcomes = [(key, future.result()) for key, future in done]
+        outcomes = [(key, task.result()) for key, task in done]
         for key, _ in done:
-            del self.futures[key]
+            self.in_flight.discard(key)
             self.inflight_bytes -= self.sizes.pop(key)
         if self.cache is not None:
             self.unstored = [(k, self.model, o.raw) for k, o in outcomes if o.raw is not None]
@@ -343,9 +348,8 @@ class _Run:
 
     def finish(self) -> None:
         """Cancel what is still in flight (after an error or Ctrl-C) and keep what was answered."""
-        for future in self.futures.values():
-            future.cancel()
-        self.futures.clear()
+        self.client.executor.cancel(self.finished)
+        self.in_flight.clear()
         if self.unstored and self.cache is not None:  # a Ctrl-C hit the cache write: redo it
             self.cache.set_many(self.unstored)
         if self.progress.owned:

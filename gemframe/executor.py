@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import json
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -82,6 +84,11 @@ class RetryPolicy:
         return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
 
 
+def _finished(tasks: set[Any], done: queue.SimpleQueue[Any], key: str, task: asyncio.Task[Outcome]) -> None:
+    tasks.discard(task)
+    done.put((key, task))
+
+
 @dataclass
 class _Shared:
     """One request in flight and how many callers wait for it."""
@@ -113,20 +120,39 @@ class Executor:
         self._http: AiohttpSession | HttpxSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inflight: dict[str, _Shared] = {}
+        self._tasks: dict[int, set[asyncio.Task[Outcome]]] = {}  # by id of the caller's done queue
         self._loop: asyncio.AbstractEventLoop | None = None
         _open_executors.add(self)
 
     def __repr__(self) -> str:
         return f"Executor({self.provider!r}, concurrency={self.concurrency})"
 
-    def submit(self, key: str, url: str, content: bytes) -> concurrent.futures.Future[Outcome]:
-        """Send one request from any thread; identical keys in flight share one request."""
-        return asyncio.run_coroutine_threadsafe(self._shared(key, url, content), self._use_loop())
+    def submit_many(self, items: list[tuple[str, str, bytes]], done: queue.SimpleQueue[tuple[str, asyncio.Task[Outcome]]]) -> None:
+        """Send (key, url, body) requests from any thread, waking the loop once for all of them;
+        each finished one is put on ``done`` as (key, task). Identical keys in flight share one
+        request. `cancel` stops the ones still running."""
+        self._use_loop().call_soon_threadsafe(self._start_many, items, done)
+
+    def cancel(self, done: queue.SimpleQueue[Any]) -> None:
+        """Cancel the requests submitted with this ``done`` queue that have not finished."""
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._cancel_all, id(done))
+
+    def _start_many(self, items: list[tuple[str, str, bytes]], done: queue.SimpleQueue[Any]) -> None:
+        tasks = self._tasks.setdefault(id(done), set())
+        for key, url, content in items:
+            task = asyncio.ensure_future(self._shared(key, url, content))
+            tasks.add(task)
+            task.add_done_callback(functools.partial(_finished, tasks, done, key))
+
+    def _cancel_all(self, queue_id: int) -> None:
+        for task in self._tasks.pop(queue_id, ()):
+            task.cancel()
 
     def _use_loop(self) -> asyncio.AbstractEventLoop:
         loop = background_loop()
         if loop is not self._loop:  # first use, or a fork made a new loop
-            self._loop, self._http, self._slots, self._inflight = loop, None, None, {}
+            self._loop, self._http, self._slots, self._inflight, self._tasks = loop, None, None, {}, {}
         return loop
 
     async def _shared(self, key: str, url: str, content: bytes) -> Outcome:
