@@ -3,8 +3,9 @@
 
 Running the loop on its own thread is what lets a synchronous polars expression use asyncio the
 same way from a script, from Jupyter (whose loop is already running) and from polars' streaming
-worker threads (which call the expression concurrently). Callers submit a request and get a
-`concurrent.futures.Future`; cancelling it cancels the request on the loop.
+worker threads (which call the expression concurrently). Callers submit a batch of requests
+with one wake-up of the loop and read finished ones from their own queue; `Executor.cancel`
+stops what is left (Ctrl-C, a whole-run error).
 """
 
 from __future__ import annotations
