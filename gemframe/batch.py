@@ -102,8 +102,7 @@ class BatchJobs:
             digest = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
             self.jobs.append(Job(display_name=f"gemframe-{digest}", keys=keys))
             self._save()  # recorded before it is sent: a crash now cannot submit it twice
-        contents = {k: v for k, v in bodies.items()}
-        self._submit_unsubmitted(contents)
+        self._submit_unsubmitted(bodies)
         self._poll(wait)
         answers: dict[str, bytes | RowError] = {}
         found = self.client.cache.get_many(bodies) if self.client.cache_mode.value != "off" else {}
@@ -120,6 +119,10 @@ class BatchJobs:
             else:
                 answers[key] = RowError(None, "BATCH_LOST", "answered by a batch job but no longer in the cache; delete the state file to resubmit")
         return answers
+
+    def wait(self) -> None:
+        """Poll until every recorded job has finished and been collected into the cache."""
+        self._poll(wait=True)
 
     def _submit_unsubmitted(self, contents: dict[str, bytes]) -> None:
         todo = [job for job in self.jobs if job.name is None]

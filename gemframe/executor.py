@@ -184,7 +184,7 @@ class Executor:
         client = self._client()
         assert self._slots is not None
         start = time.perf_counter()
-        estimate = estimate_tokens(content)
+        estimate = estimate_tokens(content) if self.limiter.tokens is not None else 0  # only TPM needs it
         failure: Failure | None = None
         error: RowError | None = None
         attempt = 0

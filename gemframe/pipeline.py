@@ -92,7 +92,7 @@ def run(
         for record_batch in source.iter_batches(batch_size=batch_rows):
             for k in range(samples):  # one at a time: each call updates the one state file
                 pl.from_arrow(record_batch).select(generate(**request, progress=False, wait=False, sample=k))
-        BatchJobs(client, model, batch["batch_state"], poll_interval, bar).resolve({}, wait=True)
+        BatchJobs(client, model, batch["batch_state"], poll_interval, bar).wait()
         if client.cache_mode is not CacheMode.OFF:  # answers the jobs stored: paid in this run
             paid = {json.loads(e["response"]).get("responseId") for e in client.cache.entries(model=model, after=started)}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
