@@ -14,7 +14,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import functools
-import json
 import logging
 import os
 import queue
@@ -24,6 +23,8 @@ import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from ._http import AiohttpSession, HttpxSession, Reply, TransportFailure
 from .errors import RowError
@@ -50,7 +51,7 @@ def background_loop() -> asyncio.AbstractEventLoop:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        parsed = json.loads(body)
+        parsed = orjson.loads(body)
     except ValueError:  # truncated, HTML, empty...
         return None
     return parsed if isinstance(parsed, dict) else None

@@ -34,6 +34,31 @@ def test_images_enter_the_key_by_content():
     assert gf.cache_key(_body(image=one), provider="p", model="m") != gf.cache_key(_body(image=two), provider="p", model="m")
 
 
+# Keys written by earlier releases must keep hitting: these were computed with the original
+# definition (sha256 of json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)).
+PINNED_KEYS = {
+    "99c8880d703f91dfc238120138cda1517be69d0d0d0e4cb562fac14b2d80b0d3":
+        {"contents": [{"role": "user", "parts": [{"text": 'Describe a cat in 3 words. \u00dcn\u00efcode \u2192 \u2713 "quoted"\n\t\x01'}]}]},
+    # floats json spells with an exponent, a negative zero
+    "31c0c9e2b636fa07128dc856e81d39bbe3dfafd9664e79ed21be50067947a360":
+        {"contents": [{"role": "user", "parts": [{"text": "x"}]}], "generationConfig": {
+            "temperature": 0.7, "topP": 1e-05, "presencePenalty": 1e16, "topK": 40, "frequencyPenalty": -0.0}},
+    # an int beyond 64 bits
+    "95e3856bc6a15b42e49fe2fd6acce2db5bbad2649909e40d8251595d7d98808e":
+        {"contents": [{"role": "user", "parts": [{"text": "x"}]}], "generationConfig": {"seed": 2**70}},
+    "126aa3d2a9eed406daeb357ca22589946c1800b738d13ca1bbff1e7e715d7bda":
+        {"contents": [{"role": "user", "parts": [{"text": "edit"}, {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]}],
+         "systemInstruction": {"parts": [{"text": "sys"}]}},
+    "c32e010fe63e175650251b3759dce7b64130441a8cf71916c700fd2df094daa4":
+        {"contents": [{"role": "user", "parts": [{"text": "[:1e5, 0.00001]"}]}]},
+}
+
+
+@pytest.mark.parametrize("expected", PINNED_KEYS)
+def test_keys_are_stable_across_releases(expected):
+    assert gf.cache_key(PINNED_KEYS[expected], provider="google", model="gemini-2.0-flash", sample=1) == expected
+
+
 def test_store_and_batch_lookup(tmp_path):
     cache = ResponseCache(tmp_path)
     cache.set_many([("k1", "m", b'{"candidates": []}'), ("k2", "m", b"{}")])
@@ -43,6 +68,17 @@ def test_store_and_batch_lookup(tmp_path):
     reopened = ResponseCache(tmp_path)  # another process/session sees the same entries
     assert reopened.get_many(["k2"]) == {"k2": b"{}"}
     assert reopened.clear() == 2 and len(reopened) == 0
+
+
+def test_batch_lookup_reads_big_answers_and_many_keys(tmp_path):
+    """Answers diskcache keeps in files (an image answer) come back too, and a lookup of more
+    keys than one SQL query takes is split."""
+    cache = ResponseCache(tmp_path)
+    image_answer = b'{"candidates": [{"content": {"parts": [{"inlineData": {"data": "' + b"A" * 300_000 + b'"}}]}}]}'
+    small = {f"k{i}": b'{"i": %d}' % i for i in range(1_200)}
+    cache.set_many([("big", "m", image_answer), *((k, "m", v) for k, v in small.items())])
+    found = cache.get_many(["big", "absent", *small])
+    assert found == {"big": image_answer, **small}
 
 
 def test_default_dir_honours_env(monkeypatch, tmp_path):
