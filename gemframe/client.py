@@ -1,5 +1,5 @@
 """`Client`: a provider, an executor and a cache, and the loop that turns request bodies into
-reply records: look up the cache in batches, send only the misses (each distinct request once),
+the reply column: look up the cache in batches, send only the misses (each distinct request once),
 store answers as they arrive, decode, report progress. Memory stays bounded because bodies are
 consumed lazily and at most a window of requests is in flight.
 """
@@ -11,18 +11,22 @@ import queue
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import orjson
+import polars as pl
+
 from .cache import CacheMode, ResponseCache, cache_key
 from .errors import RowError
 from .executor import Executor, Outcome, RetryPolicy
 from .limits import RateLimiter
 from .progress import Progress
 from .providers import DEFAULT_MODEL, Provider, resolve_provider
-from .response import decode, failed
+from .response import ReplyColumn, decode, failed, reply_dtype
+from .schema import ResponseSchema
 
 # A row to answer: a request body, a RowError found while building it, or None (nothing to send).
 Row = dict[str, Any] | RowError | None
 
-_LOOKUP_BATCH = 1024  # rows per batched cache lookup...
+_LOOKUP_BATCH = 256  # rows per batched cache lookup...
 _LOOKUP_BYTES = 64 * 2**20  # ...or fewer, when their inline images add up to this
 _INFLIGHT_BYTES = 256 * 2**20  # encoded request bodies held at once
 
@@ -144,12 +148,14 @@ class Client:
         progress: bool | Progress | None = None,
         image_dir: str | None = None,
         raw: bool = False,
+        response_schema: ResponseSchema | None = None,
         mode: str = "live",
         batch_state: str | None = None,
         poll_interval: float = 30.0,
         wait: bool = True,
-    ) -> list[dict[str, Any] | None]:
-        """Reply records for request bodies, in order; None for rows with nothing to send.
+    ) -> pl.Series:
+        """The reply column (`reply_dtype`) for request bodies, in order; a null reply for rows
+        with nothing to send. ``response_schema`` fills the ``parsed`` field.
 
         ``mode="batch"`` sends the misses as provider batch jobs (half price, answered within a
         day) recorded in ``batch_state`` (default: a file in the cache directory named by the
@@ -164,6 +170,10 @@ class Client:
         if not isinstance(progress, Progress):
             enabled = self.progress if progress is None else progress
             progress = Progress(total, enabled, model, owned=True)
+        dtype = reply_dtype(
+            image_files=image_dir is not None, raw=raw,
+            parsed=response_schema.dtype if response_schema is not None else None,
+        )
         run = _Run(
             self,
             model,
@@ -172,6 +182,7 @@ class Client:
             image_dir,
             raw,
             progress,
+            ReplyColumn(dtype, response_schema),
         )
         if mode == "batch":
             run.batch_options = (batch_state, poll_interval, wait)
@@ -195,6 +206,7 @@ class _Run:
         image_dir: str | None,
         raw: bool,
         progress: Progress,
+        column: ReplyColumn,
     ) -> None:
         self.client = client
         self.provider = client.provider
@@ -206,9 +218,9 @@ class _Run:
         self.progress = progress
         self.cache = client.cache if mode is not CacheMode.OFF else None
         self.url = self.provider.url(model)
-        self.records: list[dict[str, Any] | None] = []
+        self.column = column
         self.waiting: dict[str, list[int]] = {}  # key -> rows waiting for its answer
-        self.done_rows: dict[str, int] = {}  # key -> a row already answered in this call
+        self.done: dict[str, tuple[int, bool, bool]] = {}  # key answered in this call -> (answer, cached, failed)
         self.in_flight: set[str] = set()  # keys submitted and not yet collected
         self.batch_options: tuple[str | None, float, bool] | None = None  # set in batch mode
         self.batch_bodies: dict[str, bytes] = {}  # batch mode: the misses' request JSON
@@ -218,7 +230,7 @@ class _Run:
         self.inflight_bytes = 0  # encoded bodies waiting or in flight: bounded by _INFLIGHT_BYTES
         self.sizes: dict[str, int] = {}
 
-    def execute(self, rows: Iterable[Row]) -> list[dict[str, Any] | None]:
+    def execute(self, rows: Iterable[Row]) -> pl.Series:
         if self.mode is not CacheMode.READ:
             self.provider.check_key()
         self.client.executor.tripped = None  # each call tries again (the key may be fixed)
@@ -228,35 +240,37 @@ class _Run:
             self._collect(block=True)
         if self.batch_bodies:
             self._resolve_batch()
-        return self.records
+        return self.column.finish()
 
     def _resolve_batch(self) -> None:
         from .batch import BatchJobs, default_state_path
 
         path, poll_interval, wait = self.batch_options
-        every_key = [*self.done_rows, *self.batch_bodies]  # the whole call, hits included
+        every_key = [*self.done, *self.batch_bodies]  # the whole call, hits included
         path = path or default_state_path(self.client.cache.directory, self.model, every_key)
         jobs = BatchJobs(self.client, self.model, path, poll_interval, self.progress)
         for key, answer in jobs.resolve(self.batch_bodies, wait).items():
             if isinstance(answer, RowError):
                 self._answer(key, failed(answer))
             else:
-                self._answer(key, self._decode(json.loads(answer), answer, False, 1, None))
+                self._answer(key, self._decode(orjson.loads(answer), answer, False, 1, None))
 
     def _admit(self, batch: list[Row]) -> None:
         """Give cached answers to a batch of rows and send its misses."""
-        start = len(self.records)
-        self.records.extend([None] * len(batch))
+        start = len(self.column)
+        self.column.add_rows(len(batch))
         fresh: dict[str, dict[str, Any]] = {}  # key -> body, first row of each new key
         for row, item in enumerate(batch, start):
             if item is None:
                 continue
             if isinstance(item, RowError):
-                self._answer_row(row, failed(item))
+                answer, record = self.column.add_answer(failed(item))
+                self._answer_row(row, answer, record)
                 continue
             key = cache_key(item, provider=self.provider.name, model=self.model, sample=self.sample)
-            if key in self.done_rows:
-                self._answer_row(row, self.records[self.done_rows[key]])
+            if key in self.done:
+                answer, cached, failure = self.done[key]
+                self._answer_row(row, answer, {"cached": cached, "error": failure or None})
             elif key in self.waiting:
                 self.waiting[key].append(row)
             else:
@@ -265,7 +279,7 @@ class _Run:
         if self.cache is not None and self.mode in (CacheMode.USE, CacheMode.READ) and fresh:
             for key, raw in self.cache.get_many(fresh).items():
                 del fresh[key]
-                self._answer(key, self._decode(json.loads(raw), raw, True, 0, 0.0))
+                self._answer(key, self._decode(orjson.loads(raw), raw, True, 0, 0.0))
         outgoing: list[tuple[str, str, bytes]] = []  # submitted together: one loop wake-up
         for key, body in fresh.items():
             if self.mode is CacheMode.READ:
@@ -274,7 +288,7 @@ class _Run:
                     "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
                 )))
                 continue
-            content = json.dumps(self.provider.wrap(body), separators=(",", ":")).encode()
+            content = orjson.dumps(self.provider.wrap(body))
             if len(content) > INLINE_LIMIT:
                 self._answer(key, failed(RowError(
                     None, "INVALID_INPUT",
@@ -337,13 +351,13 @@ class _Run:
         return record
 
     def _answer(self, key: str, record: dict[str, Any]) -> None:
-        rows = self.waiting.pop(key)
-        self.done_rows[key] = rows[0]
-        for row in rows:
-            self._answer_row(row, record)
+        answer, record = self.column.add_answer(record)
+        self.done[key] = (answer, record["cached"], record.get("error") is not None)
+        for row in self.waiting.pop(key):
+            self._answer_row(row, answer, record)
 
-    def _answer_row(self, row: int, record: dict[str, Any]) -> None:
-        self.records[row] = record
+    def _answer_row(self, row: int, answer: int, record: dict[str, Any]) -> None:
+        self.column.point(row, answer)
         self.progress.advance(record)
 
     def finish(self) -> None:

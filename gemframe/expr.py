@@ -21,8 +21,7 @@ from .client import Client, Row
 from .errors import InputError, RowError
 from .payload import RequestBuilder
 from .progress import Progress
-from .response import reply_dtype, to_series
-from .schema import ResponseSchema, SchemaMismatch
+from .response import reply_dtype
 from .schema import response_schema as translate_schema
 
 IntoExpr = Union[str, pl.Expr]
@@ -125,26 +124,6 @@ def _rows(builder: RequestBuilder, prompts: list[Any], images: list[Any], histor
             yield RowError(None, "INVALID_INPUT", f"row {row}: {exc}")
 
 
-def _with_parsed(records: list[dict[str, Any] | None], schema: ResponseSchema) -> list[dict[str, Any] | None]:
-    """Records with ``parsed`` filled from their text; a reply that does not fit the schema
-    gets a ``PARSE_ERROR`` (identical rows share one record, so each is parsed once)."""
-    done: dict[int, dict[str, Any]] = {}
-    out: list[dict[str, Any] | None] = []
-    for record in records:
-        if record is None or record.get("error") is not None:
-            out.append(record)
-            continue
-        if id(record) not in done:
-            try:
-                done[id(record)] = {**record, "parsed": schema.parse(record.get("text"))}
-            except SchemaMismatch as exc:
-                cut = " (the answer was cut at maxOutputTokens)" if record.get("finish_reason") == "MAX_TOKENS" else ""
-                error = RowError(None, "PARSE_ERROR", f"reply does not fit the response schema{cut}: {exc}")
-                done[id(record)] = {**record, "parsed": None, "error": error.as_dict()}
-        out.append(done[id(record)])
-    return out
-
-
 def generate(
     prompt: IntoExpr,
     *,
@@ -189,15 +168,12 @@ def generate(
 
     def run(columns: list[pl.Series]) -> pl.Series:
         prompts, image_list, histories, total = inputs.columns(columns)
-        records = (client or default_client()).send(
+        return (client or default_client()).send(
             _rows(builder, prompts, image_list, histories),
             total=total, model=model, cache=cache, sample=sample,
-            progress=progress, image_dir=image_dir, raw=raw,
+            progress=progress, image_dir=image_dir, raw=raw, response_schema=schema,
             mode=mode, batch_state=batch_state, poll_interval=poll_interval, wait=wait,
         )
-        if schema is not None:
-            records = _with_parsed(records, schema)
-        return to_series("reply", records, dtype)
 
     return pl.map_batches(inputs.exprs, run, return_dtype=dtype, is_elementwise=True).alias("reply")
 
@@ -267,13 +243,10 @@ def send(
     def run(column: pl.Series) -> pl.Series:
         if column.dtype not in (pl.String, pl.Null):
             raise InputError(f"request column {column.name!r} must hold JSON strings, not {column.dtype}")
-        records = (client or default_client()).send(
+        return (client or default_client()).send(
             _parsed(column.to_list()),
             total=len(column) - column.null_count(), model=model, cache=cache,
-            sample=sample, progress=progress, image_dir=image_dir, raw=raw,
+            sample=sample, progress=progress, image_dir=image_dir, raw=raw, response_schema=schema,
         )
-        if schema is not None:
-            records = _with_parsed(records, schema)
-        return to_series("reply", records, dtype)
 
     return _to_expr(requests).map_batches(run, return_dtype=dtype, is_elementwise=True).alias("reply")

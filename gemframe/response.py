@@ -14,11 +14,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from array import array
 from typing import Any
 
 import polars as pl
 
 from .errors import RowError
+from .schema import ResponseSchema, SchemaMismatch
 
 ERROR_DTYPE = pl.Struct({"code": pl.Int32, "status": pl.String, "message": pl.String})
 _IMAGE_BYTES = pl.Struct({"mime_type": pl.String, "data": pl.Binary})
@@ -153,6 +155,69 @@ def failed(error: RowError, *, attempts: int = 0, latency_ms: float | None = Non
     }
 
 
-def to_series(name: str, records: list[dict[str, Any] | None], dtype: pl.Struct) -> pl.Series:
-    """The reply column; None records (rows with nothing to send) become null structs."""
-    return pl.Series(name, records, dtype=dtype)
+class ReplyColumn:
+    """The reply column of one call, built while answers arrive.
+
+    Each distinct answer's record is added once and rows point at it (identical rows share an
+    answer). Records are turned into Arrow every `CHUNK` answers and dropped, so a call holds
+    Arrow data, not a Python dict per row: less memory, and no long-lived dicts for the cyclic
+    GC to walk over and over (with 100,000 kept records that walking was a third of a cached
+    rerun's time). ``schema`` fills ``parsed`` from each answer's text, once per answer.
+    """
+
+    CHUNK = 256
+
+    def __init__(self, dtype: pl.Struct, schema: ResponseSchema | None = None) -> None:
+        self.dtype = dtype
+        self.schema = schema
+        self._row_answer = array("q")  # per row: index of its answer, -1 for a null reply
+        self._pending: list[dict[str, Any]] = []  # answers not yet in Arrow
+        self._chunks: list[pl.Series] = []
+        self.answers = 0
+
+    def __len__(self) -> int:
+        return len(self._row_answer)
+
+    def add_rows(self, count: int) -> None:
+        """Room for ``count`` more rows, null until answered."""
+        self._row_answer.extend(_NULL_ROWS[:count] if count <= len(_NULL_ROWS) else array("q", [-1]) * count)
+
+    def add_answer(self, record: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Keep a record (parsed if there is a schema); returns its index and the final record."""
+        if self.schema is not None and record.get("error") is None:
+            record = _parse(record, self.schema)
+        self._pending.append(record)
+        if len(self._pending) >= self.CHUNK:
+            self._flush()
+        self.answers += 1
+        return self.answers - 1, record
+
+    def point(self, row: int, answer: int) -> None:
+        self._row_answer[row] = answer
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._chunks.append(pl.Series("reply", self._pending, dtype=self.dtype))
+            self._pending = []
+
+    def finish(self, name: str = "reply") -> pl.Series:
+        """The column, rows in order."""
+        self._flush()
+        answers = pl.concat(self._chunks) if self._chunks else pl.Series("reply", [], dtype=self.dtype)
+        index = pl.Series("index", self._row_answer, dtype=pl.Int64)
+        out = answers.gather(index.set(index < 0, None))  # null index: null reply
+        return out.alias(name).rechunk()
+
+
+_NULL_ROWS = array("q", [-1]) * 65536
+
+
+def _parse(record: dict[str, Any], schema: ResponseSchema) -> dict[str, Any]:
+    """A record with ``parsed`` filled from its text; a reply that does not fit the schema gets
+    a ``PARSE_ERROR``."""
+    try:
+        return {**record, "parsed": schema.parse(record.get("text"))}
+    except SchemaMismatch as exc:
+        cut = " (the answer was cut at maxOutputTokens)" if record.get("finish_reason") == "MAX_TOKENS" else ""
+        error = RowError(None, "PARSE_ERROR", f"reply does not fit the response schema{cut}: {exc}")
+        return {**record, "parsed": None, "error": error.as_dict()}

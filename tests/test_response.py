@@ -3,7 +3,8 @@ import base64
 import polars as pl
 
 import gemframe as gf
-from gemframe.response import decode, failed, to_series
+from gemframe.response import ReplyColumn, decode, failed
+from gemframe.schema import response_schema
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
 
@@ -53,12 +54,50 @@ def test_images_to_files(tmp_path):
     assert open(path, "rb").read() == PNG
 
 
+def _column(records, dtype=gf.REPLY_DTYPE, schema=None, chunk=None):
+    """A ReplyColumn with one row per record (None: a row with nothing to send)."""
+    column = ReplyColumn(dtype, schema)
+    if chunk:
+        column.CHUNK = chunk
+    column.add_rows(len(records))
+    for row, record in enumerate(records):
+        if record is not None:
+            column.point(row, column.add_answer(record)[0])
+    return column
+
+
 def test_series_has_the_declared_dtype():
     records = [_decode({"candidates": [{"content": {"parts": [{"text": "x"}]}}]}), None, failed(gf.RowError(503, "UNAVAILABLE", "busy"), attempts=5)]
-    series = to_series("reply", records, gf.REPLY_DTYPE)
-    assert series.dtype == gf.REPLY_DTYPE
+    series = _column(records).finish()
+    assert series.name == "reply" and series.dtype == gf.REPLY_DTYPE
     assert series.is_null().to_list() == [False, True, False]
     frame = series.to_frame().unnest("reply")
     assert frame["error"].struct.field("status").to_list() == [None, None, "UNAVAILABLE"]
     assert frame["attempts"].to_list() == [1, None, 5]
     assert gf.reply_dtype(raw=True).to_schema()["raw"] == pl.String
+
+
+def test_rows_share_answers_across_arrow_chunks_in_row_order():
+    answers = [_decode({"candidates": [{"content": {"parts": [{"text": f"t{i}"}]}}]}) for i in range(7)]
+    column = ReplyColumn(gf.REPLY_DTYPE)
+    column.CHUNK = 3  # answers go to Arrow every 3: the rows below span three chunks
+    column.add_rows(10)
+    index = [column.add_answer(a)[0] for a in answers]
+    # rows point at answers out of order, two rows share answer 5, row 4 stays null
+    for row, answer in enumerate([6, 0, 5, 5, None, 1, 2, 3, 4, 0]):
+        if answer is not None:
+            column.point(row, index[answer])
+    texts = column.finish("out").struct.field("text").to_list()
+    assert texts == ["t6", "t0", "t5", "t5", None, "t1", "t2", "t3", "t4", "t0"]
+    assert ReplyColumn(gf.REPLY_DTYPE).finish().len() == 0
+
+
+def test_schema_parses_each_answer_once_and_marks_misfits():
+    schema = response_schema(pl.Struct({"n": pl.Int64}))
+    dtype = gf.reply_dtype(parsed=schema.dtype)
+    good = _decode({"candidates": [{"content": {"parts": [{"text": '{"n": 3}'}]}, "finishReason": "STOP"}]})
+    bad = _decode({"candidates": [{"content": {"parts": [{"text": '{"n": "x'}]}, "finishReason": "MAX_TOKENS"}]})
+    frame = _column([good, bad, None], dtype, schema).finish().struct.unnest()
+    assert frame["parsed"].to_list() == [{"n": 3}, None, None]
+    assert frame["error"].struct.field("status").to_list() == [None, "PARSE_ERROR", None]
+    assert "cut at maxOutputTokens" in frame["error"].struct.field("message")[1]
