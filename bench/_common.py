@@ -48,11 +48,12 @@ class BenchServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def command(self) -> list[str]:
+        """The server process's command line."""
+        return [PYTHON, str(BENCH / "server.py"), "--port", str(self.port), "--latency", str(self.latency)]
+
     def __enter__(self) -> BenchServer:
-        self.proc = subprocess.Popen(
-            [PYTHON, str(BENCH / "server.py"), "--port", str(self.port), "--latency", str(self.latency)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while True:
             try:
