@@ -145,7 +145,7 @@ class Measured:
     """A finished child process: exit code, wall time, peak RSS, its output.
 
     ``peak_anon_mb`` / ``peak_file_mb``: the largest anonymous (heap) and file-backed (mapped
-    files: libraries, SQLite's mmap of the cache) parts of RSS seen while polling."""
+    files: shared libraries) parts of RSS seen while polling."""
 
     returncode: int
     wall_s: float
