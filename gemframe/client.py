@@ -18,6 +18,7 @@ from .cache import CacheMode, ResponseCache, cache_key
 from .errors import RowError
 from .executor import Executor, Outcome, RetryPolicy
 from .limits import RateLimiter
+from .payload import request_json
 from .progress import Progress
 from .providers import DEFAULT_MODEL, Provider, resolve_provider
 from .response import ReplyColumn, decode, failed, reply_dtype
@@ -27,8 +28,8 @@ from .schema import ResponseSchema
 Row = dict[str, Any] | RowError | None
 
 _LOOKUP_BATCH = 256  # rows per batched cache lookup...
-_LOOKUP_BYTES = 64 * 2**20  # ...or fewer, when their inline images add up to this
-_INFLIGHT_BYTES = 256 * 2**20  # encoded request bodies held at once
+_LOOKUP_BYTES = 16 * 2**20  # ...or fewer, when their inline images add up to this
+_QUEUED_BYTES = 16 * 2**20  # encoded request bodies held beyond one per concurrency slot
 
 
 def _inline_bytes(row: Row) -> int:
@@ -227,7 +228,8 @@ class _Run:
         self.unstored: list[tuple[str, str, bytes]] = []  # answers not yet in the cache
         self.finished: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.window = max(64, client.executor.concurrency * 4)
-        self.inflight_bytes = 0  # encoded bodies waiting or in flight: bounded by _INFLIGHT_BYTES
+        self.concurrency = client.executor.concurrency
+        self.inflight_bytes = 0  # encoded bodies waiting or in flight: see _full
         self.sizes: dict[str, int] = {}
 
     def execute(self, rows: Iterable[Row]) -> pl.Series:
@@ -288,7 +290,7 @@ class _Run:
                     "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
                 )))
                 continue
-            content = orjson.dumps(self.provider.wrap(body))
+            content = request_json(self.provider.wrap(body))
             if len(content) > INLINE_LIMIT:
                 self._answer(key, failed(RowError(
                     None, "INVALID_INPUT",
@@ -303,14 +305,20 @@ class _Run:
             self.in_flight.add(key)
             self.inflight_bytes += len(content)
             self.sizes[key] = len(content)
-            if len(self.in_flight) >= self.window or self.inflight_bytes > _INFLIGHT_BYTES:
+            if self._full():
                 self.client.executor.submit_many(outgoing, self.finished)
                 outgoing = []
-                while len(self.in_flight) >= self.window or self.inflight_bytes > _INFLIGHT_BYTES:
+                while self._full():
                     self._collect(block=True)
         if outgoing:
             self.client.executor.submit_many(outgoing, self.finished)
         self._collect(block=False)
+
+    def _full(self) -> bool:
+        """Whether to wait before sending more: a window of requests is out, or every
+        concurrency slot is busy and the bodies queued behind them (big images) add up."""
+        in_flight = len(self.in_flight)
+        return in_flight >= self.window or (in_flight >= self.concurrency and self.inflight_bytes > _QUEUED_BYTES)
 
     def _collect(self, block: bool) -> None:
         """Handle finished requests (waiting for one if asked): answers are stored in the cache

@@ -21,9 +21,12 @@ import base64
 import difflib
 import os
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
+
+import orjson
 
 from .errors import ConfigError, InputError
 
@@ -341,3 +344,45 @@ def build_request(
     """The ``generateContent`` body for a single prompt (and images, after a history); None if
     prompt and images are both empty."""
     return RequestBuilder(system, config, safety, response_schema).build(prompt, images, history)
+
+
+_SPLICE_MIN = 64 * 1024  # strings this long (inline images) are encoded apart, then joined in
+_SPLICE_MARK = f"gemframe-splice-{uuid.uuid4().hex}"
+
+
+def request_json(body: Any) -> bytes:
+    """A request body as compact JSON bytes (what is sent, and what Batch Mode stores).
+
+    Long strings (inline base64 images) are encoded on their own and joined into the encoding
+    of the rest: encoding the whole body at once grows orjson's buffer by doubling through
+    megabytes per request, which fragmented glibc's heap (bench 6, 200 distinct 2 MB images:
+    386 vs 304 MiB peak RSS); a join allocates the result once, at its exact size."""
+    long: list[str] = []
+    skeleton = _set_aside(body, long)
+    if not long:
+        return orjson.dumps(body)
+    head, *rest = orjson.dumps(skeleton).split(f'"{_SPLICE_MARK}"'.encode())
+    pieces = [head]
+    for text, tail in zip(long, rest):
+        pieces += (orjson.dumps(text), tail)
+    return b"".join(pieces)
+
+
+def _set_aside(value: Any, long: list[str]) -> Any:
+    """``value`` with each long string replaced by a marker (appended to ``long`` in document
+    order); the same object when there is none."""
+    if isinstance(value, str):
+        if len(value) >= _SPLICE_MIN:
+            long.append(value)
+            return _SPLICE_MARK
+        return value
+    if isinstance(value, (dict, list)):
+        copy = None  # made only when something changes: a text-only body allocates nothing
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            new = _set_aside(item, long)
+            if new is not item:
+                if copy is None:
+                    copy = value.copy()
+                copy[key] = new
+        return value if copy is None else copy
+    return value

@@ -1,11 +1,13 @@
 import base64
 import io
+import json
 
+import orjson
 import pytest
 from PIL import Image
 
 import gemframe as gf
-from gemframe.payload import RequestBuilder, image_parts, inline_data
+from gemframe.payload import RequestBuilder, image_parts, inline_data, request_json
 
 
 def _image_bytes(fmt: str, **save) -> bytes:
@@ -128,3 +130,21 @@ def test_safety_forms_and_errors():
 def test_non_string_prompt_is_an_input_error():
     with pytest.raises(gf.InputError, match="prompt must be a string"):
         RequestBuilder().build(3)
+
+
+def test_request_json_is_the_body_as_compact_json_with_images_spliced_in():
+    image = base64.b64encode(bytes(range(256)) * 600).decode()  # ~200 kB of base64: spliced
+    body = {
+        "contents": [{"role": "user", "parts": [
+            {"text": 'quotes " and \\ and \x01 and é'},
+            {"inlineData": {"mimeType": "image/png", "data": image}},
+            {"inlineData": {"mimeType": "image/png", "data": image[::-1]}},
+        ]}],
+        "generationConfig": {"temperature": 0.5, "long": "\x02" + 'x"' * 40_000},  # long, escaped
+    }
+    encoded = request_json(body)
+    assert json.loads(encoded) == body
+    assert encoded == orjson.dumps(body)  # byte for byte what encoding it at once gives
+    assert body["contents"][0]["parts"][1]["inlineData"]["data"] == image  # the body is untouched
+    text_only = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    assert request_json(text_only) == orjson.dumps(text_only)
