@@ -29,6 +29,7 @@ from _common import API_KEY, MODEL, BenchServer, Row, Section, emit, prompts, ru
 
 SIZES = {"quick": 5_000, "default": 200_000}
 MISS_EVERY = 50
+REPEATS = {"quick": 1, "default": 2}
 GOAL_MIB = 1024
 
 
@@ -125,7 +126,8 @@ def run(mode: str) -> Section:
         f"default and on files with {group:,}-row groups at {small:,} and {rows:,} rows (boundedness). Baselines: the "
         f"eager path, and the *polars-only floor*: the same pipelines with a `map_batches` UDF that returns the same "
         f"reply struct with vectorised polars (no gemframe, no I/O). Cache pre-filled for all rows but every "
-        f"{MISS_EVERY}th ({rows // MISS_EVERY:,} real requests at {rows:,} rows).",
+        f"{MISS_EVERY}th ({rows // MISS_EVERY:,} real requests at {rows:,} rows). Each run is repeated "
+        f"{REPEATS.get(mode, 2)}x in fresh processes and its lowest peak kept (allocator noise only adds).",
     )
     with tempfile.TemporaryDirectory(prefix="gf-bench-stream-") as tmp, BenchServer(0.0) as server:
         texts = prompts(rows, "stream")
@@ -149,18 +151,21 @@ def run(mode: str) -> Section:
         ]
         found = {}
         for key, path, source, n, floor in runs:
-            cache_dir, target = os.path.join(tmp, f"cache-{key}"), os.path.join(tmp, f"out-{key}.parquet")
-            if not floor:
-                shutil.copytree(template, cache_dir)
-            server.reset()
-            r = run_worker("polars_streaming.py", [
-                "--path", path, "--input", source, "--output", target, "--cache-dir", cache_dir, "--url", server.url,
-                *(["--floor"] if floor else []),
-            ])
-            r.update(requests=server.stats()["requests"], problem=check(target, n), rows=n)
-            found[key] = r
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            os.remove(target)
+            for _ in range(REPEATS.get(mode, 2)):  # the lowest peak of the repeats: allocator noise is upward
+                cache_dir, target = os.path.join(tmp, f"cache-{key}"), os.path.join(tmp, f"out-{key}.parquet")
+                if not floor:
+                    shutil.copytree(template, cache_dir)
+                server.reset()
+                r = run_worker("polars_streaming.py", [
+                    "--path", path, "--input", source, "--output", target, "--cache-dir", cache_dir, "--url", server.url,
+                    *(["--floor"] if floor else []),
+                ])
+                r.update(requests=server.stats()["requests"], problem=check(target, n), rows=n)
+                best = found.get(key)
+                if best is None or (not best["problem"] and (r["problem"] or r["peak_rss_mb"] < best["peak_rss_mb"])):
+                    found[key] = r  # a wrong output is kept and shown whatever its peak
+                shutil.rmtree(cache_dir, ignore_errors=True)
+                os.remove(target)
 
     def details(r: dict[str, Any]) -> str:
         return (
