@@ -290,7 +290,8 @@ class _Run:
                     "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
                 )))
                 continue
-            content = request_json(self.provider.wrap(body))
+            encode = request_json if _inline_bytes(body) else orjson.dumps  # images: spliced in
+            content = encode(self.provider.wrap(body))
             if len(content) > INLINE_LIMIT:
                 self._answer(key, failed(RowError(
                     None, "INVALID_INPUT",
