@@ -86,8 +86,8 @@ class RetryPolicy:
         return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
 
 
-def _finished(tasks: set[Any], done: queue.SimpleQueue[Any], key: str, task: asyncio.Task[Outcome]) -> None:
-    tasks.discard(task)
+def _finished(waiting: dict[str, Any], done: queue.SimpleQueue[Any], key: str, task: asyncio.Task[Outcome]) -> None:
+    waiting.pop(key, None)
     done.put((key, task))
 
 
@@ -122,7 +122,7 @@ class Executor:
         self._http: AiohttpSession | HttpxSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inflight: dict[str, _Shared] = {}
-        self._tasks: dict[int, set[asyncio.Task[Outcome]]] = {}  # by id of the caller's done queue
+        self._waiting: dict[int, dict[str, _Shared]] = {}  # by id of a caller's done queue: its unfinished keys
         self._loop: asyncio.AbstractEventLoop | None = None
         _open_executors.add(self)
 
@@ -141,34 +141,34 @@ class Executor:
             self._loop.call_soon_threadsafe(self._cancel_all, id(done))
 
     def _start_many(self, items: list[tuple[str, str, bytes]], done: queue.SimpleQueue[Any]) -> None:
-        tasks = self._tasks.setdefault(id(done), set())
+        waiting = self._waiting.setdefault(id(done), {})
         for key, url, content in items:
-            task = asyncio.ensure_future(self._shared(key, url, content))
-            tasks.add(task)
-            task.add_done_callback(functools.partial(_finished, tasks, done, key))
+            shared = self._inflight.get(key)
+            if shared is None:  # one task per distinct request, whoever asks for it
+                task = asyncio.ensure_future(self._send(url, content))
+                shared = self._inflight[key] = _Shared(task)
+                task.add_done_callback(functools.partial(self._forget, key, shared))
+            if key not in waiting:
+                shared.waiters += 1
+                waiting[key] = shared
+                shared.task.add_done_callback(functools.partial(_finished, waiting, done, key))
+
+    def _forget(self, key: str, shared: _Shared, _task: asyncio.Task[Outcome]) -> None:
+        if self._inflight.get(key) is shared:
+            del self._inflight[key]
 
     def _cancel_all(self, queue_id: int) -> None:
-        for task in self._tasks.pop(queue_id, ()):
-            task.cancel()
+        """A caller gives up: requests nobody else waits for are cancelled."""
+        for shared in self._waiting.pop(queue_id, {}).values():
+            shared.waiters -= 1
+            if shared.waiters == 0:
+                shared.task.cancel()
 
     def _use_loop(self) -> asyncio.AbstractEventLoop:
         loop = background_loop()
         if loop is not self._loop:  # first use, or a fork made a new loop
-            self._loop, self._http, self._slots, self._inflight, self._tasks = loop, None, None, {}, {}
+            self._loop, self._http, self._slots, self._inflight, self._waiting = loop, None, None, {}, {}
         return loop
-
-    async def _shared(self, key: str, url: str, content: bytes) -> Outcome:
-        shared = self._inflight.get(key)
-        if shared is None:
-            shared = self._inflight[key] = _Shared(asyncio.ensure_future(self._send(url, content)))
-            shared.task.add_done_callback(lambda _: self._inflight.pop(key, None))
-        shared.waiters += 1
-        try:
-            return await asyncio.shield(shared.task)
-        finally:
-            shared.waiters -= 1
-            if shared.waiters == 0 and not shared.task.done():  # everyone gave up: stop it
-                shared.task.cancel()
 
     def _client(self) -> AiohttpSession | HttpxSession:
         if self._http is None:
