@@ -18,6 +18,7 @@ from array import array
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from .errors import RowError
 from .schema import ResponseSchema, SchemaMismatch
@@ -173,6 +174,7 @@ class ReplyColumn:
         self._row_answer = array("q")  # per row: index of its answer, -1 for a null reply
         self._pending: list[dict[str, Any]] = []  # answers not yet in Arrow
         self._chunks: list[pl.Series] = []
+        self._arrow_type = pl.Series("reply", [], dtype=dtype).to_arrow().type if schema is None else None
         self.answers = 0
 
     def __len__(self) -> int:
@@ -196,9 +198,16 @@ class ReplyColumn:
         self._row_answer[row] = answer
 
     def _flush(self) -> None:
-        if self._pending:
-            self._chunks.append(pl.Series("reply", self._pending, dtype=self.dtype))
-            self._pending = []
+        if not self._pending:
+            return
+        if self._arrow_type is not None:  # pyarrow builds the plain reply from dicts ~2x faster
+            chunk = pl.from_arrow(pa.array(self._pending, type=self._arrow_type))
+            if chunk.dtype != self.dtype:
+                chunk = chunk.cast(self.dtype)
+        else:  # a parsed dtype may hold enums, which polars cannot import from pyarrow when null
+            chunk = pl.Series("reply", self._pending, dtype=self.dtype)
+        self._chunks.append(chunk)
+        self._pending = []
 
     def finish(self, name: str = "reply") -> pl.Series:
         """The column, rows in order."""

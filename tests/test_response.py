@@ -101,3 +101,21 @@ def test_schema_parses_each_answer_once_and_marks_misfits():
     assert frame["parsed"].to_list() == [{"n": 3}, None, None]
     assert frame["error"].struct.field("status").to_list() == [None, "PARSE_ERROR", None]
     assert "cut at maxOutputTokens" in frame["error"].struct.field("message")[1]
+
+
+def test_arrow_chunks_hold_exactly_what_polars_would_build(tmp_path):
+    """Chunks are built through pyarrow (faster); every field must come out as polars itself
+    builds it from the same records: images, layout, errors, nulls, raw JSON, file paths."""
+    image = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}, "thoughtSignature": "sig"}
+    answers = [
+        {"candidates": [{"content": {"parts": [{"text": "a"}, image]}, "finishReason": "STOP"}],
+         "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 9}, "modelVersion": "m", "responseId": "r"},
+        {"promptFeedback": {"blockReason": "SAFETY"}},
+        {"candidates": [{"content": {"parts": [{"text": "t", "thought": True}]}, "finishReason": "SAFETY"}]},
+    ]
+    for dtype, kw in ((gf.REPLY_DTYPE, {}), (gf.reply_dtype(raw=True), {}), (gf.reply_dtype(image_files=True), {"image_dir": str(tmp_path)})):
+        records = [_decode(a, **kw) for a in answers] + [failed(gf.RowError(429, "RESOURCE_EXHAUSTED", "slow down"), attempts=3)]
+        if "raw" in dtype.to_schema():
+            records = [{**r, "raw": f"json {i}"} for i, r in enumerate(records)]
+        built = _column(records, dtype).finish()
+        assert built.equals(pl.Series("reply", records, dtype=dtype))
