@@ -25,6 +25,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from _common import API_KEY, MODEL, emit, prompts, timed
@@ -48,12 +49,17 @@ def check(answers: list[Any], sent: list[str]) -> int:
 # --------------------------------------------------------------------------- baselines
 
 
-async def _aiohttp(url: str, batches: list[list[str]], concurrency: int) -> list[dict[str, float]]:
+async def _aiohttp(
+    url: str, batches: list[list[str]], concurrency: int, *, ssl: Any = None, tolerate: bool = False,
+    tally: Callable[[dict[str, Any], list[Any], list[str]], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Raw aiohttp + semaphore (also over TLS for bench/http2.py: ``ssl``; ``tolerate`` keeps
+    exceptions as answers, ``tally`` summarises each batch instead of counting wrong answers)."""
     import aiohttp
 
     target = endpoint(url)
     times = []
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, **({"ssl": ssl} if ssl is not None else {}))
     async with aiohttp.ClientSession(connector=connector, headers=HEADERS) as session:
         slots = asyncio.Semaphore(concurrency)
 
@@ -66,9 +72,12 @@ async def _aiohttp(url: str, batches: list[list[str]], concurrency: int) -> list
 
         for batch in batches:
             with timed() as t:
-                answers = await asyncio.gather(*(one(p) for p in batch))
-            t["wrong"] = check(answers, batch)
-            times.append(t)
+                answers = await asyncio.gather(*(one(p) for p in batch), return_exceptions=tolerate)
+            if tally is not None:
+                times.append(tally(t, answers, batch))
+            else:
+                t["wrong"] = check(answers, batch)
+                times.append(t)
     return times
 
 

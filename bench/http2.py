@@ -191,27 +191,9 @@ def make_certs(directory: Path) -> dict[str, str]:
 async def _aiohttp(
     url: str, ctx: ssl.SSLContext, batches: list[list[str]], concurrency: int, tolerate: bool = False,
 ) -> list[dict[str, Any]]:
-    import aiohttp
-    from clients import HEADERS, body, endpoint
+    from clients import _aiohttp as raw_aiohttp
 
-    target = endpoint(url)
-    times = []
-    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ctx)
-    async with aiohttp.ClientSession(connector=connector, headers=HEADERS) as session:
-        slots = asyncio.Semaphore(concurrency)
-
-        async def one(prompt: str) -> Any:
-            content = body(prompt)
-            async with slots:
-                async with session.post(target, data=content) as response:
-                    raw = await response.read()
-            return json.loads(raw)
-
-        for batch in batches:
-            with timed() as t:
-                answers = await asyncio.gather(*(one(p) for p in batch), return_exceptions=tolerate)
-            times.append(_tally(t, answers, batch))
-    return times
+    return await raw_aiohttp(url, batches, concurrency, ssl=ctx, tolerate=tolerate, tally=_tally)
 
 
 async def _httpx(
