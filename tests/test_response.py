@@ -54,11 +54,13 @@ def test_images_to_files(tmp_path):
     assert open(path, "rb").read() == PNG
 
 
-def _column(records, dtype=gf.REPLY_DTYPE, schema=None, chunk=None):
+def _column(records, dtype=gf.REPLY_DTYPE, schema=None, chunk=None, arrow_after=None):
     """A ReplyColumn with one row per record (None: a row with nothing to send)."""
     column = ReplyColumn(dtype, schema)
     if chunk:
         column.CHUNK = chunk
+    if arrow_after is not None:
+        column.ARROW_AFTER = arrow_after
     column.add_rows(len(records))
     for row, record in enumerate(records):
         if record is not None:
@@ -104,8 +106,8 @@ def test_schema_parses_each_answer_once_and_marks_misfits():
 
 
 def test_arrow_chunks_hold_exactly_what_polars_would_build(tmp_path):
-    """Chunks are built through pyarrow (faster); every field must come out as polars itself
-    builds it from the same records: images, layout, errors, nulls, raw JSON, file paths."""
+    """Long calls build chunks through pyarrow (faster); every field must come out as polars
+    itself builds it from the same records: images, layout, errors, nulls, raw JSON, paths."""
     image = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}, "thoughtSignature": "sig"}
     answers = [
         {"candidates": [{"content": {"parts": [{"text": "a"}, image]}, "finishReason": "STOP"}],
@@ -117,5 +119,6 @@ def test_arrow_chunks_hold_exactly_what_polars_would_build(tmp_path):
         records = [_decode(a, **kw) for a in answers] + [failed(gf.RowError(429, "RESOURCE_EXHAUSTED", "slow down"), attempts=3)]
         if "raw" in dtype.to_schema():
             records = [{**r, "raw": f"json {i}"} for i, r in enumerate(records)]
-        built = _column(records, dtype).finish()
-        assert built.equals(pl.Series("reply", records, dtype=dtype))
+        expected = pl.Series("reply", records, dtype=dtype)
+        assert _column(records, dtype, arrow_after=0).finish().equals(expected)  # all through pyarrow
+        assert _column(records, dtype, chunk=2, arrow_after=1).finish().equals(expected)  # mixed chunks
