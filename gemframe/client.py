@@ -30,6 +30,7 @@ Row = dict[str, Any] | RowError | None
 _LOOKUP_BATCH = 256  # rows per batched cache lookup...
 _LOOKUP_BYTES = 16 * 2**20  # ...or fewer, when their inline images add up to this
 _QUEUED_BYTES = 16 * 2**20  # encoded request bodies held beyond one per concurrency slot
+INLINE_LIMIT = 20 * 2**20  # the API's limit on one request's inline data, in bytes
 
 
 def _inline_bytes(row: Row) -> int:
@@ -43,19 +44,20 @@ def _inline_bytes(row: Row) -> int:
     return size
 
 
-def _batches(rows: Iterable[Row]) -> Iterator[list[Row]]:
-    """Rows in lookup batches, bounded by count and by image bytes (memory stays bounded)."""
-    batch: list[Row] = []
-    size = 0
+def _batches(rows: Iterable[Row]) -> Iterator[list[tuple[Row, int]]]:
+    """(row, its inline image bytes) in lookup batches, bounded by count and by image bytes
+    (memory stays bounded)."""
+    batch: list[tuple[Row, int]] = []
+    total = 0
     for row in rows:
-        batch.append(row)
-        size += _inline_bytes(row)
-        if len(batch) >= _LOOKUP_BATCH or size >= _LOOKUP_BYTES:
+        size = _inline_bytes(row)
+        batch.append((row, size))
+        total += size
+        if len(batch) >= _LOOKUP_BATCH or total >= _LOOKUP_BYTES:
             yield batch
-            batch, size = [], 0
+            batch, total = [], 0
     if batch:
         yield batch
-INLINE_LIMIT = 20 * 2**20  # the API's limit on one request's inline data, in bytes
 
 
 class Client:
@@ -257,12 +259,12 @@ class _Run:
             else:
                 self._answer(key, self._decode(orjson.loads(answer), answer, False, 1, None))
 
-    def _admit(self, batch: list[Row]) -> None:
+    def _admit(self, batch: list[tuple[Row, int]]) -> None:
         """Give cached answers to a batch of rows and send its misses."""
         start = len(self.column)
         self.column.add_rows(len(batch))
-        fresh: dict[str, dict[str, Any]] = {}  # key -> body, first row of each new key
-        for row, item in enumerate(batch, start):
+        fresh: dict[str, tuple[dict[str, Any], int]] = {}  # key -> (body, image bytes), first row of each new key
+        for row, (item, size) in enumerate(batch, start):
             if item is None:
                 continue
             if isinstance(item, RowError):
@@ -277,20 +279,20 @@ class _Run:
                 self.waiting[key].append(row)
             else:
                 self.waiting[key] = [row]
-                fresh[key] = item
+                fresh[key] = (item, size)
         if self.cache is not None and self.mode in (CacheMode.USE, CacheMode.READ) and fresh:
             for key, raw in self.cache.get_many(fresh).items():
                 del fresh[key]
                 self._answer(key, self._decode(orjson.loads(raw), raw, True, 0, 0.0))
         outgoing: list[tuple[str, str, bytes]] = []  # submitted together: one loop wake-up
-        for key, body in fresh.items():
+        for key, (body, size) in fresh.items():
             if self.mode is CacheMode.READ:
                 self._answer(key, failed(RowError(
                     None, "CACHE_MISS",
                     "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
                 )))
                 continue
-            encode = request_json if _inline_bytes(body) else orjson.dumps  # images: spliced in
+            encode = request_json if size else orjson.dumps  # images: spliced in (see request_json)
             content = encode(self.provider.wrap(body))
             if len(content) > INLINE_LIMIT:
                 self._answer(key, failed(RowError(

@@ -182,7 +182,7 @@ class ReplyColumn:
 
     def add_rows(self, count: int) -> None:
         """Room for ``count`` more rows, null until answered."""
-        self._row_answer.extend(_NULL_ROWS[:count] if count <= len(_NULL_ROWS) else array("q", [-1]) * count)
+        self._row_answer.extend(array("q", [-1]) * count)
 
     def add_answer(self, record: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Keep a record (parsed if there is a schema); returns its index and the final record."""
@@ -220,9 +220,6 @@ class ReplyColumn:
         index = pl.Series("index", self._row_answer, dtype=pl.Int64)
         out = answers.gather(index.set(index < 0, None))  # null index: null reply
         return out.alias(name).rechunk()
-
-
-_NULL_ROWS = array("q", [-1]) * 65536
 
 
 def _parse(record: dict[str, Any], schema: ResponseSchema) -> dict[str, Any]:

@@ -10,17 +10,21 @@ from gemframe.emulator import Emulator
 from gemframe.executor import Executor
 
 
-def _request(prompt: str) -> tuple[str, str, bytes]:
-    provider_url = gf.EmulatorProvider().url("gemini-2.0-flash")
-    return prompt, provider_url, orjson.dumps({"contents": [{"role": "user", "parts": [{"text": prompt}]}]})
+def _two_callers(prompt: str, latency: float):
+    """An executor on an emulator answering after ``latency`` s, and two callers' done queues
+    that have both asked for the same request."""
+    emulator = Emulator(latency=latency)
+    executor = Executor(gf.EmulatorProvider(app=emulator), concurrency=4)
+    request = (prompt, gf.EmulatorProvider().url("gemini-2.0-flash"),
+               orjson.dumps({"contents": [{"role": "user", "parts": [{"text": prompt}]}]}))
+    first, second = queue.SimpleQueue(), queue.SimpleQueue()
+    executor.submit_many([request], first)
+    executor.submit_many([request], second)
+    return emulator, executor, first, second
 
 
 def test_callers_of_one_request_share_it_and_one_giving_up_leaves_it_running():
-    emulator = Emulator(latency=0.3)
-    executor = Executor(gf.EmulatorProvider(app=emulator), concurrency=4)
-    first, second = queue.SimpleQueue(), queue.SimpleQueue()
-    executor.submit_many([_request("shared")], first)
-    executor.submit_many([_request("shared")], second)
+    emulator, executor, first, second = _two_callers("shared", latency=0.3)
     executor.cancel(first)  # the first caller gives up (Ctrl-C); the second still waits
     key, task = second.get(timeout=10)
     outcome = task.result()
@@ -30,11 +34,7 @@ def test_callers_of_one_request_share_it_and_one_giving_up_leaves_it_running():
 
 
 def test_a_request_nobody_waits_for_is_cancelled():
-    emulator = Emulator(latency=2.0)
-    executor = Executor(gf.EmulatorProvider(app=emulator), concurrency=4)
-    first, second = queue.SimpleQueue(), queue.SimpleQueue()
-    executor.submit_many([_request("abandoned")], first)
-    executor.submit_many([_request("abandoned")], second)
+    _, executor, first, second = _two_callers("abandoned", latency=2.0)
     executor.cancel(first)
     executor.cancel(second)
     _, task = second.get(timeout=1.5)  # well before the 2 s answer
