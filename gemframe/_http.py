@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,10 +34,23 @@ class Reply:
         return json.loads(self.content)
 
 
+# The userinfo of every URL in a text: from "scheme://" to the authority's last "@" (where yarl
+# and urllib split it too, so a password holding "@" is hidden whole).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` (a URL, or a message holding URLs) as it may be shown: credentials in a URL
+    (``https://user:pass@host/``) become ``https://***@host/``. Requests keep the real URL; every
+    repr, error, log line, manifest and report shows this form."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 class TransportFailure(Exception):
     """No HTTP answer: ``status`` is ``TIMEOUT`` or ``CONNECTION_ERROR``."""
 
     def __init__(self, status: str, message: str) -> None:
+        message = redact_url(message)  # aiohttp's and yarl's messages may quote the whole URL
         super().__init__(message)
         self.status = status
         self.message = message

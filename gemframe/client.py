@@ -115,7 +115,7 @@ class Client:
 
     def __repr__(self) -> str:
         return (
-            f"Client(provider={self.provider.name!r}, base_url={self.provider.base_url!r}, "
+            f"Client(provider={self.provider.name!r}, base_url={self.provider.display_base_url!r}, "
             f"model={self.model!r}, concurrency={self.executor.concurrency}, "
             f"cache={self.cache_mode.value!r})"
         )

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from ._http import AiohttpSession, HttpxSession, Reply, TransportFailure
+from ._http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
 from .errors import RowError
 from .limits import RateLimiter, estimate_tokens
 from .providers import RETRYABLE_STATUS, Failure, Provider
@@ -175,7 +175,8 @@ class Executor:
             self._slots = asyncio.Semaphore(self.concurrency)
             transport = self.provider.transport()
             headers = self.provider.headers()
-            if transport is None:
+            if transport is None:  # the real network: say so if the key would travel in clear text
+                self.provider.warn_if_plaintext()
                 self._http = AiohttpSession(headers, self.concurrency, self.timeout)
             else:
                 self._http = HttpxSession(transport, headers, self.timeout)
@@ -228,7 +229,7 @@ class Executor:
             if time.perf_counter() - start + delay > self.retry.deadline:
                 error = RowError(error.code, error.status, f"{error.message} (gave up: retry deadline {self.retry.deadline:g}s)")
                 break
-            logger.debug("retrying %s after %s %s (attempt %d/%d) in %.2fs", url, error.code or "", error.status, attempt, self.retry.max_attempts, delay)
+            logger.debug("retrying %s after %s %s (attempt %d/%d) in %.2fs", redact_url(url), error.code or "", error.status, attempt, self.retry.max_attempts, delay)
             await asyncio.sleep(delay)
         return Outcome(None, None, error, failure, attempt, (time.perf_counter() - start) * 1000)
 

@@ -197,7 +197,7 @@ def describe(
         "format": MANIFEST_FORMAT,
         "gemframe": _version(),
         "provider": client.provider.name,
-        "base_url": client.provider.base_url,
+        "base_url": client.provider.display_base_url,  # never credentials in it
         "model": model,
         "system": system,
         "config": normalize_config(config),

@@ -9,6 +9,7 @@ error answer means. One small class per dialect; everything else in gemframe is 
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import json
 import logging
 import os
@@ -16,9 +17,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import httpx
 
+from ._http import redact_url
 from .errors import (
     APIError,
     AuthenticationError,
@@ -114,6 +117,18 @@ def _snippet(content: bytes) -> str:
     return " ".join(text.split()) or "(empty body)"
 
 
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also IPv4-mapped) and localhost: traffic that never leaves the machine."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
 class Provider:
     """One endpoint dialect. Subclasses set the class attributes and override what differs."""
 
@@ -125,9 +140,38 @@ class Provider:
     def __init__(self, api_key: str | None = None, base_url: str | None = None) -> None:
         self._api_key = api_key if api_key is not None else self._key_from_env()
         self.base_url = (base_url or self.default_base_url).rstrip("/")
+        self._warned_hosts: set[str] = set()
 
-    def __repr__(self) -> str:  # never the key
-        return f"{type(self).__name__}(base_url={self.base_url!r})"
+    def __repr__(self) -> str:  # never the key, nor credentials in the base URL
+        return f"{type(self).__name__}(base_url={self.display_base_url!r})"
+
+    @property
+    def display_base_url(self) -> str:
+        """``base_url`` as it may be shown (repr, errors, logs, manifest): ``user:pass@`` in it
+        becomes ``***@``. Requests use the real one."""
+        return redact_url(self.base_url)
+
+    def plaintext_host(self) -> str | None:
+        """The host when a secret (the key, or credentials in ``base_url``) would cross the
+        network unencrypted: ``http://`` to a host that is not loopback; else None."""
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        secret = self.has_key or parts.username is not None or parts.password is not None
+        if not secret or parts.scheme.lower() != "http" or _is_loopback(host):
+            return None
+        return host
+
+    def warn_if_plaintext(self) -> None:
+        """Warn (once per host, on the "gemframe" logger like the project's other warnings) that
+        the key is about to be sent in clear text. Called when a session is opened, so a
+        cache-only run says nothing."""
+        host = self.plaintext_host()
+        if host is not None and host not in self._warned_hosts:
+            self._warned_hosts.add(host)
+            logging.getLogger("gemframe").warning(
+                "sending the API key over plain http:// to %s: anyone on the network path can read "
+                "it; use an https:// base_url (only loopback hosts are exempt)", host,
+            )
 
     def _key_from_env(self) -> str | None:
         return next((os.environ[v] for v in self.key_env if os.environ.get(v)), None)
@@ -228,9 +272,9 @@ class GoogleAI(Provider):
             else:
                 fatal, hint = AuthenticationError, self._key_hint()
         elif code in (404, 410):
-            fatal, hint = NotFoundError, f"Check the model name and base URL ({self.base_url})."
+            fatal, hint = NotFoundError, f"Check the model name and base URL ({self.display_base_url})."
         elif code == 405:
-            fatal, hint = APIError, f"Check the base URL ({self.base_url})."
+            fatal, hint = APIError, f"Check the base URL ({self.display_base_url})."
         return Failure(code, status, message, code in RETRYABLE_STATUS, retry_after, fatal, hint)
 
 
@@ -247,6 +291,10 @@ class EmulatorProvider(GoogleAI):
     ) -> None:
         super().__init__(api_key, base_url)
         self.app = app
+
+    def plaintext_host(self) -> str | None:
+        """None: the emulator's key is a test key, whatever the host."""
+        return None
 
     def transport(self) -> httpx.AsyncBaseTransport | None:
         if self.base_url != self.default_base_url:  # an emulator served over TCP
@@ -328,14 +376,14 @@ class Segmind(Provider):
             fatal, hint = PermissionDeniedError, "Your Segmind account or team may not use this model."
         elif code in (404, 410):
             what = "retired" if code == 410 else "not found"
-            fatal, hint = NotFoundError, f"Model {what}: check the model slug and base URL ({self.base_url})."
+            fatal, hint = NotFoundError, f"Model {what}: check the model slug and base URL ({self.display_base_url})."
         elif code == 406 and "content-type" in lowered.replace(" ", "-"):
             fatal, hint = APIError, "The request lacked a JSON Content-Type (a proxy may strip it)."
         elif code == 406:
             status = "INSUFFICIENT_CREDITS"
             fatal, hint = InsufficientCreditsError, "Top up Segmind credits or raise the team spend limit."
         elif code == 405:
-            fatal, hint = APIError, f"Check the base URL ({self.base_url})."
+            fatal, hint = APIError, f"Check the base URL ({self.display_base_url})."
         return Failure(code, status, message, code in RETRYABLE_STATUS, retry_after, fatal, hint)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import polars as pl
 
+from ._http import redact_url
 from .estimate import Prices
 from .manifest import Tally, read_manifest, reply_struct
 
@@ -108,6 +109,8 @@ def report(
     if manifest is None and path is not None:
         manifest = read_manifest(path)
     manifest = dict(manifest or {})
+    if isinstance(manifest.get("base_url"), str):  # a manifest from before base URLs were redacted
+        manifest["base_url"] = redact_url(manifest["base_url"])
     schema = lazy.collect_schema()
     present = [c for c in _STATS_COLUMNS if c in schema]
     if "cached" not in present or "error" not in present:

@@ -237,3 +237,46 @@ def test_two_processes_share_one_cache(fault_server, tmp_path):
     before = server.stats.requests
     assert _run_cli(src, tmp_path / "out3.parquet", server, cache_dir).wait(60) == 0
     assert server.stats.requests == before
+
+
+def test_credentials_in_base_url_are_never_shown(fault_server, served_emulator, tmp_path, caplog):
+    """``base_url="http://user:PASSWORD@host"``: used for sending, shown nowhere (repr, errors,
+    DEBUG logs, the manifest of a ``gemframe run``, ``gemframe manifest`` and ``gemframe report``)."""
+    import base64
+    import subprocess
+    import sys
+
+    password = "pw-DO-NOT-SHOW-9876"
+    server = fault_server(seed=3, fault_rate=0.3)  # faults, so "retrying <url>" lines are logged
+    base = f"http://user:{password}@127.0.0.1:{server.port}"
+    caplog.set_level(logging.DEBUG)
+    with gf.Client("google", api_key=KEY, base_url=base, cache_dir=str(tmp_path / "c1"), backoff=0.02, max_attempts=10, progress=False) as client:
+        _ask(client, 30)
+        texts = [repr(client), repr(client.provider), repr(client.executor)]
+    assert any("retrying" in r.message for r in caplog.records)
+    assert server.seen_headers[0]["authorization"] == "Basic " + base64.b64encode(f"user:{password}".encode()).decode()  # really used
+    emulator = served_emulator()
+    with gf.Client("google", api_key=KEY, base_url=f"http://user:{password}@127.0.0.1:{emulator.port}", model="no-such-model",
+                   cache_dir=str(tmp_path / "c2"), progress=False) as client:
+        with pytest.raises(gf.NotFoundError, match=r"base URL \(http://\*\*\*@127\.0\.0\.1") as error:
+            _ask(client, 2)
+    texts += [str(error.value), repr(error.value), caplog.text]
+
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pl.DataFrame({"prompt": [f"cli row {i}" for i in range(20)]}).write_parquet(src)
+    gemframe = [sys.executable, "-m", "gemframe"]
+    env = {**os.environ, "GEMINI_API_KEY": KEY}
+    commands = [
+        ["run", str(src), str(dst), "--provider", "google", "--base-url", base, "--cache-dir", str(tmp_path / "c3"),
+         "--no-progress", "--manifest", str(tmp_path / "manifest.json")],
+        ["manifest", str(dst)],
+        ["report", str(dst), "--html", str(tmp_path / "report.html")],
+    ]
+    for command in commands:
+        done = subprocess.run(gemframe + command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        texts += [done.stdout, done.stderr]
+    manifest = read_manifest(str(dst))
+    assert manifest["base_url"] == f"http://***@127.0.0.1:{server.port}"
+    texts += [str(manifest), (tmp_path / "manifest.json").read_text(), (tmp_path / "report.html").read_text()]
+    assert [t for t in texts if password in t] == []

@@ -153,3 +153,57 @@ def test_falling_back_to_the_emulator_is_said(monkeypatch, caplog):
     assert "offline emulator" in caplog.text
     caplog.clear()
     assert resolve_provider("emulator").name == "emulator" and not caplog.text
+
+
+def test_a_key_over_plain_http_warns_once_per_client_naming_the_host(fault_server, monkeypatch, caplog, cache_dir):
+    """http:// to a host that is not loopback (reached here through an HTTP proxy on 127.0.0.1,
+    so the traffic stays local) warns once per client; loopback, https and the emulator never."""
+    import logging
+
+    import polars as pl
+
+    from gemframe._http import _proxy_for
+
+    proxy = fault_server()
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _proxy_for.cache_clear()
+    caplog.set_level(logging.WARNING, logger="gemframe")
+
+    def ask(provider, base_url, n=3):
+        with gf.Client(provider, api_key=KEY, base_url=base_url, cache="off", cache_dir=str(cache_dir), progress=False) as c:
+            for _ in range(2):  # two calls, one warning
+                out = pl.DataFrame({"prompt": [f"p{i}" for i in range(n)]}).with_columns(reply=gf.generate("prompt", client=c))
+                assert out["reply"].struct.field("error").is_null().all()
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if "plain http://" in r.getMessage()]
+
+    try:
+        ask("google", "http://api.example.test")
+        assert warnings() == [
+            "sending the API key over plain http:// to api.example.test: anyone on the network path can read it; "
+            "use an https:// base_url (only loopback hosts are exempt)"
+        ]
+        ask("segmind", "http://user:pw@seg.example.test:8080")
+        assert len(warnings()) == 2 and "to seg.example.test:" in warnings()[1]
+        assert proxy.stats.requests == 12  # the requests really went out (through the proxy)
+        caplog.clear()
+        ask("emulator", "http://emulator.example.test")  # the emulator: a test key
+        ask("google", proxy.url)  # loopback: 127.0.0.1
+        ask("google", f"http://localhost:{proxy.port}")
+        assert warnings() == [] and proxy.stats.requests == 30
+    finally:
+        _proxy_for.cache_clear()
+    for url in ("https://api.example.test", "http://[::1]:8080", "http://127.8.9.10", "HTTP://LOCALHOST"):
+        assert gf.GoogleAI(api_key=KEY, base_url=url).plaintext_host() is None, url
+    assert gf.GoogleAI(api_key=None, base_url="http://api.example.test").plaintext_host() is None  # nothing secret
+
+
+def test_redact_url_hides_the_whole_userinfo():
+    from gemframe._http import redact_url
+
+    assert redact_url("https://u:p@ss@host:8/v1?x=a@b") == "https://***@host:8/v1?x=a@b"
+    assert redact_url("to http://a:b@one/x and https://c@two") == "to http://***@one/x and https://***@two"
+    assert redact_url("https://host/path@x") == "https://host/path@x"  # no userinfo: unchanged
+    assert gf.Segmind(api_key=KEY, base_url="https://me:pw@gw.example").display_base_url == "https://***@gw.example"
