@@ -65,7 +65,12 @@ def _proxy_for(scheme: str, host: str) -> str | None:
 
 
 class AiohttpSession:
-    """aiohttp's pool, sized to the concurrency; honours proxy environment variables."""
+    """aiohttp's pool, sized to the concurrency; honours proxy environment variables.
+
+    Redirects are never followed: aiohttp would re-send the session's headers (the API key) and,
+    for a 307/308, the body to whatever origin ``Location`` names. A 3xx comes back as an answer
+    and the provider says what it means (`Provider.failure`).
+    """
 
     def __init__(self, headers: dict[str, str], max_connections: int, timeout: float) -> None:
         self._session = aiohttp.ClientSession(
@@ -80,7 +85,9 @@ class AiohttpSession:
         parts = urlsplit(url)
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
         try:
-            async with self._session.request(method, url, data=content, proxy=proxy) as response:
+            async with self._session.request(
+                method, url, data=content, proxy=proxy, allow_redirects=False
+            ) as response:
                 return Reply(response.status, response.headers, await response.read())
         except asyncio.TimeoutError:
             raise TransportFailure("TIMEOUT", f"no answer within {self._timeout:g}s") from None
@@ -92,11 +99,14 @@ class AiohttpSession:
 
 
 class HttpxSession:
-    """An ``httpx.AsyncClient`` over a given transport (the emulator's ASGI app, a mock)."""
+    """An ``httpx.AsyncClient`` over a given transport (the emulator's ASGI app, a mock).
+
+    Like `AiohttpSession`, it never follows a redirect (httpx's default, pinned here)."""
 
     def __init__(self, transport: httpx.AsyncBaseTransport, headers: dict[str, str], timeout: float) -> None:
         self._client = httpx.AsyncClient(
-            transport=transport, headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0))
+            transport=transport, headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            follow_redirects=False,
         )
         self._timeout = timeout
 

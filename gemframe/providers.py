@@ -218,6 +218,19 @@ class Provider:
         where = f"{' or '.join(self.key_env)} (or api_key=)" if self.key_env else "api_key="
         return f"Check the API key in {where}."
 
+    def _redirect(self, response: Any) -> Failure:
+        """A 3xx. The sessions never follow one (the key, and for a 307/308 the body, would go to
+        whatever origin ``Location`` names, and its answer would be cached as the API's). Fatal,
+        not a row error: every request goes to the same base URL, so every row would be
+        redirected the same way; the fix is the base URL, and going on would only repeat it."""
+        location = redact_url(str(response.headers.get("location") or "(no Location header)"))[:300]
+        message = f"the API answered with a redirect to {location}; gemframe does not follow redirects"
+        hint = (
+            f"Check base_url ({self.display_base_url}): if {location} is the API's real address "
+            "and you trust it, set base_url to it."
+        )
+        return Failure(response.status_code, "REDIRECT", message, fatal=APIError, hint=hint)
+
 
 class GoogleAI(Provider):
     """Google's Gemini API (AI Studio keys)."""
@@ -248,6 +261,8 @@ class GoogleAI(Provider):
 
     def failure(self, response: Any) -> Failure:
         code = response.status_code
+        if 300 <= code < 400:
+            return self._redirect(response)
         data = _json_or_none(response.content)
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
@@ -357,6 +372,8 @@ class Segmind(Provider):
 
     def failure(self, response: Any) -> Failure:
         code = response.status_code
+        if 300 <= code < 400:
+            return self._redirect(response)
         data = _json_or_none(response.content)
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):  # a Google-shaped body passed through

@@ -72,3 +72,81 @@ def test_proxy_environment_is_honoured_once_per_host(monkeypatch):
     assert _proxy_for("https", "generativelanguage.googleapis.com") == "http://127.0.0.1:3128"
     assert _proxy_for("http", "127.0.0.1") is None
     _proxy_for.cache_clear()
+
+
+# -- redirects: never followed, the key and the body never reach another origin ---------------
+
+
+@pytest.fixture
+def redirect_server():
+    """``redirect_server(status, location)``: a loopback server answering every request with
+    that redirect; ``.seen`` holds each request's headers."""
+    from .fault_server import FaultServer
+
+    class RedirectServer(FaultServer):
+        def __init__(self, status: int, location: str) -> None:
+            super().__init__()
+            self.status, self.location, self.seen = status, location, []
+
+        async def _respond(self, headers, body, writer) -> bool:
+            self.seen.append(headers)
+            self._send(writer, self.status, {"moved": self.location}, {"location": self.location})
+            return True
+
+    servers = []
+
+    def start(status: int, location: str) -> RedirectServer:
+        servers.append(RedirectServer(status, location).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.parametrize("status", [302, 307])
+@pytest.mark.parametrize("provider", ["google", "segmind"])
+def test_a_redirect_is_never_followed(provider, status, fault_server, redirect_server, cache_dir):
+    other = fault_server()  # the other origin: would answer 200 (and be cached) if reached
+    location = f"{other.url}/elsewhere"
+    server = redirect_server(status, location)
+    frame = pl.DataFrame({"prompt": [f"q{i}" for i in range(20)]})
+    seen_before = 0
+    for _ in range(2):  # the rerun goes to the base URL again: nothing was cached
+        with gf.Client(provider, api_key="redirect-key", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+            with pytest.raises(gf.APIError) as info:
+                frame.with_columns(reply=gf.generate("prompt", client=c))
+        text = str(info.value)
+        assert f"{status} REDIRECT" in text and location in text and f"Check base_url ({server.url})" in text
+        assert len(server.seen) > seen_before
+        seen_before = len(server.seen)
+    assert other.stats.requests == 0 and other.seen_headers == []  # neither the key nor a body went there
+    assert len(gf.ResponseCache(cache_dir)) == 0
+
+
+def test_control_calls_never_follow_a_redirect(fault_server, redirect_server, cache_dir):
+    """countTokens (gf.estimate exact=True) and Batch Mode's calls stop at the 3xx too."""
+    other = fault_server()
+    server = redirect_server(308, f"{other.url}/v1beta/batches")
+    frame = pl.DataFrame({"prompt": ["a", "b"]})
+    with gf.Client("google", api_key="redirect-key", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+        with pytest.raises(gf.APIError, match="308 REDIRECT.*/v1beta/batches"):
+            gf.estimate(frame, "prompt", client=c, exact=True)
+        with pytest.raises(gf.APIError, match="308 REDIRECT.*/v1beta/batches"):
+            frame.with_columns(reply=gf.generate("prompt", client=c, mode="batch", poll_interval=0.01))
+    assert len(server.seen) >= 2 and other.stats.requests == 0
+
+
+def test_the_in_process_transport_never_follows_a_redirect(cache_dir):
+    """The httpx path (in-process app): a 307 is not re-sent, even to the same app."""
+    calls = []
+
+    async def app(scope, receive, send):
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 307, "headers": [(b"location", b"/v1beta/elsewhere")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    with gf.Client("emulator", app=app, api_key="k", cache_dir=str(cache_dir), progress=False) as c:
+        with pytest.raises(gf.APIError, match="307 REDIRECT: .* to /v1beta/elsewhere"):
+            pl.DataFrame({"prompt": ["x"]}).with_columns(reply=gf.generate("prompt", client=c))
+    assert calls and "/v1beta/elsewhere" not in calls
