@@ -181,10 +181,10 @@ def test_a_key_over_plain_http_warns_once_per_client_naming_the_host(fault_serve
 
     try:
         ask("google", "http://api.example.test")
-        assert warnings() == [
+        assert warnings() == [(
             "sending the API key over plain http:// to api.example.test: anyone on the network path can read it; "
             "use an https:// base_url (only loopback hosts are exempt)"
-        ]
+        )]
         ask("segmind", "http://user:pw@seg.example.test:8080")
         assert len(warnings()) == 2 and "to seg.example.test:" in warnings()[1]
         assert proxy.stats.requests == 12  # the requests really went out (through the proxy)
