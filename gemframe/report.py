@@ -22,6 +22,7 @@ from typing import Any
 
 import polars as pl
 
+from ._files import atomic_write
 from .estimate import Prices
 from .manifest import Tally, read_manifest, reply_struct
 
@@ -66,8 +67,7 @@ class Report:
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the HTML page; returns its path."""
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w", encoding="utf-8") as f:  # whole, never through a planted symlink
             f.write(self.html)
         return path
 

@@ -89,3 +89,15 @@ def test_svg_helpers_are_well_formed():
         assert svg.tag.endswith("svg")
     assert "none" in svg_hbars({}, "t") and "no data" in svg_histogram([], "h")
     assert len(_svgs(svg_histogram([5.0] * 4, "constant"))) == 1
+
+
+def test_html_report_never_writes_through_a_planted_symlink(mixed_output, tmp_path):
+    """``--html report.html`` where report.html is a symlink planted to a victim: the page is
+    written beside it and renamed over the link; the victim is untouched."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    page = tmp_path / "report.html"
+    page.symlink_to(victim)
+    assert main(["report", str(mixed_output), "--html", str(page)]) == 0
+    assert victim.read_bytes() == b"precious"
+    assert not page.is_symlink() and page.read_text().startswith("<!doctype html>")
