@@ -1,6 +1,7 @@
 """The run report: terminal text and an HTML page with inline-SVG charts, sample replies and
 thumbnails, from a gemframe output (CLI and Python API)."""
 
+import os
 import re
 import xml.etree.ElementTree as ET
 
@@ -101,3 +102,20 @@ def test_html_report_never_writes_through_a_planted_symlink(mixed_output, tmp_pa
     assert main(["report", str(mixed_output), "--html", str(page)]) == 0
     assert victim.read_bytes() == b"precious"
     assert not page.is_symlink() and page.read_text().startswith("<!doctype html>")
+
+
+def test_thumbnails_only_from_regular_image_files(client, tmp_path):
+    """Image paths in an output that now name a FIFO (opening it would block forever) or a text
+    file are skipped; the report still shows the real image."""
+    import os
+
+    df = pl.DataFrame({"prompt": ["A fox", "A boat", "A kite"]})
+    out = df.with_columns(reply=gf.generate("prompt", config={"response_modalities": ["IMAGE"]}, image_dir=str(tmp_path / "img"), client=client))
+    paths = [r["images"][0]["path"] for r in out["reply"].to_list()]
+    os.unlink(paths[0])
+    os.mkfifo(paths[0])
+    with open(paths[1], "w") as f:
+        f.write("sk-live-0123456789 do not share")
+    rep = gf.report(out, html=tmp_path / "r.html")
+    assert rep.data["thumbnails"] == 1
+    assert len(re.findall(r'<img src="data:image/png;base64,', rep.html)) == 1
