@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._files import atomic_write
 from .errors import ConfigError, RowError
 
 if TYPE_CHECKING:
@@ -86,11 +87,8 @@ class BatchJobs:
     def _save(self) -> None:
         state = {"format": STATE_FORMAT, "provider": self.provider.name, "model": self.model,
                  "jobs": [asdict(job) for job in self.jobs]}
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(self.path, "w", encoding="utf-8") as f:  # never through a planted symlink
             json.dump(state, f)
-        os.replace(tmp, self.path)
 
     # -- the work ----------------------------------------------------------------------------
     def resolve(self, bodies: dict[str, bytes], wait: bool) -> dict[str, bytes | RowError]:

@@ -251,10 +251,10 @@ class ResponseCache:
             ("key", pa.string()), ("model", pa.string()), ("created", pa.timestamp("s", tz="UTC")),
             ("format", pa.int32()), ("response", pa.large_binary()),
         ])
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        partial, count = f"{path}.partial", 0
-        with pq.ParquetWriter(partial, schema) as writer:
+        from ._files import atomic_write
+
+        count = 0
+        with atomic_write(path) as partial, pq.ParquetWriter(partial, schema) as writer:
             writer.add_key_value_metadata({b"gemframe_cache": json.dumps({"format": ENTRY_FORMAT}).encode()})
             rows: list[dict[str, Any]] = []
             for entry in self.entries(model=model, before=before):
@@ -266,7 +266,6 @@ class ResponseCache:
             if rows or not count:
                 writer.write_table(pa.Table.from_pylist(rows, schema))
                 count += len(rows)
-        os.replace(partial, path)
         return count
 
     def import_(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> dict[str, int]:

@@ -18,7 +18,7 @@ from .cache import CacheMode, ResponseCache, cache_key
 from .errors import RowError
 from .executor import Executor, Outcome, RetryPolicy
 from .limits import RateLimiter
-from .payload import request_json
+from .payload import INLINE_LIMIT, request_json
 from .progress import Progress
 from .providers import DEFAULT_MODEL, Provider, resolve_provider
 from .response import ReplyColumn, decode, failed, reply_dtype
@@ -30,7 +30,6 @@ Row = dict[str, Any] | RowError | None
 _LOOKUP_BATCH = 256  # rows per batched cache lookup...
 _LOOKUP_BYTES = 16 * 2**20  # ...or fewer, when their inline images add up to this
 _QUEUED_BYTES = 16 * 2**20  # encoded request bodies held beyond one per concurrency slot
-INLINE_LIMIT = 20 * 2**20  # the API's limit on one request's inline data, in bytes
 
 
 def _inline_bytes(row: Row) -> int:
@@ -72,6 +71,10 @@ class Client:
     base of their jittered exponential back-off; ``rpm``/``tpm`` cap
     requests/tokens per minute; ``adaptive`` (default on) slows down on 429 answers and speeds
     back up, settling under the server's limit when none is configured.
+
+    Image URLs in the data are fetched only from public addresses: a URL whose host resolves to
+    a private, loopback, link-local or cloud-metadata address (or redirects to one) is that
+    row's error. ``allow_private_urls=True`` lifts this, for images served on your own network.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Client:
         cache: str | CacheMode = CacheMode.USE,
         cache_dir: str | None = None,
         progress: bool = True,
+        allow_private_urls: bool = False,
         **provider_options: Any,
     ) -> None:
         if isinstance(provider, Provider):
@@ -103,6 +107,7 @@ class Client:
         self.model = model
         self.cache_mode = CacheMode(cache)
         self.progress = progress
+        self.allow_private_urls = allow_private_urls  # read by the request builders (expr, estimate)
         self.executor = Executor(
             self.provider,
             concurrency=concurrency,

@@ -12,7 +12,7 @@ from typing import Any, Union
 import polars as pl
 
 from .errors import InputError
-from .payload import sniff_mime
+from .payload import _URL_SCHEME, read_image
 from .response import save_image
 
 __all__ = ["save_images", "show"]
@@ -50,33 +50,35 @@ def _images_of(value: Any) -> list[Any]:
     return [value]
 
 
-def _image_bytes(image: Any) -> tuple[bytes | None, str | None]:
-    """(bytes, path) of an image value: a reply image struct, bytes, or a path."""
+def _path_of(image: Any) -> str | None:
+    """The file path of an image value (a path, or a reply image saved to a file), else None."""
     if isinstance(image, Mapping):
-        if image.get("data") is not None:
-            return bytes(image["data"]), None
-        return None, image.get("path")
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image), None
-    return None, os.fspath(image)
+        return image.get("path") if image.get("data") is None else None
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+
+
+def _picture(image: Any) -> tuple[bytes, str]:
+    """An image value's bytes and MIME type, read by `gemframe.payload.read_image` (regular
+    files only, size-capped): only bytes that sniff as an image are embedded or saved."""
+    data, mime = read_image(image)
+    if not mime.startswith("image/"):
+        raise InputError(f"{_path_of(image) or 'the value'} is a {mime} document, not an image")
+    return data, mime
 
 
 def _img_tag(image: Any, embed: bool, width: int) -> str:
-    data, path = _image_bytes(image)
-    title = ""
-    if data is None and path is not None:
-        title = f' title="{html.escape(path)}"'
-        if embed and os.path.isfile(path):
-            with open(path, "rb") as f:
-                data = f.read()
-    if data is not None:
-        mime = sniff_mime(data) or "image/png"
-        src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    elif path is not None:
-        src = html.escape(path)
-    else:
-        return ""
+    path = _path_of(image)
+    title = f' title="{html.escape(path)}"' if path is not None else ""
     style = f"max-width:{width}px;max-height:{width}px;display:block;margin:4px 0;border-radius:4px"
+    if path is not None and (not embed or _URL_SCHEME.match(path)):  # the browser loads URLs
+        return f'<img src="{html.escape(path)}"{title} style="{style}"/>'
+    try:
+        data, mime = _picture(image)
+    except InputError as exc:  # say why instead of embedding what is not an image
+        if path is not None and not os.path.exists(path):  # not here (yet): link it, as embed=False would
+            return f'<img src="{html.escape(path)}"{title} style="{style}"/>'
+        return f'<div style="color:#b00020">{html.escape(_clip(str(exc), _TEXT_CHARS))}</div>'
+    src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
     return f'<img src="{src}"{title} style="{style}"/>'
 
 
@@ -151,21 +153,17 @@ def show(
     return HTML(markup)
 
 
-def _save_cell(value: Any, directory: str) -> list[str] | None:
+def _save_cell(value: Any, directory: str, row: int) -> list[str] | None:
     if value is None:
         return None
     paths = []
     for image in _images_of(value):
-        data, path = _image_bytes(image)
-        if data is None:
-            if path is None:
-                continue
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as exc:
-                raise InputError(f"cannot read image file {path!r}: {exc.strerror}") from None
-        mime = (image.get("mime_type") if isinstance(image, Mapping) else None) or sniff_mime(data) or ""
+        if isinstance(image, Mapping) and image.get("data") is None and image.get("path") is None:
+            continue
+        try:
+            data, mime = _picture(image)
+        except InputError as exc:
+            raise InputError(f"save_images: row {row}: {exc}") from None
         paths.append(save_image(data, mime, directory))
     return paths
 
@@ -182,7 +180,7 @@ def save_images(
     dtype = pl.List(pl.String)
 
     def run(series: pl.Series) -> pl.Series:
-        return pl.Series("paths", [_save_cell(v, directory) for v in series.to_list()], dtype=dtype)
+        return pl.Series("paths", [_save_cell(v, directory, row) for row, v in enumerate(series.to_list())], dtype=dtype)
 
     if isinstance(images, pl.Series):
         return run(images).alias("image_paths")

@@ -375,7 +375,7 @@ def estimate(
         fresh: dict[str, dict[str, Any]] = {}  # key -> body, new in this chunk
         for row, (p, i, h) in enumerate(zip(prompts, image_list, histories), start):
             try:
-                body = builder.build(p, i, h)
+                body = builder.build(p, i, h, allow_private_urls=client.allow_private_urls)
             except InputError as exc:
                 result.invalid_rows += 1
                 first_invalid = first_invalid or f"row {row}: {exc}"

@@ -116,10 +116,12 @@ class _Inputs:
         )
 
 
-def _rows(builder: RequestBuilder, prompts: list[Any], images: list[Any], histories: list[Any]) -> Iterator[Row]:
+def _rows(
+    builder: RequestBuilder, prompts: list[Any], images: list[Any], histories: list[Any], allow_private_urls: bool = False
+) -> Iterator[Row]:
     for row, (prompt, image, history) in enumerate(zip(prompts, images, histories)):
         try:
-            yield builder.build(prompt, image, history)
+            yield builder.build(prompt, image, history, allow_private_urls=allow_private_urls)
         except InputError as exc:
             yield RowError(None, "INVALID_INPUT", f"row {row}: {exc}")
 
@@ -168,8 +170,9 @@ def generate(
 
     def run(columns: list[pl.Series]) -> pl.Series:
         prompts, image_list, histories, total = inputs.columns(columns)
-        return (client or default_client()).send(
-            _rows(builder, prompts, image_list, histories),
+        sender = client or default_client()
+        return sender.send(
+            _rows(builder, prompts, image_list, histories, sender.allow_private_urls),
             total=total, model=model, cache=cache, sample=sample,
             progress=progress, image_dir=image_dir, raw=raw, response_schema=schema,
             mode=mode, batch_state=batch_state, poll_interval=poll_interval, wait=wait,

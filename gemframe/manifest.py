@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from ._files import atomic_write
 from .estimate import IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, Prices, cost
 
 if TYPE_CHECKING:
@@ -265,10 +266,6 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def write_manifest(manifest: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """A manifest as a pretty JSON sidecar file (written whole, then renamed)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:  # never through a planted symlink
         json.dump(manifest, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)

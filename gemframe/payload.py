@@ -10,8 +10,8 @@ A row's ``history`` (earlier turns, see `gemframe.conversation`) goes first in `
 model turns keep the ``thoughtSignature`` of each part exactly where the model put it.
 
 Images may be a file path, an http(s) URL, raw bytes, a ``{"mime_type", "data"}`` dict (so a
-reply's generated images can be fed back), or a list of those. The MIME type is sniffed from the
-bytes, never guessed from a file name. Reading and base64-encoding a file happens once per
+reply's generated images can be fed back), or a list of those, all read by `read_image`. The MIME
+type is sniffed from the bytes, never guessed from a file name. Reading and base64-encoding a file happens once per
 distinct (path, size, mtime), so a thousand rows sharing one reference image cost one read.
 """
 
@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import base64
 import difflib
+import ipaddress
 import os
 import re
+import socket
+import stat
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -150,63 +153,254 @@ def normalize_safety(
     ]
 
 
-def _inline(data: bytes, origin: str) -> dict[str, str]:
-    mime = sniff_mime(data)
-    if mime is None:
-        raise InputError(
-            f"{origin} is not a {SUPPORTED_MIME} file (starts with {data[:8]!r}); "
-            "pass image bytes or a path to an image"
-        )
-    return {"mimeType": mime, "data": base64.b64encode(data).decode("ascii")}
+INLINE_LIMIT = 20 * 2**20
+"""The API's limit on one request's inline data, in bytes; also the most gemframe reads of one
+image file or URL (a bigger one could never be sent)."""
+_MAX_REDIRECTS = 5
+_URL_TIMEOUT = 30.0
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Cloud metadata services hand out credentials: never fetched unless private URLs are allowed.
+_METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
+_METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
+)
+_ALLOW_HINT = "gf.Client(..., allow_private_urls=True)"
 
 
-@lru_cache(maxsize=32)
-def _inline_file(path: str, size: int, mtime_ns: int) -> dict[str, str]:
-    """Read and encode a file once per (path, size, mtime): edits re-read, repeats do not."""
-    with open(path, "rb") as f:
-        return _inline(f.read(), f"image file {path!r}")
+def read_image(image: Any, *, allow_private_urls: bool = False) -> tuple[bytes, str]:
+    """The bytes and sniffed MIME type of one image value: a file path, an http(s) URL, bytes,
+    or a ``{"mime_type", "data"}`` / ``{"path"}`` struct (a reply's image).
 
-
-@lru_cache(maxsize=32)
-def _inline_url(url: str) -> dict[str, str]:
-    import httpx
-
-    try:
-        response = httpx.get(url, follow_redirects=True, timeout=30.0)
-        response.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise InputError(f"could not download image {url!r}: {exc}") from None
-    return _inline(response.content, f"image URL {url!r}")
-
-
-def inline_data(image: Any) -> dict[str, str]:
-    """One image value (path, URL, bytes or {mime_type, data} dict) as an ``inlineData`` dict."""
+    Every image gemframe reads comes through here (request parts, history parts, `gf.show`,
+    `gf.save_images`, report thumbnails), so the checks live in one place: only regular files
+    are opened (a directory, FIFO or device such as ``/dev/zero`` is refused before opening);
+    at most `INLINE_LIMIT` bytes are read from a file or URL; URLs are fetched as `_download`
+    says; the bytes must sniff as a supported type. Every problem is an `InputError` naming the
+    value and what to do, and never quotes the bytes read.
+    """
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _inline(bytes(image), "image bytes")
+        return _sniffed(bytes(image), "image bytes")
     if isinstance(image, Mapping):  # a reply image: {"mime_type", "data"} or {"path"}
         data = image.get("data")
+        if data is None:
+            if image.get("path") is None:
+                raise InputError("image struct has neither data nor path; give one of them")
+            return read_image(image["path"], allow_private_urls=allow_private_urls)
         if isinstance(data, str):
-            data = base64.b64decode(data)
-        return inline_data(data if data is not None else image.get("path"))
+            data = _base64(data)
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InputError(f"image struct data must be bytes or base64 text, not {type(data).__name__}")
+        return _sniffed(bytes(data), "image struct data")
     if isinstance(image, (str, os.PathLike)):
         text = os.fspath(image)
-        if text.startswith(("http://", "https://")):
-            return _inline_url(text)
-        try:
-            stat = os.stat(text)
-        except OSError as exc:
-            raise InputError(f"cannot read image file {text!r}: {exc.strerror}") from None
-        return _inline_file(os.path.abspath(text), stat.st_size, stat.st_mtime_ns)
+        if _URL_SCHEME.match(text):  # any scheme: _download refuses all but http(s)
+            return _sniffed(_download(text, allow_private_urls), f"image URL {text!r}")
+        return _sniffed(_read_file(text), f"image file {text!r}")
     raise InputError(
         f"unsupported image value of type {type(image).__name__}; "
         "use a path, URL, bytes, or a list of them"
     )
 
 
+def _sniffed(data: bytes, origin: str) -> tuple[bytes, str]:
+    mime = sniff_mime(data)
+    if mime is None:  # say what it is not; its bytes may be anything (a key file): never quoted
+        raise InputError(
+            f"{origin} is not a {SUPPORTED_MIME} file ({len(data)} bytes); "
+            "pass image bytes or a path/URL of an image"
+        )
+    return data, mime
+
+
+def _base64(text: str) -> bytes:
+    try:  # line breaks are common in base64 text; anything else outside the alphabet is an error
+        return base64.b64decode("".join(text.split()), validate=True)
+    except ValueError:
+        raise InputError("image struct data is text but not valid base64; pass the image bytes") from None
+
+
+def _read_file(path: str) -> bytes:
+    """A regular file's bytes, at most `INLINE_LIMIT` of them. Anything else is refused before
+    it is opened: opening a FIFO blocks, reading /dev/zero never ends."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise InputError(f"image file {path!r} is a directory; pass the path of an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(
+                f"image file {path!r} is not a regular file (a FIFO, device or socket); "
+                "pass the path of an image file"
+            )
+        _check_size(info.st_size, f"image file {path!r}")
+        # Non-blocking, and checked again once open: the path may have been swapped meanwhile.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError(f"image file {path!r} is not a regular file; pass the path of an image file")
+            data = f.read(INLINE_LIMIT + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read image file {path!r}: {exc.strerror}") from None
+    _check_size(len(data), f"image file {path!r}")
+    return data
+
+
+def _check_size(size: int, origin: str) -> None:
+    if size > INLINE_LIMIT:
+        raise InputError(
+            f"{origin} is larger than {INLINE_LIMIT // 2**20} MB, the most the API takes inline "
+            "per request; pass a smaller image"
+        )
+
+
+def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address is not fetched without ``allow_private_urls``, or None if it is public."""
+    if address in _METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_multicast:
+        return "a multicast address"
+    if not address.is_global:  # private, shared (CGNAT), reserved, unspecified, documentation
+        return "a private or reserved address"
+    return None
+
+
+def _resolve(url: Any, where: str, allow_private_urls: bool) -> list[str]:
+    """The addresses to connect to for ``url`` (an httpx.URL): refused unless every one of
+    them is public (or private URLs are allowed)."""
+    if url.scheme not in ("http", "https"):
+        raise InputError(f"{where}: only http and https URLs are fetched, not {url.scheme}:")
+    host = url.raw_host.decode("ascii")
+    if not host:
+        raise InputError(f"{where}: the URL has no host")
+    if not allow_private_urls and host.lower().rstrip(".") in _METADATA_HOSTS:
+        raise InputError(
+            f"{where}: {host} is a cloud metadata host; gemframe does not fetch it unless the "
+            f"client allows private URLs: {_ALLOW_HINT}"
+        )
+    try:
+        infos = socket.getaddrinfo(host, url.port or (443 if url.scheme == "https" else 80), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InputError(f"{where}: cannot resolve host {host!r}: {exc}") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not allow_private_urls:
+        for text in addresses:
+            reason = _refusal(ipaddress.ip_address(text.split("%")[0]))
+            if reason is not None:
+                raise InputError(
+                    f"{where}: {host} {'is' if host == text else f'resolves to {text},'} {reason}; gemframe fetches only public "
+                    f"addresses unless the client allows private ones: {_ALLOW_HINT}"
+                )
+    return addresses
+
+
+def _download(url: str, allow_private_urls: bool) -> bytes:
+    """An image URL's bytes, fetched defensively (the URL comes from data, maybe hostile):
+    http(s) only; every address of the host (and of each redirect, followed by hand, at most
+    `_MAX_REDIRECTS`) must be public unless ``allow_private_urls``; the connection goes to an
+    address that was checked, so a DNS answer that changes between check and connect (DNS
+    rebinding) cannot point it elsewhere; at most `INLINE_LIMIT` bytes are read, counted while
+    streaming. Synchronous: one download per distinct URL (see `_inline_url`)."""
+    import httpx
+
+    from ._http import _proxy_for
+
+    current = url
+    for _ in range(_MAX_REDIRECTS + 1):
+        where = f"image URL {url!r}" + (f" (redirected to {current!r})" if current != url else "")
+        try:
+            target = httpx.URL(current)
+            addresses = _resolve(target, where, allow_private_urls)
+            proxy = _proxy_for(target.scheme, target.host)  # HTTP(S)_PROXY / NO_PROXY
+            with httpx.Client(proxy=proxy, trust_env=False, timeout=_URL_TIMEOUT) as http:
+                response = _send(http, target, None if proxy else addresses)
+                try:
+                    if response.is_redirect:
+                        current = str(target.join(response.headers["location"]))
+                        continue
+                    if response.status_code >= 400:
+                        raise InputError(f"could not download {where}: HTTP {response.status_code}")
+                    length = response.headers.get("content-length", "")
+                    if length.isdigit():
+                        _check_size(int(length), where)
+                    chunks, size = [], 0
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        _check_size(size, where)  # stops reading past the limit
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+                finally:
+                    response.close()
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a bad URL or Location
+            raise InputError(f"could not download {where}: {exc}") from None
+    raise InputError(f"image URL {url!r} redirected more than {_MAX_REDIRECTS} times; pass the final URL")
+
+
+def _send(http: Any, target: Any, addresses: list[str] | None) -> Any:
+    """GET ``target``, streamed, from the first of the checked ``addresses`` that accepts a
+    connection (the Host header and the TLS server name stay the URL's host). None: through a
+    proxy, which resolves the name itself (the check of the addresses is all that can be done
+    there)."""
+    import httpx
+
+    if addresses is None:
+        return http.send(http.build_request("GET", target), stream=True)
+    for i, address in enumerate(addresses):
+        request = http.build_request(
+            "GET", target.copy_with(host=address.split("%")[0]),
+            headers={"Host": target.netloc.decode("ascii")},
+            extensions={"sni_hostname": target.raw_host.decode("ascii")},
+        )
+        try:
+            return http.send(request, stream=True)
+        except httpx.ConnectError:
+            if i == len(addresses) - 1:
+                raise
+    raise AssertionError("getaddrinfo returns addresses or raises")
+
+
+def _inline(data: bytes, mime: str) -> dict[str, str]:
+    return {"mimeType": mime, "data": base64.b64encode(data).decode("ascii")}
+
+
+@lru_cache(maxsize=32)
+def _inline_file(path: str, size: int, mtime_ns: int) -> dict[str, str]:
+    """Read and encode a file once per (path, size, mtime): edits re-read, repeats do not."""
+    return _inline(*read_image(path))
+
+
+@lru_cache(maxsize=32)
+def _inline_url(url: str, allow_private_urls: bool) -> dict[str, str]:
+    return _inline(*read_image(url, allow_private_urls=allow_private_urls))
+
+
+def inline_data(image: Any, *, allow_private_urls: bool = False) -> dict[str, str]:
+    """One image value (path, URL, bytes or {mime_type, data} dict) as an ``inlineData`` dict
+    (read by `read_image`). ``allow_private_urls`` lets URLs reach private, loopback,
+    link-local and metadata addresses (`Client`'s option of that name)."""
+    if isinstance(image, Mapping) and image.get("data") is None and image.get("path") is not None:
+        image = image["path"]  # a reply image saved to a file: read (and cached) as a file
+    if isinstance(image, (str, os.PathLike)):
+        text = os.fspath(image)
+        if _URL_SCHEME.match(text):
+            return _inline_url(text, allow_private_urls)
+        try:
+            info = os.stat(text)
+        except OSError:
+            info = None  # read_image says why
+        if info is not None and stat.S_ISREG(info.st_mode):
+            return _inline_file(os.path.abspath(text), info.st_size, info.st_mtime_ns)
+    return _inline(*read_image(image, allow_private_urls=allow_private_urls))
+
+
 _TURN_ROLES = ("user", "model")
 
 
-def _history_part(part: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool = False) -> dict[str, Any] | None:
     """One history part (``text`` or an image as ``data``/``path``, maybe a signature)."""
     text, data, path = part.get("text"), part.get("data"), part.get("path")
     signature = part.get("thought_signature", part.get("thoughtSignature"))
@@ -218,7 +412,7 @@ def _history_part(part: Mapping[str, Any], where: str) -> dict[str, Any] | None:
             raise InputError(f"{where}: text must be a string, got {type(text).__name__}")
         out = {"text": text}
     elif data is not None or path is not None:
-        out = {"inlineData": inline_data(data if data is not None else path)}
+        out = {"inlineData": inline_data(data if data is not None else path, allow_private_urls=allow_private_urls)}
     elif signature is not None:
         out = {"text": ""}  # a signature-only part, as Gemini sometimes ends a turn
     else:
@@ -228,7 +422,7 @@ def _history_part(part: Mapping[str, Any], where: str) -> dict[str, Any] | None:
     return out
 
 
-def history_contents(history: Any) -> list[dict[str, Any]]:
+def history_contents(history: Any, *, allow_private_urls: bool = False) -> list[dict[str, Any]]:
     """``contents`` entries for a row's history: a list of turns, each ``{"role", "parts"}``
     (parts as in `gemframe.conversation.HISTORY_DTYPE`) or ``{"role", "text", "images"}``."""
     if history is None:
@@ -249,13 +443,13 @@ def history_contents(history: Any) -> list[dict[str, Any]]:
         if turn.get("parts") is not None:
             for j, part in enumerate(turn["parts"]):
                 if part is not None:
-                    built = _history_part(part, f"{where} part {j + 1}")
+                    built = _history_part(part, f"{where} part {j + 1}", allow_private_urls)
                     if built is not None:
                         parts.append(built)
         else:
             if turn.get("text") is not None:
                 parts.append({"text": turn["text"]})
-            parts.extend(image_parts(turn.get("images")))
+            parts.extend(image_parts(turn.get("images"), allow_private_urls=allow_private_urls))
         if not parts:
             hint = " (the reply it came from failed or was empty)" if role == "model" else ""
             raise InputError(f"{where} ({role}) has no parts{hint}")
@@ -263,13 +457,13 @@ def history_contents(history: Any) -> list[dict[str, Any]]:
     return contents
 
 
-def image_parts(images: Any) -> list[dict[str, Any]]:
+def image_parts(images: Any, *, allow_private_urls: bool = False) -> list[dict[str, Any]]:
     """Parts for a row's images value: None, one image, or a list of images (nulls skipped)."""
     if images is None:
         return []
     if isinstance(images, (list, tuple)):
-        return [{"inlineData": inline_data(img)} for img in images if img is not None]
-    return [{"inlineData": inline_data(images)}]
+        return [{"inlineData": inline_data(img, allow_private_urls=allow_private_urls)} for img in images if img is not None]
+    return [{"inlineData": inline_data(images, allow_private_urls=allow_private_urls)}]
 
 
 class RequestBuilder:
@@ -304,18 +498,21 @@ class RequestBuilder:
             shared["safetySettings"] = self.safety
         self._shared = shared
 
-    def build(self, prompt: str | None, images: Any = None, history: Any = None) -> dict[str, Any] | None:
+    def build(
+        self, prompt: str | None, images: Any = None, history: Any = None, *, allow_private_urls: bool = False
+    ) -> dict[str, Any] | None:
         """The request body for one row (its history first), or None for a row with neither
-        prompt nor images."""
+        prompt nor images. ``allow_private_urls``: the `Client` option of that name (image URLs
+        may reach private, loopback, link-local and metadata addresses)."""
         parts: list[dict[str, Any]] = []
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
             parts.append({"text": prompt})
-        parts.extend(image_parts(images))
+        parts.extend(image_parts(images, allow_private_urls=allow_private_urls))
         if not parts:
             return None
-        contents = [*history_contents(history), {"role": "user", "parts": parts}]
+        contents = [*history_contents(history, allow_private_urls=allow_private_urls), {"role": "user", "parts": parts}]
         return {"contents": contents, **self._shared}
 
 

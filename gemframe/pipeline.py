@@ -1,6 +1,6 @@
 """Parquet to parquet in bounded memory: read record batches, answer them, write them, repeat.
 
-The output is written to ``OUT.partial`` and renamed into place only when complete, so a killed
+The output is written to a new temp file beside it and renamed into place only when complete, so a killed
 job never leaves a half-written file; rerunning it resends nothing that was answered (the
 answers are in the cache). A run manifest (what produced the file, counts, tokens, time) is
 stored in the parquet key-value metadata under ``gemframe`` (and, with ``manifest_path``, in a
@@ -19,6 +19,7 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
+from ._files import AtomicFile
 from .batch import BatchJobs
 from .cache import CacheMode
 from .client import Client
@@ -95,8 +96,7 @@ def run(
         BatchJobs(client, model, batch["batch_state"], poll_interval, bar).wait()
         if client.cache_mode is not CacheMode.OFF:  # answers the jobs stored: paid in this run
             paid = {json.loads(e["response"]).get("responseId") for e in client.cache.entries(model=model, after=started)}
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    partial = f"{output}.partial"
+    partial = AtomicFile(output)  # an exclusive temp file, renamed when complete (see _files)
     writer: pq.ParquetWriter | None = None
     try:
         batches = source.iter_batches(batch_size=batch_rows) if source.metadata.num_rows else [
@@ -108,7 +108,7 @@ def run(
             answered = _answer(frame, exprs, tally, paid)
             table = answered.unnest("reply").to_arrow()
             if writer is None:
-                writer = pq.ParquetWriter(partial, table.schema)
+                writer = pq.ParquetWriter(partial.file, table.schema)
             writer.write_table(table)
         finished = time.time()
         manifest = {
@@ -131,7 +131,7 @@ def run(
         writer.add_key_value_metadata({MANIFEST_KEY: json.dumps(manifest).encode()})
         writer.close()
         writer = None
-        os.replace(partial, output)
+        partial.commit()
         if manifest_path:
             write_manifest(manifest, manifest_path)
     except APIError as exc:  # say what was saved, so nobody fears a rerun
@@ -144,6 +144,7 @@ def run(
         bar.close()
         if writer is not None:
             writer.close()
+        partial.discard()  # after an error: no temp file left behind
     return manifest
 
 

@@ -22,15 +22,19 @@ from typing import Any
 
 import polars as pl
 
+from ._files import atomic_write
 from ._http import redact_url
+from .errors import InputError
 from .estimate import Prices
 from .manifest import Tally, read_manifest, reply_struct
+from .payload import read_image
 
 _STATS_COLUMNS = (
     "cached", "attempts", "error", "finish_reason", "prompt_tokens", "candidates_tokens",
     "thoughts_tokens", "total_tokens", "images", "response_id", "latency_ms",
 )
 _THUMB = 160
+_THUMB_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
 _PALETTE = {"ok": "#3b7dd8", "bad": "#d0473c", "muted": "#8a94a6", "hist": "#5a9e6f"}
 
 
@@ -67,8 +71,7 @@ class Report:
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the HTML page; returns its path."""
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w", encoding="utf-8") as f:  # whole, never through a planted symlink
             f.write(self.html)
         return path
 
@@ -183,24 +186,35 @@ def _thumbnails(lazy: pl.LazyFrame, schema: Mapping[str, Any], prompt: str | Non
         for image in row["images"] or ():
             if len(out) >= n:
                 return out
-            data = image.get("data")
-            if data is None and image.get("path"):
-                candidates = [image["path"]] + ([os.path.join(base, image["path"])] if base else [])
-                found = next((p for p in candidates if os.path.exists(p)), None)
-                if found:
-                    with open(found, "rb") as f:
-                        data = f.read()
+            data = _image_data(image, base)
             thumb = _thumbnail(data) if data else None
             if thumb:
                 out.append({"src": thumb, "caption": str(row.get(prompt) or "") if prompt else ""})
     return out
 
 
+def _image_data(image: Mapping[str, Any], base: str | None) -> bytes | None:
+    """A reply image's bytes (from the file it was saved to: as given, or relative to the
+    output's directory), read by `gemframe.payload.read_image`: regular files only, capped, and
+    only what sniffs as an image; None for anything else (the report goes on without it)."""
+    if image.get("data") is None and image.get("path"):
+        path = image["path"]
+        candidates = [path] + ([os.path.join(base, path)] if base and not os.path.isabs(path) else [])
+        image = next((p for p in candidates if os.path.exists(p)), None)
+        if image is None:
+            return None
+    try:
+        data, mime = read_image(image)
+    except InputError:
+        return None
+    return data if mime in _THUMB_FORMATS else None
+
+
 def _thumbnail(data: bytes) -> str | None:
     from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data)) as image:
+    try:  # only the formats sniffed above: Pillow would also hand EPS and others to outside tools
+        with Image.open(io.BytesIO(data), formats=list(_THUMB_FORMATS.values())) as image:
             image.thumbnail((_THUMB, _THUMB))
             buffer = io.BytesIO()
             image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB").save(buffer, "PNG", optimize=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 import polars as pl
 
+from ._files import atomic_write
 from .errors import RowError
 from .schema import ResponseSchema, SchemaMismatch
 
@@ -71,11 +72,8 @@ def save_image(data: bytes, mime: str, image_dir: str) -> str:
     name = f"{hashlib.sha256(data).hexdigest()[:32]}.{_EXTENSIONS.get(mime, 'bin')}"
     path = os.path.join(image_dir, name)
     if not os.path.exists(path):
-        os.makedirs(image_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:  # whole, never through a planted symlink
             f.write(data)
-        os.replace(tmp, path)
     return path
 
 

@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -75,3 +76,45 @@ def test_save_images_names_files_by_content(replies, tmp_path):
     again = frame.with_columns(paths=gf.save_images("reply", tmp_path / "saved"))
     assert again["paths"].to_list()[:4] == paths.to_list() and again["paths"][4] is None
     assert len(list((tmp_path / "saved").iterdir())) == 3
+
+
+def test_image_files_never_write_through_a_planted_symlink(replies, client, tmp_path):
+    """The temp names image files were written through (``NAME.png.<pid>.tmp``, predictable
+    from the image's hash and the process id) hold planted symlinks: ``image_dir=`` and
+    ``save_images`` still write every image whole and the victim is untouched."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    names = [hashlib.sha256(r["images"][0]["data"]).hexdigest()[:32] + ".png" for r in replies["reply"].to_list()[:3]]
+    for directory in ("generated", "saved"):
+        (tmp_path / directory).mkdir()
+        for name in names:
+            (tmp_path / directory / f"{name}.{os.getpid()}.tmp").symlink_to(victim)
+    files = replies.with_columns(reply=gf.generate("prompt", config=IMAGES, image_dir=str(tmp_path / "generated"), client=client))
+    saved = gf.save_images(replies["reply"], tmp_path / "saved")
+    assert victim.read_bytes() == b"precious"
+    written = [i["path"] for r in files["reply"].to_list() for i in r["images"]] + [p for ps in saved.to_list() for p in ps]
+    assert sorted(Path(p).name for p in written) == sorted(names * 2)
+    assert all(not Path(p).is_symlink() and Path(p).read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_show_and_save_images_embed_only_images(tmp_path, image_bytes):
+    """gf.show embeds only bytes that sniff as images (a text file's contents never reach the
+    page; a FIFO or /dev/zero is never opened) and says why for the rest; save_images refuses
+    what is not an image, naming the row."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("sk-live-0123456789 do not share")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    png = image_bytes("PNG", (10, 10))
+    values = pl.Series("images", [str(notes), str(fifo), "/dev/zero", str(tmp_path), png, b"<svg onload=alert(1)>"], dtype=pl.Object)
+    markup = gf.show(pl.Series("images", [[v] for v in values.to_list()], dtype=pl.Object), n=10).data
+    srcs = _srcs(markup)
+    assert srcs == [f"data:image/png;base64,{base64.b64encode(png).decode()}"]
+    assert "sk-live" not in markup and base64.b64encode(b"sk-live").decode()[:8] not in markup
+    assert markup.count("is not a PNG, JPEG") == 2 and markup.count("is not a regular file") == 2
+    assert "is a directory" in markup
+    with pytest.raises(gf.InputError, match=r"save_images: row 1: image bytes is not a PNG, JPEG"):
+        gf.save_images(pl.Series("r", [[png], [b"#!/bin/sh\nrm -rf ~"]]), tmp_path / "saved")
+    with pytest.raises(gf.InputError, match=r"save_images: row 0: .*is a directory"):
+        gf.save_images(pl.Series("r", [[str(tmp_path)]]), tmp_path / "saved")
+    assert [p.suffix for p in (tmp_path / "saved").iterdir()] == [".png"]  # nothing but the image

@@ -1,8 +1,10 @@
 import base64
 import io
 import json
+import os
 
 import orjson
+import polars as pl
 import pytest
 from PIL import Image
 
@@ -87,14 +89,14 @@ def test_file_read_once_and_reread_after_edit(tmp_path, monkeypatch):
     path = tmp_path / "a.png"
     path.write_bytes(_image_bytes("PNG"))
     opened = []
-    real_open = open
+    real_open = os.open
 
     def counting_open(file, *args, **kwargs):
         if str(file) == str(path):
             opened.append(file)
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr("os.open", counting_open)  # image files are opened by os.open (non-blocking)
     first = [inline_data(str(path)) for _ in range(100)]
     assert len(opened) == 1 and all(f is first[0] for f in first)
     path.write_bytes(_image_bytes("JPEG"))  # an edit (size changes) is seen
@@ -148,3 +150,221 @@ def test_request_json_is_the_body_as_compact_json_with_images_spliced_in():
     assert body["contents"][0]["parts"][1]["inlineData"]["data"] == image  # the body is untouched
     text_only = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     assert request_json(text_only) == orjson.dumps(text_only)
+
+
+# -- reading image values safely: URLs, odd paths, bad structs (through gf.generate) ----------
+
+
+class _ImageServer:
+    """A loopback HTTP server for image URLs: ``routes`` maps a path to (status, headers,
+    body); a body may be an int N (N bytes of a PNG-looking stream, sent chunked unless the
+    headers give its Content-Length). It records
+    each path requested and how many body bytes it managed to send."""
+
+    def __init__(self, routes):
+        import http.server
+        import threading
+
+        self.routes, self.requested, self.hosts, self.sent, self.done = routes, [], [], {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                server.requested.append(self.path)
+                server.hosts.append(self.headers.get("Host"))
+                status, headers, body = server.routes[self.path]
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if isinstance(body, int):
+                    chunked = "Content-Length" not in headers
+                    if chunked:
+                        self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        self._stream(body, chunked)
+                    finally:
+                        server.done.append(self.path)
+                else:
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def _stream(self, total, chunked):
+                chunk = b"\x89PNG\r\n\x1a\n" + bytes(2**20 - 8)
+                sent = server.sent[self.path] = 0
+                try:
+                    while sent < total:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                        sent += len(chunk)
+                        server.sent[self.path] = sent
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                except OSError:  # the client stopped reading and hung up
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_done(self, *paths):
+        """Wait until the streams to ``paths`` have ended (sent whole, or the client hung up)."""
+        import time
+
+        deadline = time.monotonic() + 30
+        while not set(paths) <= set(self.done) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(paths) <= set(self.done)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def image_server():
+    servers = []
+
+    def start(routes):
+        servers.append(_ImageServer(routes))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _errors(frame):
+    return [e and e["message"] for e in frame["reply"].struct.field("error").to_list()]
+
+
+def test_loopback_image_urls_need_the_client_opt_in(image_server, emulator, cache_dir, tmp_path):
+    png = _image_bytes("PNG")
+    server = image_server({"/fox.png": (200, {"Content-Type": "image/png"}, png)})
+    df = pl.DataFrame({"prompt": ["describe", "describe"], "img": [f"{server.url}/fox.png", None]})
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False) as client:
+        refused = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    message = _errors(refused)[0]
+    assert message.startswith("row 0: ") and f"{server.url}/fox.png" in message
+    assert "127.0.0.1 is a loopback address" in message and "allow_private_urls=True" in message
+    assert _errors(refused)[1] is None  # the other row is answered
+    assert server.requested == [] and emulator.stats.requests == 1  # nothing was fetched
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False,
+                   allow_private_urls=True) as client:
+        allowed = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    assert _errors(allowed) == [None, None] and "Image 1: PNG 8x6" in allowed["reply"][0]["text"]
+    assert server.requested == ["/fox.png"]
+
+
+def test_the_checked_address_is_the_one_connected_to(image_server, emulator, cache_dir, monkeypatch):
+    """DNS rebinding: a name that resolves to an allowed address when checked and elsewhere
+    afterwards is fetched from the checked address (with its own Host header); a second
+    lookup is never made."""
+    import socket
+
+    real = socket.getaddrinfo
+    answers = iter([("127.0.0.1",)])  # the first answer only; a second lookup would fail
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "images.test":
+            return real(host, port, *args, **kwargs)
+        address = next(answers, ("169.254.169.254",))
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address[0], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    server = image_server({"/fox.png": (200, {}, _image_bytes("PNG"))})
+    port = server.url.rsplit(":", 1)[1]
+    df = pl.DataFrame({"prompt": ["describe"], "img": [f"http://images.test:{port}/fox.png"]})
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False,
+                   allow_private_urls=True) as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    assert _errors(out) == [None] and "Image 1: PNG 8x6" in out["reply"][0]["text"]
+    assert server.hosts == [f"images.test:{port}"]
+
+
+def test_redirects_are_checked_at_every_hop(image_server, client, emulator, monkeypatch):
+    """A public host (here: 127.0.0.1, which this test alone counts as public) that redirects
+    to a metadata service, to loopback or to another scheme is refused before that hop is
+    fetched, with no opt-in; a plain URL from it still works."""
+    from gemframe import payload
+
+    real = payload._refusal
+    monkeypatch.setattr(payload, "_refusal", lambda address: None if str(address) == "127.0.0.1" else real(address))
+    png = _image_bytes("PNG")
+    server = image_server({
+        "/fox.png": (200, {}, png),
+        "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
+        "/to-metadata-name": (301, {"Location": "http://metadata.google.internal/computeMetadata/v1/"}, b""),
+        "/to-loopback": (307, {"Location": "http://[::1]:1/fox.png"}, b""),
+        "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
+        "/relative": (302, {"Location": "/fox.png"}, b""),
+    })
+    paths = ["/to-metadata", "/to-metadata-name", "/to-loopback", "/to-file", "/relative", "/fox.png"]
+    df = pl.DataFrame({"prompt": [f"p{i}" for i in range(len(paths))], "img": [server.url + p for p in paths]})
+    out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    errors = _errors(out)
+    assert "redirected to 'http://169.254.169.254/latest/meta-data/'" in errors[0] and "a cloud metadata address" in errors[0]
+    assert "metadata.google.internal is a cloud metadata host" in errors[1]
+    assert "::1 is a loopback address" in errors[2]
+    assert "only http and https URLs are fetched, not file:" in errors[3]
+    assert all("allow_private_urls=True" in e for e in errors[:3])
+    assert errors[4:] == [None, None]
+    assert sorted(server.requested) == sorted([*paths, "/fox.png"])  # never a refused hop
+    assert emulator.stats.requests == 2  # rows 4 and 5
+
+
+def test_url_downloads_stop_at_the_inline_limit(image_server, emulator, cache_dir):
+    total = 64 * 2**20
+    server = image_server({
+        "/endless.png": (200, {}, total),  # chunked: no size given up front
+        "/declared.png": (200, {"Content-Length": str(total)}, total),
+    })
+    df = pl.DataFrame({"prompt": ["a", "b"], "img": [f"{server.url}/endless.png", f"{server.url}/declared.png"]})
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False,
+                   allow_private_urls=True) as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    errors = _errors(out)
+    assert all("is larger than 20 MB, the most the API takes inline" in e for e in errors), errors
+    server.wait_done("/endless.png", "/declared.png")
+    assert server.sent["/endless.png"] < total and server.sent["/declared.png"] < total  # stopped reading
+    assert emulator.stats.requests == 0
+
+
+def test_odd_paths_and_bad_structs_are_row_errors(client, emulator, tmp_path):
+    """A directory, a FIFO, /dev/zero, a missing file and a non-image file (whose bytes are
+    never quoted) are each their row's error at once; the other rows are answered."""
+    png = tmp_path / "ok.png"
+    png.write_bytes(_image_bytes("PNG"))
+    secret = tmp_path / "notes.txt"
+    secret.write_text("sk-live-0123456789 do not share")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    paths = [str(tmp_path), str(fifo), "/dev/zero", str(tmp_path / "missing.png"), str(secret), str(png)]
+    df = pl.DataFrame({"prompt": [f"p{i}" for i in range(len(paths))], "img": paths})
+    errors = _errors(df.with_columns(reply=gf.generate("prompt", images="img", client=client)))
+    assert errors[0] == f"row 0: image file {str(tmp_path)!r} is a directory; pass the path of an image file"
+    assert errors[1].startswith(f"row 1: image file {str(fifo)!r} is not a regular file (a FIFO, device or socket)")
+    assert errors[2].startswith("row 2: image file '/dev/zero' is not a regular file")
+    assert errors[3] == f"row 3: cannot read image file {str(tmp_path / 'missing.png')!r}: No such file or directory"
+    assert "is not a PNG, JPEG, WEBP, GIF, HEIC/HEIF or PDF file (31 bytes)" in errors[4] and "sk-live" not in errors[4]
+    assert errors[5] is None and emulator.stats.requests == 1
+
+
+def test_bad_base64_in_an_image_struct_is_a_row_error(client, emulator):
+    good = base64.b64encode(_image_bytes("JPEG")).decode()
+    structs = pl.DataFrame({
+        "prompt": ["a", "b", "c"],
+        "img": [{"mime_type": "image/jpeg", "data": good}, {"mime_type": "image/png", "data": "%%not base64"},
+                {"mime_type": "image/png", "data": "aGVsbG8=\n"}],
+    })
+    errors = _errors(structs.with_columns(reply=gf.generate("prompt", images="img", client=client)))
+    assert errors[0] is None
+    assert errors[1] == "row 1: image struct data is text but not valid base64; pass the image bytes"
+    assert errors[2].startswith("row 2: image struct data is not a PNG")  # valid base64 of "hello"
+    assert emulator.stats.requests == 1

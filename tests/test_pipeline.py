@@ -272,3 +272,56 @@ def test_batch_mode_manifest_counts_the_jobs_answers_as_paid(sample_input, tmp_p
     assert first["tokens"]["input_paid"] == first["tokens"]["input"] > 0
     assert first["cost"]["batch_discount"] and first["cost"]["this_run"] > 0
     assert (again["cache_hits"], again["requests_sent"], again["cost"]["this_run"]) == (22, 0, 0)
+
+
+# -- temp files are never followed -------------------------------------------------------------
+
+
+def _plant(link, victim):
+    """A symlink at a name gemframe used to write to, pointing at a file it must not touch."""
+    os.symlink(victim, link)
+    return link
+
+
+def test_planted_symlinks_at_temp_names_are_not_followed(sample_input, tmp_path):
+    """``gemframe run`` (live and batch mode) with a manifest, and ``cache export``: a symlink
+    planted at each fixed temp name the writers used (``OUT.parquet.partial``,
+    ``manifest.json.partial``, ``OUT.parquet.batch.json.tmp``, ``F.parquet.partial``) never
+    makes gemframe write through it; the outputs are complete."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out, sidecar, batch_out = tmp_path / "out.parquet", tmp_path / "manifest.json", tmp_path / "b.parquet"
+    export = tmp_path / "answers.parquet"
+    links = [_plant(f"{p}{suffix}", victim) for p, suffix in [
+        (out, ".partial"), (sidecar, ".partial"), (batch_out, ".batch.json.tmp"), (export, ".partial"),
+    ]]
+    cache = str(tmp_path / "cache")
+    common = ["--images", "image_path", "--emulator", "--cache-dir", cache, "--no-progress"]
+    assert main(["run", str(sample_input), str(out), *common, "--manifest", str(sidecar)]) == 0
+    with gf.Client("emulator", app=Emulator(batch_polls=1), cache_dir=str(tmp_path / "c2"), progress=False) as c:
+        run(str(sample_input), str(batch_out), images="image_path", client=c, progress=False, mode="batch", poll_interval=0.01)
+    assert main(["cache", "export", str(export), "--cache-dir", cache]) == 0
+    assert victim.read_bytes() == b"precious"
+    assert all(os.path.islink(link) for link in links)  # left alone, not written through
+    assert pl.read_parquet(out)["text"].is_not_null().sum() == 11
+    assert pl.read_parquet(batch_out)["text"].is_not_null().sum() == 11
+    assert json.loads(sidecar.read_text())["rows"] == 12
+    assert json.loads((tmp_path / "b.parquet.batch.json").read_text())["jobs"]
+    assert pl.read_parquet(export).height == 11
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial") and not p.is_symlink()]
+    assert leftovers == []
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # what open() would have given
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_failed_run_leaves_no_temp_file(cache_dir, sample_input, tmp_path):
+    guarded = Emulator(api_key="right")
+    with gf.Client("emulator", app=guarded, api_key="wrong", cache_dir=str(cache_dir), progress=False) as c:
+        with pytest.raises(gf.AuthenticationError):
+            run(str(sample_input), str(tmp_path / "out" / "o.parquet"), client=c, progress=False)
+    assert os.listdir(tmp_path / "out") == []

@@ -1,6 +1,7 @@
 """The run report: terminal text and an HTML page with inline-SVG charts, sample replies and
 thumbnails, from a gemframe output (CLI and Python API)."""
 
+import os
 import re
 import xml.etree.ElementTree as ET
 
@@ -89,3 +90,32 @@ def test_svg_helpers_are_well_formed():
         assert svg.tag.endswith("svg")
     assert "none" in svg_hbars({}, "t") and "no data" in svg_histogram([], "h")
     assert len(_svgs(svg_histogram([5.0] * 4, "constant"))) == 1
+
+
+def test_html_report_never_writes_through_a_planted_symlink(mixed_output, tmp_path):
+    """``--html report.html`` where report.html is a symlink planted to a victim: the page is
+    written beside it and renamed over the link; the victim is untouched."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    page = tmp_path / "report.html"
+    page.symlink_to(victim)
+    assert main(["report", str(mixed_output), "--html", str(page)]) == 0
+    assert victim.read_bytes() == b"precious"
+    assert not page.is_symlink() and page.read_text().startswith("<!doctype html>")
+
+
+def test_thumbnails_only_from_regular_image_files(client, tmp_path):
+    """Image paths in an output that now name a FIFO (opening it would block forever) or a text
+    file are skipped; the report still shows the real image."""
+    import os
+
+    df = pl.DataFrame({"prompt": ["A fox", "A boat", "A kite"]})
+    out = df.with_columns(reply=gf.generate("prompt", config={"response_modalities": ["IMAGE"]}, image_dir=str(tmp_path / "img"), client=client))
+    paths = [r["images"][0]["path"] for r in out["reply"].to_list()]
+    os.unlink(paths[0])
+    os.mkfifo(paths[0])
+    with open(paths[1], "w") as f:
+        f.write("sk-live-0123456789 do not share")
+    rep = gf.report(out, html=tmp_path / "r.html")
+    assert rep.data["thumbnails"] == 1
+    assert len(re.findall(r'<img src="data:image/png;base64,', rep.html)) == 1
