@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -176,11 +177,18 @@ def _size(n: int) -> str:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    with ResponseCache(args.cache_dir) as store:
+    # A cache warning (an empty database, entries not read) is one "gemframe: warning:" line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
-            return _cache_action(args, store)
-        except (ValueError, OSError) as exc:
-            raise InputError(str(exc)) from None
+            with ResponseCache(args.cache_dir) as store:
+                try:
+                    return _cache_action(args, store)
+                except (ValueError, OSError) as exc:
+                    raise InputError(str(exc)) from None
+        finally:
+            for warning in caught:
+                print(f"gemframe: warning: {warning.message}", file=sys.stderr)
 
 
 def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
@@ -204,8 +212,12 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
         print(f"exported {count:,} entries to {args.file}")
     else:
         counts = store.import_(args.file, overwrite=args.overwrite)
+        refused = ""
+        if counts["refused"]:
+            reasons = ", ".join(f"{n:,} {why}" for why, n in counts["refused_reasons"].items())
+            refused = f"; refused {counts['refused']:,}: {reasons}"
         print(f"imported {args.file} into {store.directory}: {counts['added']:,} added, "
-              f"{counts['replaced']:,} replaced, {counts['kept']:,} already present (kept)")
+              f"{counts['replaced']:,} replaced, {counts['kept']:,} already present (kept){refused}")
     return 0
 
 
