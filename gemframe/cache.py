@@ -145,6 +145,11 @@ class CacheCorruptError(GemframeError):
     """The cache database cannot be read (not an SQLite file, or damaged pages)."""
 
 
+class CacheWarning(UserWarning):
+    """Something in the cache directory was not as gemframe leaves it (entries not read, an
+    empty database); the call goes on."""
+
+
 class UnsafeCacheEntry(OSError):
     """A row gemframe did not write the way it writes answers (a pickle, text, a planted file
     name or link). An OSError, so every diskcache reading path treats it as a miss."""
@@ -232,12 +237,18 @@ class _AnswerDisk(diskcache.Disk):
     def _write_file(self, filename: str, value: bytes) -> None:
         parts = _value_parts(filename)
         assert parts is not None  # Disk.filename made it
-        with self._open_dirs(parts[:2], create=True) as (_, _, leaf):
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-            fd = self._open(parts[2], flags, leaf, 0o600)
-            with open(fd, "wb") as writer:
-                _private_mode(fd, 0o600)
-                writer.write(value)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        for attempt in range(10):  # as diskcache: another process may remove an emptied directory meanwhile
+            try:
+                with self._open_dirs(parts[:2], create=True) as (_, _, leaf):
+                    fd = self._open(parts[2], flags, leaf, 0o600)
+                    with open(fd, "wb") as writer:
+                        _private_mode(fd, 0o600)
+                        writer.write(value)
+                return
+            except FileNotFoundError:
+                if attempt == 9:
+                    raise
 
     # Directory walking: with dir_fd (POSIX) each level is opened O_NOFOLLOW relative to the one
     # above, so no planted link is followed even if it appears meanwhile; elsewhere a level that
@@ -253,6 +264,8 @@ class _AnswerDisk(diskcache.Disk):
                 if create and not os.path.lexists(path):
                     with suppress(FileExistsError):
                         os.mkdir(path, 0o700)
+                if not os.path.lexists(path):
+                    raise FileNotFoundError(errno.ENOENT, "removed meanwhile", path)
                 if os.path.islink(path) or not os.path.isdir(path):
                     raise UnsafeCacheEntry(f"{path} is not a directory (a link?)")
                 chain.append(path)
@@ -269,6 +282,8 @@ class _AnswerDisk(diskcache.Disk):
                         made = False
                 try:
                     fds.append(os.open(name, _OPEN_DIR, dir_fd=fds[-1]))
+                except FileNotFoundError:
+                    raise  # removed meanwhile: a plain miss
                 except OSError as exc:
                     raise UnsafeCacheEntry(f"{name} in {self._directory} is not a directory (a link?)") from exc
                 if create and made:
@@ -379,7 +394,7 @@ def _prepare_directory(directory: str) -> None:
         warnings.warn(
             f"the cache database {db} is empty (0 bytes), so the cache starts empty: if it held "
             "answers they are lost (a full disk or an interrupted copy truncates it); restore it "
-            "from a backup or `gemframe cache import` an export", stacklevel=3,
+            "from a backup or `gemframe cache import` an export", CacheWarning, stacklevel=3,
         )
 
 
@@ -548,7 +563,7 @@ class ResponseCache:
             f"{total} cache entr{'y' if total == 1 else 'ies'} in {self.directory} not read (treated "
             f"as not cached): {reasons}. gemframe writes answers only as raw bytes behind its own "
             "header: unless a newer gemframe wrote them, check who can write to this directory",
-            stacklevel=4,
+            CacheWarning, stacklevel=4,
         )
 
     @_reports_corruption

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .cache import CacheMode, ResponseCache, default_cache_dir
+from .cache import CacheMode, CacheWarning, ResponseCache, default_cache_dir
 from .errors import GemframeError, InputError
 from .providers import DEFAULT_MODEL, PROVIDERS
 
@@ -188,7 +188,10 @@ def _cache(args: argparse.Namespace) -> int:
                     raise InputError(str(exc)) from None
         finally:
             for warning in caught:
-                print(f"gemframe: warning: {warning.message}", file=sys.stderr)
+                if issubclass(warning.category, CacheWarning):
+                    print(f"gemframe: warning: {warning.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:

@@ -321,7 +321,21 @@ def test_planted_file_names_never_read_or_delete_outside_the_cache(tmp_path):
     assert all(v.read_bytes().startswith(ENTRY) for v in victims)
     cache.close()
 
+    # diskcache applies every row of its Settings table: a planted disk__directory would move
+    # where answer files are read and deleted, to a directory where a valid-looking name exists
+    elsewhere = tmp_path / "elsewhere"
+    target = elsewhere / "ab" / "cd" / ("f" * 28 + ".val")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(victims[0].read_bytes())
+    with sqlite3.connect(cache_dir / "cache.db") as db:
+        db.execute("INSERT INTO Settings VALUES ('disk__directory', ?)", (str(elsewhere),))
+    db.close()
     os.unlink(cache_dir / "ab")
+    _plant(cache_dir, keys[0], mode=2, filename="ab/cd/" + "f" * 28 + ".val")
+    with gf.ResponseCache(cache_dir) as reopened:
+        assert reopened.get_many(keys) == {} and reopened.clear() == 1
+    assert target.read_bytes().startswith(ENTRY)
+
     _plant_escapes(cache_dir, victims)
     result = subprocess.run(
         [sys.executable, "-m", "gemframe", "cache", "clear", "--cache-dir", str(cache_dir)],
