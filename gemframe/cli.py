@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .cache import CacheMode, ResponseCache, default_cache_dir
+from .cache import CacheMode, CacheWarning, ResponseCache, default_cache_dir
 from .errors import GemframeError, InputError
 from .providers import DEFAULT_MODEL, PROVIDERS
 
@@ -176,11 +177,21 @@ def _size(n: int) -> str:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    with ResponseCache(args.cache_dir) as store:
+    # A cache warning (an empty database, entries not read) is one "gemframe: warning:" line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
-            return _cache_action(args, store)
-        except (ValueError, OSError) as exc:
-            raise InputError(str(exc)) from None
+            with ResponseCache(args.cache_dir) as store:
+                try:
+                    return _cache_action(args, store)
+                except (ValueError, OSError) as exc:
+                    raise InputError(str(exc)) from None
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, CacheWarning):
+                    print(f"gemframe: warning: {warning.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
@@ -204,8 +215,12 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
         print(f"exported {count:,} entries to {args.file}")
     else:
         counts = store.import_(args.file, overwrite=args.overwrite)
+        refused = ""
+        if counts["refused"]:
+            reasons = ", ".join(f"{n:,} {why}" for why, n in counts["refused_reasons"].items())
+            refused = f"; refused {counts['refused']:,}: {reasons}"
         print(f"imported {args.file} into {store.directory}: {counts['added']:,} added, "
-              f"{counts['replaced']:,} replaced, {counts['kept']:,} already present (kept)")
+              f"{counts['replaced']:,} replaced, {counts['kept']:,} already present (kept){refused}")
     return 0
 
 

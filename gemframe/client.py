@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from .cache import CacheMode, ResponseCache, cache_key
+from .cache import CacheMode, ResponseCache, answer_problem, cache_key
 from .errors import RowError
 from .executor import Executor, Outcome, RetryPolicy
 from .limits import RateLimiter
@@ -288,7 +288,7 @@ class _Run:
         if self.cache is not None and self.mode in (CacheMode.USE, CacheMode.READ) and fresh:
             for key, raw in self.cache.get_many(fresh).items():
                 del fresh[key]
-                self._answer(key, self._decode(orjson.loads(raw), raw, True, 0, 0.0))
+                self._answer(key, self._cached_record(key, raw))
         outgoing: list[tuple[str, str, bytes]] = []  # submitted together: one loop wake-up
         for key, (body, size) in fresh.items():
             if self.mode is CacheMode.READ:
@@ -321,6 +321,22 @@ class _Run:
         if outgoing:
             self.client.executor.submit_many(outgoing, self.finished)
         self._collect(block=False)
+
+    def _cached_record(self, key: str, raw: bytes) -> dict[str, Any]:
+        """The reply of a cached answer; one that is not a generateContent answer (a damaged or
+        planted row) is that row's error, never an exception that ends the call."""
+        try:
+            response = orjson.loads(raw)
+            problem = answer_problem(response)
+            if problem is None:
+                return self._decode(response, raw, True, 0, 0.0)
+        except (ValueError, TypeError) as exc:  # not JSON, bad base64 image data
+            problem = str(exc)
+        return failed(RowError(
+            None, "CACHE_CORRUPT",
+            f"row {self.waiting[key][0]}: the cached answer (key {key}) is not a generateContent "
+            f"answer ({problem}); cache='refresh' fetches it again and replaces it",
+        ))
 
     def _full(self) -> bool:
         """Whether to wait before sending more: a window of requests is out, or every

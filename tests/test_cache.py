@@ -87,19 +87,32 @@ def test_default_dir_honours_env(monkeypatch, tmp_path):
     assert ResponseCache().directory == str(tmp_path / "c")
 
 
-def test_newer_entry_format_is_refused(tmp_path):
+def test_newer_entry_format_is_a_miss_with_a_warning(tmp_path):
+    """An entry a newer gemframe wrote is not read (one warning), and does not end the call."""
     cache = ResponseCache(tmp_path)
     cache._store.set("k", b'{"format": 99}\n{}')
-    with pytest.raises(ValueError, match="newer"):
-        cache.get_many(["k"])
+    with pytest.warns(UserWarning, match="1 in entry format 99, newer than this gemframe"):
+        assert cache.get_many(["k"]) == {}
 
 
 # -- management: stats, clear by model/age, export/import ---------------------------------------
 
 
+# Keys are digests and answers generateContent answers (an import refuses anything else); K2's
+# answer is big enough for diskcache to keep it in a file.
+K1, K2, K3, K9 = ("%064x" % n for n in (1, 2, 3, 9))
+A1 = b'{"candidates": [{"content": {"parts": [{"text": "a"}]}}]}'
+A2 = b'{"candidates": [{"content": {"parts": [{"text": "' + b"x" * 50_000 + b'"}]}}]}'
+A3 = b'{"candidates": []}'
+
+
+def _answer(text: str) -> bytes:
+    return b'{"candidates": [{"content": {"parts": [{"text": "%s"}]}}]}' % text.encode()
+
+
 def _filled(tmp_path):
     cache = ResponseCache(tmp_path / "c")
-    cache.set_many([("k1", "m1", b'{"a": 1}'), ("k2", "m1", b"x" * 50_000), ("k3", "m2", b"{}")])
+    cache.set_many([(K1, "m1", A1), (K2, "m1", A2), (K3, "m2", A3)])
     return cache
 
 
@@ -116,7 +129,7 @@ def test_stats_by_model(tmp_path):
 def test_clear_by_model_and_age(tmp_path):
     cache = _filled(tmp_path)
     assert cache.clear(before="2000-01-01") == 0
-    assert cache.clear(model="m1") == 2 and cache.get_many(["k1", "k2", "k3"]).keys() == {"k3"}
+    assert cache.clear(model="m1") == 2 and cache.get_many([K1, K2, K3]).keys() == {K3}
     assert cache.clear(before=datetime.now(timezone.utc).timestamp() + 5) == 1 and len(cache) == 0
 
 
@@ -126,10 +139,11 @@ def test_export_import_round_trip_keeps_bytes_and_dates(tmp_path):
     assert cache.export(tmp_path / "m2.parquet", model="m2") == 1
     frame = pl.read_parquet(tmp_path / "all.parquet")
     assert frame.columns == ["key", "model", "created", "format", "response"]
-    assert frame.filter(pl.col("key") == "k2")["response"][0] == b"x" * 50_000
+    assert frame.filter(pl.col("key") == K2)["response"][0] == A2
     other = ResponseCache(tmp_path / "other")
-    assert other.import_(tmp_path / "all.parquet") == {"added": 3, "replaced": 0, "kept": 0}
-    assert other.get_many(["k1", "k2", "k3"]) == cache.get_many(["k1", "k2", "k3"])
+    assert other.import_(tmp_path / "all.parquet") == {
+        "added": 3, "replaced": 0, "kept": 0, "refused": 0, "refused_reasons": {}}
+    assert other.get_many([K1, K2, K3]) == cache.get_many([K1, K2, K3])
     assert other.stats()["oldest"] == cache.stats()["oldest"]  # the answers keep their dates
 
 
@@ -137,17 +151,18 @@ def test_import_merges_and_keeps_local_answers_unless_overwrite(tmp_path):
     cache = _filled(tmp_path)
     cache.export(tmp_path / "all.parquet")
     mine = ResponseCache(tmp_path / "mine")
-    mine.set_many([("k1", "m1", b"mine"), ("k9", "m1", b"only mine")])
-    assert mine.import_(tmp_path / "all.parquet") == {"added": 2, "replaced": 0, "kept": 1}
-    assert mine.get_many(["k1", "k9"]) == {"k1": b"mine", "k9": b"only mine"} and len(mine) == 4
-    assert mine.import_(tmp_path / "all.parquet", overwrite=True) == {"added": 0, "replaced": 3, "kept": 0}
-    assert mine.get_many(["k1"]) == {"k1": b'{"a": 1}'}
+    mine.set_many([(K1, "m1", _answer("mine")), (K9, "m1", _answer("only mine"))])
+    assert mine.import_(tmp_path / "all.parquet") == {
+        "added": 2, "replaced": 0, "kept": 1, "refused": 0, "refused_reasons": {}}
+    assert mine.get_many([K1, K9]) == {K1: _answer("mine"), K9: _answer("only mine")} and len(mine) == 4
+    assert mine.import_(tmp_path / "all.parquet", overwrite=True)["replaced"] == 3
+    assert mine.get_many([K1]) == {K1: A1}
 
 
 def test_import_of_old_answers_then_clear_older_than(tmp_path):
     old = pl.DataFrame({
-        "key": ["old"], "model": ["m"], "created": [datetime(2020, 1, 1, tzinfo=timezone.utc)],
-        "format": [1], "response": [b"{}"],
+        "key": ["%064x" % 7], "model": ["m"], "created": [datetime(2020, 1, 1, tzinfo=timezone.utc)],
+        "format": [1], "response": [A3],
     })
     old.write_parquet(tmp_path / "old.parquet")
     cache = _filled(tmp_path)
@@ -175,4 +190,272 @@ def test_parse_when():
 
 def test_contains_many_does_not_read_values(tmp_path):
     cache = _filled(tmp_path)
-    assert cache.contains_many(["k1", "k3", "nope"]) == {"k1", "k3"}
+    assert cache.contains_many([K1, K3, "nope"]) == {K1, K3}
+
+
+# -- trust at the edges: the cache directory is hostile ground ----------------------------------
+
+import os  # noqa: E402
+import pickle  # noqa: E402
+import sqlite3  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+ENTRY = b'{"format": 1, "model": "m", "created": 0}\n'  # the header gemframe writes before an answer
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that something unpickled a planted row."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _plant(cache_dir, key, *, mode, value=None, filename=None, model="m"):
+    """Write a row into diskcache's Cache table directly, as an attacker with write access to a
+    shared cache directory would (replacing any row of that key)."""
+    with sqlite3.connect(os.path.join(cache_dir, "cache.db")) as db:
+        db.execute("DELETE FROM Cache WHERE key = ? AND raw = 1", (key,))
+        db.execute(
+            "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag, size, mode,"
+            " filename, value) VALUES (?, 1, 1e9, NULL, 1e9, 0, ?, 0, ?, ?, ?)",
+            (key, model, mode, filename, value),
+        )
+    db.close()
+
+
+def _prompts(*texts):
+    return pl.DataFrame({"prompt": list(texts)})
+
+
+def _keys_in(cache_dir):
+    with sqlite3.connect(os.path.join(cache_dir, "cache.db")) as db:
+        keys = [key for (key,) in db.execute("SELECT key FROM Cache ORDER BY rowid")]
+    db.close()
+    return keys
+
+
+def test_planted_pickle_rows_are_misses_never_unpickled(client, emulator, cache_dir, tmp_path):
+    """A MODE_PICKLE row (in the database or in a file) is never unpickled by any reading
+    path: the row is a miss with one warning, and its request goes to the server again."""
+    frame = _prompts("first", "second")
+    frame.with_columns(reply=gf.generate("prompt", client=client))
+    assert emulator.stats.requests == 2
+    first, second = _keys_in(cache_dir)
+    marker = tmp_path / "unpickled"
+    _plant(cache_dir, first, mode=4, value=pickle.dumps(_Marker(marker)))  # diskcache MODE_PICKLE
+    name = "ab/cd/" + "e" * 28 + ".val"
+    os.makedirs(cache_dir / "ab" / "cd")
+    (cache_dir / name).write_bytes(pickle.dumps(_Marker(marker)))
+    _plant(cache_dir, second, mode=4, filename=name)
+
+    with pytest.warns(UserWarning, match=r"2 cache entries in .* not read .*2 stored as diskcache mode 4") as seen:
+        out = frame.with_columns(reply=gf.generate("prompt", client=client)).unnest("reply")
+    assert len([w for w in seen if "not read" in str(w.message)]) == 1  # one warning per lookup
+    assert not marker.exists()
+    assert emulator.stats.requests == 4  # both rows were sent again...
+    assert out["cached"].to_list() == [False, False] and out["error"].to_list() == [None, None]
+    assert out["text"].null_count() == 0  # ...and answered, not a forged cached=True answer
+
+    _plant(cache_dir, first, mode=4, value=pickle.dumps(_Marker(marker)))
+    _plant(cache_dir, second, mode=4, filename=name)
+    cache = gf.ResponseCache(cache_dir)
+    with pytest.warns(UserWarning, match="not read"):
+        assert cache.get_many([first, second]) == {}
+    with pytest.warns(UserWarning, match="not read"):
+        assert list(cache.entries()) == []  # what export reads
+    assert cache._store.get(first) is None and cache._store.get(second) is None  # diskcache's own path
+    assert cache.stats()["entries"] == 2
+    assert cache.clear(model="m") == 2
+    assert not marker.exists()
+
+
+def _victims(tmp_path):
+    """Files outside the cache directory that a planted row names, each holding what would be
+    a valid cached answer if it were read."""
+    outside = tmp_path / "outside"
+    (outside / "cd").mkdir(parents=True)
+    answer = ENTRY + b'{"candidates": [{"content": {"parts": [{"text": "forged"}]}}]}'
+    victims = [outside / "victim", outside / "cd" / ("f" * 28 + ".val"), outside / "linked"]
+    for victim in victims:
+        victim.write_bytes(answer)
+    return victims
+
+
+def _plant_escapes(cache_dir, victims):
+    """Rows whose file is outside the directory: ../ path, absolute path, a planted directory
+    link (ab -> outside), a planted file link inside the directory. Returns their keys."""
+    victim, in_linked_dir, linked = victims
+    keys = ["%064x" % n for n in range(101, 105)]
+    depth = os.path.relpath(victim, cache_dir)  # ../outside/victim
+    (cache_dir / "ab").symlink_to(victim.parent, target_is_directory=True)
+    os.makedirs(cache_dir / "cc" / "dd", exist_ok=True)
+    link_name = "cc/dd/" + "a" * 28 + ".val"
+    (cache_dir / link_name).symlink_to(linked)
+    for key, filename in zip(keys, [depth, str(victim), "ab/cd/" + "f" * 28 + ".val", link_name]):
+        _plant(cache_dir, key, mode=2, filename=filename)  # diskcache MODE_BINARY: value in a file
+    return keys
+
+
+def test_planted_file_names_never_read_or_delete_outside_the_cache(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache = gf.ResponseCache(cache_dir)
+    cache.set_many([("%064x" % 1, "m", b'{"candidates": []}')])
+    victims = _victims(tmp_path)
+    keys = _plant_escapes(cache_dir, victims)
+    with pytest.warns(UserWarning, match="4 cache entries .* not read") as seen:
+        assert cache.get_many(keys) == {}  # nothing outside was read (each would be a hit)
+    assert "symbolic link" in str(seen[0].message) and "not a name gemframe writes" in str(seen[0].message)
+    assert cache.clear(model="m") == 5
+    assert all(v.read_bytes().startswith(ENTRY) for v in victims)  # all still there, untouched
+    assert (cache_dir / "ab").is_symlink() and (cache_dir / "cc" / "dd" / ("a" * 28 + ".val")).is_symlink() is False
+
+    os.unlink(cache_dir / "ab")
+    keys = _plant_escapes(cache_dir, victims)
+    assert cache.clear() == 4
+    assert all(v.read_bytes().startswith(ENTRY) for v in victims)
+    cache.close()
+
+    # diskcache applies every row of its Settings table: a planted disk__directory would move
+    # where answer files are read and deleted, to a directory where a valid-looking name exists
+    elsewhere = tmp_path / "elsewhere"
+    target = elsewhere / "ab" / "cd" / ("f" * 28 + ".val")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(victims[0].read_bytes())
+    with sqlite3.connect(cache_dir / "cache.db") as db:
+        db.execute("INSERT INTO Settings VALUES ('disk__directory', ?)", (str(elsewhere),))
+    db.close()
+    os.unlink(cache_dir / "ab")
+    _plant(cache_dir, keys[0], mode=2, filename="ab/cd/" + "f" * 28 + ".val")
+    with gf.ResponseCache(cache_dir) as reopened:
+        assert reopened.get_many(keys) == {} and reopened.clear() == 1
+    assert target.read_bytes().startswith(ENTRY)
+
+    _plant_escapes(cache_dir, victims)
+    result = subprocess.run(
+        [sys.executable, "-m", "gemframe", "cache", "clear", "--cache-dir", str(cache_dir)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0 and "removed 4 entries" in result.stdout, result.stderr
+    assert all(v.read_bytes().startswith(ENTRY) for v in victims)
+
+
+def test_new_cache_is_private_whatever_the_umask(tmp_path):
+    """A new cache directory is 0700 and everything gemframe creates in it 0600 (0700 for
+    answer subdirectories), under a permissive umask; an existing directory keeps its mode."""
+    old = os.umask(0o022)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a new cache gives no warning (its database is never 0 bytes)
+            cache = gf.ResponseCache(tmp_path / "new" / "cache")
+            cache.set_many([("%064x" % 1, "m", b'{"candidates": []}'), ("%064x" % 2, "m", A2)])
+            assert len(gf.ResponseCache(tmp_path / "new" / "cache")) == 2
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o755)
+        os.chmod(shared, 0o755)
+        gf.ResponseCache(shared).set_many([("%064x" % 1, "m", A2)])
+    finally:
+        os.umask(old)
+    root = tmp_path / "new" / "cache"
+
+    def mode(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    assert mode(root) == 0o700
+    files = [p for p in root.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"cache.db", "cache.db-wal", "cache.db-shm"} <= names and any(n.endswith(".val") for n in names)
+    assert {str(p.relative_to(root)): mode(p) for p in files} == {str(p.relative_to(root)): 0o600 for p in files}
+    assert {mode(p) for p in root.rglob("*") if p.is_dir()} == {0o700}
+    assert mode(shared) == 0o755
+    assert mode(shared / "cache.db") == 0o600
+
+
+def test_import_refuses_rows_that_are_not_digest_keys_with_answers(tmp_path, capsys):
+    from gemframe.cli import main
+
+    good = {"%064x" % n: _answer(f"answer {n}") for n in range(3)}
+    rows = [
+        *((key, answer) for key, answer in good.items()),
+        ("not-a-digest", _answer("x")),
+        ("%064x" % 10, b"not json"),
+        ("%064x" % 11, b'{"candidates": [{"content": {"parts": [{"text": 5}]}}]}'),
+        ("%064x" % 12, b"[1, 2]"),
+    ]
+    pl.DataFrame({
+        "key": [k for k, _ in rows], "model": ["m"] * len(rows),
+        "created": [datetime(2024, 1, 1, tzinfo=timezone.utc)] * len(rows),
+        "format": [1] * len(rows), "response": [a for _, a in rows],
+    }).write_parquet(tmp_path / "mixed.parquet")
+    cache = ResponseCache(tmp_path / "c")
+    counts = cache.import_(tmp_path / "mixed.parquet")
+    assert counts == {"added": 3, "replaced": 0, "kept": 0, "refused": 4, "refused_reasons": {
+        "not a generateContent answer": 3, "key is not a sha256 digest": 1}}
+    assert len(cache) == 3 and cache.get_many(k for k, _ in rows) == good
+    cache.close()
+    assert main(["cache", "import", str(tmp_path / "mixed.parquet"), "--cache-dir", str(tmp_path / "other")]) == 0
+    assert ("3 added, 0 replaced, 0 already present (kept); refused 4: 3 not a generateContent answer, "
+            "1 key is not a sha256 digest") in capsys.readouterr().out
+
+
+def test_malformed_cached_answer_is_that_rows_error(client, emulator, cache_dir):
+    """An answer in the cache that is not a generateContent answer (damaged or planted) becomes
+    that row's CACHE_CORRUPT error; the other rows and later calls go on."""
+    frame = _prompts("a", "b", "c", "d")
+    frame.with_columns(reply=gf.generate("prompt", client=client))
+    keys = _keys_in(cache_dir)
+    _plant(cache_dir, keys[0], mode=1, value=ENTRY + b"not json")
+    _plant(cache_dir, keys[1], mode=1, value=ENTRY + b'{"candidates": [{"content": {"parts": [{"text": 5}]}}]}')
+    _plant(cache_dir, keys[2], mode=1, value=ENTRY + b'{"candidates": [{"content": {"parts": [{"inlineData": {"data": "AAAAA"}}]}}]}')
+    for _ in range(2):  # every later run too
+        out = frame.with_columns(reply=gf.generate("prompt", client=client)).unnest("reply")
+        errors = out["error"].to_list()
+        assert [e and e["status"] for e in errors] == ["CACHE_CORRUPT"] * 3 + [None]
+        assert errors[0]["message"].startswith("row 0: the cached answer") and "cache='refresh'" in errors[0]["message"]
+        assert "text is not a string" in errors[1]["message"] and errors[2]["message"].startswith("row 2")
+        assert out["text"][3] is not None and out["cached"][3] is True
+    assert emulator.stats.requests == 4  # nothing resent
+    fixed = frame.with_columns(reply=gf.generate("prompt", client=client, cache="refresh")).unnest("reply")
+    assert fixed["error"].null_count() == 4
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "gemframe", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_corrupt_database_is_one_clear_error(emulator, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    db = cache_dir / "cache.db"
+    db.write_bytes(b"this is not an SQLite database, it is garbage " * 200)
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False) as c:
+        with pytest.raises(gf.GemframeError, match=r"cache database .*cache\.db is corrupt .*Move it aside"):
+            _prompts("a").with_columns(reply=gf.generate("prompt", client=c))
+    assert emulator.stats.requests == 0
+    for action in ("stats", "clear"):
+        result = _cli("cache", action, "--cache-dir", str(cache_dir))
+        assert result.returncode == 2, result
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith(f"gemframe: error: the cache database {db} is corrupt")
+        assert f"mv {db} {db}.corrupt" in result.stderr
+    assert db.read_bytes().startswith(b"this is not")  # left for the user to inspect
+
+
+def test_zero_byte_database_warns(client, emulator, cache_dir, tmp_path):
+    cache_dir.mkdir()
+    (cache_dir / "cache.db").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"cache\.db is empty \(0 bytes\), so the cache starts empty"):
+        out = _prompts("a").with_columns(reply=gf.generate("prompt", client=client)).unnest("reply")
+    assert out["error"][0] is None and emulator.stats.requests == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cache.db").write_bytes(b"")
+    result = _cli("cache", "stats", "--cache-dir", str(other))
+    assert result.returncode == 0 and "0 entries" in result.stdout
+    assert result.stderr.startswith(f"gemframe: warning: the cache database {other / 'cache.db'} is empty (0 bytes)")
+    assert "Traceback" not in result.stderr
