@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class BatchStore:
         self.outcome = "BATCH_STATE_SUCCEEDED"
         self.fail_every = 0
         self.creates = 0  # how many jobs were submitted, for tests
+        # Held around each call: the emulator makes them from worker threads (a poll that
+        # finishes a job answers all its requests, too long to do on its event loop).
+        self.lock = threading.Lock()
 
     def create(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         batch = body.get("batch")

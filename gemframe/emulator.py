@@ -147,7 +147,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -1210,7 +1210,7 @@ class Emulator:
         if action == "batchGenerateContent":
             try:
                 body = self._admit_google(request, await _read_body(request), model, action)
-                return _json_response(self.batches.create(model, body))
+                return await self._batch_call(self.batches.create, model, body)
             except ErrorAnswer as err:
                 return _google_error(err)
             except BatchError as err:
@@ -1228,14 +1228,26 @@ class Emulator:
         check_signatures(req)
         return req if self.markers else replace(req, test_markers=False)
 
+    async def _batch_call(self, method: Callable[..., Any], *args: Any) -> Response:
+        """A batch-store call and its JSON, in a worker thread: the poll that finishes a job
+        answers all its requests (drawing any images) and its answer may be megabytes of JSON,
+        work that must not stall the event loop. The store's lock keeps calls one at a time."""
+
+        def call() -> Response:
+            with self.batches.lock:
+                answer = method(*args)
+            return _json_response(answer)
+
+        return await run_in_threadpool(call)
+
     async def _batch(self, request: Request) -> Response:
         name, _, action = request.path_params["batch_action"].partition(":")
         try:
             self._check_key(request)
             if request.method == "GET" and not action:
-                return _json_response(self.batches.get(f"batches/{name}"))
+                return await self._batch_call(self.batches.get, f"batches/{name}")
             if request.method == "POST" and action == "cancel":
-                return _json_response(self.batches.cancel(f"batches/{name}"))
+                return await self._batch_call(self.batches.cancel, f"batches/{name}")
             raise BatchError(404, "Method not found.")
         except ErrorAnswer as err:
             return _google_error(err)
@@ -1247,7 +1259,7 @@ class Emulator:
             self._check_key(request)
         except ErrorAnswer as err:
             return _google_error(err)
-        return _json_response(self.batches.list())
+        return await self._batch_call(self.batches.list)
 
     async def _segmind(self, request: Request) -> Response:
         return await self._generate(request, request.path_params["slug"], segmind=True)

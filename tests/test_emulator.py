@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -784,45 +785,75 @@ def test_chunked_oversized_body_is_refused_while_streaming(served_emulator):
     assert sent_when_answered < LIMIT + 24 * 2**20, sent_when_answered
 
 
+class HeldRenderer:
+    """Replaces the emulator's prompt drawing: signals when drawing starts and holds it there
+    until released, so a test can act while an image is being drawn; times the real drawing."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from gemframe import _emulator_render
+
+        self.started, self.release = threading.Event(), threading.Event()
+        self.durations: list[float] = []
+        self.original = _emulator_render.render_prompt
+        monkeypatch.setattr(_emulator_render, "render_prompt", self.render)
+
+    def render(self, *args: Any, **kwargs: Any) -> bytes:
+        self.started.set()
+        self.release.wait(30)
+        begin = time.perf_counter()
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.durations.append(time.perf_counter() - begin)
+
+    def answer_meanwhile(self, url: str) -> None:
+        """Once drawing has started, a small text request must be answered (then release)."""
+        try:
+            assert self.started.wait(30), "the image request never reached the renderer"
+            try:
+                small = httpx.post(url + GENERATE, json=ask("small"), timeout=10)
+            except httpx.TimeoutException:
+                pytest.fail("a text request waited for an image being drawn: the loop was blocked")
+            assert text(small) == 'Emulated reply to: "small".'
+        finally:
+            self.release.set()
+
+
+def _in_thread(call: Callable[[], httpx.Response]) -> tuple[threading.Thread, list[httpx.Response]]:
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(call()), daemon=True)
+    thread.start()
+    return thread, answers
+
+
 def test_image_rendering_does_not_block_other_requests(served_emulator, monkeypatch):
     """A 2,000-character unspaced prompt drawn as an image: while it is being drawn (held there
     until the small request has its answer), a small text request is answered; and the drawing
     itself takes well under a few seconds (it took ~50 s when wrapping was cubic)."""
-    from gemframe import _emulator_render
-
-    started, release = threading.Event(), threading.Event()
-    durations: list[float] = []
-    original = _emulator_render.render_prompt
-
-    def held_render(*args: Any, **kwargs: Any) -> bytes:
-        started.set()
-        release.wait(30)
-        begin = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            durations.append(time.perf_counter() - begin)
-
-    monkeypatch.setattr(_emulator_render, "render_prompt", held_render)
+    renderer = HeldRenderer(monkeypatch)
     server = served_emulator()
-    heavy: list[httpx.Response] = []
-    worker = threading.Thread(target=lambda: heavy.append(httpx.post(
-        server.url + GENERATE, json=ask("x" * 2000, responseModalities=["IMAGE"]), timeout=120,
-    )), daemon=True)
-    worker.start()
-    try:
-        assert started.wait(30), "the image request never reached the renderer"
-        try:
-            small = httpx.post(server.url + GENERATE, json=ask("small"), timeout=10)
-        except httpx.TimeoutException:
-            pytest.fail("a text request waited for an image being drawn: the event loop was blocked")
-        assert text(small) == 'Emulated reply to: "small".'
-        assert not heavy  # answered while the image was still being drawn
-    finally:
-        release.set()
+    body = ask("x" * 2000, responseModalities=["IMAGE"])
+    worker, heavy = _in_thread(lambda: httpx.post(server.url + GENERATE, json=body, timeout=120))
+    renderer.answer_meanwhile(server.url)
     worker.join(120)
     assert len(png_parts(heavy[0])) == 1
-    assert durations[0] < 5, f"drawing a 2,000-character prompt took {durations[0]:.1f} s"
+    assert renderer.durations[0] < 5, f"drawing 2,000 characters took {renderer.durations[0]:.1f} s"
+
+
+def test_batch_image_rendering_does_not_block_other_requests(served_emulator, monkeypatch):
+    """The poll that finishes a batch job draws its images: other requests go on meanwhile."""
+    renderer = HeldRenderer(monkeypatch)
+    server = served_emulator(batch_polls=1)
+    requests = [{"request": ask(f"draw {i}", responseModalities=["IMAGE"])} for i in range(3)]
+    job = {"batch": {"displayName": "images", "inputConfig": {"requests": {"requests": requests}}}}
+    create = server.url + "/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+    name = httpx.post(create, json=job).json()["name"]
+    worker, poll = _in_thread(lambda: httpx.get(f"{server.url}/v1beta/{name}", timeout=120))
+    renderer.answer_meanwhile(server.url)
+    worker.join(120)
+    answers = poll[0].json()["response"]["inlinedResponses"]["inlinedResponses"]
+    images = [a["response"]["candidates"][0]["content"]["parts"][0] for a in answers]
+    assert len(images) == 3 and all("inlineData" in part for part in images)
 
 
 def test_finished_batch_jobs_are_freed():
