@@ -56,7 +56,9 @@ class _Job:
 class BatchStore:
     """Jobs of one emulator; ``answer(model, request) -> response or raise`` does the work."""
 
-    def __init__(self, answer: Callable[[str, dict[str, Any]], dict[str, Any]], keep: int = 100) -> None:
+    def __init__(
+        self, answer: Callable[[str, dict[str, Any]], dict[str, Any]], keep: int = 100
+    ) -> None:
         self.answer = answer
         self.jobs: dict[str, _Job] = {}
         self.keep = keep  # finished jobs kept; older finished jobs are deleted

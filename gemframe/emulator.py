@@ -50,8 +50,9 @@ Knobs (constructor arguments, also plain attributes that may be changed between 
                  prompts reach.
 
 ``emu.stats`` counts generate calls (``requests``, ``by_body`` keyed by sha256 hex of the raw
-body, ``in_flight``, ``max_in_flight``; a body refused as too large counts in ``requests`` only). ``emu.reset_stats()`` zeroes the counters (and so
-restarts ``fail_first``); ``in_flight`` is left alone because those requests are still running.
+body, ``in_flight``, ``max_in_flight``; a body refused as too large counts in ``requests``
+only). ``emu.reset_stats()`` zeroes the counters (and so restarts ``fail_first``);
+``in_flight`` is left alone because those requests are still running.
 
 Answers
 -------

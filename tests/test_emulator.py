@@ -864,7 +864,8 @@ def test_finished_batch_jobs_are_freed():
 
     def job(i: int) -> dict:
         requests = [{"request": ask(f"job {i} row {r}")} for r in range(3)]
-        return {"batch": {"displayName": f"j{i}", "inputConfig": {"requests": {"requests": requests}}}}
+        config = {"requests": {"requests": requests}}
+        return {"batch": {"displayName": f"j{i}", "inputConfig": config}}
 
     async def go() -> tuple[str, list[str], dict, httpx.Response, httpx.Response]:
         async with client(emu) as c:
