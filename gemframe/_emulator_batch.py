@@ -5,12 +5,19 @@ A job answers every request exactly as ``generateContent`` would, but only when 
 ``BATCH_STATE_PENDING`` on creation, ``RUNNING`` for the next ``polls - 1`` polls, then ends in
 ``outcome`` (``BATCH_STATE_SUCCEEDED``, or ``FAILED``/``EXPIRED`` to test those paths). Every
 ``fail_every``-th request of a succeeded job gets a per-request error instead of a response.
+
+Finished jobs are freed: a finished job stays gettable (with its answers) while it is among
+the last ``keep`` jobs to finish; an older one is deleted and then answers 404 NOT_FOUND, as a
+batch past the API's retention does. So a long-running emulator holds the unfinished jobs and
+at most ``keep`` finished ones, however many jobs it has served.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,13 +56,20 @@ class _Job:
 class BatchStore:
     """Jobs of one emulator; ``answer(model, request) -> response or raise`` does the work."""
 
-    def __init__(self, answer: Callable[[str, dict[str, Any]], dict[str, Any]]) -> None:
+    def __init__(
+        self, answer: Callable[[str, dict[str, Any]], dict[str, Any]], keep: int = 100
+    ) -> None:
         self.answer = answer
         self.jobs: dict[str, _Job] = {}
+        self.keep = keep  # finished jobs kept; older finished jobs are deleted
+        self.finished: deque[str] = deque()  # names of kept finished jobs, oldest first
         self.polls = 2
         self.outcome = "BATCH_STATE_SUCCEEDED"
         self.fail_every = 0
         self.creates = 0  # how many jobs were submitted, for tests
+        # Held around each call: the emulator makes them from worker threads (a poll that
+        # finishes a job answers all its requests, too long to do on its event loop).
+        self.lock = threading.Lock()
 
     def create(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         batch = body.get("batch")
@@ -70,7 +84,7 @@ class BatchStore:
             raise BatchError(400, "Each InlinedRequest needs a 'request' object.")
         display = batch.get("display_name") or batch.get("displayName") or ""
         digest = hashlib.sha256(json.dumps(requests, sort_keys=True).encode()).hexdigest()[:12]
-        name = f"batches/{len(self.jobs) + 1}{digest}"
+        name = f"batches/{self.creates + 1}{digest}"  # unique even after jobs are deleted
         self.jobs[name] = _Job(name, model, display, requests, _now())
         self.creates += 1
         return self._operation(self.jobs[name])
@@ -89,6 +103,7 @@ class BatchStore:
         job = self._job(name)
         if job.state not in FINAL:
             job.state = "BATCH_STATE_CANCELLED"
+            self._retire(job)
         return {}
 
     def list(self) -> dict[str, Any]:
@@ -99,8 +114,15 @@ class BatchStore:
             raise BatchError(404, f"Batch {name} not found.")
         return self.jobs[name]
 
+    def _retire(self, job: _Job) -> None:
+        """Count a job that just finished among the kept ones; delete the oldest beyond keep."""
+        self.finished.append(job.name)
+        while len(self.finished) > max(self.keep, 0):
+            self.jobs.pop(self.finished.popleft(), None)
+
     def _finish(self, job: _Job, state: str) -> None:
         job.state = state
+        self._retire(job)
         if state != "BATCH_STATE_SUCCEEDED":
             return
         for i, item in enumerate(job.requests, 1):

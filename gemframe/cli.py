@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8080)
     emulator.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds added to each answer")
+    emulator.add_argument("--no-markers", action="store_true", help="treat test markers such as [emulator:status=500] or "
+                          "[emulator:sleep=S] in prompts as plain text (they make the emulator fail on purpose, for tests)")
 
     cache = commands.add_parser("cache", help="inspect, clear, export or import the answer cache")
     where = argparse.ArgumentParser(add_help=False)
@@ -163,8 +165,13 @@ def _dry_run(args: argparse.Namespace, client: Client) -> int:
 def _emulator(args: argparse.Namespace) -> int:
     from .emulator import Emulator, serve
 
-    print(f"gemframe emulator on http://{args.host}:{args.port}", file=sys.stderr)
-    serve(Emulator(latency=args.latency), host=args.host, port=args.port)
+    markers = not args.no_markers
+    if markers:
+        note = "test markers such as [emulator:status=500] in a prompt fail on purpose; --no-markers turns them off"
+    else:
+        note = "test markers off: [emulator:...] in a prompt is plain text"
+    print(f"gemframe emulator on http://{args.host}:{args.port} ({note})", file=sys.stderr)
+    serve(Emulator(latency=args.latency, markers=markers), host=args.host, port=args.port)
     return 0
 
 

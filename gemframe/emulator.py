@@ -25,7 +25,8 @@ Routes
 ``POST /v1beta/batches/{id}:cancel``, ``GET /v1beta/batches``
     Batch Mode with inlined requests, as long-running operations (see ``_emulator_batch``).
     Knobs: ``batch_polls`` (polls until done), ``batch_outcome`` (final state),
-    ``batch_fail_every`` (every k-th request gets a per-request error).
+    ``batch_fail_every`` (every k-th request gets a per-request error), ``batch_keep``
+    (finished jobs kept, default 100; older ones are deleted and answer 404).
 ``GET /emulator/stats`` / ``POST /emulator/reset``
     Stats as ``{"requests", "distinct_bodies", "max_in_flight", "in_flight"}`` / reset them.
 
@@ -44,10 +45,14 @@ Knobs (constructor arguments, also plain attributes that may be changed between 
                  carry ``Retry-After: <retry_after>``; Google 429s also carry a
                  ``google.rpc.RetryInfo`` detail (``retryDelay``) and Segmind 429s an
                  ``x-rate-limit-reset-at-utc`` header, as the real services do.
+``markers``      True (default) honours the test markers below; False treats them as plain
+                 prompt text (``gemframe emulator --no-markers``), for a server other people's
+                 prompts reach.
 
 ``emu.stats`` counts generate calls (``requests``, ``by_body`` keyed by sha256 hex of the raw
-body, ``in_flight``, ``max_in_flight``). ``emu.reset_stats()`` zeroes the counters (and so
-restarts ``fail_first``); ``in_flight`` is left alone because those requests are still running.
+body, ``in_flight``, ``max_in_flight``; a body refused as too large counts in ``requests``
+only). ``emu.reset_stats()`` zeroes the counters (and so restarts ``fail_first``);
+``in_flight`` is left alone because those requests are still running.
 
 Answers
 -------
@@ -95,8 +100,15 @@ page, 258 per ``fileData`` part, 1290 per generated image. ``promptTokenCount`` 
 system instruction and every content; ``totalTokenCount`` adds candidates and thoughts.
 Zero counts are omitted, as in proto3 JSON.
 
-Magic markers (in the last user turn's text)
+Test markers (in the last user turn's text)
 -------------------------------------------
+These make the emulator fail on purpose, for tests. They are on by default; anyone who can
+send a prompt can trigger them (``sleep`` holds a connection as long as asked), so turn them off
+with ``Emulator(markers=False)`` or ``gemframe emulator --no-markers`` (its startup line says
+so) when the server is not only for tests. Off, a marker is plain prompt text, answered
+normally (echoed in the reply). They apply to generateContent (both routes); in a batch job
+the answer-shaping ones (safety, block, recitation, empty) apply.
+
 ``[emulator:safety]``      one candidate, finishReason SAFETY, no content, one HIGH rating.
 ``[emulator:block]``       no candidates; ``promptFeedback.blockReason`` SAFETY.
 ``[emulator:recitation]``  one candidate, finishReason RECITATION, no content.
@@ -104,20 +116,25 @@ Magic markers (in the last user turn's text)
 ``[emulator:status=NNN]``  HTTP NNN (400-599) with the dialect's error body.
 ``[emulator:sleep=S]``     wait S more seconds before answering (for timeout tests).
 
-Precedence: a request is delayed (latency, jitter), then checked (auth, route, body), then
-``fail_first`` applies, then ``sleep``, then ``status``, then block > empty > safety > recitation.
+Precedence: a body over 20 MiB is refused first (413, before it is read), then a request is
+delayed (latency, jitter), then checked (auth, route, body), then ``fail_first`` applies,
+then ``sleep``, then ``status``, then block > empty > safety > recitation.
 
 Determinism: every answer is a pure function of the request (route, model, raw body; the
 constructor's ``seed`` only moves the delay), so the same request gets byte-identical bodies
 (only Segmind's ``x-rate-limit-reset-at-utc`` header depends on the clock). ``responseId`` is
 the first 22 URL-safe base64 characters of sha256(body); ``thoughtSignature`` derives from it.
-Responses are compact JSON with ``content-type: application/json``.
+Responses are compact JSON with ``content-type: application/json``. Image replies are drawn in a
+worker thread, so a slow one never holds up the answers to other requests.
 
 Validation follows the real API: 400 INVALID_ARGUMENT for non-JSON bodies, unknown fields
 (camelCase and snake_case both accepted), missing contents, bad roles, empty or data-less parts,
 bad base64, unknown generationConfig keys, out-of-range candidateCount, unknown safety
 categories or thresholds, unsupported response MIME types or modalities, a schema without a
-JSON (or ``text/x.enum``) MIME type, and bodies over 20 MiB.
+JSON (or ``text/x.enum``) MIME type. A body over 20 MiB (``MAX_BODY_BYTES``) is answered 413 with
+the real API's message (``Request payload size exceeds the limit: 20971520 bytes.``, status
+INVALID_ARGUMENT) before it is buffered: a declared ``Content-Length`` over the limit is refused
+unread, a chunked body as soon as it passes the limit.
 """
 
 from __future__ import annotations
@@ -131,12 +148,13 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -161,6 +179,9 @@ STATUS_NAMES = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
     409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
     501: "NOT_IMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+    # A body over the limit: the real API's message and canonical status for it, under HTTP's
+    # 413 because the emulator refuses it unread (see _read_body).
+    413: "INVALID_ARGUMENT",
 }
 FAILURE_MESSAGES = {
     400: "Request contains an invalid argument.",
@@ -357,6 +378,7 @@ class GenRequest:
     system: Turn | None
     turns: tuple[Turn, ...]
     config: Config
+    test_markers: bool = True  # False: ``[emulator:...]`` in a prompt is plain text
 
     @property
     def prompt_turn(self) -> Turn | None:
@@ -368,6 +390,8 @@ class GenRequest:
 
     @property
     def markers(self) -> dict[str, str]:
+        if not self.test_markers:
+            return {}
         return {name: value for name, value in MARKER.findall(self.prompt)}
 
     @property
@@ -1073,6 +1097,30 @@ def _segmind_error(err: ErrorAnswer) -> Response:
     return _json_response({"error": err.message}, err.code, headers)
 
 
+def _too_large() -> ErrorAnswer:
+    return ErrorAnswer(413, f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, or a 413 before more than MAX_BODY_BYTES of it is held.
+
+    A declared Content-Length over the limit is refused before a byte of the body is read; a
+    body without one (chunked) is read as it streams in and refused the moment it passes the
+    limit. So whatever a client sends, the emulator never buffers more than the limit (starlette's
+    ``request.body()`` would buffer all of it first).
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _bearer(value: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header."""
     scheme, _, token = (value or "").partition(" ")
@@ -1115,6 +1163,8 @@ class Emulator:
         batch_polls: int = 2,
         batch_outcome: str = "BATCH_STATE_SUCCEEDED",
         batch_fail_every: int = 0,
+        batch_keep: int = 100,
+        markers: bool = True,
     ) -> None:
         self.latency = latency
         self.jitter = jitter
@@ -1123,8 +1173,9 @@ class Emulator:
         self.fail_first = fail_first
         self.fail_status = fail_status
         self.retry_after = retry_after
+        self.markers = markers
         self.stats = Stats()
-        self.batches = BatchStore(self._answer_batched)
+        self.batches = BatchStore(self._answer_batched, keep=batch_keep)
         self.batches.polls, self.batches.outcome, self.batches.fail_every = batch_polls, batch_outcome, batch_fail_every
         self._app = Starlette(routes=[
             Route("/v1beta/models/{model_action:path}", self._google, methods=["POST"]),
@@ -1150,7 +1201,7 @@ class Emulator:
             return await self._generate(request, model, segmind=False)
         if action == "countTokens":
             try:
-                body = self._admit_google(request, await request.body(), model, action)
+                body = self._admit_google(request, await _read_body(request), model, action)
                 counts = prompt_tokens(parse_count_tokens(body))
             except ErrorAnswer as err:
                 return _google_error(err)
@@ -1159,8 +1210,8 @@ class Emulator:
             return _json_response({"totalTokens": total, "promptTokensDetails": details})
         if action == "batchGenerateContent":
             try:
-                body = self._admit_google(request, await request.body(), model, action)
-                return _json_response(self.batches.create(model, body))
+                body = self._admit_google(request, await _read_body(request), model, action)
+                return await self._batch_call(self.batches.create, model, body)
             except ErrorAnswer as err:
                 return _google_error(err)
             except BatchError as err:
@@ -1170,18 +1221,34 @@ class Emulator:
     def _answer_batched(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         """One request of a batch job, answered as generateContent would answer it."""
         digest = hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+        return build_reply(self._parse(body), model, digest)
+
+    def _parse(self, body: dict[str, Any]) -> GenRequest:
+        """A generate body validated, with the test markers switched off unless enabled."""
         req = parse_generate(body)
         check_signatures(req)
-        return build_reply(req, model, digest)
+        return req if self.markers else replace(req, test_markers=False)
+
+    async def _batch_call(self, method: Callable[..., Any], *args: Any) -> Response:
+        """A batch-store call and its JSON, in a worker thread: the poll that finishes a job
+        answers all its requests (drawing any images) and its answer may be megabytes of JSON,
+        work that must not stall the event loop. The store's lock keeps calls one at a time."""
+
+        def call() -> Response:
+            with self.batches.lock:
+                answer = method(*args)
+            return _json_response(answer)
+
+        return await run_in_threadpool(call)
 
     async def _batch(self, request: Request) -> Response:
         name, _, action = request.path_params["batch_action"].partition(":")
         try:
             self._check_key(request)
             if request.method == "GET" and not action:
-                return _json_response(self.batches.get(f"batches/{name}"))
+                return await self._batch_call(self.batches.get, f"batches/{name}")
             if request.method == "POST" and action == "cancel":
-                return _json_response(self.batches.cancel(f"batches/{name}"))
+                return await self._batch_call(self.batches.cancel, f"batches/{name}")
             raise BatchError(404, "Method not found.")
         except ErrorAnswer as err:
             return _google_error(err)
@@ -1193,16 +1260,20 @@ class Emulator:
             self._check_key(request)
         except ErrorAnswer as err:
             return _google_error(err)
-        return _json_response(self.batches.list())
+        return await self._batch_call(self.batches.list)
 
     async def _segmind(self, request: Request) -> Response:
         return await self._generate(request, request.path_params["slug"], segmind=True)
 
     async def _generate(self, request: Request, model: str, segmind: bool) -> Response:
         """One generate call: count it, delay it, then answer or fail as configured."""
-        raw = await request.body()
-        digest = hashlib.sha256(raw).hexdigest()
         stats = self.stats
+        try:
+            raw = await _read_body(request)
+        except ErrorAnswer as err:  # refused unread, as a frontend does: no body to count
+            stats.requests += 1
+            return _segmind_error(err) if segmind else _google_error(err)
+        digest = hashlib.sha256(raw).hexdigest()
         stats.requests += 1
         stats.by_body[digest] += 1
         attempt = stats.by_body[digest]
@@ -1214,8 +1285,7 @@ class Emulator:
                 body = self._admit_segmind(request, raw, model)
             else:
                 body = self._admit_google(request, raw, model, "generateContent")
-            req = parse_generate(body)
-            check_signatures(req)
+            req = self._parse(body)
             if attempt <= self.fail_first:
                 raise _failure(self.fail_status, self.retry_after)
             markers = req.markers
@@ -1224,6 +1294,10 @@ class Emulator:
             status = markers.get("status", "")
             if status.isdigit() and 400 <= int(status) <= 599:
                 raise _failure(int(status), self.retry_after)
+            if req.config.image:
+                # Drawing and encoding images is Pillow work of milliseconds to seconds: done on
+                # the event loop it would stall every other request until it is finished.
+                return _json_response(await run_in_threadpool(build_reply, req, model, digest))
             return _json_response(build_reply(req, model, digest))
         except ErrorAnswer as err:
             return _segmind_error(err) if segmind else _google_error(err)
@@ -1241,7 +1315,8 @@ class Emulator:
     def _admit_google(
         self, request: Request, raw: bytes, model: str, action: str
     ) -> dict[str, Any]:
-        """Google's checks before the body: key, model, size; then the JSON object."""
+        """Google's checks before the body: key, model; then the JSON object. (Size is checked
+        while reading it: `_read_body`.)"""
         self._check_key(request)
         if not model.startswith(("gemini", "emulator")):
             raise ErrorAnswer(404, (
@@ -1249,8 +1324,6 @@ class Emulator:
                 f"{action}. Call ListModels to see the list of available models and their "
                 "supported methods."
             ))
-        if len(raw) > MAX_BODY_BYTES:
-            raise _invalid(f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
         return load_body(raw)
 
     def _check_key(self, request: Request) -> None:

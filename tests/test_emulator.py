@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -495,9 +496,13 @@ def test_base64_error_echo_is_truncated():
 
 def test_payload_too_large():
     body = b'{"contents": [{"parts": [{"text": "' + b"a" * (20 * 1024 * 1024) + b'"}]}]}'
-    google_error(
-        post(Emulator(), body), 400, "INVALID_ARGUMENT", "Request payload size exceeds the limit"
-    )
+    emu = Emulator()
+    error = google_error(post(emu, body), 413, "INVALID_ARGUMENT", "Request payload size exceeds")
+    assert error["message"] == "Request payload size exceeds the limit: 20971520 bytes."
+    segmind = post(emu, body, url=SEGMIND, headers={"content-type": "application/json"})
+    assert segmind.status_code == 413 and "exceeds the limit" in segmind.json()["error"]
+    assert emu.stats.requests == 2 and not emu.stats.by_body  # counted, never read
+    assert post(emu, body, url=COUNT).status_code == 413
 
 
 def test_unknown_model_and_method():
@@ -705,3 +710,227 @@ def test_serve_runs_uvicorn(monkeypatch):
     serve(emu, port=9999)
     assert calls[0][0] is emu
     assert calls[0][1]["host"] == "127.0.0.1" and calls[0][1]["port"] == 9999
+
+
+# --- trust at the edges: size limit, rendering off the loop, batch memory, markers off ---------
+
+
+LIMIT = 20 * 1024 * 1024
+
+
+def _http_response(sock: socket.socket) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 response with a Content-Length, read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    return int(lines[0].split()[1]), body
+
+
+def test_declared_oversized_body_is_refused_unread(served_emulator):
+    """Content-Length over the limit: 413 at once, while almost none of the body was sent."""
+    server = served_emulator()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(
+            f"POST {GENERATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {50 * LIMIT}\r\n\r\n".encode() + b'{"contents": [' + b" " * 65536
+        )  # 64 KiB of a declared 1 GiB: a server that reads the body first never answers
+        status, body = _http_response(sock)
+    assert status == 413
+    assert json.loads(body)["error"] == {
+        "code": 413, "status": "INVALID_ARGUMENT",
+        "message": "Request payload size exceeds the limit: 20971520 bytes.",
+    }
+    assert server.emulator.stats.requests == 1 and not server.emulator.stats.by_body
+
+
+def test_chunked_oversized_body_is_refused_while_streaming(served_emulator):
+    """No Content-Length: the server stops reading at the limit and answers 413 then, not after
+    the client has sent everything (a server that buffers first would wait for all 200 MiB)."""
+    server = served_emulator()
+    total, piece = 10 * LIMIT, b" " * (1 << 20)
+    sent, answered = [0], threading.Event()
+
+    def send(sock: socket.socket) -> None:
+        try:
+            while sent[0] < total and not answered.is_set():
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent[0] += len(piece)
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:  # the server closed the connection after refusing the body
+            pass
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST {GENERATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        sender = threading.Thread(target=send, args=(sock,), daemon=True)
+        sender.start()
+        status, body = _http_response(sock)
+        sent_when_answered = sent[0]
+        answered.set()
+        sock.shutdown(socket.SHUT_RDWR)
+        sender.join(10)
+    assert status == 413 and b"exceeds the limit" in body
+    # The limit, plus what loopback socket buffers hold: far from the 200 MiB offered.
+    assert sent_when_answered < LIMIT + 24 * 2**20, sent_when_answered
+
+
+class HeldRenderer:
+    """Replaces the emulator's prompt drawing: signals when drawing starts and holds it there
+    until released, so a test can act while an image is being drawn; times the real drawing."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from gemframe import _emulator_render
+
+        self.started, self.release = threading.Event(), threading.Event()
+        self.durations: list[float] = []
+        self.original = _emulator_render.render_prompt
+        monkeypatch.setattr(_emulator_render, "render_prompt", self.render)
+
+    def render(self, *args: Any, **kwargs: Any) -> bytes:
+        self.started.set()
+        self.release.wait(30)
+        begin = time.perf_counter()
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.durations.append(time.perf_counter() - begin)
+
+    def answer_meanwhile(self, url: str) -> None:
+        """Once drawing has started, a small text request must be answered (then release)."""
+        try:
+            assert self.started.wait(30), "the image request never reached the renderer"
+            try:
+                small = httpx.post(url + GENERATE, json=ask("small"), timeout=10)
+            except httpx.TimeoutException:
+                pytest.fail("a text request waited for an image being drawn: the loop was blocked")
+            assert text(small) == 'Emulated reply to: "small".'
+        finally:
+            self.release.set()
+
+
+def _in_thread(call: Callable[[], httpx.Response]) -> tuple[threading.Thread, list[httpx.Response]]:
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(call()), daemon=True)
+    thread.start()
+    return thread, answers
+
+
+def test_image_rendering_does_not_block_other_requests(served_emulator, monkeypatch):
+    """A 2,000-character unspaced prompt drawn as an image: while it is being drawn (held there
+    until the small request has its answer), a small text request is answered; and the drawing
+    itself takes well under a few seconds (it took ~50 s when wrapping was cubic)."""
+    renderer = HeldRenderer(monkeypatch)
+    server = served_emulator()
+    body = ask("x" * 2000, responseModalities=["IMAGE"])
+    worker, heavy = _in_thread(lambda: httpx.post(server.url + GENERATE, json=body, timeout=120))
+    renderer.answer_meanwhile(server.url)
+    worker.join(120)
+    assert len(png_parts(heavy[0])) == 1
+    assert renderer.durations[0] < 5, f"drawing 2,000 characters took {renderer.durations[0]:.1f} s"
+
+
+def test_batch_image_rendering_does_not_block_other_requests(served_emulator, monkeypatch):
+    """The poll that finishes a batch job draws its images: other requests go on meanwhile."""
+    renderer = HeldRenderer(monkeypatch)
+    server = served_emulator(batch_polls=1)
+    requests = [{"request": ask(f"draw {i}", responseModalities=["IMAGE"])} for i in range(3)]
+    job = {"batch": {"displayName": "images", "inputConfig": {"requests": {"requests": requests}}}}
+    create = server.url + "/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+    name = httpx.post(create, json=job).json()["name"]
+    worker, poll = _in_thread(lambda: httpx.get(f"{server.url}/v1beta/{name}", timeout=120))
+    renderer.answer_meanwhile(server.url)
+    worker.join(120)
+    answers = poll[0].json()["response"]["inlinedResponses"]["inlinedResponses"]
+    images = [a["response"]["candidates"][0]["content"]["parts"][0] for a in answers]
+    assert len(images) == 3 and all("inlineData" in part for part in images)
+
+
+def test_finished_batch_jobs_are_freed():
+    """Many jobs run to completion: only the last batch_keep finished ones stay (older ones are
+    deleted: 404); an unfinished job is never dropped; job names stay unique."""
+    emu = Emulator(batch_polls=1, batch_keep=5)
+    create = "/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+
+    def job(i: int) -> dict:
+        requests = [{"request": ask(f"job {i} row {r}")} for r in range(3)]
+        config = {"requests": {"requests": requests}}
+        return {"batch": {"displayName": f"j{i}", "inputConfig": config}}
+
+    async def go() -> tuple[str, list[str], dict, httpx.Response, httpx.Response]:
+        async with client(emu) as c:
+            pending = (await c.post(create, json=job(-1))).json()["name"]  # never polled
+            names = []
+            for i in range(40):
+                name = (await c.post(create, json=job(i))).json()["name"]
+                names.append(name)
+                assert (await c.get(f"/v1beta/{name}")).json()["done"] is True
+            listed = (await c.get("/v1beta/batches")).json()
+            first = await c.get(f"/v1beta/{names[0]}")
+            last = await c.get(f"/v1beta/{names[-1]}")
+            return pending, names, listed, first, last
+
+    pending, names, listed, first, last = asyncio.run(go())
+    assert len(set(names)) == 40
+    kept = [op["name"] for op in listed["operations"]]
+    assert kept == [pending, *names[-5:]] and len(emu.batches.jobs) == 6
+    google_error(first, 404, "NOT_FOUND", f"Batch {names[0]} not found.")
+    answers = last.json()["response"]["inlinedResponses"]["inlinedResponses"]
+    assert [a["response"]["candidates"][0]["content"]["parts"][0]["text"] for a in answers] == [
+        f'Emulated reply to: "job 39 row {r}".' for r in range(3)
+    ]
+
+
+MARKED = "Tell me [emulator:status=500] [emulator:safety] [emulator:block] [emulator:sleep=30]"
+
+
+def test_markers_off_answers_marker_prompts_normally():
+    emu = Emulator(markers=False)
+    r = post(emu, ask(MARKED))
+    assert text(r) == f'Emulated reply to: "{MARKED}".'
+    assert r.json()["candidates"][0]["finishReason"] == "STOP"
+    assert post(Emulator(), ask("Tell me [emulator:status=500]")).status_code == 500  # default
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-markers"]])
+def test_cli_emulator_startup_line_says_how_to_turn_markers_off(flags):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    prompt = "Tell me [emulator:status=500]"
+    command = [sys.executable, "-m", "gemframe", "emulator", "--port", str(port), *flags]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith(f"gemframe emulator on http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while True:  # until uvicorn accepts connections
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}{GENERATE}", json=ask(prompt), timeout=10)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    if flags:
+        assert "test markers off" in line
+        assert text(r) == f'Emulated reply to: "{prompt}".'
+    else:
+        assert "--no-markers turns them off" in line
+        assert r.status_code == 500
