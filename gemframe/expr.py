@@ -18,7 +18,7 @@ import polars as pl
 
 from .cache import CacheMode
 from .client import Client, Row
-from .errors import InputError, RowError
+from .errors import InputError, RowError, exception_text
 from .payload import RequestBuilder
 from .progress import Progress
 from .response import reply_dtype
@@ -117,11 +117,18 @@ class _Inputs:
 
 
 def _rows(builder: RequestBuilder, prompts: list[Any], images: list[Any], histories: list[Any]) -> Iterator[Row]:
+    """Each row's request body, or its error: whatever goes wrong while building one row (bad
+    input, or anything unforeseen it makes a reader raise) is that row's error and the call
+    goes on; ending it would throw away the answers to the rows around it."""
     for row, (prompt, image, history) in enumerate(zip(prompts, images, histories)):
         try:
-            yield builder.build(prompt, image, history)
+            body = builder.build(prompt, image, history)
         except InputError as exc:
             yield RowError(None, "INVALID_INPUT", f"row {row}: {exc}")
+        except Exception as exc:
+            yield RowError(None, "INVALID_INPUT", f"row {row}: {exception_text(exc)}")
+        else:
+            yield body
 
 
 def generate(

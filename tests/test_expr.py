@@ -125,6 +125,24 @@ def test_bad_image_is_a_row_error_and_the_rest_goes_on(client, emulator, tmp_pat
     assert out["error"][1] is None and emulator.stats.requests == 1
 
 
+def test_a_row_that_breaks_while_being_built_is_its_error_and_the_call_goes_on(client, emulator, tmp_path):
+    """Rows whose building raises something unforeseen (here a directory given as an image, and
+    image data that is not base64) are their own errors; the answers around them are kept."""
+    rows = 300  # the broken row comes after a first lookup batch of 256 is in flight
+    paths = [None] * rows
+    paths[280] = str(tmp_path)
+    frame = pl.DataFrame({"prompt": [f"p{i}" for i in range(rows)], "img": paths})
+    out = frame.with_columns(reply=gf.generate("prompt", images="img", client=client)).unnest("reply")
+    errors = out.filter(pl.col("error").is_not_null())["error"].to_list()
+    assert len(errors) == 1 and errors[0]["status"] == "INVALID_INPUT" and errors[0]["message"].startswith("row 280: ")
+    assert out["text"].is_not_null().sum() == rows - 1 and emulator.stats.requests == rows - 1
+    images = pl.Series([{"mime_type": "image/png", "data": "bm90IGJhc2U2NA"}, None])  # padding cut off
+    out = pl.DataFrame({"prompt": ["x", "y"], "img": images}).with_columns(
+        reply=gf.generate("prompt", images="img", client=client)).unnest("reply")
+    assert out["error"][0]["status"] == "INVALID_INPUT" and out["error"][0]["message"].startswith("row 0: ")
+    assert out["error"][1] is None and emulator.stats.requests == rows
+
+
 def test_wrong_column_type_fails_before_sending(client, emulator):
     with pytest.raises(gf.InputError, match=r"cast\(pl.String\)"):
         pl.DataFrame({"prompt": [1, 2]}).with_columns(reply=gf.generate("prompt", client=client))
