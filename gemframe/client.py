@@ -278,7 +278,14 @@ class _Run:
                 answer, record = self.column.add_answer(failed(item))
                 self._answer_row(row, answer, record)
                 continue
-            key = cache_key(item, provider=self.provider.name, model=self.model, sample=self.sample)
+            try:
+                key = cache_key(item, provider=self.provider.name, model=self.model, sample=self.sample)
+            except Exception as exc:  # a body `Client.send` was given that is not JSON data
+                answer, record = self.column.add_answer(failed(RowError(
+                    None, "INVALID_INPUT", f"row {row}: the request is not JSON data: {exception_text(exc)}"
+                )))
+                self._answer_row(row, answer, record)
+                continue
             if key in self.done:
                 answer, cached, failure = self.done[key]
                 self._answer_row(row, answer, {"cached": cached, "error": failure or None})
@@ -300,7 +307,14 @@ class _Run:
                 )))
                 continue
             encode = request_json if size else orjson.dumps  # images: spliced in (see request_json)
-            content = encode(self.provider.wrap(body))
+            try:
+                content = encode(self.provider.wrap(body))
+            except Exception as exc:  # e.g. gf.send with an integer beyond 64 bits: no JSON encoder here writes it
+                self._answer(key, failed(RowError(
+                    None, "INVALID_INPUT",
+                    f"row {self.waiting[key][0]}: the request cannot be encoded: {exception_text(exc)}",
+                )))
+                continue
             if len(content) > INLINE_LIMIT:
                 self._answer(key, failed(RowError(
                     None, "INVALID_INPUT",

@@ -222,10 +222,23 @@ def _parsed(requests: list[str | None]) -> Iterator[Row]:
         except ValueError as exc:
             yield RowError(None, "INVALID_INPUT", f"row {row}: request is not JSON: {exc}")
             continue
-        if isinstance(body, dict) and body.get("contents"):
-            yield body
-        else:
+        if not (isinstance(body, dict) and body.get("contents")):
             yield RowError(None, "INVALID_INPUT", f"row {row}: request has no 'contents'")
+        elif not _well_formed(body["contents"]):
+            yield RowError(None, "INVALID_INPUT", f"row {row}: request 'contents' must be a list of "
+                           "turns, each an object whose 'parts' is a list of objects")
+        else:
+            yield body
+
+
+def _well_formed(contents: Any) -> bool:
+    """Whether ``contents`` has the shape the client walks (for image sizes, cache keys): a body
+    of another shape is its row's error here, not an exception that ends the call later."""
+    return isinstance(contents, list) and all(
+        isinstance(turn, dict) and isinstance(turn.get("parts") or [], list)
+        and all(isinstance(part, dict) for part in turn.get("parts") or ())
+        for turn in contents
+    )
 
 
 def send(

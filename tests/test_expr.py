@@ -221,6 +221,20 @@ def test_request_then_send(client, emulator, png_path):
     assert "not JSON" in broken["reply"][0]["error"]["message"]
 
 
+def test_send_with_requests_it_cannot_send_fails_those_rows_only(client, emulator):
+    """Bodies that parse as JSON but cannot be sent (an integer beyond 64 bits, contents of the
+    wrong shape) are their rows' errors; the other rows are answered."""
+    good = json.dumps({"contents": [{"role": "user", "parts": [{"text": "hello"}]}]})
+    huge = good[:-1] + ', "generationConfig": {"seed": 123456789012345678901234567890}}'
+    frame = pl.DataFrame({"r": [good, huge, '{"contents": [1]}', '{"contents": [{"parts": "x"}]}']})
+    out = frame.with_columns(reply=gf.send("r", client=client)).unnest("reply")
+    assert out["error"].struct.field("status").to_list() == [None] + ["INVALID_INPUT"] * 3
+    messages = out["error"].struct.field("message").to_list()
+    assert messages[1].startswith("row 1: the request cannot be encoded") and "64-bit" in messages[1]
+    assert messages[2].startswith("row 2: request 'contents' must be a list") and messages[3].startswith("row 3: ")
+    assert out["text"][0] is not None and emulator.stats.requests == 1
+
+
 def test_raw_json_on_request(client):
     out = pl.DataFrame({"prompt": ["x"]}).with_columns(reply=gf.generate("prompt", client=client, raw=True))
     assert json.loads(out["reply"][0]["raw"])["candidates"][0]["finishReason"] == "STOP"
