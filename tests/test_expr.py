@@ -126,11 +126,12 @@ def test_bad_image_is_a_row_error_and_the_rest_goes_on(client, emulator, tmp_pat
 
 
 def test_a_row_that_breaks_while_being_built_is_its_error_and_the_call_goes_on(client, emulator, tmp_path):
-    """Rows whose building raises something unforeseen (here a directory given as an image, and
-    image data that is not base64) are their own errors; the answers around them are kept."""
+    """Rows whose building raises something unforeseen (here a path with a NUL byte, which
+    os.stat refuses with ValueError, and image data that is not base64) are their own errors;
+    the answers around them are kept."""
     rows = 300  # the broken row comes after a first lookup batch of 256 is in flight
     paths = [None] * rows
-    paths[280] = str(tmp_path)
+    paths[280] = str(tmp_path / "a\x00b.png")
     frame = pl.DataFrame({"prompt": [f"p{i}" for i in range(rows)], "img": paths})
     out = frame.with_columns(reply=gf.generate("prompt", images="img", client=client)).unnest("reply")
     errors = out.filter(pl.col("error").is_not_null())["error"].to_list()

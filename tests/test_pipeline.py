@@ -58,11 +58,11 @@ def test_fatal_error_leaves_no_output(cache_dir, sample_input, tmp_path):
 
 
 def test_a_row_that_cannot_be_built_is_its_error_in_the_output(client, emulator, tmp_path):
-    """A directory where an image should be: that row's error in the written file, every other
-    row answered (it used to end the job with IsADirectoryError, writing nothing)."""
+    """An image path no reader expects (a NUL byte in it: ValueError from os.stat): that row's
+    error in the written file, every other row answered (it used to end the job, writing nothing)."""
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     images = [None] * 30
-    images[17] = str(tmp_path)
+    images[17] = str(tmp_path / "a\x00b.png")
     pl.DataFrame({"id": range(30), "prompt": [f"q{i}" for i in range(30)], "image": images}).write_parquet(src)
     manifest = run(str(src), str(dst), images="image", client=client, progress=False, batch_rows=10)
     out = pl.read_parquet(dst)
