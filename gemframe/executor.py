@@ -191,8 +191,8 @@ class Executor:
         try:
             return await self._send(url, content)
         except Exception as exc:
-            logger.debug("request to %s raised %r", url, exc)
             error = RowError(None, "CLIENT_ERROR", f"sending the request raised {exception_text(exc)}")
+            logger.debug("%s", error.message)
             return Outcome(None, None, error, None, 1, (time.perf_counter() - start) * 1000)
 
     async def _send(self, url: str, content: bytes) -> Outcome:
