@@ -6,8 +6,11 @@ consumed lazily and at most a window of requests is in flight.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import queue
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -15,8 +18,8 @@ import orjson
 import polars as pl
 
 from .cache import CacheMode, ResponseCache, answer_problem, cache_key
-from .errors import RowError
-from .executor import Executor, Outcome, RetryPolicy
+from .errors import RowError, exception_text
+from .executor import Executor, Outcome, RetryPolicy, background_loop
 from .limits import RateLimiter
 from .payload import INLINE_LIMIT, request_json
 from .progress import Progress
@@ -30,6 +33,10 @@ Row = dict[str, Any] | RowError | None
 _LOOKUP_BATCH = 256  # rows per batched cache lookup...
 _LOOKUP_BYTES = 16 * 2**20  # ...or fewer, when their inline images add up to this
 _QUEUED_BYTES = 16 * 2**20  # encoded request bodies held beyond one per concurrency slot
+# How long to wait for a finished request: in effect forever, but given as a timeout because
+# only a timed wait is interrupted by Ctrl-C (SIGINT); `SimpleQueue.get()` without one sleeps
+# through it until the next answer arrives, which may be a minute away.
+_FOREVER = threading.TIMEOUT_MAX
 
 
 def _inline_bytes(row: Row) -> int:
@@ -232,7 +239,7 @@ class _Run:
         self.in_flight: set[str] = set()  # keys submitted and not yet collected
         self.batch_options: tuple[str | None, float, bool] | None = None  # set in batch mode
         self.batch_bodies: dict[str, bytes] = {}  # batch mode: the misses' request JSON
-        self.unstored: list[tuple[str, str, bytes]] = []  # answers not yet in the cache
+        self.taken: list[tuple[str, Any]] = []  # finished requests taken off `finished`, not yet cached
         self.finished: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.window = max(64, client.executor.concurrency * 4)
         self.concurrency = client.executor.concurrency
@@ -276,7 +283,14 @@ class _Run:
                 answer, record = self.column.add_answer(failed(item))
                 self._answer_row(row, answer, record)
                 continue
-            key = cache_key(item, provider=self.provider.name, model=self.model, sample=self.sample)
+            try:
+                key = cache_key(item, provider=self.provider.name, model=self.model, sample=self.sample)
+            except Exception as exc:  # a body `Client.send` was given that is not JSON data
+                answer, record = self.column.add_answer(failed(RowError(
+                    None, "INVALID_INPUT", f"row {row}: the request is not JSON data: {exception_text(exc)}"
+                )))
+                self._answer_row(row, answer, record)
+                continue
             if key in self.done:
                 answer, cached, failure = self.done[key]
                 self._answer_row(row, answer, {"cached": cached, "error": failure or None})
@@ -298,7 +312,14 @@ class _Run:
                 )))
                 continue
             encode = request_json if size else orjson.dumps  # images: spliced in (see request_json)
-            content = encode(self.provider.wrap(body))
+            try:
+                content = encode(self.provider.wrap(body))
+            except Exception as exc:  # e.g. gf.send with an integer beyond 64 bits: no JSON encoder here writes it
+                self._answer(key, failed(RowError(
+                    None, "INVALID_INPUT",
+                    f"row {self.waiting[key][0]}: the request cannot be encoded: {exception_text(exc)}",
+                )))
+                continue
             if len(content) > INLINE_LIMIT:
                 self._answer(key, failed(RowError(
                     None, "INVALID_INPUT",
@@ -346,9 +367,13 @@ class _Run:
 
     def _collect(self, block: bool) -> None:
         """Handle finished requests (waiting for one if asked): answers are stored in the cache
-        in one transaction as soon as they arrive, so a crash right after loses none of them."""
+        in one transaction as soon as they arrive, so a crash right after loses none of them.
+        They are stored before any is handled: a fatal error raised for one of them leaves the
+        others' answers in the cache. Until stored they stay in ``taken``, which `finish`
+        stores if the call ends in between (Ctrl-C)."""
+        done = self.taken
         try:
-            done = [self.finished.get(block=block)]
+            done.append(self.finished.get(block=block, timeout=_FOREVER))
         except queue.Empty:
             return
         while True:
@@ -361,9 +386,8 @@ class _Run:
             self.in_flight.discard(key)
             self.inflight_bytes -= self.sizes.pop(key)
         if self.cache is not None:
-            self.unstored = [(k, self.model, o.raw) for k, o in outcomes if o.raw is not None]
-            self.cache.set_many(self.unstored)
-            self.unstored = []
+            self.cache.set_many([(k, self.model, o.raw) for k, o in outcomes if o.raw is not None])
+        self.taken = []
         for key, outcome in outcomes:
             self._handle(key, outcome)
 
@@ -377,7 +401,13 @@ class _Run:
             self._answer(key, self._decode(outcome.response, outcome.raw, False, outcome.attempts, outcome.latency_ms))
 
     def _decode(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float) -> dict[str, Any]:
-        record = decode(response, cached=cached, attempts=attempts, latency_ms=latency_ms, image_dir=self.image_dir)
+        try:
+            record = decode(response, cached=cached, attempts=attempts, latency_ms=latency_ms, image_dir=self.image_dir)
+        except Exception as exc:  # one answer we cannot read (bad image data, image_dir not writable): its row's error
+            return failed(
+                RowError(200, "MALFORMED_RESPONSE", f"could not read the answer: {exception_text(exc)}"),
+                attempts=attempts, latency_ms=latency_ms,
+            )
         if self.raw:
             record["raw"] = raw.decode("utf-8") if raw is not None else json.dumps(response)
         return record
@@ -393,11 +423,50 @@ class _Run:
         self.progress.advance(record)
 
     def finish(self) -> None:
-        """Cancel what is still in flight (after an error or Ctrl-C) and keep what was answered."""
-        self.client.executor.cancel(self.finished)
+        """End the call. When it ends early (an exception, Ctrl-C, a fatal API error), every
+        answer that had arrived is stored in the cache first, collected or not: paid for, it must
+        not be asked for again. What is still in flight is cancelled, not waited for."""
+        executor = self.client.executor
+        executor.cancel(self.finished)
+        if self.in_flight:  # let the loop put on `finished` what finished before the cancel
+            _loop_settled()
         self.in_flight.clear()
-        if self.unstored and self.cache is not None:  # a Ctrl-C hit the cache write: redo it
-            self.cache.set_many(self.unstored)
+        arrived = self.taken  # taken off the queue but not stored: the end came in between
+        while True:
+            try:
+                arrived.append(self.finished.get_nowait())
+            except queue.Empty:
+                break
+        self.taken = []
+        if arrived and self.cache is not None:
+            answers = [(key, self.model, raw) for key, raw in _answers(arrived)]
+            if answers:
+                self.cache.set_many(answers)
         if self.progress.owned:
             self.progress.close()
+
+
+def _answers(finished: list[tuple[str, Any]]) -> Iterator[tuple[str, bytes]]:
+    """(key, raw answer) of the finished requests that got one (not cancelled, no error)."""
+    for key, task in finished:
+        if not task.cancelled() and task.exception() is None:
+            raw = task.result().raw
+            if raw is not None:
+                yield key, raw
+
+
+def _loop_settled(timeout: float = 1.0) -> None:
+    """Return once the executor's loop has run what was already due: the cancel just asked for
+    and the done-callbacks of every request that finished before it, which put them on their
+    callers' queues. A request finishing schedules those callbacks for the loop's next turn,
+    and this coroutine's first step comes after them. Bounded: a busy loop costs at most
+    ``timeout`` seconds; requests still in flight are not waited for."""
+
+    async def settled() -> None:
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run_coroutine_threadsafe(settled(), background_loop()).result(timeout)
+    except concurrent.futures.TimeoutError:
+        pass
 

@@ -69,3 +69,11 @@ class RowError:
 
     def as_dict(self) -> dict:
         return {"code": self.code, "status": self.status, "message": self.message}
+
+
+def exception_text(exc: BaseException) -> str:
+    """An unexpected exception for a row's error message: its type (with its module when not a
+    builtin: ``binascii.Error`` says more than ``Error``) and its message."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{name}: {exc}"

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from ._http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
-from .errors import RowError
+from .errors import RowError, exception_text
 from .limits import RateLimiter, estimate_tokens
 from .providers import RETRYABLE_STATUS, Failure, Provider
 
@@ -145,7 +145,7 @@ class Executor:
         for key, url, content in items:
             shared = self._inflight.get(key)
             if shared is None:  # one task per distinct request, whoever asks for it
-                task = asyncio.ensure_future(self._send(url, content))
+                task = asyncio.ensure_future(self._send_guarded(url, content))
                 shared = self._inflight[key] = _Shared(task)
                 task.add_done_callback(functools.partial(self._forget, key, shared))
             if key not in waiting:
@@ -181,6 +181,20 @@ class Executor:
             else:
                 self._http = HttpxSession(transport, headers, self.timeout)
         return self._http
+
+    async def _send_guarded(self, url: str, content: bytes) -> Outcome:
+        """`_send`, with any exception it raises (an in-process app that crashed, a transport's
+        unexpected error) turned into that request's row error: one request's fault must not
+        escape the task and end the caller's whole call, losing the answers around it. Not
+        retried: such an error is not a server saying "try again". Cancelling still works
+        (CancelledError is not an Exception)."""
+        start = time.perf_counter()
+        try:
+            return await self._send(url, content)
+        except Exception as exc:
+            error = RowError(None, "CLIENT_ERROR", redact_url(f"sending the request raised {exception_text(exc)}"))
+            logger.debug("%s", error.message)
+            return Outcome(None, None, error, None, 1, (time.perf_counter() - start) * 1000)
 
     async def _send(self, url: str, content: bytes) -> Outcome:
         client = self._client()

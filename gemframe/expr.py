@@ -18,7 +18,7 @@ import polars as pl
 
 from .cache import CacheMode
 from .client import Client, Row
-from .errors import InputError, RowError
+from .errors import InputError, RowError, exception_text
 from .payload import RequestBuilder
 from .progress import Progress
 from .response import reply_dtype
@@ -119,11 +119,18 @@ class _Inputs:
 def _rows(
     builder: RequestBuilder, prompts: list[Any], images: list[Any], histories: list[Any], allow_private_urls: bool = False
 ) -> Iterator[Row]:
+    """Each row's request body, or its error: whatever goes wrong while building one row (bad
+    input, or anything unforeseen it makes a reader raise) is that row's error and the call
+    goes on; ending it would throw away the answers to the rows around it."""
     for row, (prompt, image, history) in enumerate(zip(prompts, images, histories)):
         try:
-            yield builder.build(prompt, image, history, allow_private_urls=allow_private_urls)
+            body = builder.build(prompt, image, history, allow_private_urls=allow_private_urls)
         except InputError as exc:
             yield RowError(None, "INVALID_INPUT", f"row {row}: {exc}")
+        except Exception as exc:
+            yield RowError(None, "INVALID_INPUT", f"row {row}: {exception_text(exc)}")
+        else:
+            yield body
 
 
 def generate(
@@ -218,10 +225,23 @@ def _parsed(requests: list[str | None]) -> Iterator[Row]:
         except ValueError as exc:
             yield RowError(None, "INVALID_INPUT", f"row {row}: request is not JSON: {exc}")
             continue
-        if isinstance(body, dict) and body.get("contents"):
-            yield body
-        else:
+        if not (isinstance(body, dict) and body.get("contents")):
             yield RowError(None, "INVALID_INPUT", f"row {row}: request has no 'contents'")
+        elif not _well_formed(body["contents"]):
+            yield RowError(None, "INVALID_INPUT", f"row {row}: request 'contents' must be a list of "
+                           "turns, each an object whose 'parts' is a list of objects")
+        else:
+            yield body
+
+
+def _well_formed(contents: Any) -> bool:
+    """Whether ``contents`` has the shape the client walks (for image sizes, cache keys): a body
+    of another shape is its row's error here, not an exception that ends the call later."""
+    return isinstance(contents, list) and all(
+        isinstance(turn, dict) and isinstance(turn.get("parts") or [], list)
+        and all(isinstance(part, dict) for part in turn.get("parts") or ())
+        for turn in contents
+    )
 
 
 def send(

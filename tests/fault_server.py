@@ -55,12 +55,16 @@ class FaultServer:
     ``fail_first``: additionally, the first K attempts of every body fail.
     ``rpm``: a token-bucket limit (capacity one second of requests); over it, 429 with RetryInfo.
     ``latency``: seconds before each answer. ``require_key``: expected ``x-goog-api-key``.
+    ``revoke_after``: after that many 200 answers, every answer is 401 (the key was revoked
+    mid-run); decided when answering, so no 200 is written after the first 401.
     """
 
     def __init__(self, *, seed: int = 0, fault_rate: float = 0.0, faults=FAULTS, fail_first: int = 0,
-                 rpm: float | None = None, latency: float = 0.0, retry_after: str = "0", require_key: str | None = None) -> None:
+                 rpm: float | None = None, latency: float = 0.0, retry_after: str = "0", require_key: str | None = None,
+                 revoke_after: int | None = None) -> None:
         self.seed, self.fault_rate, self.faults, self.fail_first = seed, fault_rate, tuple(faults), fail_first
         self.rpm, self.latency, self.retry_after, self.require_key = rpm, latency, retry_after, require_key
+        self.revoke_after = revoke_after
         self.stats = Stats()
         self.seen_headers: list[dict[str, str]] = []
         self._bucket = (rpm / 60.0) if rpm else 0.0
@@ -147,6 +151,10 @@ class FaultServer:
                 stats.statuses["400"] += 1
                 self._send(writer, 400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT",
                                                    "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}})
+                return True
+            if self.revoke_after is not None and stats.statuses["200"] >= self.revoke_after:
+                stats.statuses["401"] += 1
+                self._send(writer, 401, {"error": {"code": 401, "message": "API key expired. Please renew the API key.", "status": "UNAUTHENTICATED"}})
                 return True
             if self._throttled():
                 stats.statuses["429"] += 1

@@ -125,6 +125,25 @@ def test_bad_image_is_a_row_error_and_the_rest_goes_on(client, emulator, tmp_pat
     assert out["error"][1] is None and emulator.stats.requests == 1
 
 
+def test_a_row_that_breaks_while_being_built_is_its_error_and_the_call_goes_on(client, emulator, tmp_path):
+    """Rows whose building raises something unforeseen (here a path with a NUL byte, which
+    os.stat refuses with ValueError, and image data that is not base64) are their own errors;
+    the answers around them are kept."""
+    rows = 300  # the broken row comes after a first lookup batch of 256 is in flight
+    paths = [None] * rows
+    paths[280] = str(tmp_path / "a\x00b.png")
+    frame = pl.DataFrame({"prompt": [f"p{i}" for i in range(rows)], "img": paths})
+    out = frame.with_columns(reply=gf.generate("prompt", images="img", client=client)).unnest("reply")
+    errors = out.filter(pl.col("error").is_not_null())["error"].to_list()
+    assert len(errors) == 1 and errors[0]["status"] == "INVALID_INPUT" and errors[0]["message"].startswith("row 280: ")
+    assert out["text"].is_not_null().sum() == rows - 1 and emulator.stats.requests == rows - 1
+    images = pl.Series([{"mime_type": "image/png", "data": "bm90IGJhc2U2NA"}, None])  # padding cut off
+    out = pl.DataFrame({"prompt": ["x", "y"], "img": images}).with_columns(
+        reply=gf.generate("prompt", images="img", client=client)).unnest("reply")
+    assert out["error"][0]["status"] == "INVALID_INPUT" and out["error"][0]["message"].startswith("row 0: ")
+    assert out["error"][1] is None and emulator.stats.requests == rows
+
+
 def test_wrong_column_type_fails_before_sending(client, emulator):
     with pytest.raises(gf.InputError, match=r"cast\(pl.String\)"):
         pl.DataFrame({"prompt": [1, 2]}).with_columns(reply=gf.generate("prompt", client=client))
@@ -201,6 +220,20 @@ def test_request_then_send(client, emulator, png_path):
     assert _text(sent) == _text(direct) and emulator.stats.requests == 1  # same request, same cache key
     broken = pl.DataFrame({"request": ["{not json"]}).with_columns(reply=gf.send("request", client=client))
     assert "not JSON" in broken["reply"][0]["error"]["message"]
+
+
+def test_send_with_requests_it_cannot_send_fails_those_rows_only(client, emulator):
+    """Bodies that parse as JSON but cannot be sent (an integer beyond 64 bits, contents of the
+    wrong shape) are their rows' errors; the other rows are answered."""
+    good = json.dumps({"contents": [{"role": "user", "parts": [{"text": "hello"}]}]})
+    huge = good[:-1] + ', "generationConfig": {"seed": 123456789012345678901234567890}}'
+    frame = pl.DataFrame({"r": [good, huge, '{"contents": [1]}', '{"contents": [{"parts": "x"}]}']})
+    out = frame.with_columns(reply=gf.send("r", client=client)).unnest("reply")
+    assert out["error"].struct.field("status").to_list() == [None] + ["INVALID_INPUT"] * 3
+    messages = out["error"].struct.field("message").to_list()
+    assert messages[1].startswith("row 1: the request cannot be encoded") and "64-bit" in messages[1]
+    assert messages[2].startswith("row 2: request 'contents' must be a list") and messages[3].startswith("row 3: ")
+    assert out["text"][0] is not None and emulator.stats.requests == 1
 
 
 def test_raw_json_on_request(client):

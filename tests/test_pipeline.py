@@ -57,6 +57,21 @@ def test_fatal_error_leaves_no_output(cache_dir, sample_input, tmp_path):
     assert not (tmp_path / "o.parquet").exists()
 
 
+def test_a_row_that_cannot_be_built_is_its_error_in_the_output(client, emulator, tmp_path):
+    """An image path no reader expects (a NUL byte in it: ValueError from os.stat): that row's
+    error in the written file, every other row answered (it used to end the job, writing nothing)."""
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    images = [None] * 30
+    images[17] = str(tmp_path / "a\x00b.png")
+    pl.DataFrame({"id": range(30), "prompt": [f"q{i}" for i in range(30)], "image": images}).write_parquet(src)
+    manifest = run(str(src), str(dst), images="image", client=client, progress=False, batch_rows=10)
+    out = pl.read_parquet(dst)
+    assert out["id"].to_list() == list(range(30))
+    assert out["error"].struct.field("status").to_list() == [None] * 17 + ["INVALID_INPUT"] + [None] * 12
+    assert out["error"][17]["message"].startswith("row ")
+    assert emulator.stats.requests == 29 and manifest["requests_sent"] == 29
+
+
 def test_cli_run_end_to_end(sample_input, tmp_path, capsys):
     out = tmp_path / "cli.parquet"
     code = main([
