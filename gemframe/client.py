@@ -350,9 +350,11 @@ class _Run:
             response = orjson.loads(raw)
             problem = answer_problem(response)
             if problem is None:
-                return self._decode(response, raw, True, 0, 0.0)
+                return self._record(response, raw, True, 0, 0.0)
         except (ValueError, TypeError) as exc:  # not JSON, bad base64 image data
             problem = str(exc)
+        except Exception as exc:  # not the answer's fault (image_dir not writable): as for a fresh one
+            return self._unreadable(exc, 0, 0.0)
         return failed(RowError(
             None, "CACHE_CORRUPT",
             f"row {self.waiting[key][0]}: the cached answer (key {key}) is not a generateContent "
@@ -401,16 +403,24 @@ class _Run:
             self._answer(key, self._decode(outcome.response, outcome.raw, False, outcome.attempts, outcome.latency_ms))
 
     def _decode(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float) -> dict[str, Any]:
+        """The reply of an answer, or its row's error when it cannot be read."""
         try:
-            record = decode(response, cached=cached, attempts=attempts, latency_ms=latency_ms, image_dir=self.image_dir)
-        except Exception as exc:  # one answer we cannot read (bad image data, image_dir not writable): its row's error
-            return failed(
-                RowError(200, "MALFORMED_RESPONSE", f"could not read the answer: {exception_text(exc)}"),
-                attempts=attempts, latency_ms=latency_ms,
-            )
+            return self._record(response, raw, cached, attempts, latency_ms)
+        except Exception as exc:  # one answer we cannot read (bad image data, image_dir not writable)
+            return self._unreadable(exc, attempts, latency_ms)
+
+    def _record(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float) -> dict[str, Any]:
+        record = decode(response, cached=cached, attempts=attempts, latency_ms=latency_ms, image_dir=self.image_dir)
         if self.raw:
             record["raw"] = raw.decode("utf-8") if raw is not None else json.dumps(response)
         return record
+
+    @staticmethod
+    def _unreadable(exc: Exception, attempts: int, latency_ms: float) -> dict[str, Any]:
+        return failed(
+            RowError(200, "MALFORMED_RESPONSE", f"could not read the answer: {exception_text(exc)}"),
+            attempts=attempts, latency_ms=latency_ms,
+        )
 
     def _answer(self, key: str, record: dict[str, Any]) -> None:
         answer, record = self.column.add_answer(record)
