@@ -790,7 +790,7 @@ class HeldRenderer:
     until released, so a test can act while an image is being drawn; times the real drawing."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from gemframe import _emulator_render
+        from gemframe.emulator import render as _emulator_render
 
         self.started, self.release = threading.Event(), threading.Event()
         self.durations: list[float] = []

@@ -160,8 +160,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import _emulator_render as render
-from ._emulator_batch import BatchError, BatchStore
+from . import render
+from .batch import BatchError, BatchStore
 
 __all__ = ["Emulator", "Stats", "serve"]
 
