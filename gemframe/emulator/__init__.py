@@ -138,8 +138,9 @@ unread, a chunked body as soon as it passes the limit.
 
 Layout
 ------
-A test oracle: it imports nothing of gemframe's client side. Importing this package is cheap;
-the app (starlette, Pillow) loads on first use.
+A test oracle: nothing here imports gemframe's client side except `provider`, which speaks the
+provider contract. Importing this package is cheap; the app (starlette, Pillow) loads on first
+use.
 
 ``validation``  the real API's figures and messages, `ErrorAnswer`, the parsed `GenRequest`.
 ``answers``     `build_reply`: the success body of a validated request, token counts, the
@@ -147,6 +148,7 @@ the app (starlette, Pillow) loads on first use.
 ``render``      Pillow: inspecting input images, drawing image replies.
 ``batch``       Batch Mode jobs (`BatchStore`).
 ``app``         HTTP: `Emulator` (the ASGI app), `Stats`, `serve`.
+``provider``    `EmulatorProvider`, registered as ``"emulator"`` (how the client reaches it).
 """
 
 from __future__ import annotations
@@ -155,12 +157,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import Emulator, Stats, serve
+    from .provider import EmulatorProvider
 
-__all__ = ["Emulator", "Stats", "serve"]
+__all__ = ["Emulator", "EmulatorProvider", "Stats", "serve"]
 
 # Public name -> the submodule defining it, imported on first access (PEP 562), so that
-# ``import gemframe`` never pays for starlette and Pillow.
-_LAZY = {"Emulator": "app", "Stats": "app", "serve": "app"}
+# ``import gemframe`` (which imports the light `provider`) never pays for starlette and Pillow.
+_LAZY = {"Emulator": "app", "Stats": "app", "serve": "app", "EmulatorProvider": "provider"}
 
 
 def __getattr__(name: str) -> Any:
