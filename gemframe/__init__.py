@@ -28,7 +28,8 @@ from .conversation import HISTORY_DTYPE, turns
 from .display import save_images, show
 from .expr import generate, request, send
 from .payload import RequestBuilder, build_request, sniff_mime
-from .providers import DEFAULT_MODEL, EmulatorProvider, GoogleAI, Provider, Segmind
+from .providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind
+from .emulator.provider import EmulatorProvider  # registers the "emulator" provider
 from .response import REPLY_DTYPE, reply_dtype
 from .estimate import PRICES, Estimate, estimate
 from .manifest import manifest, read_manifest

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._files import atomic_write
 from .errors import ConfigError, RowError
+from .providers import providers_with
 
 if TYPE_CHECKING:
     from .client import Client
@@ -61,8 +62,9 @@ class BatchJobs:
 
     def __init__(self, client: Client, model: str, state_path: str, poll_interval: float, progress: Progress) -> None:
         provider = client.provider
-        if not hasattr(provider, "batch_url"):
-            raise ConfigError(f"batch mode needs the Google or emulator provider, not {provider.name!r}")
+        if "batch" not in provider.capabilities:  # declared by the provider, see providers.py
+            able = " or ".join(providers_with("batch"))  # "google or emulator"
+            raise ConfigError(f"batch mode needs the {able} provider, not {provider.name!r}")
         self.client = client
         self.provider = provider
         self.model = model

@@ -281,7 +281,7 @@ class _Counter:
 
     def __init__(self, client: Client, model: str) -> None:
         self.client = client
-        self.url = client.provider.url(model).rsplit(":", 1)[0] + ":countTokens"
+        self.url = client.provider.count_tokens_url(model)
         self.model = model.removeprefix("models/")
         self.failed = 0
         self.last_error = ""
@@ -355,9 +355,7 @@ def estimate(
     store = client.cache if looks_up else None
     counter = None
     if exact:
-        from .providers import GoogleAI
-
-        if isinstance(client.provider, GoogleAI):
+        if "count_tokens" in client.provider.capabilities:  # declared, see providers.py
             if mode is not CacheMode.READ:
                 client.provider.check_key()
             counter = _Counter(client, model)

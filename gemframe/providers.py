@@ -3,17 +3,53 @@ error answer means. One small class per dialect; everything else in gemframe is 
 
 - `GoogleAI`: ``POST {base}/v1beta/models/{model}:generateContent``, key in ``x-goog-api-key``.
 - `Segmind`: ``POST {base}/v1/{slug}``, body nested under ``messages``, key in ``x-api-key``.
-- `EmulatorProvider`: the Google dialect, answered in-process by `gemframe.emulator`.
+- ``"emulator"``: `gemframe.emulator.provider.EmulatorProvider`, the Google dialect answered
+  in-process by the offline emulator. It registers itself (``import gemframe`` imports it), so
+  this module, like the rest of the core, never imports the emulator.
+
+Adding a provider
+-----------------
+A new provider is one module: subclass, declare capabilities, register::
+
+    from gemframe.providers import Failure, Provider, register_provider
+
+    @register_provider
+    class Gateway(Provider):
+        name = "gateway"                     # gf.Client("gateway"), --provider gateway
+        default_base_url = "https://gateway.example"
+        key_env = ("GATEWAY_API_KEY",)
+        capabilities = frozenset()           # or {"batch", "count_tokens"}, see CAPABILITIES
+
+        def url(self, model): ...            # where a generate request goes
+        def headers(self): ...               # auth and content type
+        def failure(self, response): ...     # what a non-200 answer means (a `Failure`)
+        # wrap(body) and transport() have defaults: the body unchanged, the real network.
+
+`resolve_provider` looks names up in `PROVIDERS`; with no name it takes the first registered
+provider whose key is set in the environment (Google, then Segmind), else the emulator.
+
+`Provider` is an ABC rather than a `typing.Protocol` because a dialect inherits most of what it
+does (the key from the environment, `check_key`, the plain-http warning, redirect handling, a
+repr without the key): a Protocol would only describe the contract and leave every dialect to
+re-implement those. Its abstract methods make a dialect missing ``url``, ``headers`` or
+``failure`` fail when it is registered or built, not on its first request.
+
+Capabilities are declared, never detected: batch mode and ``estimate(exact=True)`` look at
+``provider.capabilities``, and `register_provider` checks that a class declaring one has the
+methods it needs (`CAPABILITIES`), so a provider that inherits Google's URLs can still say it
+has no Batch Mode.
 """
 
 from __future__ import annotations
 
 import email.utils
+import inspect
 import ipaddress
 import json
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -129,13 +165,24 @@ def _is_loopback(host: str) -> bool:
     return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
-class Provider:
-    """One endpoint dialect. Subclasses set the class attributes and override what differs."""
+# What a provider may declare in ``capabilities``, and the methods each one needs.
+CAPABILITIES: dict[str, tuple[str, ...]] = {
+    # Batch Mode: create a job of inlined requests, poll it as an operation, list the jobs.
+    "batch": ("batch_url", "operation_url", "batches_url"),
+    # ``countTokens``: exact input tokens for ``estimate(exact=True)``.
+    "count_tokens": ("count_tokens_url",),
+}
+
+
+class Provider(ABC):
+    """One endpoint dialect. Subclasses set the class attributes, implement ``url``,
+    ``headers`` and ``failure``, and override what else differs (see the module docstring)."""
 
     name: ClassVar[str]
     default_base_url: ClassVar[str]
     key_env: ClassVar[tuple[str, ...]] = ()
     key_required: ClassVar[bool] = True
+    capabilities: ClassVar[frozenset[str]] = frozenset()  # names from CAPABILITIES
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None) -> None:
         self._api_key = api_key if api_key is not None else self._key_from_env()
@@ -194,11 +241,13 @@ class Provider:
                 f"Set {env}, pass api_key= to gf.Client, or use provider='emulator' to run offline.",
             )
 
+    @abstractmethod
     def url(self, model: str) -> str:
-        raise NotImplementedError
+        """The generate URL for a model."""
 
+    @abstractmethod
     def headers(self) -> dict[str, str]:
-        raise NotImplementedError
+        """Request headers, the key among them."""
 
     def wrap(self, body: dict[str, Any]) -> dict[str, Any]:
         """The body as this endpoint expects it (Google's format is sent unchanged)."""
@@ -209,10 +258,10 @@ class Provider:
         real network through aiohttp's connection pool."""
         return None
 
+    @abstractmethod
     def failure(self, response: Any) -> Failure:
         """What a non-200 answer (an httpx.Response or anything with status_code, headers,
         content) means."""
-        raise NotImplementedError
 
     def _key_hint(self) -> str:
         where = f"{' or '.join(self.key_env)} (or api_key=)" if self.key_env else "api_key="
@@ -232,12 +281,58 @@ class Provider:
         return Failure(response.status_code, "REDIRECT", message, fatal=APIError, hint=hint)
 
 
+# name -> class, in registration order. GoogleAI and Segmind register below; EmulatorProvider
+# registers itself under "emulator" in gemframe/emulator/provider.py.
+PROVIDERS: dict[str, type[Provider]] = {}
+
+
+def register_provider(cls: type[Provider]) -> type[Provider]:
+    """Make a provider class reachable by its ``name`` (``gf.Client(name)``, ``--provider``);
+    usable as a class decorator. Fails at once, not on the first request, when the class is
+    abstract, declares an unknown capability, lacks a declared capability's methods, or takes
+    a name another class holds."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name != name.lower():
+        raise ValueError(f"{cls.__qualname__}.name must be a non-empty lower-case string")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise TypeError(f"provider {name!r} ({cls.__qualname__}) does not implement {missing}")
+    unknown = set(cls.capabilities) - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(
+            f"provider {name!r} declares unknown capabilities {sorted(unknown)}; "
+            f"known: {', '.join(CAPABILITIES)}"
+        )
+    for capability in sorted(cls.capabilities):
+        missing = [m for m in CAPABILITIES[capability] if not callable(getattr(cls, m, None))]
+        if missing:
+            raise TypeError(
+                f"provider {name!r} declares {capability!r} but has no {', '.join(missing)}"
+            )
+    held = PROVIDERS.get(name)
+    if held is not None and _qualified(held) != _qualified(cls):  # the same class re-imported is fine
+        raise ValueError(f"provider name {name!r} is already registered by {_qualified(held)}")
+    PROVIDERS[name] = cls
+    return cls
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def providers_with(capability: str) -> list[str]:
+    """Names of the registered providers that declare a capability, for error messages."""
+    return [name for name, cls in PROVIDERS.items() if capability in cls.capabilities]
+
+
+@register_provider
 class GoogleAI(Provider):
     """Google's Gemini API (AI Studio keys)."""
 
     name = "google"
     default_base_url = "https://generativelanguage.googleapis.com"
     key_env = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    capabilities = frozenset({"batch", "count_tokens"})
 
     def url(self, model: str) -> str:
         return f"{self.base_url}/v1beta/models/{model.removeprefix('models/')}:generateContent"
@@ -258,6 +353,10 @@ class GoogleAI(Provider):
 
     def batches_url(self) -> str:
         return f"{self.base_url}/v1beta/batches"
+
+    def count_tokens_url(self, model: str) -> str:
+        """``countTokens``: a request's input tokens, free, without generating."""
+        return f"{self.base_url}/v1beta/models/{model.removeprefix('models/')}:countTokens"
 
     def failure(self, response: Any) -> Failure:
         code = response.status_code
@@ -293,34 +392,6 @@ class GoogleAI(Provider):
         return Failure(code, status, message, code in RETRYABLE_STATUS, retry_after, fatal, hint)
 
 
-class EmulatorProvider(GoogleAI):
-    """The built-in offline emulator, served in-process; no key, no network."""
-
-    name = "emulator"
-    default_base_url = "http://emulator"
-    key_env = ()
-    key_required = False
-
-    def __init__(
-        self, api_key: str | None = None, base_url: str | None = None, app: Any = None
-    ) -> None:
-        super().__init__(api_key, base_url)
-        self.app = app
-
-    def plaintext_host(self) -> str | None:
-        """None: the emulator's key is a test key, whatever the host."""
-        return None
-
-    def transport(self) -> httpx.AsyncBaseTransport | None:
-        if self.base_url != self.default_base_url:  # an emulator served over TCP
-            return None
-        if self.app is None:
-            from .emulator import Emulator
-
-            self.app = Emulator()
-        return httpx.ASGITransport(app=self.app)
-
-
 # Google model ids that Segmind serves under its own slug.
 SEGMIND_SLUGS = {
     "gemini-2.0-flash-preview-image-generation": "gemini-2-flash-image-generation",
@@ -328,6 +399,7 @@ SEGMIND_SLUGS = {
 }
 
 
+@register_provider
 class Segmind(Provider):
     """Segmind's gateway: the Gemini body under ``messages``, one URL per model slug.
 
@@ -404,28 +476,35 @@ class Segmind(Provider):
         return Failure(code, status, message, code in RETRYABLE_STATUS, retry_after, fatal, hint)
 
 
-PROVIDERS: dict[str, type[Provider]] = {
-    p.name: p for p in (GoogleAI, Segmind, EmulatorProvider)
-}
+def __getattr__(name: str) -> Any:
+    """``gemframe.providers.EmulatorProvider``, as before it moved to the emulator package:
+    looked up in the registry, so this module still never imports the emulator."""
+    if name == "EmulatorProvider" and "emulator" in PROVIDERS:
+        return PROVIDERS["emulator"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_provider(provider: str | Provider | None, **options: Any) -> Provider:
     """A provider instance from a name, an instance, or the environment.
 
-    With no name: ``GEMFRAME_PROVIDER``, else Google if a Gemini key is set, else Segmind if a
-    Segmind key is set, else the offline emulator.
+    With no name: ``GEMFRAME_PROVIDER``, else the first registered provider whose key is set
+    (Google if a Gemini key is set, else Segmind if a Segmind key is set), else the offline
+    emulator.
     """
     if isinstance(provider, Provider):
         return provider
     if provider is None:
+        keyed = [p for p in PROVIDERS.values() if p.key_env]
         provider = os.environ.get("GEMFRAME_PROVIDER") or next(
-            (p.name for p in (GoogleAI, Segmind) if any(os.environ.get(v) for v in p.key_env)),
+            (p.name for p in keyed if any(os.environ.get(v) for v in p.key_env)),
             "emulator",
         )
         if provider == "emulator":
+            *others, last = [v for p in keyed for v in p.key_env] or ["an API key"]
+            names = f"{', '.join(others)} or {last}" if others else last
             logging.getLogger("gemframe").warning(
-                "no GEMINI_API_KEY, GOOGLE_API_KEY or SEGMIND_API_KEY set: answering with the offline "
-                "emulator (its replies say model_version 'emulator-...'); pass provider= to choose"
+                "no %s set: answering with the offline emulator (its replies say model_version "
+                "'emulator-...'); pass provider= to choose", names,
             )
     try:
         cls = PROVIDERS[provider.lower()]

@@ -790,7 +790,7 @@ class HeldRenderer:
     until released, so a test can act while an image is being drawn; times the real drawing."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from gemframe import _emulator_render
+        from gemframe.emulator import render as _emulator_render
 
         self.started, self.release = threading.Event(), threading.Event()
         self.durations: list[float] = []
@@ -934,3 +934,20 @@ def test_cli_emulator_startup_line_says_how_to_turn_markers_off(flags):
     else:
         assert "--no-markers turns them off" in line
         assert r.status_code == 500
+
+
+def test_the_emulator_imports_nothing_of_the_client_side(repo_root):
+    """A test oracle must not share code with what it tests: only emulator/provider.py (the
+    "emulator" provider, speaking gemframe's provider contract) imports from the core."""
+    import ast
+
+    modules = sorted((repo_root / "gemframe" / "emulator").glob("*.py"))
+    assert {"app.py", "answers.py", "validation.py", "render.py", "batch.py", "provider.py"} <= {p.name for p in modules}
+    reaching_out = []
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level > 1 or (node.module or "").startswith("gemframe")):
+                reaching_out.append(f"{path.name}: from {'.' * node.level}{node.module or ''}")
+            elif isinstance(node, ast.Import) and any(a.name.startswith("gemframe") for a in node.names):
+                reaching_out.append(f"{path.name}: import {node.names[0].name}")
+    assert reaching_out == ["provider.py: from ..providers"]

@@ -1,12 +1,23 @@
 import json
+import subprocess
+import sys
 import time
 from email.utils import formatdate
 
 import httpx
+import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe.providers import parse_retry_after, resolve_provider
+from gemframe.providers import (
+    PROVIDERS,
+    RETRYABLE_STATUS,
+    Failure,
+    Provider,
+    parse_retry_after,
+    register_provider,
+    resolve_provider,
+)
 
 KEY = "sk-test-secret-0123456789"
 
@@ -207,3 +218,137 @@ def test_redact_url_hides_the_whole_userinfo():
     assert redact_url("to http://a:b@one/x and https://c@two") == "to http://***@one/x and https://***@two"
     assert redact_url("https://host/path@x") == "https://host/path@x"  # no userinfo: unchanged
     assert gf.Segmind(api_key=KEY, base_url="https://me:pw@gw.example").display_base_url == "https://***@gw.example"
+
+
+# -- the provider contract: a new provider is one class plus a registration ----------------------
+
+
+@pytest.fixture
+def registry():
+    """The provider registry, restored after the test (registrations are process-wide)."""
+    saved = dict(PROVIDERS)
+    yield PROVIDERS
+    PROVIDERS.clear()
+    PROVIDERS.update(saved)
+
+
+def _gateway_class():
+    """An OpenAI-compatible-like gateway in front of Gemini, written from the contract alone:
+    a bearer token, the body under ``messages``, plain ``{"error": "..."}`` failures, and no
+    Batch Mode nor countTokens. (It speaks to the emulator's gateway route.)"""
+
+    class Gateway(Provider):
+        name = "toy-gateway"
+        default_base_url = "https://gateway.example"
+        key_env = ("TOY_GATEWAY_KEY",)
+        capabilities = frozenset()
+
+        def url(self, model):
+            return f"{self.base_url}/v1/{model}"
+
+        def headers(self):
+            return {"content-type": "application/json", **({"authorization": f"Bearer {self.secret}"} if self.secret else {})}
+
+        def wrap(self, body):
+            return {"messages": body}
+
+        def failure(self, response):
+            message = str((json.loads(response.content) or {}).get("error", ""))
+            fatal = gf.AuthenticationError if response.status_code == 401 else None
+            return Failure(response.status_code, "GATEWAY", message, response.status_code in RETRYABLE_STATUS, fatal=fatal)
+
+    return Gateway
+
+
+def test_a_new_provider_is_one_class_and_a_registration(registry, served_emulator, cache_dir, sample_input):
+    gateway = register_provider(_gateway_class())
+    assert registry["toy-gateway"] is gateway
+    server = served_emulator(api_key=KEY)  # the emulator checks the bearer token
+    frame = pl.DataFrame({"prompt": ["one", "two", "three"]})
+    with gf.Client("toy-gateway", api_key=KEY, base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+        out = frame.with_columns(reply=gf.generate("prompt", client=c)).unnest("reply")
+        assert out["error"].is_null().all()
+        assert out["text"].to_list() == [f'Emulated reply to: "{p}".' for p in ("one", "two", "three")]
+        assert server.emulator.stats.requests == 3
+        # A capability it does not declare gives the clear error, before anything is sent.
+        with pytest.raises(gf.ConfigError, match="batch mode needs the google or emulator provider, not 'toy-gateway'"):
+            frame.with_columns(reply=gf.generate("prompt", client=c, mode="batch", poll_interval=0.01, cache="off"))
+        est = gf.estimate(sample_input, client=c, exact=True)
+        assert est.token_method == "local" and "toy-gateway has no countTokens" in est.notes[0]
+    assert server.emulator.stats.requests == 3 and server.emulator.batches.creates == 0
+    with gf.Client("toy-gateway", api_key="wrong", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+        with pytest.raises(gf.AuthenticationError, match="Unauthorized"):  # its own failure() decided
+            pl.DataFrame({"prompt": ["four"]}).with_columns(reply=gf.generate("prompt", client=c))
+
+
+def test_capabilities_are_declared_not_detected(registry, served_emulator, cache_dir, sample_input):
+    """A Google dialect (it inherits batch_url, operation_url...) in front of which a gateway
+    offers neither Batch Mode nor countTokens: it says so, and gemframe believes it."""
+
+    @register_provider
+    class PlainGoogle(gf.GoogleAI):
+        name = "toy-plain-google"
+        capabilities = frozenset()
+
+    server = served_emulator()
+    with gf.Client("toy-plain-google", api_key=KEY, base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+        frame = pl.DataFrame({"prompt": ["a", "b"]})
+        assert frame.with_columns(reply=gf.generate("prompt", client=c)).unnest("reply")["error"].is_null().all()
+        with pytest.raises(gf.ConfigError, match="batch mode needs the google or emulator provider, not 'toy-plain-google'"):
+            frame.with_columns(reply=gf.generate("prompt", client=c, mode="batch", cache="off"))
+        est = gf.estimate(sample_input, client=c, exact=True)
+        assert est.token_method == "local" and "no countTokens" in est.notes[0]
+    assert server.emulator.batches.creates == 0 and server.emulator.stats.requests == 2
+    # The same dialect declaring the capabilities gets them: batch jobs and exact counts.
+    with gf.Client("google", api_key=KEY, base_url=server.url, cache_dir=str(cache_dir / "g"), progress=False) as c:
+        assert gf.estimate(sample_input, client=c, exact=True).token_method == "countTokens"
+
+
+def test_registration_checks_the_declaration(registry):
+    class NoFailure(Provider):
+        name = "toy-half"
+
+        def url(self, model):
+            return "https://x/" + model
+
+        def headers(self):
+            return {}
+
+    with pytest.raises(TypeError, match="'toy-half'.*does not implement failure"):
+        register_provider(NoFailure)
+    with pytest.raises(TypeError, match="abstract"):
+        NoFailure()  # an ABC: not even usable unregistered
+    with pytest.raises(TypeError, match="declares 'batch' but has no batch_url, operation_url, batches_url"):
+        register_provider(type("Boasting", (_gateway_class(),), {"name": "toy-boast", "capabilities": frozenset({"batch"})}))
+    with pytest.raises(ValueError, match="unknown capabilities \\['streaming'\\]"):
+        register_provider(type("Odd", (_gateway_class(),), {"name": "toy-odd", "capabilities": frozenset({"streaming"})}))
+    with pytest.raises(ValueError, match="'google' is already registered by gemframe.providers.GoogleAI"):
+        register_provider(type("Impostor", (_gateway_class(),), {"name": "google"}))
+    assert list(registry) == ["google", "segmind", "emulator"]
+
+
+def test_core_never_imports_the_emulator(repo_root):
+    """The emulator is a test oracle the core reaches only through the registry: no core module
+    imports it (not even lazily), and importing the core loads neither its app nor starlette."""
+    import ast
+
+    core = [p for p in (repo_root / "gemframe").glob("*.py") if p.name not in ("__init__.py", "cli.py", "__main__.py")]
+    assert {p.name for p in core} >= {"providers.py", "client.py", "executor.py", "batch.py", "estimate.py"}
+    offenders = []
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                names = [module if node.level == 0 else "gemframe." * (node.level == 1) + module]
+                names += [f"{names[0]}.{a.name}".lstrip(".") for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "gemframe.emulator" or n.startswith("gemframe.emulator.") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
+    code = ("import sys, gemframe.providers, gemframe.client, gemframe.executor, gemframe.batch, gemframe.estimate; "
+            "print(sorted(m for m in sys.modules if m.startswith(('gemframe.emulator', 'starlette', 'PIL', 'uvicorn')))); "
+            "print(list(gemframe.providers.PROVIDERS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["['gemframe.emulator', 'gemframe.emulator.provider']", "['google', 'segmind', 'emulator']"]
