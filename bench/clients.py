@@ -145,7 +145,7 @@ class _Profiler:
     def start(self) -> None:
         import cProfile
 
-        from gemframe.executor import background_loop
+        from gemframe._core.executor import background_loop
 
         self.loop = background_loop()
         # thread_time: each profile counts its own thread's CPU, not wall time or the other's CPU.

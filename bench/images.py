@@ -10,7 +10,7 @@ and send the same JSON (``contents[0].parts = [text, inlineData]``).
 
 - ``shared``: 1,000 rows all naming the same 2 MB file. gemframe should read and base64-encode
   it once. Counted in the worker: `open()` calls on image files, ``base64.b64encode`` calls on
-  more than 100 kB (both wrapped), and ``gemframe.payload._inline_file.cache_info()`` if present.
+  more than 100 kB (both wrapped), and ``gemframe._core.payload._inline_file.cache_info()`` if present.
   Baseline: raw aiohttp that reads+encodes the file once and posts it N times.
 - ``distinct``: 200 rows, 200 different ~200 KB files. Baseline: raw aiohttp that reads,
   base64-encodes and posts each file. Figure: wall time per row.
@@ -106,7 +106,7 @@ def _gemframe(url: str, texts: list[str], paths: list[str], counters: Counters) 
     import polars as pl
 
     import gemframe as gf
-    import gemframe.payload as payload
+    import gemframe._core.payload as payload
 
     client = gf.Client(
         "google", api_key=API_KEY, base_url=url, model=MODEL, concurrency=CONCURRENCY, cache="off", progress=False,

@@ -10,10 +10,10 @@ structured output is ``response_schema=``, and ``gf.show`` / ``gf.save_images`` 
 keep generated images.
 """
 
-from . import namespace as _namespace  # noqa: F401  (registers the .gemini namespaces)
-from .cache import CacheMode, ResponseCache, cache_key, default_cache_dir
-from .client import Client
-from .errors import (
+from ._polars import namespace as _namespace  # noqa: F401  (registers the .gemini namespaces)
+from ._core.cache import CacheMode, ResponseCache, cache_key, default_cache_dir
+from ._core.client import Client
+from ._errors import (
     APIError,
     AuthenticationError,
     ConfigError,
@@ -24,21 +24,21 @@ from .errors import (
     PermissionDeniedError,
     RowError,
 )
-from .conversation import HISTORY_DTYPE, turns
-from .display import save_images, show
-from .expr import generate, request, send
-from .payload import RequestBuilder, build_request, sniff_mime
-from .providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind
+from ._polars.conversation import HISTORY_DTYPE, turns
+from ._polars.display import save_images, show
+from ._polars.expr import generate, request, send
+from ._core.payload import RequestBuilder, build_request, sniff_mime
+from ._core.providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind
 from .emulator.provider import EmulatorProvider  # registers the "emulator" provider
-from .response import REPLY_DTYPE, reply_dtype
-from .estimate import PRICES, Estimate, estimate
-from .manifest import manifest, read_manifest
-from .pipeline import run
-from .report import Report, report
-
-__version__ = "0.1.0"
+from ._core.response import REPLY_DTYPE, reply_dtype
+from ._accounting.estimate import PRICES, Estimate, estimate
+from ._accounting.manifest import manifest, read_manifest
+from ._pipeline import run
+from ._accounting.report import Report, report
+from ._version import __version__
 
 __all__ = [
+    "__version__",
     "APIError",
     "AuthenticationError",
     "CacheMode",

@@ -54,11 +54,11 @@ try:
 except ImportError as exc:
     raise ImportError(f'gemframe.ray needs Ray Data: pip install "gemframe[ray]" ({exc})') from exc
 
-from .cache import CacheMode
-from .client import Client
-from .expr import IntoExpr, generate as _generate
-from .payload import RequestBuilder
-from .providers import DEFAULT_MODEL, resolve_provider
+from ._core.cache import CacheMode
+from ._core.client import Client
+from ._polars.expr import IntoExpr, generate as _generate
+from ._core.payload import RequestBuilder
+from ._core.providers import DEFAULT_MODEL, resolve_provider
 
 __all__ = ["GeminiBatch", "Secret", "generate", "share"]
 

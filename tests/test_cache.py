@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe.cache import ResponseCache, parse_when
+from gemframe._core.cache import ResponseCache, parse_when
 
 
 def _body(text="hi", image: bytes | None = None):
@@ -377,7 +377,7 @@ def test_new_cache_is_private_whatever_the_umask(tmp_path):
 
 
 def test_import_refuses_rows_that_are_not_digest_keys_with_answers(tmp_path, capsys):
-    from gemframe.cli import main
+    from gemframe._cli import main
 
     good = {"%064x" % n: _answer(f"answer {n}") for n in range(3)}
     rows = [

@@ -950,4 +950,4 @@ def test_the_emulator_imports_nothing_of_the_client_side(repo_root):
                 reaching_out.append(f"{path.name}: from {'.' * node.level}{node.module or ''}")
             elif isinstance(node, ast.Import) and any(a.name.startswith("gemframe") for a in node.names):
                 reaching_out.append(f"{path.name}: import {node.names[0].name}")
-    assert reaching_out == ["provider.py: from ..providers"]
+    assert reaching_out == ["provider.py: from .._core.providers"]

@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe.cli import main
-from gemframe.estimate import BATCH_DISCOUNT, count_tokens, cost, model_price, price_table
+from gemframe._cli import main
+from gemframe._accounting.estimate import BATCH_DISCOUNT, count_tokens, cost, model_price, price_table
 
 IMAGE_CONFIG = {"response_modalities": ["TEXT", "IMAGE"]}
 

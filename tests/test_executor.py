@@ -7,7 +7,7 @@ import orjson
 
 import gemframe as gf
 from gemframe.emulator import Emulator
-from gemframe.executor import Executor
+from gemframe._core.executor import Executor
 
 
 def _two_callers(prompt: str, latency: float):

@@ -14,7 +14,7 @@ import pytest
 
 import gemframe as gf
 from gemframe.emulator import Emulator
-from gemframe.pipeline import read_manifest, run
+from gemframe._pipeline import read_manifest, run
 
 KEY = "sk-live-DO-NOT-LEAK-1234567890abcdef"
 
@@ -84,7 +84,7 @@ def test_configured_rpm_is_never_exceeded(fault_server, cache_dir):
 
 
 def test_configured_tpm_is_never_exceeded():
-    from gemframe.limits import RateLimiter
+    from gemframe._core.limits import RateLimiter
 
     async def takes_in(seconds: float, limiter: RateLimiter, estimate: int, used: int) -> int:
         count, deadline = 0, time.monotonic() + seconds

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import gemframe as gf
-from gemframe.payload import RequestBuilder, image_parts, inline_data, request_json
+from gemframe._core.payload import RequestBuilder, image_parts, inline_data, request_json
 
 
 def _image_bytes(fmt: str, **save) -> bytes:
@@ -292,7 +292,7 @@ def test_redirects_are_checked_at_every_hop(image_server, client, emulator, monk
     """A public host (here: 127.0.0.1, which this test alone counts as public) that redirects
     to a metadata service, to loopback or to another scheme is refused before that hop is
     fetched, with no opt-in; a plain URL from it still works."""
-    from gemframe import payload
+    from gemframe._core import payload
 
     real = payload._refusal
     monkeypatch.setattr(payload, "_refusal", lambda address: None if str(address) == "127.0.0.1" else real(address))

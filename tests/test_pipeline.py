@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe.cli import main
+from gemframe._cli import main
 from gemframe.emulator import Emulator
-from gemframe.estimate import cost
-from gemframe.pipeline import read_manifest, run
+from gemframe._accounting.estimate import cost
+from gemframe._pipeline import read_manifest, run
 
 
 def test_run_writes_inputs_plus_reply_fields_and_manifest(client, emulator, sample_input, tmp_path):

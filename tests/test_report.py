@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe.cli import main
-from gemframe.report import svg_hbars, svg_histogram
+from gemframe._cli import main
+from gemframe._accounting.report import svg_hbars, svg_histogram
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ import base64
 import polars as pl
 
 import gemframe as gf
-from gemframe.response import ReplyColumn, decode, failed
-from gemframe.schema import response_schema
+from gemframe._core.response import ReplyColumn, decode, failed
+from gemframe._core.schema import response_schema
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
 

@@ -64,7 +64,7 @@ def test_slow_answer_times_out_per_request(served_emulator, cache_dir):
 
 
 def test_proxy_environment_is_honoured_once_per_host(monkeypatch):
-    from gemframe._http import _proxy_for
+    from gemframe._core.http import _proxy_for
 
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")

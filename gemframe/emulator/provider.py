@@ -3,7 +3,7 @@
 The one module of the emulator that imports gemframe's client side (the provider contract), and
 the seam through which the client side reaches the emulator: it registers itself under
 ``"emulator"`` when imported (``import gemframe`` imports it), so ``gf.Client("emulator")``
-finds it in `gemframe.providers.PROVIDERS` and the core never imports the emulator. The app
+finds it in `gemframe._core.providers.PROVIDERS` and the core never imports the emulator. The app
 (starlette, Pillow) is imported only when an in-process transport is first needed.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from ..providers import GoogleAI, register_provider
+from .._core.providers import GoogleAI, register_provider
 
 __all__ = ["EmulatorProvider"]
 

@@ -1,5 +1,5 @@
 """The polars expressions: `generate`, `request` and `send` (`turns`, for conversations, is in
-`gemframe.conversation`).
+`gemframe._polars.conversation`).
 
 Each is a thin `pl.map_batches` over the prompt/image (or request) columns that declares the
 reply struct as ``return_dtype`` and is elementwise, so lazy frames know the schema before
@@ -10,35 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import polars as pl
 
-from .cache import CacheMode
-from .client import Client, Row
-from .errors import InputError, RowError, exception_text
-from .payload import RequestBuilder
-from .progress import Progress
-from .response import reply_dtype
-from .schema import response_schema as translate_schema
+from .._core.cache import CacheMode
+from .._core.client import Client, Row, default_client
+from .._errors import InputError, RowError, exception_text
+from .._core.payload import RequestBuilder
+from .._core.progress import Progress
+from .._core.response import reply_dtype
+from .._core.schema import response_schema as translate_schema
 
 IntoExpr = Union[str, pl.Expr]
 """A column name or an expression, as polars functions accept."""
-
-_default_client: Client | None = None
-_default_lock = threading.Lock()
-
-
-def default_client() -> Client:
-    """The client used when none is passed: provider and key from the environment."""
-    global _default_client
-    with _default_lock:
-        if _default_client is None:
-            _default_client = Client()
-        return _default_client
-
 
 def _to_expr(value: IntoExpr) -> pl.Expr:
     return pl.col(value) if isinstance(value, str) else value

@@ -26,8 +26,8 @@ from typing import Any
 
 import orjson
 
-from ._http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
-from .errors import RowError, exception_text
+from .http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
+from .._errors import RowError, exception_text
 from .limits import RateLimiter, estimate_tokens
 from .providers import RETRYABLE_STATUS, Failure, Provider
 

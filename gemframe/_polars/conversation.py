@@ -30,9 +30,9 @@ from typing import Any, Union
 
 import polars as pl
 
-from .errors import InputError
+from .._errors import InputError
 from .expr import _image_expr
-from .payload import sniff_mime
+from .._core.payload import sniff_mime
 
 PART_DTYPE = pl.Struct({
     "text": pl.String,
@@ -67,7 +67,7 @@ def _image_part(image: Any, signature: str | None = None) -> dict[str, Any]:
 
 
 def user_turn(prompt: str | None, images: Any = None) -> dict[str, Any] | None:
-    """The user turn that `gemframe.payload.RequestBuilder` sent: the prompt, then the images."""
+    """The user turn that `gemframe._core.payload.RequestBuilder` sent: the prompt, then the images."""
     parts = [] if prompt is None else [_part(prompt)]
     if isinstance(images, (list, tuple)):
         parts += [_image_part(i) for i in images if i is not None]

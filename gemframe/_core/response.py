@@ -4,7 +4,7 @@
 ``.text`` does; thought summaries go to ``thoughts``; ``images`` skips thought images.
 ``parts`` records the layout of those non-thought parts — kind, length of a text part, and the
 ``thoughtSignature`` the model put on it — so a conversation can send the model's turn back
-exactly as the API requires (see `gemframe.conversation`) without storing any payload twice.
+exactly as the API requires (see `gemframe._polars.conversation`) without storing any payload twice.
 An answer with no usable content (prompt blocked, SAFETY/RECITATION finish, no candidates) is
 still an answer, and says why in ``error`` as well as ``finish_reason``/``block_reason``.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import polars as pl
 
-from ._files import atomic_write
-from .errors import RowError
+from .._files import atomic_write
+from .._errors import RowError
 from .schema import ResponseSchema, SchemaMismatch
 
 ERROR_DTYPE = pl.Struct({"code": pl.Int32, "status": pl.String, "message": pl.String})

@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 import polars as pl
 
+from .batch import BatchJobs, default_state_path
 from .cache import CacheMode, ResponseCache, answer_problem, cache_key
-from .errors import RowError, exception_text
+from .._errors import RowError, exception_text
 from .executor import Executor, Outcome, RetryPolicy, background_loop
 from .limits import RateLimiter
 from .payload import INLINE_LIMIT, request_json
@@ -259,12 +260,10 @@ class _Run:
         return self.column.finish()
 
     def _resolve_batch(self) -> None:
-        from .batch import BatchJobs, default_state_path
-
         path, poll_interval, wait = self.batch_options
         every_key = [*self.done, *self.batch_bodies]  # the whole call, hits included
         path = path or default_state_path(self.client.cache.directory, self.model, every_key)
-        jobs = BatchJobs(self.client, self.model, path, poll_interval, self.progress)
+        jobs = BatchJobs(self.provider, self.client.executor, self.cache, self.model, path, poll_interval, self.progress)
         for key, answer in jobs.resolve(self.batch_bodies, wait).items():
             if isinstance(answer, RowError):
                 self._answer(key, failed(answer))
@@ -480,3 +479,15 @@ def _loop_settled(timeout: float = 1.0) -> None:
     except concurrent.futures.TimeoutError:
         pass
 
+
+_default_client: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The client used when none is passed: provider and key from the environment."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None:
+            _default_client = Client()
+        return _default_client

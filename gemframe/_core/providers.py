@@ -11,7 +11,7 @@ Adding a provider
 -----------------
 A new provider is one module: subclass, declare capabilities, register::
 
-    from gemframe.providers import Failure, Provider, register_provider
+    from gemframe._core.providers import Failure, Provider, register_provider
 
     @register_provider
     class Gateway(Provider):
@@ -57,8 +57,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ._http import redact_url
-from .errors import (
+from .http import redact_url
+from .._errors import (
     APIError,
     AuthenticationError,
     InsufficientCreditsError,
@@ -477,7 +477,7 @@ class Segmind(Provider):
 
 
 def __getattr__(name: str) -> Any:
-    """``gemframe.providers.EmulatorProvider``, as before it moved to the emulator package:
+    """``gemframe._core.providers.EmulatorProvider``, as before it moved to the emulator package:
     looked up in the registry, so this module still never imports the emulator."""
     if name == "EmulatorProvider" and "emulator" in PROVIDERS:
         return PROVIDERS["emulator"]

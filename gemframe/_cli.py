@@ -10,12 +10,12 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .cache import CacheMode, CacheWarning, ResponseCache, default_cache_dir
-from .errors import GemframeError, InputError
-from .providers import DEFAULT_MODEL, PROVIDERS
+from ._core.cache import CacheMode, CacheWarning, ResponseCache, default_cache_dir
+from ._errors import GemframeError, InputError
+from ._core.providers import DEFAULT_MODEL, PROVIDERS
 
 if TYPE_CHECKING:
-    from .client import Client
+    from ._core.client import Client
 
 EPILOG = """\
 examples:
@@ -122,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .client import Client
-    from .pipeline import run
+    from ._core.client import Client
+    from ._pipeline import run
 
     client = Client(
         args.provider, base_url=args.base_url, model=args.model, concurrency=args.concurrency,
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace, client: Client) -> int:
-    from .estimate import estimate
+    from ._accounting.estimate import estimate
 
     result = estimate(
         args.input, args.prompt, images=args.images, system=args.system, model=args.model,
@@ -232,7 +232,7 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from .manifest import read_manifest
+    from ._accounting.manifest import read_manifest
 
     manifest = read_manifest(args.output)
     if manifest is None:
@@ -242,7 +242,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import report
+    from ._accounting.report import report
 
     result = report(args.output, html=args.html, samples=args.samples, prices=args.prices)
     print(result)

@@ -12,7 +12,7 @@ column::
 Counts come from the reply fields: ``cached`` rows are cache hits, rows answered by a request
 made in this run are cache misses; ``requests_sent`` counts distinct requests (identical rows
 share one), ``tokens`` counts every answered row and, ``*_paid``, only this run's requests;
-``cost`` prices both from the price table (`gemframe.estimate`).
+``cost`` prices both from the price table (`gemframe._accounting.estimate`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
-from ._files import atomic_write
+from .._core.client import Client, default_client
+from .._core.payload import normalize_config, normalize_safety
+from .._files import atomic_write
+from .._version import __version__
 from .estimate import IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, Prices, cost
 
-if TYPE_CHECKING:
-    from .client import Client
 
 MANIFEST_KEY = b"gemframe"
 MANIFEST_FORMAT = 2
@@ -163,7 +164,6 @@ def _cost(model: str, tokens: Mapping[str, int], prices: Prices | None, batch: b
 
 
 def _version() -> str:
-    from . import __version__
 
     return __version__
 
@@ -185,7 +185,6 @@ def describe(
     cache_mode: str,
 ) -> dict[str, Any]:
     """The "what produced it" part of a manifest."""
-    from .payload import normalize_config, normalize_safety
 
     def column(value: Any) -> Any:
         if value is None or isinstance(value, str):
@@ -231,7 +230,6 @@ def manifest(
     column) and what you passed to ``generate`` (client, model, system, config, ...), so the
     manifest says what produced them. ``input``: a file to fingerprint; ``started``: the
     ``time.time()`` before the call, for the wall time."""
-    from .expr import default_client
 
     client = client or default_client()
     model = model or client.model

@@ -1,5 +1,5 @@
 """The ``.gemini`` namespaces: ``pl.col("prompt").gemini.generate(...)`` and
-``df.gemini.generate("prompt", ...)`` for frames, thin over `gemframe.expr`."""
+``df.gemini.generate("prompt", ...)`` for frames, thin over `gemframe._polars.expr`."""
 
 from __future__ import annotations
 

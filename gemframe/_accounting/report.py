@@ -22,12 +22,12 @@ from typing import Any
 
 import polars as pl
 
-from ._files import atomic_write
-from ._http import redact_url
-from .errors import InputError
+from .._files import atomic_write
+from .._core.http import redact_url
+from .._errors import InputError
 from .estimate import Prices
 from .manifest import Tally, read_manifest, reply_struct
-from .payload import read_image
+from .._core.payload import read_image
 
 _STATS_COLUMNS = (
     "cached", "attempts", "error", "finish_reason", "prompt_tokens", "candidates_tokens",
@@ -195,7 +195,7 @@ def _thumbnails(lazy: pl.LazyFrame, schema: Mapping[str, Any], prompt: str | Non
 
 def _image_data(image: Mapping[str, Any], base: str | None) -> bytes | None:
     """A reply image's bytes (from the file it was saved to: as given, or relative to the
-    output's directory), read by `gemframe.payload.read_image`: regular files only, capped, and
+    output's directory), read by `gemframe._core.payload.read_image`: regular files only, capped, and
     only what sniffs as an image; None for anything else (the report goes on without it)."""
     if image.get("data") is None and image.get("path"):
         path = image["path"]

@@ -4,7 +4,7 @@ The output is written to a new temp file beside it and renamed into place only w
 job never leaves a half-written file; rerunning it resends nothing that was answered (the
 answers are in the cache). A run manifest (what produced the file, counts, tokens, time) is
 stored in the parquet key-value metadata under ``gemframe`` (and, with ``manifest_path``, in a
-JSON sidecar); see `gemframe.manifest`. ``samples=N`` answers every row N times (sample indices
+JSON sidecar); see `gemframe._accounting.manifest`. ``samples=N`` answers every row N times (sample indices
 0..N-1, each its own cache entry) and writes N rows per input row with a ``sample`` column.
 """
 
@@ -20,16 +20,16 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from ._files import AtomicFile
-from .batch import BatchJobs
-from .cache import CacheMode
-from .client import Client
-from .errors import APIError, InputError
-from .estimate import Prices
-from .expr import default_client, generate
-from .manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
-from .payload import RequestBuilder
-from .progress import Progress
-from .response import reply_dtype
+from ._core.batch import BatchJobs
+from ._core.cache import CacheMode
+from ._core.client import Client, default_client
+from ._errors import APIError, InputError
+from ._accounting.estimate import Prices
+from ._polars.expr import generate
+from ._accounting.manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
+from ._core.payload import RequestBuilder
+from ._core.progress import Progress
+from ._core.response import reply_dtype
 
 __all__ = ["MANIFEST_KEY", "read_manifest", "run"]
 
@@ -62,7 +62,7 @@ def run(
     Returns the run manifest, which is also stored in the output's metadata (and written to
     ``manifest_path`` as JSON when given). ``samples=N`` (N > 1) writes N rows per input row,
     sample indices 0..N-1 in a ``sample`` column; ``prices`` overrides the price table used for
-    the manifest's cost (see `gemframe.estimate`).
+    the manifest's cost (see `gemframe._accounting.estimate`).
     """
     client = client or default_client()
     model = model or client.model
@@ -93,7 +93,8 @@ def run(
         for record_batch in source.iter_batches(batch_size=batch_rows):
             for k in range(samples):  # one at a time: each call updates the one state file
                 pl.from_arrow(record_batch).select(generate(**request, progress=False, wait=False, sample=k))
-        BatchJobs(client, model, batch["batch_state"], poll_interval, bar).wait()
+        store = client.cache if client.cache_mode is not CacheMode.OFF else None
+        BatchJobs(client.provider, client.executor, store, model, batch["batch_state"], poll_interval, bar).wait()
         if client.cache_mode is not CacheMode.OFF:  # answers the jobs stored: paid in this run
             paid = {json.loads(e["response"]).get("responseId") for e in client.cache.entries(model=model, after=started)}
     partial = AtomicFile(output)  # an exclusive temp file, renamed when complete (see _files)

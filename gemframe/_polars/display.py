@@ -11,9 +11,9 @@ from typing import Any, Union
 
 import polars as pl
 
-from .errors import InputError
-from .payload import _URL_SCHEME, read_image
-from .response import save_image
+from .._errors import InputError
+from .._core.payload import _URL_SCHEME, read_image
+from .._core.response import save_image
 
 __all__ = ["save_images", "show"]
 
@@ -58,7 +58,7 @@ def _path_of(image: Any) -> str | None:
 
 
 def _picture(image: Any) -> tuple[bytes, str]:
-    """An image value's bytes and MIME type, read by `gemframe.payload.read_image` (regular
+    """An image value's bytes and MIME type, read by `gemframe._core.payload.read_image` (regular
     files only, size-capped): only bytes that sniff as an image are embedded or saved."""
     data, mime = read_image(image)
     if not mime.startswith("image/"):

@@ -38,7 +38,7 @@ from typing import Any
 
 import polars as pl
 
-from .errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["ResponseSchema", "SchemaMismatch", "response_schema"]
 

@@ -26,16 +26,15 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import polars as pl
 
-from .cache import CacheMode, cache_key
-from .errors import InputError
-from .payload import RequestBuilder
+from .._core.cache import CacheMode, cache_key
+from .._core.client import Client, default_client
+from .._errors import InputError
+from .._core.payload import RequestBuilder
 
-if TYPE_CHECKING:
-    from .client import Client
 
 PRICES_AS_OF = "2025-09"
 PRICES_SOURCE = "https://ai.google.dev/gemini-api/docs/pricing"
@@ -341,7 +340,6 @@ def estimate(
     for Google); ``output_tokens`` is your assumption of output tokens per request; ``batch``
     prices the requests at the Batch Mode discount.
     """
-    from .expr import default_client
 
     if samples < 1:
         raise InputError("samples must be >= 1")

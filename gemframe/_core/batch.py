@@ -18,13 +18,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._files import atomic_write
-from .errors import ConfigError, RowError
+from .._files import atomic_write
+from .._errors import ConfigError, RowError
 from .providers import providers_with
 
 if TYPE_CHECKING:
-    from .client import Client
+    from .cache import ResponseCache
+    from .executor import Executor
     from .progress import Progress
+    from .providers import Provider
 
 STATE_FORMAT = 1
 JOB_LIMIT_BYTES = 18 * 2**20  # stay under the API's 20 MB inline batch limit
@@ -60,13 +62,22 @@ def _chunks(bodies: dict[str, bytes]) -> Iterator[list[str]]:
 class BatchJobs:
     """The batch jobs of one state file, for one provider and model."""
 
-    def __init__(self, client: Client, model: str, state_path: str, poll_interval: float, progress: Progress) -> None:
-        provider = client.provider
+    def __init__(
+        self,
+        provider: Provider,
+        executor: Executor,
+        cache: ResponseCache | None,
+        model: str,
+        state_path: str,
+        poll_interval: float,
+        progress: Progress,
+    ) -> None:
         if "batch" not in provider.capabilities:  # declared by the provider, see providers.py
             able = " or ".join(providers_with("batch"))  # "google or emulator"
             raise ConfigError(f"batch mode needs the {able} provider, not {provider.name!r}")
-        self.client = client
         self.provider = provider
+        self.executor = executor
+        self.cache = cache  # None: cache='off'
         self.model = model
         self.path = state_path
         self.poll_interval = poll_interval
@@ -105,7 +116,7 @@ class BatchJobs:
         self._submit_unsubmitted(bodies)
         self._poll(wait)
         answers: dict[str, bytes | RowError] = {}
-        found = self.client.cache.get_many(bodies) if self.client.cache_mode.value != "off" else {}
+        found = self.cache.get_many(bodies) if self.cache is not None else {}
         pending = {k: job for job in self.jobs if not job.collected for k in job.keys}
         errors = {k: e for job in self.jobs for k, e in job.errors.items()}
         for key in bodies:
@@ -172,8 +183,8 @@ class BatchJobs:
                 else:
                     error = item.get("error") or {"message": "missing from the job's results"}
                     job.errors[key] = asdict(RowError(error.get("code"), error.get("status") or "BATCH_ERROR", error.get("message", "")))
-            if self.client.cache_mode.value != "off":
-                self.client.cache.set_many(entries)
+            if self.cache is not None:
+                self.cache.set_many(entries)
         else:
             message = (operation.get("error") or {}).get("message") or f"batch job ended in {job.state}"
             status = job.state.removeprefix("BATCH_STATE_")
@@ -181,7 +192,7 @@ class BatchJobs:
         job.collected = True
 
     def _call(self, method: str, url: str, content: bytes | None = None) -> dict[str, Any]:
-        response = self.client.executor.call(method, url, content).result()
+        response = self.executor.call(method, url, content).result()
         if response.status_code != 200:
             raise self.provider.failure(response).as_api_error()
         return response.json()

@@ -6,7 +6,7 @@ A body is plain JSON-able data, exactly what the API receives::
      "systemInstruction": {"parts": [{"text": ...}]},
      "generationConfig": {...}, "safetySettings": [...]}
 
-A row's ``history`` (earlier turns, see `gemframe.conversation`) goes first in ``contents``;
+A row's ``history`` (earlier turns, see `gemframe._polars.conversation`) goes first in ``contents``;
 model turns keep the ``thoughtSignature`` of each part exactly where the model put it.
 
 Images may be a file path, an http(s) URL, raw bytes, a ``{"mime_type", "data"}`` dict (so a
@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from .errors import ConfigError, InputError
+from .._errors import ConfigError, InputError
 
 # The generationConfig fields of the v1beta API, camelCase.
 GENERATION_CONFIG_KEYS = frozenset(
@@ -307,7 +307,7 @@ def _download(url: str, allow_private_urls: bool) -> bytes:
     streaming. Synchronous: one download per distinct URL (see `_inline_url`)."""
     import httpx
 
-    from ._http import _proxy_for
+    from .http import _proxy_for
 
     current = url
     for _ in range(_MAX_REDIRECTS + 1):
@@ -424,7 +424,7 @@ def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool 
 
 def history_contents(history: Any, *, allow_private_urls: bool = False) -> list[dict[str, Any]]:
     """``contents`` entries for a row's history: a list of turns, each ``{"role", "parts"}``
-    (parts as in `gemframe.conversation.HISTORY_DTYPE`) or ``{"role", "text", "images"}``."""
+    (parts as in `gemframe._polars.conversation.HISTORY_DTYPE`) or ``{"role", "text", "images"}``."""
     if history is None:
         return []
     if not isinstance(history, (list, tuple)):

@@ -45,7 +45,7 @@ import diskcache
 import orjson
 from diskcache.core import DEFAULT_SETTINGS, ENOVAL, METADATA, MODE_BINARY, MODE_RAW, UNKNOWN
 
-from .errors import GemframeError
+from .._errors import GemframeError
 
 ENTRY_FORMAT = 1
 _CURRENT_HEADER = b'{"format": 1,'  # how set_many's json.dumps header starts
@@ -698,7 +698,7 @@ class ResponseCache:
             ("key", pa.string()), ("model", pa.string()), ("created", pa.timestamp("s", tz="UTC")),
             ("format", pa.int32()), ("response", pa.large_binary()),
         ])
-        from ._files import atomic_write
+        from .._files import atomic_write
 
         count = 0
         with atomic_write(path) as partial, pq.ParquetWriter(partial, schema) as writer:

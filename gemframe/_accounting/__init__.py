@@ -1,0 +1,1 @@
+"""What a job costs and what produced it: prices, estimates, manifests, reports."""

@@ -1,0 +1,1 @@
+"""The engine: request bodies in, answers out (payload, cache, providers, executor, replies, client)."""
