@@ -23,6 +23,7 @@ from typing import Any
 import polars as pl
 
 from ._http import redact_url
+from .errors import InputError
 from .estimate import Prices
 from .manifest import Tally, read_manifest, reply_struct
 
@@ -114,7 +115,10 @@ def report(
     schema = lazy.collect_schema()
     present = [c for c in _STATS_COLUMNS if c in schema]
     if "cached" not in present or "error" not in present:
-        raise ValueError(f"{path or 'frame'}: no reply fields (cached, error, ...) in {list(schema)}")
+        raise InputError(
+            f"{path or 'frame'} has no reply fields (cached, error, ...), only {list(schema)}: report "
+            "reads what gemframe run / gf.run / gf.generate wrote"
+        )
     stats = lazy.select(present).collect()
     model = model or manifest.get("model")
     tally = Tally()
