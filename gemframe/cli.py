@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__  # here, not at import: gemframe/__init__ imports this module's users
+    # The package's own version; imported here so this module never needs gemframe/__init__
+    # to have finished importing.
+    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"gemframe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
