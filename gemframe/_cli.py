@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # The package's own version; imported here so this module never needs gemframe/__init__
+    # to have finished importing.
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"gemframe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -67,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=_json_arg, metavar="JSON", help='generationConfig, e.g. \'{"temperature": 0}\'')
     run.add_argument("--safety", type=_json_arg, metavar="JSON", help='safety thresholds, e.g. \'{"harassment": "block_none"}\'')
     run.add_argument("--concurrency", type=int, default=16, metavar="N", help="requests in flight (default: 16)")
+    run.add_argument("--rpm", type=float, metavar="N", help="at most N requests per minute (default: no fixed limit; 429s slow the run down)")
+    run.add_argument("--tpm", type=float, metavar="N", help="at most N input tokens per minute (default: no limit)")
     run.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout in seconds (default: 120)")
     run.add_argument("--max-attempts", type=int, default=5, metavar="N", help="attempts per row on transient errors (default: 5)")
     run.add_argument("--samples", type=int, default=1, metavar="N", help="N answers per row (rows get a 'sample' column 0..N-1, each cached separately)")
@@ -121,14 +129,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parquet_input(path: str) -> str:
+    """``path`` if it is a readable parquet file, else an `InputError` naming it: a CLI user
+    gets one line, not pyarrow's traceback (checked from the footer only)."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory; give a parquet file")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path} is not a readable parquet file ({exc})") from None
+    return path
+
+
 def _run(args: argparse.Namespace) -> int:
     from ._core.client import Client
     from ._pipeline import run
 
+    _parquet_input(args.input)
     client = Client(
         args.provider, base_url=args.base_url, model=args.model, concurrency=args.concurrency,
-        timeout=args.timeout, max_attempts=args.max_attempts, cache=args.cache,
-        cache_dir=args.cache_dir,
+        timeout=args.timeout, max_attempts=args.max_attempts, rpm=args.rpm, tpm=args.tpm,
+        cache=args.cache, cache_dir=args.cache_dir,
     )
     try:
         if args.dry_run:
@@ -234,7 +260,7 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
 def _manifest(args: argparse.Namespace) -> int:
     from ._accounting.manifest import read_manifest
 
-    manifest = read_manifest(args.output)
+    manifest = read_manifest(_parquet_input(args.output))
     if manifest is None:
         raise InputError(f"{args.output} has no gemframe manifest (was it written by gemframe run?)")
     print(json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -244,7 +270,7 @@ def _manifest(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from ._accounting.report import report
 
-    result = report(args.output, html=args.html, samples=args.samples, prices=args.prices)
+    result = report(_parquet_input(args.output), html=args.html, samples=args.samples, prices=args.prices)
     print(result)
     if args.html:
         print(f"wrote {args.html}", file=sys.stderr)
@@ -262,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GemframeError as exc:
         print(f"gemframe: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system said no (a path not writable, a disk full): one line
+        print(f"gemframe: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("gemframe: interrupted; answers received so far are cached, rerun to resume", file=sys.stderr)
         return 130

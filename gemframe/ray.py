@@ -20,6 +20,11 @@ the dataset can keep busy (at least a few blocks per actor). Each actor paces it
 on any short window the cluster may be ahead of ``rpm / 60`` per second by at most one request
 per actor.
 
+Placement: an actor mostly waits on the network, so it reserves ``num_cpus=0.1`` by default,
+and `generate` checks that the cluster can place the pool (plus one CPU for Ray Data's read and
+write tasks) within ``placement_timeout`` seconds, raising a `ConfigError` that names the fix
+rather than letting the job wait forever for actors that cannot start.
+
 Cache: every actor opens ``cache_dir`` (diskcache is safe across processes on one machine). On
 a multi-node cluster each node has its own cache at that path, unless it is on a shared
 filesystem: a rerun serves each row from the cache of the node it lands on (on one machine, or
@@ -59,6 +64,7 @@ from ._core.client import Client
 from ._polars.expr import IntoExpr, generate as _generate
 from ._core.payload import RequestBuilder
 from ._core.providers import DEFAULT_MODEL, resolve_provider
+from ._errors import ConfigError
 
 __all__ = ["GeminiBatch", "Secret", "generate", "share"]
 
@@ -269,7 +275,8 @@ def generate(
     unnest: bool = False,
     num_actors: int = 2,
     batch_size: int = 256,
-    num_cpus: float = 1,
+    num_cpus: float = 0.1,
+    placement_timeout: float | None = 30.0,
     client_options: Mapping[str, Any] | None = None,
     **map_batches_options: Any,
 ) -> ray.data.Dataset:
@@ -281,9 +288,17 @@ def generate(
     ``rpm`` and ``tpm`` are totals for the whole cluster, split evenly over the actors.
     ``provider`` None is chosen here, from the driver's environment, as `gemframe.Client`
     would; ``api_key`` None lets each actor read its own environment. The reply struct is
-    added as column ``output`` (its fields as columns with ``unnest=True``). ``num_cpus`` is
-    reserved per actor (mostly waiting on the network, it may be fractional);
+    added as column ``output`` (its fields as columns with ``unnest=True``).
     ``map_batches_options`` go to ``Dataset.map_batches``.
+
+    ``num_cpus`` is what Ray reserves per actor: a tenth of a CPU by default, because an
+    actor mostly waits on the network (8 actors and Ray Data's read and write tasks fit a
+    2-CPU machine). Give it more only if the work around each call is heavy. The pool is
+    checked here: if the cluster cannot place ``num_actors`` actors of ``num_cpus`` each and
+    still keep one CPU for Ray Data's tasks (reading, writing) within ``placement_timeout``
+    seconds, a `ConfigError` names the fix (fewer actors, a smaller ``num_cpus``, more
+    nodes) instead of a job that waits forever. On an autoscaling cluster give new nodes
+    time (``placement_timeout=600``); None skips the check.
 
     The dataset should have several blocks per actor (``ds.repartition(n)``), since one
     block is one task for one actor. Bad options (config keys, schema) raise here, before
@@ -292,6 +307,8 @@ def generate(
     RequestBuilder(system, config, safety, response_schema)  # validate on the driver
     _share_concurrency(concurrency, num_actors)
     CacheMode(cache)
+    if placement_timeout is not None:
+        _check_placement(num_actors, num_cpus, placement_timeout, map_batches_options)
     kwargs = dict(
         prompt=prompt, images=images, history=history, system=system, config=config,
         safety=safety, response_schema=response_schema, model=model,
@@ -310,3 +327,46 @@ def generate(
     )
     options.update(map_batches_options)
     return dataset.map_batches(GeminiBatch, fn_constructor_kwargs=kwargs, **options)
+
+
+def _check_placement(num_actors: int, num_cpus: float, timeout: float, options: Mapping[str, Any]) -> None:
+    """Raise a `ConfigError` naming the fix if the cluster cannot hold the actor pool.
+
+    Ray Data starts a pool it cannot place and then waits for the missing actors forever
+    ("Actors: 8 (running=2, pending=6)"); a pool that takes every CPU starves its own read and
+    write tasks (1 CPU each) just as forever. So before the job is built, one placement group
+    asks the cluster for what the job needs: a bundle per actor plus one CPU for those tasks
+    (SPREAD: any node will do, as for the actors), within ``timeout`` seconds (time enough for
+    an autoscaler to add nodes, if it is given that long); it is removed again at once.
+    """
+    bundle = {"CPU": float(num_cpus)}
+    if options.get("num_gpus"):
+        bundle["GPU"] = float(options["num_gpus"])
+    if options.get("memory"):
+        bundle["memory"] = float(options["memory"])
+    bundle.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+    bundle = {k: v for k, v in bundle.items() if v > 0}
+    if not bundle:  # nothing reserved per actor: nothing to place
+        return
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data would do on first use
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([bundle] * num_actors + [{"CPU": 1.0}], strategy="SPREAD")
+    try:
+        placed = group.wait(timeout)
+    finally:
+        remove_placement_group(group)
+    if placed:
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    free = ray.available_resources().get("CPU", 0)
+    fits = int((total - 1) // num_cpus) if num_cpus else num_actors
+    raise ConfigError(
+        f"gemframe.ray: the cluster could not place num_actors={num_actors} actors of "
+        f"{bundle} each, plus 1 CPU for Ray Data's read/write tasks, within {timeout:g} s "
+        f"(it has {total:g} CPUs, {free:g} free): use fewer actors "
+        f"(num_actors={max(1, min(fits, num_actors - 1))}), or a smaller num_cpus (e.g. "
+        "num_cpus=0.1: actors mostly wait on the network), or more nodes; on an autoscaling "
+        "cluster, a longer placement_timeout"
+    )

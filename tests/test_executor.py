@@ -40,3 +40,42 @@ def test_a_request_nobody_waits_for_is_cancelled():
     _, task = second.get(timeout=1.5)  # well before the 2 s answer
     assert task.cancelled()
     executor.close()
+
+
+UNCLOSED_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import polars as pl
+import gemframe as gf
+from gemframe.emulator import Emulator
+from tests.conftest import ServedEmulator
+
+served = ServedEmulator(Emulator())  # over TCP: the aiohttp session, as for the real API
+frame = pl.DataFrame({{"prompt": [f"question {{i}}" for i in range(20)]}})
+
+def answer(system):  # a Client made, used and dropped without close()
+    client = gf.Client("google", api_key="k", base_url=served.url, cache_dir={cache!r}, progress=False)
+    return frame.with_columns(reply=gf.generate("prompt", client=client, system=system))
+
+for i in range(3):
+    out = answer(f"system {{i}}")
+kept = gf.Client("google", api_key="k", base_url=served.url, cache_dir={cache!r}, progress=False)
+out = frame.with_columns(reply=gf.generate("prompt", client=kept))  # alive, unclosed, at exit
+print(out["reply"].struct.field("error").null_count(), served.emulator.stats.requests)
+"""
+
+
+def test_a_client_never_closed_leaves_no_unclosed_session_warnings(tmp_path):
+    """aiohttp reports an open session from its ``__del__``: clients dropped without
+    ``close()`` and one still open at exit must have closed theirs."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = tmp_path / "never_closes.py"
+    script.write_text(UNCLOSED_SCRIPT.format(root=str(ROOT), cache=str(tmp_path / "cache")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["20", "80"]  # every row answered; 4 systems x 20 prompts sent
+    assert "Unclosed" not in done.stderr, done.stderr[:2000]

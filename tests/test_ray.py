@@ -202,6 +202,46 @@ def test_checked_on_the_driver_before_anything_runs(ray_local):
         gray.generate(dataset, provider=gf.GoogleAI(api_key=KEY))
 
 
+def test_eight_actors_fit_a_two_cpu_machine(ray_local, server, tmp_path):
+    """num_actors=8 on 2 CPUs, default num_cpus, reading parquet (read tasks need a CPU each):
+    it used to wait forever (8 actors of 1 CPU: running=2, pending=6)."""
+    served, app = server
+    rows = 160
+    source = tmp_path / "prompts"
+    source.mkdir()
+    frame = pl.DataFrame({"id": range(rows), "prompt": [f"eight {i}" for i in range(rows)]})
+    for part in range(16):  # a block per file: two per actor
+        frame.slice(part * 10, 10).write_parquet(source / f"part-{part:02}.parquet")
+    before = _requests(app)
+    out = _collect(gray.generate(
+        ray.data.read_parquet(str(source), override_num_blocks=16), "prompt", provider="google",
+        api_key=KEY, base_url=served.url, cache_dir=str(tmp_path / "cache"), num_actors=8,
+        concurrency=16, batch_size=10,
+    ))
+    assert out["id"].to_list() == list(range(rows))
+    assert out["reply"].struct.field("text").to_list() == [
+        f'Emulated reply to: "eight {i}".' for i in range(rows)]
+    assert _requests(app) - before == rows
+
+
+def test_a_pool_the_cluster_cannot_hold_fails_with_the_fix(ray_local, server, tmp_path):
+    """Two actors of 1.5 CPUs on 2 CPUs cannot be placed: a ConfigError naming the fix, raised
+    by generate() after placement_timeout, not a job that waits forever."""
+    served, app = server
+    dataset = ray.data.from_items([{"prompt": "never sent"}])
+    before = _requests(app)
+    start = time.monotonic()
+    with pytest.raises(gf.ConfigError) as error:
+        gray.generate(dataset, "prompt", provider="google", api_key=KEY, base_url=served.url,
+                      cache_dir=str(tmp_path / "cache"), num_actors=2, num_cpus=1.5,
+                      placement_timeout=2)
+    assert time.monotonic() - start < 30
+    message = str(error.value)
+    assert "could not place num_actors=2" in message and "it has 2 CPUs" in message
+    assert "num_actors=1" in message and "num_cpus=" in message and "placement_timeout" in message
+    assert _requests(app) == before
+
+
 def test_secret_survives_pickling_and_never_prints():
     secret = pickle.loads(pickle.dumps(gray.Secret(KEY)))
     assert secret.reveal() == KEY

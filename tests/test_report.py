@@ -119,3 +119,19 @@ def test_thumbnails_only_from_regular_image_files(client, tmp_path):
     rep = gf.report(out, html=tmp_path / "r.html")
     assert rep.data["thumbnails"] == 1
     assert len(re.findall(r'<img src="data:image/png;base64,', rep.html)) == 1
+
+
+def test_sample_replies_include_failed_rows(mixed_output, tmp_path):
+    """The 3 failures are the last of 15 rows: a sample of the first 8 answered rows showed
+    none of them. Up to half the sample is failures, each with its status and message."""
+    rep = gf.report(mixed_output, samples=8, html=tmp_path / "r.html")
+    lines = rep.text.split("sample replies\n", 1)[1].splitlines()
+    assert rep.data["replies_shown"] == len(lines) == 8
+    failed = [line for line in lines if "[emulator:" in line]
+    assert len(failed) == 3
+    assert any("[INVALID_ARGUMENT: " in line for line in failed)
+    assert any("[BLOCKED: prompt blocked" in line for line in failed)
+    table = rep.html.split("<h2>Sample replies</h2>", 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr>") == 9 and "INVALID_ARGUMENT: " in table
+    only_two = gf.report(mixed_output, samples=2).text.split("sample replies\n", 1)[1].splitlines()
+    assert len(only_two) == 2 and sum("[emulator:" in line for line in only_two) == 1

@@ -117,7 +117,10 @@ def report(
     schema = lazy.collect_schema()
     present = [c for c in _STATS_COLUMNS if c in schema]
     if "cached" not in present or "error" not in present:
-        raise ValueError(f"{path or 'frame'}: no reply fields (cached, error, ...) in {list(schema)}")
+        raise InputError(
+            f"{path or 'frame'} has no reply fields (cached, error, ...), only {list(schema)}: report "
+            "reads what gemframe run / gf.run / gf.generate wrote"
+        )
     stats = lazy.select(present).collect()
     model = model or manifest.get("model")
     tally = Tally()
@@ -167,11 +170,22 @@ def _sample_replies(lazy: pl.LazyFrame, schema: Mapping[str, Any], prompt: str |
     columns = [c for c in (prompt, "sample", "text", "finish_reason", "error") if c and c in schema]
     if n <= 0 or "text" not in schema:
         return pl.DataFrame()
-    shown = lazy.filter(pl.col("cached").is_not_null()).select(columns).head(n).collect()
-    if "error" in shown.columns:
+    answered = lazy.filter(pl.col("cached").is_not_null()).with_row_index("_row")
+    if "error" not in schema:
+        return answered.select(columns).head(n).collect()
+    # Failed rows are what a reader looks for: up to half the sample (more when too few rows
+    # succeeded), the rest successes; shown in row order.
+    failed = answered.filter(pl.col("error").is_not_null()).select("_row", *columns).head(n).collect()
+    ok = answered.filter(pl.col("error").is_null()).select("_row", *columns).head(n).collect()
+    take_failed = min(failed.height, max(n // 2, n - ok.height))
+    shown = pl.concat([ok.head(n - take_failed), failed.head(take_failed)]).sort("_row").drop("_row")
+    if isinstance(shown.schema["error"], pl.Struct):  # "STATUS: message", one line
+        error = pl.col("error").struct
         shown = shown.with_columns(
-            pl.col("error").struct.field("status").alias("error"),
-        ) if isinstance(shown.schema["error"], pl.Struct) else shown
+            pl.when(pl.col("error").is_not_null())
+            .then(pl.concat_str(error.field("status"), pl.lit(": "), error.field("message").fill_null("")))
+            .alias("error")
+        )
     return shown
 
 
@@ -319,8 +333,8 @@ def _text(data: Mapping[str, Any], replies: pl.DataFrame, prompt: str | None) ->
         lines += ["", "  sample replies"]
         for row in replies.to_dicts():
             ask = _clip(row.get(prompt), 40) if prompt else ""
-            said = _clip(row.get("text"), 70) if row.get("text") is not None else f"[{row.get('error') or 'no text'}]"
-            tag = row.get("finish_reason") or row.get("error") or ""
+            said = _clip(row.get("text"), 70) if row.get("text") is not None else _clip(f"[{row.get('error') or 'no text'}]", 70)
+            tag = row.get("finish_reason") or ("error" if row.get("error") else "")
             sample = f" #{row['sample']}" if "sample" in row else ""
             lines.append(f"    {ask + sample:<44} → {said}  ({tag})" if prompt else f"    {said}  ({tag})")
     return "\n".join(lines)

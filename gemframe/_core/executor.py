@@ -11,7 +11,6 @@ stops what is left (Ctrl-C, a whole-run error).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import functools
 import logging
@@ -124,7 +123,7 @@ class Executor:
         self._inflight: dict[str, _Shared] = {}
         self._waiting: dict[int, dict[str, _Shared]] = {}  # by id of a caller's done queue: its unfinished keys
         self._loop: asyncio.AbstractEventLoop | None = None
-        _open_executors.add(self)
+        self._closer: weakref.finalize | None = None  # closes the session if self is dropped open
 
     def __repr__(self) -> str:
         return f"Executor({self.provider!r}, concurrency={self.concurrency})"
@@ -167,6 +166,8 @@ class Executor:
     def _use_loop(self) -> asyncio.AbstractEventLoop:
         loop = background_loop()
         if loop is not self._loop:  # first use, or a fork made a new loop
+            if self._closer is not None:  # a session of the parent's loop: nothing to close here
+                self._closer.detach()
             self._loop, self._http, self._slots, self._inflight, self._waiting = loop, None, None, {}, {}
         return loop
 
@@ -180,6 +181,10 @@ class Executor:
                 self._http = AiohttpSession(headers, self.concurrency, self.timeout)
             else:
                 self._http = HttpxSession(transport, headers, self.timeout)
+            # A Client dropped without close() (or alive at exit) must still close its session:
+            # aiohttp warns "Unclosed client session" from the session's __del__ otherwise. The
+            # finalizer holds the loop and the session, not the executor.
+            self._closer = weakref.finalize(self, _close_session, self._loop, self._http)
         return self._http
 
     async def _send_guarded(self, url: str, content: bytes) -> Outcome:
@@ -269,17 +274,26 @@ class Executor:
     def close(self) -> None:
         """Close the HTTP client (the executor reopens one if used again)."""
         http, self._http = self._http, None
-        if http is not None and self._loop is not None and self._loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(http.aclose(), self._loop).result(timeout=5)
-            except (concurrent.futures.TimeoutError, RuntimeError):
-                pass
+        if self._closer is not None:
+            self._closer.detach()
+        if http is not None and self._loop is not None:
+            _close_session(self._loop, http)
 
 
-_open_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    for executor in list(_open_executors):
-        executor.close()
+def _close_session(loop: asyncio.AbstractEventLoop, http: AiohttpSession | HttpxSession) -> None:
+    """Close a session on the loop it was opened on. Called by `Executor.close`, and by an
+    executor's finalizer: when the executor is garbage collected (a Client dropped unclosed) or
+    at interpreter exit (``weakref.finalize`` runs then, while the loop thread still runs)."""
+    if not loop.is_running():
+        return
+    future = asyncio.run_coroutine_threadsafe(http.aclose(), loop)
+    try:
+        on_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        on_loop = False
+    if on_loop:  # dropped by a callback on the loop itself: waiting would deadlock; it runs next
+        return
+    try:
+        future.result(timeout=5)
+    except (concurrent.futures.TimeoutError, RuntimeError):
+        pass
