@@ -28,10 +28,10 @@ from ._polars.conversation import HISTORY_DTYPE, turns
 from ._polars.display import save_images, show
 from ._polars.expr import generate, request, send
 from ._core.payload import RequestBuilder, build_request, sniff_mime
-from ._core.providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind
+from ._core.providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind, register_provider
 from .emulator.provider import EmulatorProvider  # registers the "emulator" provider
 from ._core.response import REPLY_DTYPE, reply_dtype
-from ._accounting.estimate import PRICES, Estimate, estimate
+from ._accounting.estimate import PRICES, PRICES_AS_OF, Estimate, estimate
 from ._accounting.manifest import manifest, read_manifest
 from ._pipeline import run
 from ._accounting.report import Report, report
@@ -55,6 +55,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PRICES",
+    "PRICES_AS_OF",
     "Provider",
     "REPLY_DTYPE",
     "Report",
@@ -69,6 +70,7 @@ __all__ = [
     "generate",
     "manifest",
     "read_manifest",
+    "register_provider",
     "reply_dtype",
     "report",
     "request",
