@@ -236,3 +236,10 @@ def test_an_unreadable_state_file_is_named(cache_dir, tmp_path):
     state.write_text("{not json")
     with _client(Emulator(), cache_dir) as client, pytest.raises(gf.ConfigError, match=rf"{state} is not a readable batch state file.*delete it"):
         _batch(FRAME, client, batch_state=str(state))
+
+
+def test_a_misspelt_model_in_batch_mode_is_refused_before_any_job(cache_dir):
+    emulator = Emulator()
+    with _client(emulator, cache_dir) as client, pytest.raises(gf.NotFoundError, match="Did you mean 'gemini-2.5-flash'"):
+        _batch(FRAME, client, model="gemini-2.5-flsh")
+    assert emulator.batches.creates == 0
