@@ -509,3 +509,25 @@ def default_client() -> Client:
         if _default_client is None:
             _default_client = Client()
         return _default_client
+
+
+_named_clients: dict[str, Client] = {}
+
+
+def named_client(client: Client | str | None) -> Client | None:
+    """A ``client=`` argument as a `Client`: a Client (or None) as given, a provider name
+    (``client="emulator"``) as the process's one client for that provider with the default
+    options, built on first use like `default_client` (one per call would open a connection
+    pool per call). Anything else is a TypeError naming ``gf.Client(...)``, at once rather
+    than when the frame is collected."""
+    if client is None or isinstance(client, Client):
+        return client
+    if isinstance(client, str):
+        with _default_lock:
+            if client not in _named_clients:
+                _named_clients[client] = Client(client)  # an unknown name: resolve_provider's ValueError
+            return _named_clients[client]
+    raise TypeError(
+        f"client must be a gf.Client or a provider name, not {type(client).__name__}; "
+        "build one with gf.Client(...), e.g. gf.Client('emulator') or gf.Client(provider, model=..., cache_dir=...)"
+    )
