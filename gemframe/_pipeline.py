@@ -23,7 +23,7 @@ from ._files import AtomicFile
 from ._core.batch import BatchJobs
 from ._core.cache import CacheMode
 from ._core.client import Client, default_client
-from ._errors import APIError, InputError
+from ._errors import APIError, ConfigError, InputError
 from ._accounting.estimate import Prices
 from ._polars.expr import generate
 from ._accounting.manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
@@ -67,6 +67,14 @@ def run(
     client = client or default_client()
     model = model or client.model
     builder = RequestBuilder(system, config, safety)  # a bad config fails before reading anything
+    if mode == "batch" and (CacheMode(cache) if cache else client.cache_mode) is CacheMode.OFF:
+        # The output is written from the cache once every job is collected: without it the
+        # answers would be paid for and lost (every row BATCH_LOST). Refused before any job.
+        raise ConfigError(
+            "batch mode needs the cache (cache 'off' / --cache off): the jobs' answers are kept "
+            "there until the output is written. Use cache 'use' (a separate cache_dir= / "
+            "--cache-dir keeps them apart from other answers)"
+        )
     source = pq.ParquetFile(input)
     columns = source.schema_arrow.names
     for role, name in (("prompt", prompt), ("images", images)):

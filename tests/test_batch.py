@@ -127,3 +127,119 @@ def test_a_cancelled_job_fails_its_rows(cache_dir, tmp_path):
         out = _batch(FRAME, client, batch_state=state)
     assert (out["error"].struct.field("status").drop_nulls() == "BATCH_CANCELLED").all()
     assert emulator.batches.creates == 1
+
+
+# -- Batch Mode keeps what it paid for (cache='off', collecting from another process) ---------
+
+
+def test_batch_with_cache_off_returns_the_answers_it_waited_for(tmp_path):
+    """cache='off' in batch mode: the call that waits returns the collected answers (kept in
+    memory), writes none to the cache, and a job is never submitted for rows it answered."""
+    emulator = Emulator()
+    client = gf.Client(gf.EmulatorProvider(app=emulator), cache="off", cache_dir=str(tmp_path / "c"), progress=False)
+    with client:
+        out = _batch(FRAME, client)
+        assert emulator.batches.creates == 1 and emulator.stats.requests == 0
+        assert out["error"].is_null().all() and out["text"][5] == 'Emulated reply to: "batch row 5".'
+        assert client.cache.stats()["entries"] == 0  # cache='off': nothing written
+
+
+def test_batch_with_cache_off_and_wait_false_is_refused_before_any_job(tmp_path):
+    emulator = Emulator()
+    client = gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(tmp_path / "c"), progress=False)
+    with client, pytest.raises(gf.ConfigError, match=r"wait=False needs the cache.*cache='use'"):
+        _batch(FRAME, client, cache="off", wait=False)
+    assert emulator.batches.creates == 0
+
+
+def test_cli_batch_with_cache_off_exits_nonzero_before_any_job(served_emulator, tmp_path):
+    server = served_emulator()
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pl.DataFrame({"prompt": ["a", "b"]}).write_parquet(src)
+    command = [sys.executable, "-m", "gemframe", "run", str(src), str(dst), "--provider", "emulator",
+               "--base-url", server.url, "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+               "--batch", "--cache", "off", "--poll-interval", "0.01"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not dst.exists()
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("gemframe: error: batch mode needs the cache")
+    assert server.emulator.batches.creates == 0
+
+
+# A user's script: submit (wait=False) in one process, collect in another.
+_SUBMIT = """
+import sys, polars as pl, gemframe as gf
+base_url, cache_dir, state, wait = sys.argv[1] or None, sys.argv[2], sys.argv[3], sys.argv[4] == "wait"
+client = gf.Client("emulator", base_url=base_url, cache_dir=cache_dir, progress=False)
+frame = pl.DataFrame({"prompt": [f"later {i}" for i in range(5)]})
+out = frame.select(gf.generate("prompt", client=client, mode="batch", batch_state=state, wait=wait,
+                               poll_interval=0.01)).unnest("reply")
+print(out["error"].struct.field("status").to_list())
+print(out["text"].to_list())
+"""
+
+
+def _script(*args):
+    return subprocess.run([sys.executable, "-c", _SUBMIT, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_submit_in_one_process_and_collect_in_another_over_tcp(served_emulator, tmp_path):
+    server = served_emulator(batch_polls=3)
+    state, cache = tmp_path / "jobs.json", tmp_path / "cache"
+    first = _script(server.url, cache, state, "nowait")
+    assert first.returncode == 0, first.stderr
+    assert "['BATCH_PENDING', 'BATCH_PENDING', 'BATCH_PENDING', 'BATCH_PENDING', 'BATCH_PENDING']" in first.stdout
+    second = _script(server.url, cache, state, "wait")
+    assert second.returncode == 0, second.stderr
+    assert "[None, None, None, None, None]" in second.stdout  # no row error
+    assert 'Emulated reply to: "later 4".' in second.stdout and server.emulator.batches.creates == 1
+
+
+def test_a_job_the_server_no_longer_has_names_the_state_file_to_delete(tmp_path):
+    """Submitted by another process's in-process emulator: this process cannot find the job.
+    Every rerun says so (no exception, no wrong hint) and names the file; deleting it resubmits."""
+    state, cache = tmp_path / "jobs.json", tmp_path / "cache"
+    first = _script("", cache, state, "nowait")  # gf.Client("emulator"): in-process, in that process
+    assert first.returncode == 0 and "BATCH_PENDING" in first.stdout, first.stderr
+    frame = pl.DataFrame({"prompt": [f"later {i}" for i in range(5)]})
+    emulator = Emulator()
+    with _client(emulator, cache) as client:
+        for _ in range(2):  # the rerun does not poll again: the job is recorded as gone
+            out = frame.select(gf.generate("prompt", client=client, mode="batch", batch_state=str(state),
+                                           poll_interval=0.01)).unnest("reply")
+            errors = out["error"]
+            assert (errors.struct.field("status") == "BATCH_GONE").all()
+            message = errors.struct.field("message")[0]
+            assert f"Delete {state} to submit these rows again" in message
+            assert "not found" in message and "in-process emulator end with the process" in message
+        assert emulator.batches.creates == 0
+        state.unlink()
+        again = frame.select(gf.generate("prompt", client=client, mode="batch", batch_state=str(state),
+                                         poll_interval=0.01)).unnest("reply")
+    assert again["error"].is_null().all() and emulator.batches.creates == 1
+
+
+def test_a_job_deleted_on_the_server_is_a_row_error_naming_the_state_file(served_emulator, tmp_path):
+    server = served_emulator(batch_polls=1000, batch_keep=0)  # a finished job is deleted at once
+    state = tmp_path / "jobs.json"
+    with gf.Client("emulator", base_url=server.url, cache_dir=str(tmp_path / "c"), progress=False) as client:
+        _batch(FRAME, client, batch_state=str(state), wait=False)
+        name = json.load(open(state))["jobs"][0]["name"]
+        assert client.executor.call("POST", client.provider.operation_url(name) + ":cancel").result().status_code == 200
+        out = _batch(FRAME, client, batch_state=str(state))
+    message = out["error"].struct.field("message")[0]
+    assert out["error"].struct.field("status")[0] == "BATCH_GONE" and f"Delete {state}" in message
+    assert f"Batch {name} not found" in message and "in-process" not in message  # served: not the reason
+
+
+def test_an_unreadable_state_file_is_named(cache_dir, tmp_path):
+    state = tmp_path / "jobs.json"
+    state.write_text("{not json")
+    with _client(Emulator(), cache_dir) as client, pytest.raises(gf.ConfigError, match=rf"{state} is not a readable batch state file.*delete it"):
+        _batch(FRAME, client, batch_state=str(state))
+
+
+def test_a_misspelt_model_in_batch_mode_is_refused_before_any_job(cache_dir):
+    emulator = Emulator()
+    with _client(emulator, cache_dir) as client, pytest.raises(gf.NotFoundError, match="Did you mean 'gemini-2.5-flash'"):
+        _batch(FRAME, client, model="gemini-2.5-flsh")
+    assert emulator.batches.creates == 0

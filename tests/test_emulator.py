@@ -951,3 +951,41 @@ def test_the_emulator_imports_nothing_of_the_client_side(repo_root):
             elif isinstance(node, ast.Import) and any(a.name.startswith("gemframe") for a in node.names):
                 reaching_out.append(f"{path.name}: import {node.names[0].name}")
     assert reaching_out == ["provider.py: from .._core.providers"]
+
+
+# --- model names: refused like the real API ----------------------------------------------------
+
+
+def test_a_model_no_gemini_model_has_is_the_real_apis_404():
+    emu = Emulator()
+    for action in ("generateContent", "countTokens"):
+        r = post(emu, ask("x"), url=f"/v1beta/models/gemini-2.5-flsh:{action}")
+        error = google_error(r, 404, "NOT_FOUND", "")
+        assert error["message"] == (
+            f"models/gemini-2.5-flsh is not found for API version v1beta, or is not supported for {action}. "
+            "Call ListModels to see the list of available models and their supported methods."
+        )
+    batch = {"batch": {"input_config": {"requests": {"requests": [{"request": ask("x")}]}}}}
+    google_error(post(emu, batch, url="/v1beta/models/gemini-2.5-flsh:batchGenerateContent"), 404, "NOT_FOUND", "gemini-2.5-flsh is not found")
+    assert emu.batches.creates == 0
+    for model in ("gemini-2.5-flash", "gemini-2.5-flash-preview-05-20", "gemini-2.0-flash-001", "gemini-flash-latest",
+                  "gemini-2.0-flash-preview-image-generation", "gemini-2.5-flash-image-preview", "emulator-small"):
+        assert post(emu, ask("x"), url=f"/v1beta/models/{model}:generateContent").status_code == 200, model
+    assert post(Emulator(models=None), ask("x"), url="/v1beta/models/gemini-2.5-flsh:generateContent").status_code == 200
+    assert post(Emulator(models=["my-model"]), ask("x"), url="/v1beta/models/my-model-001:generateContent").status_code == 200
+
+
+def test_a_misspelt_model_fails_the_call_once_with_a_did_you_mean(tmp_path):
+    import polars as pl
+
+    import gemframe as gf
+
+    emu = Emulator()
+    frame = pl.DataFrame({"prompt": ["a", "b", "c"]})
+    with gf.Client(gf.EmulatorProvider(app=emu), model="gemini-2.5-flsh", cache_dir=str(tmp_path), progress=False, concurrency=1) as client:
+        with pytest.raises(gf.NotFoundError) as caught:
+            frame.with_columns(gf.generate("prompt", client=client))
+    text = str(caught.value)
+    assert text.startswith("404 NOT_FOUND: models/gemini-2.5-flsh is not found for API version v1beta")
+    assert "Did you mean 'gemini-2.5-flash'? Check the model name" in text
+    assert emu.stats.requests == 1  # the first answer stops the call

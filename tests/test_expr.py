@@ -244,3 +244,40 @@ def test_raw_json_on_request(client):
 def test_default_client_uses_the_emulator_without_keys(emulator):
     out = pl.DataFrame({"prompt": ["no key here"]}).with_columns(reply=gf.generate("prompt", progress=False))
     assert out["reply"][0]["model_version"].startswith("emulator")
+
+
+def test_client_may_be_a_provider_name(monkeypatch):
+    """client="emulator" is that provider's one shared Client (a second call finds the first
+    call's answers in its cache); anything else that is not a Client names gf.Client(...) at once."""
+    from gemframe._core import client as client_module
+
+    monkeypatch.setattr(client_module, "_named_clients", {})  # this test's cache directory
+    frame = pl.DataFrame({"prompt": ["by name"]})
+    first = frame.with_columns(gf.generate("prompt", client="emulator", progress=False)).unnest("reply")
+    again = frame.with_columns(gf.generate("prompt", client="emulator", progress=False)).unnest("reply")
+    assert first["model_version"][0].startswith("emulator") and first["cached"].to_list() == [False]
+    assert again["cached"].to_list() == [True]
+    client_module._named_clients["emulator"].close()
+    with pytest.raises(TypeError, match=r"client must be a gf.Client or a provider name, not Emulator; build one with gf.Client\(\.\.\.\)"):
+        gf.generate("prompt", client=Emulator())
+    with pytest.raises(ValueError, match=r"'gemini-2.5-flash' is a model id: pass it as model='gemini-2.5-flash'"):
+        gf.generate("prompt", client="gemini-2.5-flash")
+    with pytest.raises(ValueError, match=r"unknown provider 'emulater'; .* did you mean 'emulator'\?"):
+        gf.generate("prompt", client="emulater")
+
+
+def test_a_string_that_is_no_column_says_what_it_was_taken_for(client, emulator):
+    frame = pl.DataFrame({"prompt": ["a"], "img": [None]}, schema={"prompt": pl.String, "img": pl.String})
+    with pytest.raises(gf.InputError, match=r"prompt='Describe this' was taken for a column name, but the frame "
+                                             r"has no such column; .* pass pl.lit\('Describe this'\)"):
+        frame.with_columns(gf.generate("Describe this", client=client))
+    lazy = frame.lazy().with_columns(gf.generate("prompt", images="photo.jpg", client=client))
+    assert lazy.collect_schema()["reply"] == gf.reply_dtype()  # the schema is still known up front
+    with pytest.raises(gf.InputError, match=r"images='photo.jpg' was taken for a column name, .* "
+                                             r"pass pathlib.Path\('photo.jpg'\) \(a file\) or pl.lit\('photo.jpg'\)"):
+        lazy.collect()
+    with pytest.raises(gf.InputError, match="history='turns' was taken for a column name"):
+        frame.with_columns(gf.request("prompt", history="turns"))
+    assert emulator.stats.requests == 0
+    named = frame.with_columns(gf.generate("prompt", images="img", client=client)).unnest("reply")
+    assert named["error"].is_null().all() and emulator.stats.requests == 1  # real columns work as before

@@ -368,3 +368,14 @@ def test_bad_base64_in_an_image_struct_is_a_row_error(client, emulator):
     assert errors[1] == "row 1: image struct data is text but not valid base64; pass the image bytes"
     assert errors[2].startswith("row 2: image struct data is not a PNG")  # valid base64 of "hello"
     assert emulator.stats.requests == 1
+
+
+def test_an_invalid_response_modality_is_one_config_error_before_anything_is_sent(client, emulator):
+    frame = pl.DataFrame({"prompt": ["a", "b"]})
+    with pytest.raises(gf.ConfigError, match=r"unknown response modality 'IMAGES' in response_modalities\. "
+                                              r"Did you mean 'IMAGE'\? Valid values: AUDIO, IMAGE, TEXT\."):
+        frame.with_columns(gf.generate("prompt", client=client, config={"response_modalities": ["IMAGES"]}))
+    with pytest.raises(gf.ConfigError, match="responseModalities must be a list"):
+        gf.generate("prompt", client=client, config={"responseModalities": 3})
+    ok = frame.with_columns(gf.generate("prompt", client=client, config={"response_modalities": ["text", "Image"]}))
+    assert ok["reply"].struct.field("error").is_null().all() and emulator.stats.requests == 2  # only the valid call

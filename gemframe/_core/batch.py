@@ -5,7 +5,12 @@ The jobs are recorded in a small JSON state file *before* they are submitted and
 change, so a run that is stopped — Ctrl-C, kill -9, a closed laptop — and started again polls the
 same jobs instead of submitting new ones: a row is never submitted twice. A job whose creation
 may or may not have reached the server is found again by its display name. Answers go into the
-cache as each job is collected, so batch and live runs share them.
+cache as each job is collected, so batch and live runs share them; with ``cache='off'`` they are
+kept in memory for the call that waits for them (`Client.send` refuses ``cache='off'`` with
+``wait=False``: nothing would keep those answers).
+
+Every state a rerun cannot get out of by itself (a job the provider no longer has, a state
+file for another model, an unreadable one) names the state file and what deleting it does.
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ class BatchJobs:
             raise ConfigError(f"batch mode needs the {able} provider, not {provider.name!r}")
         self.provider = provider
         self.executor = executor
-        self.cache = cache  # None: cache='off'
+        self.cache = cache  # None: cache='off', answers kept in `collected` instead
+        self.collected: dict[str, bytes] = {}  # cache='off': the answers this object collected
         self.model = model
         self.path = state_path
         self.poll_interval = poll_interval
@@ -88,14 +94,22 @@ class BatchJobs:
     def _load(self) -> list[Job]:
         if not os.path.exists(self.path):
             return []
-        with open(self.path) as f:
-            state = json.load(f)
-        if (state.get("provider"), state.get("model")) != (self.provider.name, self.model):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                state = json.load(f)
+            if (state.get("provider"), state.get("model")) != (self.provider.name, self.model):
+                raise ConfigError(
+                    f"{self.path} holds batch jobs for {state.get('provider')}/{state.get('model')}, "
+                    f"not {self.provider.name}/{self.model}; pass another state path or delete it"
+                )
+            return [Job(**job) for job in state["jobs"]]
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not ours
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(
-                f"{self.path} holds batch jobs for {state.get('provider')}/{state.get('model')}, "
-                f"not {self.provider.name}/{self.model}; pass another state path or delete it"
-            )
-        return [Job(**job) for job in state["jobs"]]
+                f"{self.path} is not a readable batch state file ({type(exc).__name__}: {exc}); "
+                "delete it to submit its rows again, or pass another batch_state"
+            ) from None
 
     def _save(self) -> None:
         state = {"format": STATE_FORMAT, "provider": self.provider.name, "model": self.model,
@@ -116,7 +130,10 @@ class BatchJobs:
         self._submit_unsubmitted(bodies)
         self._poll(wait)
         answers: dict[str, bytes | RowError] = {}
-        found = self.cache.get_many(bodies) if self.cache is not None else {}
+        if self.cache is not None:
+            found = self.cache.get_many(bodies)
+        else:
+            found = {k: self.collected[k] for k in bodies if k in self.collected}
         pending = {k: job for job in self.jobs if not job.collected for k in job.keys}
         errors = {k: e for job in self.jobs for k, e in job.errors.items()}
         for key in bodies:
@@ -128,7 +145,10 @@ class BatchJobs:
                 job = pending[key]
                 answers[key] = RowError(None, "BATCH_PENDING", f"batch job {job.name} is {job.state}; run again to collect it (state: {self.path})")
             else:
-                answers[key] = RowError(None, "BATCH_LOST", "answered by a batch job but no longer in the cache; delete the state file to resubmit")
+                answers[key] = RowError(None, "BATCH_LOST", (
+                    f"answered by a batch job but no longer in the cache; delete {self.path} "
+                    "to submit this row again"
+                ))
         return answers
 
     def wait(self) -> None:
@@ -158,7 +178,12 @@ class BatchJobs:
             for job in self.jobs:
                 if job.collected or job.name is None:
                     continue
-                operation = self._call("GET", self.provider.operation_url(job.name))
+                response = self.executor.call("GET", self.provider.operation_url(job.name)).result()
+                if response.status_code == 404:
+                    self._gone(job, self.provider.failure(response).message)
+                    self._save()
+                    continue
+                operation = self._answer(response)
                 job.state = operation.get("metadata", {}).get("state", job.state)
                 if operation.get("done") or job.state in FINAL_STATES:
                     self._collect(job, operation)
@@ -185,14 +210,37 @@ class BatchJobs:
                     job.errors[key] = asdict(RowError(error.get("code"), error.get("status") or "BATCH_ERROR", error.get("message", "")))
             if self.cache is not None:
                 self.cache.set_many(entries)
+            else:  # cache='off': kept for this call (which waits for it: see Client.send)
+                self.collected.update((key, raw) for key, _, raw in entries)
         else:
             message = (operation.get("error") or {}).get("message") or f"batch job ended in {job.state}"
             status = job.state.removeprefix("BATCH_STATE_")
             job.errors = {key: asdict(RowError(None, f"BATCH_{status}", message)) for key in job.keys}
         job.collected = True
 
+    def _gone(self, job: Job, message: str) -> None:
+        """A recorded job the provider answers 404 for: past its retention, deleted, or made by
+        an in-process emulator that ended with its process. Its answers can never be collected,
+        so its rows get an error naming the state file, which a rerun repeats without polling:
+        deleting the file submits them again (and pays again) — the user's call, not ours."""
+        where = ""
+        if self.provider.name == "emulator" and self.provider.base_url == self.provider.default_base_url:
+            where = (
+                " Jobs of the in-process emulator end with the process that submitted them; to "
+                "collect from another process, serve one (`gemframe emulator`) and pass its base_url."
+            )
+        error = RowError(404, "BATCH_GONE", (
+            f"batch job {job.name} is gone ({message.strip() or '404 NOT_FOUND'}); its answers "
+            f"cannot be collected.{where} Delete {self.path} to submit these rows again."
+        ))
+        job.state = "GONE"
+        job.errors = {key: asdict(error) for key in job.keys}
+        job.collected = True
+
     def _call(self, method: str, url: str, content: bytes | None = None) -> dict[str, Any]:
-        response = self.executor.call(method, url, content).result()
+        return self._answer(self.executor.call(method, url, content).result())
+
+    def _answer(self, response: Any) -> dict[str, Any]:
         if response.status_code != 200:
             raise self.provider.failure(response).as_api_error()
         return response.json()

@@ -19,7 +19,7 @@ import polars as pl
 
 from .batch import BatchJobs, default_state_path
 from .cache import CacheMode, ResponseCache, answer_problem, cache_key
-from .._errors import RowError, exception_text
+from .._errors import ConfigError, RowError, exception_text
 from .executor import Executor, Outcome, RetryPolicy, background_loop
 from .limits import RateLimiter
 from .payload import INLINE_LIMIT, request_json
@@ -65,6 +65,20 @@ def _batches(rows: Iterable[Row]) -> Iterator[list[tuple[Row, int]]]:
             batch, total = [], 0
     if batch:
         yield batch
+
+
+def _check_batch_cache(mode: CacheMode, wait: bool) -> None:
+    """Batch Mode without the cache, refused before any job is submitted when nothing would keep
+    the answers. The jobs answer after the call that submits them (``wait=False``), perhaps in
+    another process, and only the cache carries answers from one call to the next: they would be
+    paid for and lost, and every rerun would submit (and pay for) new jobs. A call that waits
+    keeps the answers it collects in memory, so ``cache='off'`` with ``wait=True`` works."""
+    if mode is CacheMode.OFF and not wait:
+        raise ConfigError(
+            "mode='batch' with wait=False needs the cache: the answers arrive after this call "
+            "returns and only the cache keeps them for the call that collects them. Use "
+            "cache='use' (gf.Client(cache_dir=...) keeps them apart from other answers) or wait=True"
+        )
 
 
 class Client:
@@ -176,13 +190,17 @@ class Client:
         ``mode="batch"`` sends the misses as provider batch jobs (half price, answered within a
         day) recorded in ``batch_state`` (default: a file in the cache directory named by the
         requests), polling every ``poll_interval`` seconds; ``wait=False`` submits and returns,
-        with ``BATCH_PENDING`` row errors until a later call collects the answers.
+        with ``BATCH_PENDING`` row errors until a later call collects the answers. Without the
+        cache (``cache='off'``) a batch call must wait: it returns the answers it collected and
+        keeps none (`ConfigError` with ``wait=False``, before any job is submitted).
 
         Raises `APIError` when the API refuses the whole run (answers already received are in
         the cache by then); every other problem becomes that row's ``error``. ``progress`` may
         be a `Progress` shared by several calls (a batch job's single bar).
         """
         model = model or self.model
+        if mode == "batch":
+            _check_batch_cache(CacheMode(cache) if cache is not None else self.cache_mode, wait)
         if not isinstance(progress, Progress):
             enabled = self.progress if progress is None else progress
             progress = Progress(total, enabled, model, owned=True)
@@ -491,3 +509,25 @@ def default_client() -> Client:
         if _default_client is None:
             _default_client = Client()
         return _default_client
+
+
+_named_clients: dict[str, Client] = {}
+
+
+def named_client(client: Client | str | None) -> Client | None:
+    """A ``client=`` argument as a `Client`: a Client (or None) as given, a provider name
+    (``client="emulator"``) as the process's one client for that provider with the default
+    options, built on first use like `default_client` (one per call would open a connection
+    pool per call). Anything else is a TypeError naming ``gf.Client(...)``, at once rather
+    than when the frame is collected."""
+    if client is None or isinstance(client, Client):
+        return client
+    if isinstance(client, str):
+        with _default_lock:
+            if client not in _named_clients:
+                _named_clients[client] = Client(client)  # an unknown name: resolve_provider's ValueError
+            return _named_clients[client]
+    raise TypeError(
+        f"client must be a gf.Client or a provider name, not {type(client).__name__}; "
+        "build one with gf.Client(...), e.g. gf.Client('emulator') or gf.Client(provider, model=..., cache_dir=...)"
+    )

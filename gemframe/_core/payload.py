@@ -42,6 +42,8 @@ GENERATION_CONFIG_KEYS = frozenset(
         "thinkingConfig", "imageConfig", "mediaResolution", "speechConfig",
     }
 )
+# generationConfig.responseModalities values (the API's Modality enum, less UNSPECIFIED).
+RESPONSE_MODALITIES = frozenset({"TEXT", "IMAGE", "AUDIO"})
 # Sub-configs whose own keys are API field names (responseSchema's keys are user data: untouched).
 _NESTED_CONFIGS = frozenset({"thinkingConfig", "imageConfig", "speechConfig"})
 
@@ -108,11 +110,31 @@ def normalize_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if name in _NESTED_CONFIGS and isinstance(value, Mapping):
             value = {_camel(str(k)): v for k, v in value.items()}
         elif name == "responseModalities":
-            value = [str(m).upper() for m in ([value] if isinstance(value, str) else value)]
+            value = _modalities(key, value)
         elif name == "stopSequences" and isinstance(value, str):
             value = [value]
         out[name] = value
     return out or None
+
+
+def _modalities(key: Any, value: Any) -> list[str]:
+    """responseModalities upper-cased and checked: a wrong one (``["IMAGES"]``) would be a 400
+    on every row, so it is one `ConfigError` before anything is sent."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{key} must be a list such as ['TEXT', 'IMAGE'], not {value!r}")
+    out = []
+    for item in items:
+        name = str(item).upper()
+        if name not in RESPONSE_MODALITIES:
+            close = difflib.get_close_matches(name, sorted(RESPONSE_MODALITIES), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown response modality {item!r} in {key}.{hint} "
+                f"Valid values: {', '.join(sorted(RESPONSE_MODALITIES))}."
+            )
+        out.append(name)
+    return out
 
 
 def _harm_name(value: str, prefix: str, allowed: frozenset[str], what: str) -> str:

@@ -42,12 +42,14 @@ has no Batch Mode.
 
 from __future__ import annotations
 
+import difflib
 import email.utils
 import inspect
 import ipaddress
 import json
 import logging
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -67,6 +69,27 @@ from .._errors import (
 )
 
 DEFAULT_MODEL = "gemini-2.0-flash-preview-image-generation"
+
+# Gemini model ids, for the "did you mean" of a 404 (the API's own message names no alternative).
+# Not a gate: any id is sent as given, so a model released after this list works.
+KNOWN_MODELS = (
+    "gemini-3-pro-preview", "gemini-3-pro-image-preview",
+    "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-flash-image",
+    "gemini-2.5-flash-image-preview", "gemini-flash-latest", "gemini-flash-lite-latest",
+    "gemini-pro-latest", "gemini-2.0-flash", "gemini-2.0-flash-lite",
+    "gemini-2.0-flash-preview-image-generation", "gemini-2.0-flash-exp-image-generation",
+    "gemini-1.5-pro", "gemini-1.5-flash", "gemini-1.5-flash-8b",
+)
+_NOT_FOUND_MODEL = re.compile(r"models/([\w.-]+) is not found")
+
+
+def did_you_mean(message: str) -> str:
+    """``Did you mean 'gemini-2.5-flash'? `` for a 404 naming a model close to a known one."""
+    found = _NOT_FOUND_MODEL.search(message)
+    if found is None:
+        return ""
+    close = difflib.get_close_matches(found.group(1), KNOWN_MODELS, n=1, cutoff=0.8)
+    return f"Did you mean {close[0]!r}? " if close and close[0] != found.group(1) else ""
 
 # Statuses worth another attempt: rate limits, timeouts and server-side trouble.
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -386,7 +409,7 @@ class GoogleAI(Provider):
             else:
                 fatal, hint = AuthenticationError, self._key_hint()
         elif code in (404, 410):
-            fatal, hint = NotFoundError, f"Check the model name and base URL ({self.display_base_url})."
+            fatal, hint = NotFoundError, f"{did_you_mean(message)}Check the model name and base URL ({self.display_base_url})."
         elif code == 405:
             fatal, hint = APIError, f"Check the base URL ({self.display_base_url})."
         return Failure(code, status, message, code in RETRYABLE_STATUS, retry_after, fatal, hint)
@@ -509,7 +532,12 @@ def resolve_provider(provider: str | Provider | None, **options: Any) -> Provide
     try:
         cls = PROVIDERS[provider.lower()]
     except KeyError:
+        if str(provider).lower().startswith(("gemini", "models/")):  # a model id where the provider goes
+            hint = f"; {provider!r} is a model id: pass it as model={provider!r} (to gf.Client or gf.generate)"
+        else:
+            close = difflib.get_close_matches(str(provider).lower(), list(PROVIDERS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}"
+            f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}{hint}"
         ) from None
     return cls(**options)

@@ -14,9 +14,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import polars as pl
+import polars.selectors as cs
 
 from .._core.cache import CacheMode
-from .._core.client import Client, Row, default_client
+from .._core.client import Client, Row, default_client, named_client
 from .._errors import InputError, RowError, exception_text
 from .._core.payload import RequestBuilder
 from .._core.progress import Progress
@@ -71,19 +72,48 @@ def _check_columns(prompts: pl.Series, images: pl.Series | None, history: pl.Ser
         )
 
 
+def _column_or_null(name: str) -> pl.Expr:
+    """The column ``name``, or a null literal when the frame has none. ``pl.col(name)`` would
+    make polars fail on a missing column with its own error, which cannot say that the string
+    was taken for a column name; this way `_Inputs.columns` sees the stand-in (named
+    "literal", not ``name``) and says so, before anything is sent. The schema is unchanged,
+    so lazy frames still know the reply's type up front."""
+    return pl.coalesce(cs.by_name(name, require_all=False), pl.lit(None))
+
+
+def _not_a_column(argument: str, name: str) -> str:
+    if argument == "prompt":
+        fix = f"to send this text as the prompt of every row, pass pl.lit({name!r})"
+    elif argument == "images":
+        fix = (f"for one image for every row, pass pathlib.Path({name!r}) (a file) or "
+               f"pl.lit({name!r}) (a path or URL)")
+    else:
+        fix = "pass the name of a column of turns (see gf.turns)"
+    return f"{argument}={name!r} was taken for a column name, but the frame has no such column; {fix}"
+
+
 class _Inputs:
     """The input expressions of `generate`/`request` and, per batch, their columns as lists
     (a literal, e.g. one reference image for every row, is broadcast to the batch)."""
 
     def __init__(self, prompt: IntoExpr, images: Any, history: IntoExpr | None) -> None:
-        self.exprs = [_to_expr(prompt)]
         self.has_images, self.has_history = images is not None, history is not None
-        if images is not None:
-            self.exprs.append(_image_expr(images))
-        if history is not None:
-            self.exprs.append(_to_expr(history))
+        given = [("prompt", prompt), ("images", images), ("history", history)]
+        self.exprs: list[pl.Expr] = []
+        self.taken: dict[int, tuple[str, str]] = {}  # position -> (argument, string taken for a column name)
+        for argument, value in given:
+            if value is None and argument != "prompt":
+                continue
+            if isinstance(value, str):
+                self.taken[len(self.exprs)] = (argument, value)
+                self.exprs.append(_column_or_null(value))
+            else:
+                self.exprs.append(_image_expr(value) if argument == "images" else _to_expr(value))
 
     def columns(self, columns: list[pl.Series]) -> tuple[list[Any], list[Any], list[Any], int]:
+        for position, (argument, name) in self.taken.items():
+            if columns[position].name != name:  # no such column: the null stood in (_column_or_null)
+                raise InputError(_not_a_column(argument, name))
         height = max((len(c) for c in columns if len(c) != 1), default=1)
         columns = [c.new_from_index(0, height) if len(c) == 1 and height != 1 else c for c in columns]
         prompts = columns[0]
@@ -157,6 +187,7 @@ def generate(
     ``wait=False`` submits and returns at once, rows not yet answered being ``BATCH_PENDING``.
     """
     builder = RequestBuilder(system, config, safety, response_schema)  # bad config fails here
+    client = named_client(client)  # client="emulator": that provider's shared Client
     schema = builder.schema
     dtype = reply_dtype(image_files=image_dir is not None, raw=raw, parsed=schema.dtype if schema else None)
     inputs = _Inputs(prompt, images, history)

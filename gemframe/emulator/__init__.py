@@ -9,8 +9,11 @@ port, no network), or serve it over TCP with `serve` (uvicorn)::
 Routes
 ------
 ``POST /v1beta/models/{model}:generateContent``
-    Google AI dialect. Key in ``x-goog-api-key`` or ``?key=``. Models must start with ``gemini``
-    or ``emulator``, else 404 NOT_FOUND. Errors use Google's envelope
+    Google AI dialect. Key in ``x-goog-api-key`` or ``?key=``. The model must be a Gemini model
+    id (``validation.GEMINI_MODELS``, also with a version suffix such as ``-001``, ``-latest``,
+    ``-preview-05-20``) or start with ``emulator``, else 404 NOT_FOUND with the real API's
+    message (``models/gemini-2.5-flsh is not found for API version v1beta, ...``); the same
+    check guards ``countTokens`` and ``batchGenerateContent``. Errors use Google's envelope
     ``{"error": {"code", "message", "status"[, "details"]}}``.
 ``POST /v1beta/models/{model}:countTokens``
     ``{"contents": [...]}`` or ``{"generateContentRequest": {...}}`` -> ``{"totalTokens": N,
@@ -48,6 +51,8 @@ Knobs (constructor arguments, also plain attributes that may be changed between 
 ``markers``      True (default) honours the test markers below; False treats them as plain
                  prompt text (``gemframe emulator --no-markers``), for a server other people's
                  prompts reach.
+``models``       the Gemini model ids served (default ``GEMINI_MODELS``; versions of them and
+                 ``emulator...`` names too); None serves any model name.
 
 ``emu.stats`` counts generate calls (``requests``, ``by_body`` keyed by sha256 hex of the raw
 body, ``in_flight``, ``max_in_flight``; a body refused as too large counts in ``requests``

@@ -10,7 +10,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from .answers import build_reply, prompt_tokens
 from .batch import BatchError, BatchStore
 from .validation import (
+    GEMINI_MODELS,
     INVALID_KEY,
     INVALID_KEY_DETAILS,
     MAX_BODY_BYTES,
@@ -36,6 +37,8 @@ from .validation import (
     _invalid,
     check_signatures,
     load_body,
+    model_known,
+    model_not_found,
     parse_count_tokens,
     parse_generate,
 )
@@ -163,6 +166,7 @@ class Emulator:
         batch_fail_every: int = 0,
         batch_keep: int = 100,
         markers: bool = True,
+        models: Collection[str] | None = GEMINI_MODELS,
     ) -> None:
         self.latency = latency
         self.jitter = jitter
@@ -172,6 +176,7 @@ class Emulator:
         self.fail_status = fail_status
         self.retry_after = retry_after
         self.markers = markers
+        self.models = None if models is None else frozenset(models)
         self.stats = Stats()
         self.batches = BatchStore(self._answer_batched, keep=batch_keep)
         self.batches.polls, self.batches.outcome, self.batches.fail_every = batch_polls, batch_outcome, batch_fail_every
@@ -316,12 +321,8 @@ class Emulator:
         """Google's checks before the body: key, model; then the JSON object. (Size is checked
         while reading it: `_read_body`.)"""
         self._check_key(request)
-        if not model.startswith(("gemini", "emulator")):
-            raise ErrorAnswer(404, (
-                f"models/{model} is not found for API version v1beta, or is not supported for "
-                f"{action}. Call ListModels to see the list of available models and their "
-                "supported methods."
-            ))
+        if self.models is not None and not model_known(model, self.models):
+            raise ErrorAnswer(404, model_not_found(model, action))
         return load_body(raw)
 
     def _check_key(self, request: Request) -> None:

@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from . import render
@@ -61,6 +62,39 @@ UNPROCESSABLE_IMAGE = (
     "Unable to process input image. Please retry or report in "
     "https://developers.generativeai.google/guide/troubleshooting"
 )
+
+# The Gemini model families the API serves, each also under its version ids: ``-001``,
+# ``-latest``, ``-preview...``, ``-exp...`` (``gemini-2.5-flash-preview-05-20``,
+# ``gemini-2.0-flash-001``, ``gemini-exp-1206``). Any other name is a 404 NOT_FOUND, as a typo
+# (``gemini-2.5-flsh``) is at the real API; ``emulator...`` names are the emulator's own.
+GEMINI_MODELS = frozenset({
+    "gemini-3-pro", "gemini-3-pro-image",
+    "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-flash-image",
+    "gemini-2.5-flash-native-audio", "gemini-2.5-computer-use", "gemini-live-2.5-flash",
+    "gemini-2.0-flash", "gemini-2.0-flash-lite", "gemini-2.0-flash-live", "gemini-2.0-flash-thinking",
+    "gemini-2.0-pro",
+    "gemini-1.5-pro", "gemini-1.5-flash", "gemini-1.5-flash-8b", "gemini-1.0-pro",
+    "gemini-pro", "gemini-pro-vision", "gemini-flash", "gemini-flash-lite", "gemini-exp",
+})
+_MODEL_VERSION = r"(?:-(?:\d{3,4}|latest)|-(?:preview|exp)(?:-[\w.]+)*)?"
+
+
+@lru_cache(maxsize=1024)  # bounded: names come from whoever reaches the server
+def model_known(model: str, known: frozenset[str] = GEMINI_MODELS) -> bool:
+    """Whether ``model`` is one of ``known`` (or a version of one), or an ``emulator`` name."""
+    if model.startswith("emulator"):
+        return True
+    return any(re.fullmatch(re.escape(base) + _MODEL_VERSION, model) for base in known)
+
+
+def model_not_found(model: str, action: str) -> str:
+    """The real API's 404 message for a model it does not have (or that lacks the method)."""
+    return (
+        f"models/{model} is not found for API version v1beta, or is not supported for "
+        f"{action}. Call ListModels to see the list of available models and their supported "
+        "methods."
+    )
+
 
 REQUEST_FIELDS = frozenset({
     "contents", "system_instruction", "generation_config", "safety_settings", "tools",
