@@ -64,6 +64,7 @@ from .._errors import (
     InsufficientCreditsError,
     NotFoundError,
     PermissionDeniedError,
+    clip,
 )
 
 DEFAULT_MODEL = "gemini-2.0-flash-preview-image-generation"
@@ -149,8 +150,7 @@ def _json_or_none(content: bytes) -> Any:
 
 
 def _snippet(content: bytes) -> str:
-    text = content[:200].decode("utf-8", "replace").strip()
-    return " ".join(text.split()) or "(empty body)"
+    return clip(content, 200) or "(empty body)"
 
 
 def _is_loopback(host: str) -> bool:
