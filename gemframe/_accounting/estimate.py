@@ -37,8 +37,7 @@ from .._errors import InputError, clip
 from .._core.payload import RequestBuilder
 
 
-PRICES_AS_OF = "2025-09"
-PRICES_SOURCE = "https://ai.google.dev/gemini-api/docs/pricing"
+PRICES_AS_OF = "2025-09"  # from https://ai.google.dev/gemini-api/docs/pricing
 PRICES_ENV = "GEMFRAME_PRICES"
 
 # USD per 1M input tokens, per 1M output tokens (text and thinking), and per generated image

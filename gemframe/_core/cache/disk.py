@@ -109,10 +109,10 @@ class _AnswerDisk(diskcache.Disk):
         if parts is None:
             return
         with suppress(OSError), self._open_dirs(parts[:2], create=False) as (root, top, leaf):
-            self._unlink(parts[2], leaf)
+            self._at(os.unlink, parts[2], leaf)
             with suppress(OSError):
-                self._rmdir(parts[1], top)
-                self._rmdir(parts[0], root)
+                self._at(os.rmdir, parts[1], top)
+                self._at(os.rmdir, parts[0], root)
 
     def read_file(self, filename: Any) -> bytes:
         """The bytes of an answer file: a regular file of at most `MAX_ANSWER_BYTES` with one
@@ -205,18 +205,13 @@ class _AnswerDisk(diskcache.Disk):
         return os.open(path, flags, mode)
 
     @staticmethod
-    def _unlink(name: str, where: Any) -> None:
+    def _at(remove: Any, name: str, where: Any) -> None:
+        """``os.unlink`` or ``os.rmdir`` of ``name`` inside ``where`` (a directory descriptor
+        from `_open_dirs`, or its path where there is no dir_fd)."""
         if _AT_SUPPORTED:
-            os.unlink(name, dir_fd=where)
+            remove(name, dir_fd=where)
         else:
-            os.unlink(os.path.join(where, name))
-
-    @staticmethod
-    def _rmdir(name: str, where: Any) -> None:
-        if _AT_SUPPORTED:
-            os.rmdir(name, dir_fd=where)
-        else:
-            os.rmdir(os.path.join(where, name))
+            remove(os.path.join(where, name))
 
 
 def _value_parts(filename: Any) -> tuple[str, str, str] | None:
