@@ -5,8 +5,9 @@ table and `cost`.
 does, and counts rows, distinct requests, cache hits and what would be sent, with the input
 tokens of what would be sent: a local estimate (`gemframe._core.tokens`, Gemini's documented
 rates: ``ceil(len/4)`` tokens per text part, 258 per image and per PDF page) or, with
-``exact=True``, the API's own ``countTokens`` endpoint (Google and the emulator; Segmind has none, so it is counted locally).
-Nothing is sent to ``generateContent``. Output tokens are an assumption, said as such: the
+``exact=True``, the API's own ``countTokens`` endpoint (Google and the emulator; Segmind has
+none, so it is counted locally; a request countTokens gives no usable answer for is counted
+locally too, said in a note). Nothing is sent to ``generateContent``. Output tokens are an assumption, said as such: the
 ``output_tokens`` argument, else the mean of up to 200 answers of this job already in the cache
 (the "try 100 rows first" case), else the config's ``maxOutputTokens`` (an upper bound), else
 `DEFAULT_OUTPUT_TOKENS`.
