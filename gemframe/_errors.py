@@ -2,12 +2,14 @@
 
 Per-row problems never raise: they land in the row's ``error`` field (see `RowError`). These
 exceptions are for whole-call problems: bad input found before anything is sent, and API answers
-that would fail every row the same way (bad key, no credits, unknown model).
+that would fail every row the same way (bad key, no credits, unknown model). At the end, the
+two helpers every message and display shares: `clip` and `exception_text`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class GemframeError(Exception):
@@ -77,3 +79,16 @@ def exception_text(exc: BaseException) -> str:
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     return f"{name}: {exc}"
+
+
+def clip(value: Any, limit: int) -> str:
+    """A value as one short line, for a message or a display: whitespace runs become one space,
+    a text over ``limit`` characters is cut to ``limit`` ending in "…", None (a null cell) is
+    "∅". Bytes (an answer's body) are decoded from their first ``4 * limit`` bytes only, so a
+    huge or hostile body is never read whole to quote a line of it."""
+    if value is None:
+        return "∅"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value[: 4 * limit]).decode("utf-8", "replace")
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

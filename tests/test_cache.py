@@ -5,7 +5,8 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe._core.cache import ResponseCache, parse_when
+from gemframe._core.cache.manage import parse_when
+from gemframe._core.cache.store import ResponseCache
 
 
 def _body(text="hi", image: bytes | None = None):

@@ -8,7 +8,8 @@ import pytest
 
 import gemframe as gf
 from gemframe._cli import main
-from gemframe._accounting.estimate import BATCH_DISCOUNT, count_tokens, cost, model_price, price_table
+from gemframe._accounting.estimate import BATCH_DISCOUNT, cost, model_price, price_table
+from gemframe._core.tokens import count_tokens
 
 IMAGE_CONFIG = {"response_modalities": ["TEXT", "IMAGE"]}
 
@@ -80,6 +81,38 @@ def test_exact_on_segmind_falls_back_to_local(cache_dir, sample_input):
     with gf.Client("segmind", api_key="k", base_url="http://127.0.0.1:9", cache_dir=str(cache_dir), progress=False) as c:
         est = gf.estimate(sample_input, images="image_path", client=c, exact=True)
     assert est.token_method == "local" and "no countTokens" in est.notes[0]
+
+
+PDF_3_PAGES = (
+    b"%PDF-1.4\n1 0 obj << /Type /Pages /Count 3 >> endobj\n"
+    + b"".join(b"%d 0 obj << /Type /Page /Parent 1 0 R >> endobj\n" % n for n in (2, 3, 4))
+    + b"%%EOF"
+)
+
+
+def test_local_estimate_counts_a_pdf_by_its_pages_as_the_api_does(client, emulator):
+    # Gemini bills a PDF at 258 tokens a page; the local rule used to count 258 a document.
+    df = pl.DataFrame({"prompt": ["Summarize this."], "doc": [PDF_3_PAGES]})
+    est = gf.estimate(df, images="doc", client=client)
+    out = df.with_columns(reply=gf.generate("prompt", images="doc", client=client))
+    assert est.input_tokens == out["reply"].struct.field("prompt_tokens").sum() == 4 + 3 * 258
+
+
+def _google_at(server, cache_dir):
+    return gf.Client("google", api_key="k", base_url=server.url, cache_dir=str(cache_dir), progress=False, max_attempts=2, backoff=0.01)
+
+
+@pytest.mark.parametrize("fault, why", [("reset", "CONNECTION_ERROR"), ("malformed", "a countTokens answer without a token count")])
+def test_exact_falls_back_to_local_when_count_tokens_gets_no_usable_answer(fault_server, cache_dir, sample_input, fault, why):
+    # A connection reset (the executor's TransportFailure) or an HTML 200 must not escape
+    # gf.estimate as a non-gemframe exception: those requests are counted locally, with a note.
+    server = fault_server(fail_first=1000, faults=(fault,))
+    with _google_at(server, cache_dir) as c:
+        exact = gf.estimate(sample_input, images="image_path", client=c, exact=True)
+        local = gf.estimate(sample_input, images="image_path", client=c)
+    assert server.stats.statuses[fault] >= exact.to_send == 11  # every countTokens was tried
+    assert exact.token_method == "countTokens+local" and exact.input_tokens == local.input_tokens > 0
+    assert f"11 requests counted locally: countTokens failed ({why}" in " ".join(exact.notes)
 
 
 def test_output_assumption_order(client, sample_input):

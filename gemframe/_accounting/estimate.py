@@ -3,10 +3,11 @@ table and `cost`.
 
 `estimate` builds every row's request exactly as `gemframe.generate` would, keys it as the cache
 does, and counts rows, distinct requests, cache hits and what would be sent, with the input
-tokens of what would be sent: a local estimate (the rule the emulator follows: ``ceil(len/4)``
-tokens per text part, 258 per image or document part) or, with ``exact=True``, the API's own
-``countTokens`` endpoint (Google and the emulator; Segmind has none, so it is counted locally).
-Nothing is sent to ``generateContent``. Output tokens are an assumption, said as such: the
+tokens of what would be sent: a local estimate (`gemframe._core.tokens`, Gemini's documented
+rates: ``ceil(len/4)`` tokens per text part, 258 per image and per PDF page) or, with
+``exact=True``, the API's own ``countTokens`` endpoint (Google and the emulator; Segmind has
+none, so it is counted locally; a request countTokens gives no usable answer for is counted
+locally too, said in a note). Nothing is sent to ``generateContent``. Output tokens are an assumption, said as such: the
 ``output_tokens`` argument, else the mean of up to 200 answers of this job already in the cache
 (the "try 100 rows first" case), else the config's ``maxOutputTokens`` (an upper bound), else
 `DEFAULT_OUTPUT_TOKENS`.
@@ -22,7 +23,6 @@ the longest id in the table that it starts with (``gemini-2.5-flash-preview-05-2
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,12 +32,13 @@ import polars as pl
 
 from .._core.cache import CacheMode, cache_key
 from .._core.client import Client, default_client
-from .._errors import InputError
+from .._core.http import TransportFailure
+from .._core.tokens import count_tokens
+from .._errors import InputError, clip
 from .._core.payload import RequestBuilder
 
 
-PRICES_AS_OF = "2025-09"
-PRICES_SOURCE = "https://ai.google.dev/gemini-api/docs/pricing"
+PRICES_AS_OF = "2025-09"  # from https://ai.google.dev/gemini-api/docs/pricing
 PRICES_ENV = "GEMFRAME_PRICES"
 
 # USD per 1M input tokens, per 1M output tokens (text and thinking), and per generated image
@@ -57,7 +58,6 @@ PRICES: dict[str, dict[str, float]] = {
     "gemini-1.5-flash-8b": {"input": 0.0375, "output": 0.15},
 }
 
-IMAGE_INPUT_TOKENS = 258  # per input image or document part (the emulator's and Gemini's flat rate)
 IMAGE_OUTPUT_TOKENS = 1290  # per generated image
 DEFAULT_OUTPUT_TOKENS = 400  # per request, when nothing better is known
 BATCH_DISCOUNT = 0.5  # Batch Mode is billed at half the standard price
@@ -146,25 +146,6 @@ def cost(
     }
 
 
-def count_tokens(body: Mapping[str, Any]) -> int:
-    """A local estimate of a request's input tokens, as the emulator counts them: the system
-    instruction and every turn; ``ceil(len/4)`` (at least 1) per text part, 258 per inline or
-    file part."""
-    turns = list(body.get("contents") or [])
-    system = body.get("systemInstruction") or body.get("system_instruction")
-    if system:
-        turns.append(system)
-    total = 0
-    for turn in turns:
-        for part in turn.get("parts") or ():
-            text = part.get("text")
-            if text:
-                total += max(1, math.ceil(len(text) / 4))
-            elif any(k in part for k in ("inlineData", "inline_data", "fileData", "file_data")):
-                total += IMAGE_INPUT_TOKENS
-    return total
-
-
 def _answer_output(raw: bytes) -> tuple[int, int]:
     """(text+thinking output tokens, generated images) of one cached answer."""
     response = json.loads(raw)
@@ -210,7 +191,7 @@ class Estimate:
 
     def __str__(self) -> str:
         tokens = {
-            "local": "local estimate: ~4 characters a token, 258 per image",
+            "local": "local estimate: ~4 characters a token, 258 per image or PDF page",
             "countTokens": "exact, from the API's countTokens",
         }.get(self.token_method, self.token_method)
         lines = [
@@ -286,8 +267,6 @@ class _Counter:
         self.last_error = ""
 
     def count(self, bodies: list[dict[str, Any]]) -> list[int]:
-        import httpx
-
         futures = []
         for body in bodies:
             request = {"generateContentRequest": {"model": f"models/{self.model}", **body}}
@@ -295,21 +274,35 @@ class _Counter:
             futures.append(self.client.executor.call("POST", self.url, content))
         counts = []
         for body, future in zip(bodies, futures):
-            try:
-                response = future.result()
-            except httpx.HTTPError as exc:
-                response, self.last_error = None, f"{type(exc).__name__}: {exc}"
-            if response is not None and response.status_code == 200:
-                counts.append(int(response.json().get("totalTokens", 0)))
-                continue
-            if response is not None:
-                failure = self.client.provider.failure(response)
-                if failure.fatal is not None:
-                    raise failure.as_api_error()
-                self.last_error = f"{failure.code} {failure.status}: {failure.message}"
-            self.failed += 1
-            counts.append(count_tokens(body))
+            total = self._answer(future)
+            if total is None:  # no usable answer: count this one locally (said in a note)
+                self.failed += 1
+                total = count_tokens(body)
+            counts.append(total)
         return counts
+
+    def _answer(self, future: Any) -> int | None:
+        """The API's count of one request, or None (why: in ``last_error``). An answer that
+        refuses the whole run (a bad key) raises its `APIError`; nothing else escapes."""
+        try:
+            response = future.result()
+        except TransportFailure as exc:  # no answer, even after the executor's retries
+            self.last_error = f"{exc.status}: {exc.message}"
+            return None
+        if response.status_code != 200:
+            failure = self.client.provider.failure(response)
+            if failure.fatal is not None:
+                raise failure.as_api_error()
+            self.last_error = f"{failure.code} {failure.status}: {failure.message}"
+            return None
+        try:
+            total = json.loads(response.content).get("totalTokens", 0)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            total = None
+        if type(total) is not int or total < 0:
+            self.last_error = f"a countTokens answer without a token count: {clip(response.content, 200)}"
+            return None
+        return total
 
 
 def estimate(

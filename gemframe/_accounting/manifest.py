@@ -36,8 +36,6 @@ from .estimate import IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, Prices, cost
 
 MANIFEST_KEY = b"gemframe"
 MANIFEST_FORMAT = 2
-TIMING_FIELDS = ("started", "finished", "wall_seconds")
-"""Fields that differ between two runs that produced the same data."""
 
 _TALLY_FIELDS = (
     "cached", "attempts", "error", "finish_reason", "prompt_tokens", "candidates_tokens",

@@ -24,7 +24,7 @@ import polars as pl
 
 from .._files import atomic_write
 from .._core.http import redact_url
-from .._errors import InputError
+from .._errors import InputError, clip
 from .estimate import Prices
 from .manifest import Tally, read_manifest, reply_struct
 from .._core.payload import read_image
@@ -332,17 +332,12 @@ def _text(data: Mapping[str, Any], replies: pl.DataFrame, prompt: str | None) ->
     if replies.height:
         lines += ["", "  sample replies"]
         for row in replies.to_dicts():
-            ask = _clip(row.get(prompt), 40) if prompt else ""
-            said = _clip(row.get("text"), 70) if row.get("text") is not None else _clip(f"[{row.get('error') or 'no text'}]", 70)
+            ask = clip(row.get(prompt), 40) if prompt else ""
+            said = clip(row.get("text"), 70) if row.get("text") is not None else clip(f"[{row.get('error') or 'no text'}]", 70)
             tag = row.get("finish_reason") or ("error" if row.get("error") else "")
             sample = f" #{row['sample']}" if "sample" in row else ""
             lines.append(f"    {ask + sample:<44} → {said}  ({tag})" if prompt else f"    {said}  ({tag})")
     return "\n".join(lines)
-
-
-def _clip(value: Any, width: int) -> str:
-    text = " ".join(str(value).split()) if value is not None else "∅"
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +361,7 @@ def svg_hbars(counts: Mapping[str, int], title: str, color: str = _PALETTE["ok"]
         y = 4 + i * row_h
         w = max(2.0, bar_w * value / top)
         rows.append(
-            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(_clip(label, 22))}</text>'
+            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(clip(label, 22))}</text>'
             f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" fill="{color}" rx="2">'
             f"<title>{_e(label)}: {value:,}</title></rect>"
             f'<text x="{label_w + w + 5:.1f}" y="{y + 15}">{value:,}</text>'
@@ -471,7 +466,7 @@ def _fragment(
         cols = replies.columns
         rows = "".join(
             "<tr>" + "".join(
-                f'<td class="{"reply" if c == "text" else ""}">{_e(_clip(r[c], 600) if c == "text" else ("" if r[c] is None else r[c]))}</td>'
+                f'<td class="{"reply" if c == "text" else ""}">{_e(clip(r[c], 600) if c == "text" else ("" if r[c] is None else r[c]))}</td>'
                 for c in cols
             ) + "</tr>"
             for r in replies.to_dicts()
@@ -480,7 +475,7 @@ def _fragment(
     thumbs = ""
     if images:
         thumbs = '<h2>Generated images</h2><div class="thumbs">' + "".join(
-            f'<figure><img src="{i["src"]}" alt="{_e(_clip(i["caption"], 80))}"><figcaption>{_e(_clip(i["caption"], 80))}</figcaption></figure>'
+            f'<figure><img src="{i["src"]}" alt="{_e(clip(i["caption"], 80))}"><figcaption>{_e(clip(i["caption"], 80))}</figcaption></figure>'
             for i in images
         ) + "</div>"
     manifest = ""

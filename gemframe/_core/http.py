@@ -12,7 +12,8 @@ import asyncio
 import json
 import re
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -56,6 +57,18 @@ class TransportFailure(Exception):
         self.message = message
 
 
+@contextmanager
+def _failures(timeout: float, timeouts: type[BaseException], errors: type[BaseException]) -> Iterator[None]:
+    """A session library's exceptions as `TransportFailure`s, said the same way for both
+    sessions: ``timeouts`` as TIMEOUT, other ``errors`` as CONNECTION_ERROR."""
+    try:
+        yield
+    except timeouts:
+        raise TransportFailure("TIMEOUT", f"no answer within {timeout:g}s") from None
+    except errors as exc:
+        raise TransportFailure("CONNECTION_ERROR", f"{type(exc).__name__}: {exc}") from None
+
+
 @lru_cache(maxsize=64)
 def _proxy_for(scheme: str, host: str) -> str | None:
     """The proxy from HTTP(S)_PROXY / NO_PROXY for a host, looked up once, not per request."""
@@ -84,15 +97,11 @@ class AiohttpSession:
     async def request(self, method: str, url: str, content: bytes | None = None) -> Reply:
         parts = urlsplit(url)
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
-        try:
+        with _failures(self._timeout, asyncio.TimeoutError, aiohttp.ClientError):
             async with self._session.request(
                 method, url, data=content, proxy=proxy, allow_redirects=False
             ) as response:
                 return Reply(response.status, response.headers, await response.read())
-        except asyncio.TimeoutError:
-            raise TransportFailure("TIMEOUT", f"no answer within {self._timeout:g}s") from None
-        except aiohttp.ClientError as exc:
-            raise TransportFailure("CONNECTION_ERROR", f"{type(exc).__name__}: {exc}") from None
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -111,13 +120,9 @@ class HttpxSession:
         self._timeout = timeout
 
     async def request(self, method: str, url: str, content: bytes | None = None) -> Reply:
-        try:
+        with _failures(self._timeout, httpx.TimeoutException, httpx.TransportError):
             response = await self._client.request(method, url, content=content)
             return Reply(response.status_code, response.headers, await response.aread())
-        except httpx.TimeoutException:
-            raise TransportFailure("TIMEOUT", f"no answer within {self._timeout:g}s") from None
-        except httpx.TransportError as exc:
-            raise TransportFailure("CONNECTION_ERROR", f"{type(exc).__name__}: {exc}") from None
 
     async def aclose(self) -> None:
         await self._client.aclose()

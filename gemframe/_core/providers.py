@@ -66,6 +66,7 @@ from .._errors import (
     InsufficientCreditsError,
     NotFoundError,
     PermissionDeniedError,
+    clip,
 )
 
 DEFAULT_MODEL = "gemini-2.0-flash-preview-image-generation"
@@ -172,8 +173,17 @@ def _json_or_none(content: bytes) -> Any:
 
 
 def _snippet(content: bytes) -> str:
-    text = content[:200].decode("utf-8", "replace").strip()
-    return " ".join(text.split()) or "(empty body)"
+    return clip(content, 200) or "(empty body)"
+
+
+def _error_body(content: bytes) -> tuple[dict[str, Any], str]:
+    """An error answer's ``error`` object ({} when it has none) and its message: the object's
+    ``message``, else a plain ``{"error": "..."}`` string, else the start of the body."""
+    data = _json_or_none(content)
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return error, str(error.get("message") or "")
+    return {}, str(error) if error else _snippet(content)
 
 
 def _is_loopback(host: str) -> bool:
@@ -385,16 +395,9 @@ class GoogleAI(Provider):
         code = response.status_code
         if 300 <= code < 400:
             return self._redirect(response)
-        data = _json_or_none(response.content)
-        error = data.get("error") if isinstance(data, dict) else None
-        if isinstance(error, dict):
-            status = str(error.get("status") or _GOOGLE_STATUS.get(code, "UNKNOWN"))
-            message = str(error.get("message") or "")
-            details = error.get("details")
-        else:
-            status = _GOOGLE_STATUS.get(code, "UNKNOWN")
-            message = str(error) if error else _snippet(response.content)
-            details = None
+        error, message = _error_body(response.content)
+        status = str(error.get("status") or _GOOGLE_STATUS.get(code, "UNKNOWN"))
+        details = error.get("details")
         retry_after = _google_retry_delay(details)
         if retry_after is None:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -469,12 +472,7 @@ class Segmind(Provider):
         code = response.status_code
         if 300 <= code < 400:
             return self._redirect(response)
-        data = _json_or_none(response.content)
-        error = data.get("error") if isinstance(data, dict) else None
-        if isinstance(error, dict):  # a Google-shaped body passed through
-            message = str(error.get("message") or "")
-        else:
-            message = str(error) if error else _snippet(response.content)
+        _, message = _error_body(response.content)  # Segmind's own, or a Google-shaped body passed through
         status = _GOOGLE_STATUS.get(code, "UNKNOWN")
         retry_after = _parse_reset_at(response.headers.get("x-rate-limit-reset-at-utc"))
         if retry_after is None:

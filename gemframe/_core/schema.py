@@ -38,7 +38,7 @@ from typing import Any
 
 import polars as pl
 
-from .._errors import ConfigError
+from .._errors import ConfigError, clip
 
 __all__ = ["ResponseSchema", "SchemaMismatch", "response_schema"]
 
@@ -85,7 +85,7 @@ class ResponseSchema:
         try:
             value = json.loads(text)
         except ValueError as exc:
-            raise SchemaMismatch(f"the reply is not JSON ({exc}): {_clip(text)}") from None
+            raise SchemaMismatch(f"the reply is not JSON ({exc}): {clip(text, 80)}") from None
         return _check(self.node, value, "$")
 
 
@@ -353,11 +353,6 @@ def _dtype(node: _Node) -> pl.DataType:
 # ---------------------------------------------------------------------------------------------
 
 
-def _clip(text: str, limit: int = 80) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _where(path: str) -> str:
     return "the reply" if path == "$" else path
 
@@ -394,7 +389,7 @@ def _check(node: _Node, value: Any, path: str) -> Any:
         return [_check(items, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if kind == "enum":
         if value not in node.choices:
-            raise SchemaMismatch(f"{_where(path)} is {_clip(json.dumps(value))}, not one of {list(node.choices)}")
+            raise SchemaMismatch(f"{_where(path)} is {clip(json.dumps(value), 80)}, not one of {list(node.choices)}")
         return value
     if kind == "string":
         if not isinstance(value, str):
@@ -425,7 +420,7 @@ def _json_type(value: Any) -> str:
     if isinstance(value, (int, float)):
         return f"a number ({value})"
     if isinstance(value, str):
-        return f"a string ({_clip(json.dumps(value, ensure_ascii=False), 40)})"
+        return f"a string ({clip(json.dumps(value, ensure_ascii=False), 40)})"
     if isinstance(value, list):
         return "an array"
     return "an object"

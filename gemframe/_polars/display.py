@@ -11,7 +11,7 @@ from typing import Any, Union
 
 import polars as pl
 
-from .._errors import InputError
+from .._errors import InputError, clip
 from .._core.payload import _URL_SCHEME, read_image
 from .._core.response import save_image
 
@@ -33,10 +33,6 @@ class HtmlGrid:
 
     def __str__(self) -> str:
         return self.data
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _images_of(value: Any) -> list[Any]:
@@ -77,7 +73,7 @@ def _img_tag(image: Any, embed: bool, width: int) -> str:
     except InputError as exc:  # say why instead of embedding what is not an image
         if path is not None and not os.path.exists(path):  # not here (yet): link it, as embed=False would
             return f'<img src="{html.escape(path)}"{title} style="{style}"/>'
-        return f'<div style="color:#b00020">{html.escape(_clip(str(exc), _TEXT_CHARS))}</div>'
+        return f'<div style="color:#b00020">{html.escape(clip(str(exc), _TEXT_CHARS))}</div>'
     src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
     return f'<img src="{src}"{title} style="{style}"/>'
 
@@ -127,15 +123,15 @@ def show(
     for prompt_text, value in _cells(data, prompt, reply, n):
         body = []
         if prompt_text is not None:
-            body.append(f'<div style="font-weight:600">{html.escape(_clip(prompt_text, _PROMPT_CHARS))}</div>')
+            body.append(f'<div style="font-weight:600">{html.escape(clip(prompt_text, _PROMPT_CHARS))}</div>')
         body.extend(_img_tag(image, embed, width) for image in _images_of(value))
         if isinstance(value, Mapping):
             if value.get("text"):
-                body.append(f'<div style="color:#555">{html.escape(_clip(value["text"], _TEXT_CHARS))}</div>')
+                body.append(f'<div style="color:#555">{html.escape(clip(value["text"], _TEXT_CHARS))}</div>')
             error = value.get("error")
             if error:
                 message = f"{error.get('status')}: {error.get('message')}"
-                body.append(f'<div style="color:#b00020">{html.escape(_clip(message, _TEXT_CHARS))}</div>')
+                body.append(f'<div style="color:#b00020">{html.escape(clip(message, _TEXT_CHARS))}</div>')
         elif value is None:
             body.append('<div style="color:#999">(no reply)</div>')
         cards.append(

@@ -181,6 +181,7 @@ def _echo(value: Any) -> str:
 
 
 def _clip(text: str, limit: int) -> str:
+    # Not gemframe._errors.clip: the emulator keeps its own, a test oracle shares nothing with the client.
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -293,7 +294,8 @@ class GenRequest:
 
 
 def tokens(text: str) -> int:
-    """Gemini-like token estimate: about four characters a token."""
+    """Gemini-like token estimate: about four characters a token. (Not gemframe._core.tokens:
+    the emulator keeps its own rule, a test oracle must not share the client's assumptions.)"""
     return max(1, math.ceil(len(text) / 4)) if text else 0
 
 
