@@ -116,7 +116,7 @@ def test_cli_bar_at_80_columns_keeps_the_figures_and_counts_only_rows_sent(tmp_p
     manifest = gf.read_manifest(str(tmp_path / "out.parquet"))
     tokens = manifest["tokens"]["input_paid"] + manifest["tokens"]["output_paid"]
     assert len(last) <= 80
-    assert re.search(r"^gemframe: 400/400 \[\d\d:\d\d<00:00, [\d.]+ rows/s, hits 0, err 0, tok ([\d,]+)\]", last), last
+    assert re.search(r"^gemframe: 400/400 \[\d\d:\d\d<00:00, [\d.,]+k? rows/s, hits 0, err 0, tok ([\d,]+)\]", last), last
     assert f"tok {tokens:,}]" in last and tokens > 10_000  # the true total, not cut off
     assert all("/400 " in bar for bar in bars)  # the null-prompt row is not in the total (was 401)
 

@@ -23,15 +23,16 @@ from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-_POSTFIX_SECONDS = 0.25
+_POSTFIX_SECONDS = 0.05  # half tqdm's redraw interval: a redraw shows figures at most that old
 # Rows whose answer is still to come (Batch Mode with wait=False) have not failed.
 _NOT_FAILED = frozenset({"BATCH_PENDING"})
 _MESSAGE_CHARS = 300  # the first failure's message, at most
 
 # The text bar: the figures first, the bar last (it takes what width is left, at least one
 # cell; a narrower terminal cuts it off, not the figures). The widget shows the usual layout.
-_TEXT_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}] |{bar}|"
-_WIDGET_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+# The rate is in the postfix, to three figures (tqdm's "60000.00row/s" would not fit).
+_TEXT_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}] |{bar}|"
+_WIDGET_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 
 
 class RowsFailedWarning(UserWarning):
@@ -76,6 +77,17 @@ def _figure(n: int) -> str:
         if round(value, digits) < 1000 or suffix == "G":
             return f"{value:.{digits}f}{suffix}"
     raise AssertionError
+
+
+def _rate(rows_per_second: float | None) -> str:
+    """``34.1 rows/s``, ``934 rows/s``, ``2,043 rows/s``, ``60.2k rows/s``."""
+    if not rows_per_second:
+        return "? rows/s"
+    if rows_per_second >= 9999.5:
+        return f"{rows_per_second / 1000:.1f}k rows/s"
+    if rows_per_second >= 999.5:
+        return f"{rows_per_second:,.0f} rows/s"
+    return f"{rows_per_second:.{0 if rows_per_second >= 99.95 else 1 if rows_per_second >= 9.995 else 2}f} rows/s"
 
 
 class Progress:
@@ -126,11 +138,11 @@ class Progress:
                     if self.first_failure is None or row < self.first_failure[0]:
                         self.first_failure = (row, str(error.get("message") or ""))
             if self._bar is not None:
-                self._bar.update(1)
                 now = time.monotonic()
-                if now - self._postfix_at > _POSTFIX_SECONDS:
+                if now - self._postfix_at > _POSTFIX_SECONDS:  # before the redraw update may do
                     self._postfix_at = now
                     self._bar.set_postfix_str(self.postfix(), refresh=False)
+                self._bar.update(1)
 
     def add_total(self, rows: int | None) -> None:
         """Another call joined the job with ``rows`` to answer."""
@@ -140,9 +152,15 @@ class Progress:
                 self._bar.refresh()
 
     def postfix(self) -> str:
-        """``hits 120, err 3, tok 107.7k`` and any status fields: short, so they fit."""
+        """``34.1 rows/s, hits 120, err 3, tok 107,690`` and any status fields: short, so
+        they fit. The rate is tqdm's (smoothed), read when the postfix is set."""
+        rate = None
+        if self._bar is not None:  # tqdm's smoothed rate; before its first redraw, the mean
+            shown = self._bar.format_dict
+            rate = shown.get("rate") or (shown["n"] / shown["elapsed"] if shown["elapsed"] else None)
+        rate = _rate(rate)
         fields = {"hits": _figure(self.cached), "err": _figure(self.errors), "tok": _figure(self.tokens), **self._status}
-        return ", ".join(f"{k} {v}" for k, v in fields.items())
+        return ", ".join([rate, *(f"{k} {v}" for k, v in fields.items())])
 
     def status(self, **fields: str) -> None:
         """Extra postfix fields, e.g. a batch job's state."""
