@@ -13,6 +13,7 @@ keep generated images.
 from ._polars import namespace as _namespace  # noqa: F401  (registers the .gemini namespaces)
 from ._core.cache import CacheMode, ResponseCache, cache_key, default_cache_dir
 from ._core.client import Client
+from ._core.progress import RowsFailedWarning
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -62,6 +63,7 @@ __all__ = [
     "RequestBuilder",
     "ResponseCache",
     "RowError",
+    "RowsFailedWarning",
     "Segmind",
     "build_request",
     "cache_key",

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ._core.cache import CacheMode, CacheWarning, ResponseCache, default_cache_dir
@@ -59,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="answer every row of a parquet file, write a parquet of replies",
         description="Read IN.parquet in batches, ask Gemini once per row (cached), and write "
         "OUT.parquet with the input columns plus the reply fields (text, finish_reason, tokens, "
-        "images, error, ...). A killed run, rerun, resends only unanswered rows.",
+        "images, error, ...). A killed run, rerun, resends only unanswered rows. Rows that fail "
+        "do not fail the command: it ends with one warning line (how many, by status, the first "
+        "message) and exit status 0; each row's reason is in its error field.",
     )
     run.add_argument("input", metavar="IN.parquet")
     run.add_argument("output", metavar="OUT.parquet")
@@ -159,19 +162,40 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.dry_run:
             return _dry_run(args, client)
-        manifest = run(
-            args.input, args.output, prompt=args.prompt, images=args.images, system=args.system,
-            model=args.model, config=args.config, safety=args.safety, client=client,
-            image_dir=args.image_dir, batch_rows=args.batch_rows, progress=not args.no_progress,
-            mode="batch" if args.batch else "live", poll_interval=args.poll_interval,
-            samples=args.samples, manifest_path=args.manifest, prices=args.prices,
-        )
+        with _row_failures() as failures:
+            manifest = run(
+                args.input, args.output, prompt=args.prompt, images=args.images, system=args.system,
+                model=args.model, config=args.config, safety=args.safety, client=client,
+                image_dir=args.image_dir, batch_rows=args.batch_rows, progress=not args.no_progress,
+                mode="batch" if args.batch else "live", poll_interval=args.poll_interval,
+                samples=args.samples, manifest_path=args.manifest, prices=args.prices,
+            )
     finally:
         client.close()
     summary = {k: manifest[k] for k in ("rows", "cache_hits", "requests_sent", "errors", "wall_seconds")}
     summary["cost_usd"] = (manifest.get("cost") or {}).get("this_run")
     print(f"wrote {args.output}: {json.dumps(summary)}", file=sys.stderr)
+    for failure in failures:  # the last line: failed rows are data, the exit status stays 0
+        print(f"gemframe: warning: {failure}", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def _row_failures() -> Iterator[list[str]]:
+    """The run's `RowsFailedWarning` messages, kept to print as the last line (after the
+    summary, where a user looks); other warnings are shown as usual."""
+    from ._core.progress import RowsFailedWarning
+
+    failures: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            yield failures
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, RowsFailedWarning):
+                    failures.append(str(warning.message))
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _dry_run(args: argparse.Namespace, client: Client) -> int:

@@ -88,7 +88,7 @@ def run(
             f"{input}: columns {clash} would collide with the reply fields; rename them first"
         )
     started = time.time()
-    bar = Progress(source.metadata.num_rows * samples, progress, model)
+    bar = Progress(_rows_to_answer(input, prompt, images) * samples, progress, model)
     tally = Tally()
     paid: set[str] = set()
     batch: dict[str, Any] = {}
@@ -141,6 +141,7 @@ def run(
         writer.close()
         writer = None
         partial.commit()
+        bar.close()  # the job is done: one RowsFailedWarning if rows failed
         if manifest_path:
             write_manifest(manifest, manifest_path)
     except APIError as exc:  # say what was saved, so nobody fears a rerun
@@ -150,7 +151,7 @@ def run(
             "after the fix resends none of them. No output file was written."
         ) from exc
     finally:
-        bar.close()
+        bar.close(warn=False)  # after an exception: that says it all
         if writer is not None:
             writer.close()
         partial.discard()  # after an error: no temp file left behind
@@ -169,6 +170,15 @@ def _answer(frame: pl.DataFrame, exprs: list[pl.Expr], tally: Tally, paid: set[s
         tally.add(part["reply"], paid)
         parts.append(part)
     return pl.concat(parts).sort("__gemframe_row", "sample", maintain_order=True).drop("__gemframe_row")
+
+
+def _rows_to_answer(path: str, prompt: str, images: str | None) -> int:
+    """The rows the bar counts: those with a prompt or images (the others send nothing and
+    get a null reply, as `generate` does). Reads only those columns, streaming."""
+    asked = pl.col(prompt).is_not_null()
+    if images is not None:
+        asked = asked | pl.col(images).is_not_null()
+    return int(pl.scan_parquet(path).select(asked.sum()).collect(engine="streaming").item() or 0)
 
 
 def _stamp(seconds: float) -> str:

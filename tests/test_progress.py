@@ -1,20 +1,173 @@
-"""The progress bar: total known up front, cache hits, errors and tokens as postfix."""
+"""The progress bar (total known up front, hits, errors and tokens that fit 80 columns, one bar
+per job, no notebook warning) and the one warning that ends a call in which rows failed."""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import warnings
 
 import polars as pl
+import pytest
 
 import gemframe as gf
+
+FAILED_4 = (
+    "4 of 4 rows failed: INVALID_INPUT x4; row 0: cannot read image file 'images/house.jpg': "
+    "No such file or directory; see the reply's `error` field"
+)
+
+
+def _last_bar(err: str) -> str:
+    return err.strip().splitlines()[-1].split("\r")[-1]
 
 
 def test_bar_shows_total_hits_errors_and_tokens(emulator, cache_dir, capsys):
     with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=True) as client:
         frame = pl.DataFrame({"prompt": [f"p{i}" for i in range(20)] + ["[emulator:status=400] bad", None]})
         frame.head(10).with_columns(reply=gf.generate("prompt", client=client, progress=False))
-        frame.with_columns(reply=gf.generate("prompt", client=client))
-    bar = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]
+        with pytest.warns(gf.RowsFailedWarning, match="1 of 21 rows failed: INVALID_ARGUMENT x1"):
+            replies = frame.with_columns(reply=gf.generate("prompt", client=client))
+    bar = _last_bar(capsys.readouterr().err)
+    tokens = replies["reply"].struct.field("total_tokens").filter(~replies["reply"].struct.field("cached")).sum()
     assert "21/21" in bar  # the null row is not counted: it sends nothing
-    assert "cached=10" in bar and "errors=1" in bar and "tokens=" in bar and "tokens=0" not in bar
+    assert "hits 10, err 1, " in bar and f"tok {tokens:,}]" in bar and tokens > 0
 
 
 def test_progress_false_prints_nothing(client, capsys):
     pl.DataFrame({"prompt": ["quiet"]}).with_columns(reply=gf.generate("prompt", client=client, progress=False))
     assert capsys.readouterr().err == ""
+
+
+def test_failed_rows_end_the_call_with_one_warning(client, emulator, tmp_path, monkeypatch):
+    """progress=False: the warning is the only thing that tells the user."""
+    monkeypatch.chdir(tmp_path)  # images/house.jpg does not exist here
+    frame = pl.DataFrame({"prompt": ["describe it"] * 4, "image": ["images/house.jpg"] * 4})
+    with pytest.warns(gf.RowsFailedWarning) as caught:
+        out = frame.with_columns(reply=gf.generate("prompt", images="image", client=client, progress=False))
+    assert [str(w.message) for w in caught if issubclass(w.category, gf.RowsFailedWarning)] == [FAILED_4]
+    assert out["reply"].struct.field("error").struct.field("status").to_list() == ["INVALID_INPUT"] * 4
+    # A second job failing the same way is news too (Python's once-per-message rule would hide it).
+    with pytest.warns(gf.RowsFailedWarning, match=re.escape(FAILED_4)):
+        frame.with_columns(reply=gf.generate("prompt", images="image", client=client, progress=False))
+    assert emulator.stats.requests == 0
+
+
+def test_a_successful_call_warns_nothing(client):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pl.DataFrame({"prompt": ["fine", "also fine"]}).with_columns(reply=gf.generate("prompt", client=client))
+    assert out["reply"].struct.field("error").is_null().all()
+
+
+def test_client_send_warns_once(client):
+    with pytest.warns(gf.RowsFailedWarning) as caught:
+        client.send([{"contents": [{"parts": [{"text": "[emulator:status=400] no"}]}]}] * 3, total=3)
+    failed = [str(w.message) for w in caught if issubclass(w.category, gf.RowsFailedWarning)]
+    assert len(failed) == 1 and failed[0].startswith("3 of 3 rows failed: INVALID_ARGUMENT x3; row 0: ")
+
+
+def _gemframe(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "gemframe", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_ends_with_the_failure_summary_and_exit_0(tmp_path):
+    pl.DataFrame({"prompt": ["describe it"] * 4, "image": ["images/house.jpg"] * 4}).write_parquet(tmp_path / "in.parquet")
+    done = _gemframe("run", "in.parquet", "out.parquet", "--images", "image", "--emulator",
+                     "--cache-dir", str(tmp_path / "cache"), "--no-progress", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 0, done.stderr
+    assert lines[-1] == f"gemframe: warning: {FAILED_4}"
+    assert lines[-2].startswith("wrote out.parquet: ")
+    assert "RowsFailedWarning" not in done.stderr  # one line, no Python warning format
+
+
+def _on_terminal(args, cwd, columns=80):
+    """Run ``gemframe ARGS`` with stderr on a pseudo-terminal ``columns`` wide, as a user's
+    terminal; its output with each carriage-return redraw on its own line."""
+    fcntl, pty, struct, termios = (pytest.importorskip(m) for m in ("fcntl", "pty", "struct", "termios"))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "gemframe", *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:  # until the child closes the terminal (EIO on Linux)
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    return [line for line in re.split(r"\r\n|\r|\n", out.decode()) if line.strip()]
+
+
+def test_cli_bar_at_80_columns_keeps_the_figures_and_counts_only_rows_sent(tmp_path):
+    prompts = [f"Describe item number {i} in a few sentences" for i in range(400)] + [None]
+    pl.DataFrame({"prompt": prompts}).write_parquet(tmp_path / "in.parquet")
+    lines = _on_terminal(["run", "in.parquet", "out.parquet", "--emulator", "--cache-dir", str(tmp_path / "cache"),
+                          "--manifest", "m.json", "--batch-rows", "100"], tmp_path)
+    bars = [line for line in lines if line.startswith("gemframe") and re.search(r"\d+/\d+", line)]
+    last = bars[-1]
+    manifest = gf.read_manifest(str(tmp_path / "out.parquet"))
+    tokens = manifest["tokens"]["input_paid"] + manifest["tokens"]["output_paid"]
+    assert len(last) <= 80
+    assert re.search(r"^gemframe: 400/400 \[\d\d:\d\d<00:00, [\d.,]+k? rows/s, hits 0, err 0, tok ([\d,]+)\]", last), last
+    assert f"tok {tokens:,}]" in last and tokens > 10_000  # the true total, not cut off
+    assert all("/400 " in bar for bar in bars)  # the null-prompt row is not in the total (was 401)
+
+
+def test_one_bar_for_a_lazy_job_in_several_morsels(emulator, cache_dir, capsys):
+    """The streaming engine calls the expression once per morsel, on several threads: one
+    bar for the job (its total growing as morsels arrive), not one 0/500 bar per morsel."""
+    if pl.thread_pool_size() < 2:
+        pytest.skip("needs two polars threads to run two morsels at once")
+    calls = threading.Barrier(2, timeout=60)  # two morsels in flight at once, whatever the timing
+    frame = pl.LazyFrame({"prompt": [f"lazy {i}" for i in range(1000)]})
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=True) as client:
+        send, seen, lock = client.send, [], threading.Lock()
+
+        def send_together(*args, **kwargs):  # the first two calls start only when both are in
+            with lock:
+                seen.append(len(seen))
+                first_two = len(seen) <= 2
+            if first_two:
+                calls.wait()
+            return send(*args, **kwargs)
+
+        client.send = send_together
+        frame.with_columns(reply=gf.generate("prompt", client=client)).sink_parquet(cache_dir.parent / "out.parquet")
+    err = capsys.readouterr().err
+    finished = [(n, total) for n, total in re.findall(r"(\d+)/(\d+) \[", err) if n == total]
+    assert len(seen) >= 2 and set(finished) == {("1000", "1000")}, err  # was two 500/500 bars
+
+
+def test_two_generate_calls_draw_two_labelled_bars(emulator, cache_dir, capsys):
+    frame = pl.DataFrame({"a": [f"a{i}" for i in range(50)], "b": [f"b{i}" for i in range(50)]})
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=True) as client:
+        frame.with_columns(x=gf.generate("a", client=client), y=gf.generate("b", client=client))
+    err = capsys.readouterr().err
+    assert "gemframe a: 50/50" in err and "gemframe b: 50/50" in err
+
+
+def test_no_tqdm_warning_in_a_notebook_without_ipywidgets(tmp_path):
+    """A Jupyter kernel without ipywidgets: tqdm.auto warned (TqdmWarning: IProgress not
+    found) on import; now the text bar is drawn, silently."""
+    probe = """
+import sys, types, warnings
+warnings.simplefilter("error")
+class Shell:
+    config = {"IPKernelApp": {}}
+sys.modules["IPython"] = types.SimpleNamespace(get_ipython=lambda: Shell())
+sys.modules["ipywidgets"] = None  # not installed
+import polars as pl, gemframe as gf
+with gf.Client("emulator", cache_dir=sys.argv[1], progress=True) as client:
+    pl.DataFrame({"prompt": ["hi"]}).with_columns(reply=gf.generate("prompt", client=client))
+"""
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and "gemframe prompt: 1/1" in done.stderr

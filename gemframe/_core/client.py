@@ -254,7 +254,7 @@ class _Run:
         self.url = self.provider.url(model)
         self.column = column
         self.waiting: dict[str, list[int]] = {}  # key -> rows waiting for its answer
-        self.done: dict[str, tuple[int, bool, bool]] = {}  # key answered in this call -> (answer, cached, failed)
+        self.done: dict[str, tuple[int, bool, dict | None]] = {}  # key answered in this call -> (answer, cached, error)
         self.in_flight: set[str] = set()  # keys submitted and not yet collected
         self.batch_options: tuple[str | None, float, bool] | None = None  # set in batch mode
         self.batch_bodies: dict[str, bytes] = {}  # batch mode: the misses' request JSON
@@ -264,6 +264,7 @@ class _Run:
         self.concurrency = client.executor.concurrency
         self.inflight_bytes = 0  # encoded bodies waiting or in flight: see _full
         self.sizes: dict[str, int] = {}
+        self.completed = False
 
     def execute(self, rows: Iterable[Row]) -> pl.Series:
         if self.mode is not CacheMode.READ:
@@ -275,7 +276,9 @@ class _Run:
             self._collect(block=True)
         if self.batch_bodies:
             self._resolve_batch()
-        return self.column.finish()
+        column = self.column.finish()
+        self.completed = True  # `finish` warns about failed rows only after a complete call
+        return column
 
     def _resolve_batch(self) -> None:
         path, poll_interval, wait = self.batch_options
@@ -309,8 +312,8 @@ class _Run:
                 self._answer_row(row, answer, record)
                 continue
             if key in self.done:
-                answer, cached, failure = self.done[key]
-                self._answer_row(row, answer, {"cached": cached, "error": failure or None})
+                answer, cached, error = self.done[key]
+                self._answer_row(row, answer, {"cached": cached, "error": error}, tokens=False)
             elif key in self.waiting:
                 self.waiting[key].append(row)
             else:
@@ -441,13 +444,13 @@ class _Run:
 
     def _answer(self, key: str, record: dict[str, Any]) -> None:
         answer, record = self.column.add_answer(record)
-        self.done[key] = (answer, record["cached"], record.get("error") is not None)
-        for row in self.waiting.pop(key):
-            self._answer_row(row, answer, record)
+        self.done[key] = (answer, record["cached"], record.get("error"))
+        for n, row in enumerate(self.waiting.pop(key)):
+            self._answer_row(row, answer, record, tokens=n == 0)  # one request: its tokens once
 
-    def _answer_row(self, row: int, answer: int, record: dict[str, Any]) -> None:
+    def _answer_row(self, row: int, answer: int, record: dict[str, Any], tokens: bool = True) -> None:
         self.column.point(row, answer)
-        self.progress.advance(record)
+        self.progress.advance(record, row, tokens)
 
     def finish(self) -> None:
         """End the call. When it ends early (an exception, Ctrl-C, a fatal API error), every
@@ -469,8 +472,8 @@ class _Run:
             answers = [(key, self.model, raw) for key, raw in _answers(arrived)]
             if answers:
                 self.cache.set_many(answers)
-        if self.progress.owned:
-            self.progress.close()
+        if self.progress.owned:  # one RowsFailedWarning when rows failed (see Progress.close)
+            self.progress.close(warn=self.completed)
 
 
 def _answers(finished: list[tuple[str, Any]]) -> Iterator[tuple[str, bytes]]:

@@ -1,55 +1,259 @@
-"""The progress bar: rows done out of a total known up front, with cache hits, errors and
-tokens as postfix. ``tqdm.auto`` gives notebooks the widget and terminals the text bar."""
+"""The progress bar of a job, and its failure summary.
+
+A `Progress` counts a job's answered rows, cache hits, errors and tokens, and draws one bar
+unless disabled. The text bar keeps rate, hits, errors and tokens on the left of the bar
+itself, so an 80-column terminal cuts the bar, never the figures. A notebook gets the
+ipywidgets bar when ipywidgets is installed (``pip install "gemframe[notebook]"``), else the
+text bar, silently (tqdm.auto would warn ``IProgress not found`` on every import).
+
+When the job ends with failed rows, `Progress.close` emits one `RowsFailedWarning` saying how
+many failed, by status, and the first message: with ``progress=False`` nothing else tells the
+user. `job` shares one `Progress` between calls of one expression that run at the same time
+(the streaming engine's morsels), so a job draws one bar and warns once.
+"""
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
+import warnings
+from collections import Counter
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from tqdm.auto import tqdm
+_POSTFIX_SECONDS = 0.05  # half tqdm's redraw interval: a redraw shows figures at most that old
+# Rows whose answer is still to come (Batch Mode with wait=False) have not failed.
+_NOT_FAILED = frozenset({"BATCH_PENDING"})
+_MESSAGE_CHARS = 300  # the first failure's message, at most
 
-_POSTFIX_SECONDS = 0.25
+# The text bar: the figures first, the bar last (it takes what width is left, at least one
+# cell; a narrower terminal cuts it off, not the figures). The widget shows the usual layout.
+# The rate is in the postfix, to three figures (tqdm's "60000.00row/s" would not fit).
+_TEXT_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}] |{bar}|"
+_WIDGET_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+
+class RowsFailedWarning(UserWarning):
+    """Rows of a call (or `gemframe.run` job) failed; each one's reason is in its reply's
+    ``error`` field. Emitted once per job, after it ends. Always shown (not only the first
+    time, as Python shows a repeated warning), because each job's failures are news;
+    ``warnings.filterwarnings("ignore", category=gf.RowsFailedWarning)`` silences it."""
+
+
+# Shown every time: Python's default shows a warning once per message and code location, so
+# a second job failing the same way would be silent. Appended: the user's filters come first.
+warnings.filterwarnings("always", category=RowsFailedWarning, append=True)
+
+
+def _bar_class() -> type:
+    """tqdm's widget bar in a Jupyter kernel that has ipywidgets, else the text bar. Chosen
+    here, not by ``tqdm.auto``, which warns (TqdmWarning: IProgress not found) when a kernel
+    lacks ipywidgets; the text bar works there as well."""
+    from tqdm.std import tqdm as text_bar
+
+    try:
+        shell = sys.modules["IPython"].get_ipython()
+        in_kernel = shell is not None and "IPKernelApp" in shell.config
+    except Exception:  # no IPython, or not a kernel (a terminal IPython draws the text bar)
+        return text_bar
+    if not in_kernel:
+        return text_bar
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.notebook import IProgress, tqdm as widget_bar
+    except ImportError:
+        return text_bar
+    return widget_bar if IProgress is not None else text_bar
+
+
+def _figure(n: int) -> str:
+    """A count, exact below a million (107,690), else to four figures (12.35M)."""
+    if n < 1_000_000:
+        return f"{n:,}"
+    for value, suffix in ((n / 1e6, "M"), (n / 1e9, "G")):
+        digits = 2 if value < 100 else 1
+        if round(value, digits) < 1000 or suffix == "G":
+            return f"{value:.{digits}f}{suffix}"
+    raise AssertionError
+
+
+def _rate(rows_per_second: float | None) -> str:
+    """``34.1 rows/s``, ``934 rows/s``, ``2,043 rows/s``, ``60.2k rows/s``."""
+    if not rows_per_second:
+        return "? rows/s"
+    if rows_per_second >= 9999.5:
+        return f"{rows_per_second / 1000:.1f}k rows/s"
+    if rows_per_second >= 999.5:
+        return f"{rows_per_second:,.0f} rows/s"
+    return f"{rows_per_second:.{0 if rows_per_second >= 99.95 else 1 if rows_per_second >= 9.995 else 2}f} rows/s"
 
 
 class Progress:
-    """Counts answered rows; draws a bar unless disabled."""
+    """Counts a job's answered rows; draws a bar unless disabled; tallies failures.
 
-    def __init__(self, total: int | None, enabled: bool, model: str, owned: bool = False) -> None:
+    ``owned``: closed by the `Client.send` call that made it (else by whoever made it, who may
+    share it between calls, as `gemframe.run` does). ``label`` names the bar."""
+
+    def __init__(
+        self, total: int | None, enabled: bool, model: str | None = None, owned: bool = False, label: str = ""
+    ) -> None:
         self.owned = owned  # closed by the call that made it
+        self.model = model
+        self.label = label
         self.rows = 0
         self.cached = 0
         self.errors = 0
         self.tokens = 0
-        self._bar = tqdm(total=total, desc=f"gemframe {model}", unit="row", dynamic_ncols=True) if enabled else None
+        self.failures: Counter[str] = Counter()  # status -> rows (BATCH_PENDING excluded)
+        self.first_failure: tuple[int, str] | None = None  # (row, message) of the lowest row
+        self.callers = 0  # `job`: calls sharing this bar right now
+        self.raised = False  # `job`: a call of the job ended with an exception
+        self.started = 0.0  # `job`: when its first call began
+        self._lock = threading.Lock()  # streaming morsels advance one bar from several threads
+        self._bar = None
+        if enabled:
+            bar = _bar_class()
+            form = _TEXT_FORMAT if bar.__module__ == "tqdm.std" else _WIDGET_FORMAT
+            desc = f"gemframe {label}" if label else "gemframe"
+            self._bar = bar(total=total, desc=desc, unit=" rows", dynamic_ncols=True, bar_format=form)
         self._postfix_at = 0.0
         self._status: dict[str, str] = {}
 
-    def advance(self, record: dict[str, Any]) -> None:
-        self.rows += 1
-        if record.get("cached"):
-            self.cached += 1
-        elif record.get("total_tokens"):
-            self.tokens += record["total_tokens"]
-        if record.get("error") is not None:
-            self.errors += 1
-        if self._bar is not None:
-            self._bar.update(1)
-            now = time.monotonic()
-            if now - self._postfix_at > _POSTFIX_SECONDS:
-                self._postfix_at = now
-                self._bar.set_postfix(self.postfix(), refresh=False)
+    def advance(self, record: dict[str, Any], row: int = 0, tokens: bool = True) -> None:
+        """One row answered. ``tokens``: count the answer's tokens (False for the other rows
+        that shared its request: they were paid for once)."""
+        with self._lock:
+            self.rows += 1
+            if record.get("cached"):
+                self.cached += 1
+            elif tokens and record.get("total_tokens"):
+                self.tokens += record["total_tokens"]
+            error = record.get("error")
+            if error is not None:
+                self.errors += 1
+                if isinstance(error, dict) and error.get("status") not in _NOT_FAILED:
+                    self.failures[error.get("status") or "ERROR"] += 1
+                    if self.first_failure is None or row < self.first_failure[0]:
+                        self.first_failure = (row, str(error.get("message") or ""))
+            if self._bar is not None:
+                now = time.monotonic()
+                if now - self._postfix_at > _POSTFIX_SECONDS:  # before the redraw update may do
+                    self._postfix_at = now
+                    self._bar.set_postfix_str(self.postfix(), refresh=False)
+                self._bar.update(1)
 
-    def postfix(self) -> dict[str, Any]:
-        return {"cached": self.cached, "errors": self.errors, "tokens": self.tokens, **self._status}
+    def add_total(self, rows: int | None) -> None:
+        """Another call joined the job with ``rows`` to answer."""
+        with self._lock:
+            if self._bar is not None and rows is not None and self._bar.total is not None:
+                self._bar.total += rows
+                self._bar.refresh()
+
+    def postfix(self) -> str:
+        """``34.1 rows/s, hits 120, err 3, tok 107,690`` and any status fields: short, so
+        they fit. The rate is tqdm's (smoothed), read when the postfix is set."""
+        rate = None
+        if self._bar is not None:  # tqdm's smoothed rate; before its first redraw, the mean
+            shown = self._bar.format_dict
+            rate = shown.get("rate") or (shown["n"] / shown["elapsed"] if shown["elapsed"] else None)
+        rate = _rate(rate)
+        fields = {"hits": _figure(self.cached), "err": _figure(self.errors), "tok": _figure(self.tokens), **self._status}
+        return ", ".join([rate, *(f"{k} {v}" for k, v in fields.items())])
 
     def status(self, **fields: str) -> None:
         """Extra postfix fields, e.g. a batch job's state."""
         self._status.update(fields)
         if self._bar is not None:
-            self._bar.set_postfix(self.postfix())
+            self._bar.set_postfix_str(self.postfix())
 
-    def close(self) -> None:
+    def failure_summary(self) -> str | None:
+        """``4 of 4 rows failed: INVALID_INPUT x4; row 0: cannot read ...; see ...``, or None."""
+        if not self.failures:
+            return None
+        failed = sum(self.failures.values())
+        kinds = ", ".join(f"{status} x{n:,}" for status, n in self.failures.most_common())
+        message = ""
+        if self.first_failure is not None:
+            row, text = self.first_failure
+            if len(text) > _MESSAGE_CHARS:
+                text = text[: _MESSAGE_CHARS - 3] + "..."
+            message = text if text.startswith("row ") else f"row {row}: {text}"
+            message = f"{message}; "
+        return f"{failed:,} of {self.rows:,} rows failed: {kinds}; {message}see the reply's `error` field"
+
+    def close(self, warn: bool = True) -> None:
+        """Draw the final figures and end the bar; ``warn``: one `RowsFailedWarning` if rows
+        failed (not when the job ends with an exception, which says more)."""
         if self._bar is not None:
-            self._bar.set_postfix(self.postfix(), refresh=False)
+            self._bar.set_postfix_str(self.postfix(), refresh=False)
             self._bar.close()
             self._bar = None
+        summary = self.failure_summary() if warn else None
+        if summary is not None:
+            self.failures.clear()  # closed twice (an owner's finally): warned once
+            warnings.warn(summary, RowsFailedWarning, stacklevel=2)
+
+
+_jobs: dict[Hashable, Progress] = {}
+_jobs_lock = threading.Lock()
+# Back-to-back calls of one expression (an eager frame's chunks or the streaming engine's
+# morsels, one after another on one thread) are one burst: a failure summary already shown in
+# the burst is not shown again (like Python's once-per-message rule, but per burst, so the
+# same failure in a later job is shown again).
+_BURST_SECONDS = 1.0
+_bursts: dict[Hashable, tuple[float, set[str]]] = {}  # key -> (last call's end, summaries shown)
+
+
+@contextmanager
+def job(key: Hashable, total: int | None, enabled: bool, model: str | None = None, label: str = "") -> Iterator[Progress]:
+    """The `Progress` of ``key``'s job, for one call of it. Calls with the same key that run
+    at the same time (one expression over the streaming engine's morsels, on several threads)
+    share one bar, whose total grows as each joins; the last to leave closes it, which warns
+    once for them all (see `_BURST_SECONDS` for calls that follow each other). Bars of
+    different keys open at once get distinct labels (``#2``)."""
+    with _jobs_lock:
+        progress = _jobs.get(key)
+        if progress is None:
+            open_labels = {p.label for p in _jobs.values()}
+            unique, n = label, 1
+            while unique in open_labels:
+                n += 1
+                unique = f"{label} #{n}"
+            progress = _jobs[key] = Progress(total, enabled, model, label=unique)
+            progress.started = time.monotonic()
+        else:
+            progress.add_total(total)
+        progress.callers += 1
+    ended = False
+    try:
+        yield progress
+        ended = True
+    finally:
+        with _jobs_lock:
+            progress.callers -= 1
+            progress.raised |= not ended
+            last = progress.callers == 0
+            if last:
+                del _jobs[key]
+                warn = not progress.raised and _new_in_burst(key, progress)
+        if last:
+            progress.close(warn=warn)
+
+
+def _new_in_burst(key: Hashable, progress: Progress) -> bool:
+    """Whether this job's failure summary is news: not already shown by the calls of the same
+    key that ran just before it (called under `_jobs_lock`)."""
+    now = time.monotonic()
+    last_end, shown = _bursts.get(key, (0.0, set()))
+    if progress.started - last_end > _BURST_SECONDS:
+        shown = set()
+    for stale in [k for k, (end, _) in _bursts.items() if now - end > _BURST_SECONDS]:
+        del _bursts[stale]  # entries matter for a second only: the dict stays tiny
+    summary = progress.failure_summary()
+    _bursts[key] = (now, shown)
+    if summary is None or summary in shown:
+        return False
+    shown.add(summary)
+    return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Union
 
 import polars as pl
@@ -20,7 +21,7 @@ from .._core.cache import CacheMode
 from .._core.client import Client, Row, default_client, named_client
 from .._errors import InputError, RowError, exception_text
 from .._core.payload import RequestBuilder
-from .._core.progress import Progress
+from .._core.progress import Progress, job
 from .._core.response import reply_dtype
 from .._core.schema import response_schema as translate_schema
 
@@ -149,6 +150,20 @@ def _rows(
             yield body
 
 
+def _job_progress(
+    key: object, sender: Client, model: str | None, progress: bool | Progress | None, total: int, label: str
+) -> AbstractContextManager[Progress]:
+    """The bar (and failure tally) of one call of an expression: shared with the other calls of
+    the same expression running at the same time (the streaming engine calls it once per
+    morsel, from several threads), so a job draws one bar, labelled by its input column, and
+    warns about failed rows once. A `Progress` passed in is the caller's (`gemframe.run`)."""
+    if isinstance(progress, Progress):
+        return nullcontext(progress)
+    enabled = sender.progress if progress is None else progress
+    model = model or sender.model
+    return job((key, sender, model), total, enabled, model, label)
+
+
 def generate(
     prompt: IntoExpr,
     *,
@@ -195,12 +210,13 @@ def generate(
     def run(columns: list[pl.Series]) -> pl.Series:
         prompts, image_list, histories, total = inputs.columns(columns)
         sender = client or default_client()
-        return sender.send(
-            _rows(builder, prompts, image_list, histories, sender.allow_private_urls),
-            total=total, model=model, cache=cache, sample=sample,
-            progress=progress, image_dir=image_dir, raw=raw, response_schema=schema,
-            mode=mode, batch_state=batch_state, poll_interval=poll_interval, wait=wait,
-        )
+        with _job_progress(run, sender, model, progress, total, columns[0].name) as bar:
+            return sender.send(
+                _rows(builder, prompts, image_list, histories, sender.allow_private_urls),
+                total=total, model=model, cache=cache, sample=sample,
+                progress=bar, image_dir=image_dir, raw=raw, response_schema=schema,
+                mode=mode, batch_state=batch_state, poll_interval=poll_interval, wait=wait,
+            )
 
     return pl.map_batches(inputs.exprs, run, return_dtype=dtype, is_elementwise=True).alias("reply")
 
@@ -283,10 +299,12 @@ def send(
     def run(column: pl.Series) -> pl.Series:
         if column.dtype not in (pl.String, pl.Null):
             raise InputError(f"request column {column.name!r} must hold JSON strings, not {column.dtype}")
-        return (client or default_client()).send(
-            _parsed(column.to_list()),
-            total=len(column) - column.null_count(), model=model, cache=cache,
-            sample=sample, progress=progress, image_dir=image_dir, raw=raw, response_schema=schema,
-        )
+        sender = client or default_client()
+        total = len(column) - column.null_count()
+        with _job_progress(run, sender, model, progress, total, column.name) as bar:
+            return sender.send(
+                _parsed(column.to_list()), total=total, model=model, cache=cache,
+                sample=sample, progress=bar, image_dir=image_dir, raw=raw, response_schema=schema,
+            )
 
     return _to_expr(requests).map_batches(run, return_dtype=dtype, is_elementwise=True).alias("reply")
