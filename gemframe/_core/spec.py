@@ -33,7 +33,7 @@ from .schema import response_schema as translate_schema
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # noqa: F401  (annotations only: typing.Unpack is 3.11+)
 
-__all__ = ["Ask", "RequestSpec", "asks", "request_spec"]
+__all__ = ["ASK", "Ask", "RequestSpec", "asks", "request_spec"]
 
 Safety = Union[Mapping[str, str], Sequence[Mapping[str, str]]]
 """``{category: threshold}`` or a list of ``{"category", "threshold"}`` dicts."""
@@ -138,17 +138,18 @@ class Ask(TypedDict, total=False):
     sample: int
 
 
-_ASK = tuple(f.name for f in fields(RequestSpec) if f.init)
-assert set(_ASK) == set(Ask.__annotations__), "RequestSpec's fields and Ask's keys are the same options"
+ASK = tuple(f.name for f in fields(RequestSpec) if f.init)
+"""The names of the options (`RequestSpec`'s fields, `Ask`'s keys)."""
+assert set(ASK) == set(Ask.__annotations__), "RequestSpec's fields and Ask's keys are the same options"
 
 
 def request_spec(spec: RequestSpec | None, ask: Mapping[str, Any], where: str) -> RequestSpec:
     """The spec a face asks with: ``spec`` as given, one made from its keywords, or ``spec``
     with the keywords replacing its fields. The only place a face turns options into a spec,
     so they are checked once per call, when the call (or the expression) is made."""
-    unknown = [k for k in ask if k not in _ASK]
+    unknown = [k for k in ask if k not in ASK]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], _ASK, n=1)
+        close = difflib.get_close_matches(unknown[0], ASK, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}{hint}")
     if spec is None:
@@ -162,13 +163,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def asks(function: F) -> F:
-    """Show the `Ask` keywords in place of ``**ask`` in ``function``'s signature, as
-    ``help()``, notebooks and ``inspect.signature`` read it: declared once, listed everywhere."""
+    """Show the `Ask` keywords in ``function``'s signature, as ``help()``, notebooks and
+    ``inspect.signature`` read it: in place of its ``**ask``, or before another ``**kwargs``
+    (which then takes them: see `gemframe.ray.generate`). Declared once, listed everywhere."""
     signature = inspect.signature(function)
-    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params = list(signature.parameters.values())
+    rest = [p for p in params[-1:] if p.kind is inspect.Parameter.VAR_KEYWORD and p.name != "ask"]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     params += [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
         for f in fields(RequestSpec) if f.init
     ]
-    function.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    function.__signature__ = signature.replace(parameters=params + rest)  # type: ignore[attr-defined]
     return function

@@ -100,15 +100,16 @@ class _GeminiFrame(Generic[Frame]):
             progress=progress, image_dir=image_dir, raw=raw, mode=mode, batch_state=batch_state,
             poll_interval=poll_interval, wait=wait, **ask,
         ).alias(name)
-        out = self._frame.with_columns(reply)
         if not unnest:
-            return cast(Frame, out)
-        fields = list(cast(pl.Struct, out.collect_schema()[name]).to_schema())
+            return cast(Frame, self._frame.with_columns(reply))
+        # The names are settled from the schemas (planning sends nothing), before an eager
+        # frame's rows are sent: a clash that cannot be resolved is refused first.
+        fields = list(cast(pl.Struct, self._frame.lazy().with_columns(reply).collect_schema()[name]).to_schema())
         inputs = [c for c in self._frame.collect_schema() if c != name]  # `name` is replaced
         renamed = _expr.reply_columns(fields, inputs, prefix, name)
         if renamed:
-            out = out.with_columns(pl.col(name).struct.rename_fields([renamed.get(f, f) for f in fields]))
-        return cast(Frame, out.unnest(name))
+            reply = reply.struct.rename_fields([renamed.get(f, f) for f in fields])
+        return cast(Frame, self._frame.with_columns(reply).unnest(name))
 
 
 @pl.api.register_dataframe_namespace("gemini")
