@@ -99,8 +99,10 @@ def run(
     exprs = [generate(**request, spec=s, progress=bar) for s in specs]
     if batch:  # submit the misses of every batch, wait once for all jobs, then write as usual
         for record_batch in source.iter_batches(batch_size=batch_rows):
+            frame = pl.from_arrow(record_batch)
+            assert isinstance(frame, pl.DataFrame)
             for s in specs:  # one at a time: each call updates the one state file
-                pl.from_arrow(record_batch).select(generate(**request, spec=s, progress=False, wait=False))
+                frame.select(generate(**request, spec=s, progress=False, wait=False))
         store = client.cache if client.cache_mode is not CacheMode.OFF else None
         BatchJobs(client.provider, client.executor, store, model, batch["batch_state"], poll_interval, bar).wait()
         if client.cache_mode is not CacheMode.OFF:  # answers the jobs stored: paid in this run
