@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -26,12 +26,10 @@ from ._errors import APIError, InputError
 from ._accounting.estimate import Prices
 from ._polars.expr import generate, reply_columns
 from ._accounting.manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
-from ._core.spec import Ask, RequestSpec, asks, request_spec
+from ._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from ._core.progress import Progress
 from ._core.response import reply_dtype
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 __all__ = ["MANIFEST_KEY", "read_manifest", "run"]
 

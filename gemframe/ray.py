@@ -48,7 +48,7 @@ if not __package__:  # this file was found as a top-level "ray" (sys.path holds 
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -62,12 +62,10 @@ except ImportError as exc:
 from ._core.cache import CacheMode
 from ._core.client import Client
 from ._polars.expr import IntoExpr, generate as _generate
-from ._core.spec import ASK, Ask, RequestSpec, asks, request_spec
+from ._core.spec import ASK, Ask, RequestSpec, Unpack, asks, request_spec
 from ._core.providers import DEFAULT_MODEL, resolve_provider
 from ._errors import ConfigError
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 __all__ = ["GeminiBatch", "Secret", "generate", "share"]
 

@@ -84,7 +84,7 @@ def test_one_spec_asks_generate_request_estimate_manifest_and_run_the_same(clien
     assert (after.cache_hits, after.to_send) == (11, 0)
 
     # The keywords make an equal spec: the same requests, all cached.
-    keywords = dict(system="Be brief.", config={"temperature": 0}, safety=SAFETY, sample=2)
+    keywords = {"system": "Be brief.", "config": {"temperature": 0}, "safety": SAFETY, "sample": 2}
     assert gf.RequestSpec(**keywords) == spec
     again = df.with_columns(reply=gf.generate("prompt", images="image_path", client=client, **keywords))
     assert again["reply"].struct.field("cached").drop_nulls().all()

@@ -26,17 +26,15 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import polars as pl
 
 from .._core.cache import CacheMode, cache_key
 from .._core.client import Client, default_client
 from .._errors import InputError
-from .._core.spec import Ask, RequestSpec, asks, request_spec
+from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 
 PRICES_AS_OF = "2025-09"

@@ -23,18 +23,16 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
 from .._core.client import Client, default_client
-from .._core.spec import Ask, RequestSpec, asks, request_spec
+from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from .._files import atomic_write
 from .._version import __version__
 from .estimate import IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, Prices, cost
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 
 MANIFEST_KEY = b"gemframe"

@@ -21,21 +21,28 @@ import copy
 import difflib
 import inspect
 import operator
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Union
+from typing import Any, TypedDict, TypeVar
 
 from .._errors import ConfigError
 from .payload import RequestBuilder, normalize_config, normalize_safety
 from .schema import ResponseSchema
 from .schema import response_schema as translate_schema
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # noqa: F401  (annotations only: typing.Unpack is 3.11+)
+# The faces annotate ``**ask: Unpack[Ask]``; a runtime name, so typing.get_type_hints reads them.
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover  (Python 3.10: typing_extensions, which anyio and aiohttp install there)
+    try:
+        from typing_extensions import Unpack
+    except ImportError:  # only checkers need it: the annotations are strings
+        Unpack = None
 
-__all__ = ["ASK", "Ask", "RequestSpec", "asks", "request_spec"]
+__all__ = ["ASK", "Ask", "RequestSpec", "Unpack", "asks", "request_spec"]
 
-Safety = Union[Mapping[str, str], Sequence[Mapping[str, str]]]
+Safety = Mapping[str, str] | Sequence[Mapping[str, str]]
 """``{category: threshold}`` or a list of ``{"category", "threshold"}`` dicts."""
 
 

@@ -22,11 +22,10 @@ from .._errors import InputError, RowError, exception_text
 from .._core.payload import RequestBuilder
 from .._core.progress import Progress
 from .._core.response import reply_dtype
-from .._core.spec import Ask, RequestSpec, asks, request_spec
+from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 
 if TYPE_CHECKING:
     from polars.datatypes import DataTypeClass
-    from typing_extensions import Unpack
 
 IntoExpr = Union[str, pl.Expr]
 """A column name or an expression, as polars functions accept."""

@@ -11,21 +11,18 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 import polars as pl
 
-from . import expr as _expr
 from .._core.cache import CacheMode
 from .._core.client import Client
 from .._core.progress import Progress
-from .._core.spec import Ask, RequestSpec, asks
+from .._core.spec import Ask, RequestSpec, Unpack, asks
+from . import expr as _expr
 
-if TYPE_CHECKING:
-    from typing_extensions import Concatenate, ParamSpec, Unpack
 
-    P = ParamSpec("P")
-
+P = ParamSpec("P")
 R = TypeVar("R")
 
 
