@@ -271,3 +271,11 @@ def test_unnest_renames_the_reply_fields_that_input_columns_already_name(client,
     with pytest.raises(gf.InputError, match=r"\['r_text'\] are both input columns and reply fields"):
         df.rename({"text": "r_text"}).gemini.generate("prompt", client=client, unnest=True, prefix="r_")
     assert emulator.stats.requests == 2  # "one" and "two"; the refused frame sent nothing
+
+
+def test_generated_images_go_back_in_as_images(client):
+    """A reply's ``images`` (a list of structs) is an images column for the next request."""
+    kw = dict(config={"response_modalities": ["TEXT", "IMAGE"]}, client=client)
+    out = pl.DataFrame({"prompt": ["draw"]}).with_columns(reply=gf.generate("prompt", **kw))
+    again = out.with_columns(r2=gf.generate("prompt", images=pl.col("reply").struct.field("images"), **kw))
+    assert again["r2"][0]["error"] is None and "Image 1: PNG" in again["r2"][0]["text"]

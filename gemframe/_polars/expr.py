@@ -51,7 +51,7 @@ def _is_image(dtype: pl.DataType) -> bool:
     inner: pl.DataType | DataTypeClass = dtype
     if isinstance(dtype, (pl.List, pl.Array)):
         inner = dtype.inner
-    return inner in (pl.String, pl.Binary, pl.Null) or isinstance(dtype, pl.Struct)
+    return inner in (pl.String, pl.Binary, pl.Null) or isinstance(inner, pl.Struct)
 
 
 def _is_history(dtype: pl.DataType) -> bool:
