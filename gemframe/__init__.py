@@ -6,7 +6,8 @@ Prompt and image columns in; a typed, cached reply struct out::
     df.with_columns(reply=gf.generate("prompt", images="image_path")).unnest("reply")
 
 Conversations continue with ``gf.generate(..., history=gf.turns("prompt", "reply"))``,
-structured output is ``response_schema=``, and ``gf.show`` / ``gf.save_images`` look at and
+structured output is ``response_schema=``, what to ask can be one ``gf.RequestSpec`` reused by
+generate, estimate, manifest and run (``spec=``), and ``gf.show`` / ``gf.save_images`` look at and
 keep generated images.
 """
 
@@ -29,6 +30,7 @@ from ._polars.conversation import HISTORY_DTYPE, turns
 from ._polars.display import save_images, show
 from ._polars.expr import generate, request, send
 from ._core.payload import RequestBuilder, build_request, sniff_mime
+from ._core.spec import RequestSpec
 from ._core.providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind, register_provider
 from .emulator.provider import EmulatorProvider  # registers the "emulator" provider
 from ._core.response import REPLY_DTYPE, reply_dtype
@@ -61,6 +63,7 @@ __all__ = [
     "REPLY_DTYPE",
     "Report",
     "RequestBuilder",
+    "RequestSpec",
     "ResponseCache",
     "RowError",
     "RowsFailedWarning",

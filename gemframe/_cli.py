@@ -18,6 +18,7 @@ from ._core.providers import DEFAULT_MODEL, PROVIDERS
 
 if TYPE_CHECKING:
     from ._core.client import Client
+    from ._core.spec import RequestSpec
 
 EPILOG = """\
 examples:
@@ -89,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cache", choices=[m.value for m in CacheMode], default="use", help="cache mode (default: use)")
     run.add_argument("--cache-dir", metavar="DIR", help=f"cache directory (default: $GEMFRAME_CACHE_DIR or {default_cache_dir()})")
     run.add_argument("--image-dir", metavar="DIR", help="write generated images here and store their paths")
+    run.add_argument("--prefix", metavar="P", help="name the reply fields P+field (e.g. r_text); by default a reply "
+                     "field named like an input column (text, images, error, ...) is written as reply_<field>, with a warning")
     run.add_argument("--batch-rows", type=int, default=10_000, metavar="N", help="rows per batch read/written (default: 10000)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--batch", action="store_true", help="use the provider's Batch Mode (half price, answered within a day); "
@@ -151,9 +154,13 @@ def _parquet_input(path: str) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from ._core.client import Client
+    from ._core.spec import RequestSpec
     from ._pipeline import run
 
     _parquet_input(args.input)
+    # What to ask, checked once (a bad --config is one line before anything is read or sent)
+    # and the same for the run and its dry run.
+    spec = RequestSpec(model=args.model, system=args.system, config=args.config, safety=args.safety)
     client = Client(
         args.provider, base_url=args.base_url, model=args.model, concurrency=args.concurrency,
         timeout=args.timeout, max_attempts=args.max_attempts, rpm=args.rpm, tpm=args.tpm,
@@ -161,14 +168,14 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         if args.dry_run:
-            return _dry_run(args, client)
-        with _row_failures() as failures:
+            return _dry_run(args, client, spec)
+        with _run_warnings() as failures:
             manifest = run(
-                args.input, args.output, prompt=args.prompt, images=args.images, system=args.system,
-                model=args.model, config=args.config, safety=args.safety, client=client,
-                image_dir=args.image_dir, batch_rows=args.batch_rows, progress=not args.no_progress,
-                mode="batch" if args.batch else "live", poll_interval=args.poll_interval,
-                samples=args.samples, manifest_path=args.manifest, prices=args.prices,
+                args.input, args.output, prompt=args.prompt, images=args.images, spec=spec,
+                client=client, image_dir=args.image_dir, batch_rows=args.batch_rows,
+                progress=not args.no_progress, mode="batch" if args.batch else "live",
+                poll_interval=args.poll_interval, samples=args.samples, prefix=args.prefix,
+                manifest_path=args.manifest, prices=args.prices,
             )
     finally:
         client.close()
@@ -181,29 +188,33 @@ def _run(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _row_failures() -> Iterator[list[str]]:
-    """The run's `RowsFailedWarning` messages, kept to print as the last line (after the
-    summary, where a user looks); other warnings are shown as usual."""
+def _run_warnings() -> Iterator[list[str]]:
+    """The run's warnings: `RowsFailedWarning` messages are kept to print as the last line (after
+    the summary, where a user looks), a `ColumnNameWarning` is one ``gemframe: warning:`` line at
+    once, others are shown as Python shows them."""
     from ._core.progress import RowsFailedWarning
+    from ._polars.expr import ColumnNameWarning
 
     failures: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ColumnNameWarning)
         try:
             yield failures
         finally:
             for warning in caught:
                 if issubclass(warning.category, RowsFailedWarning):
                     failures.append(str(warning.message))
+                elif issubclass(warning.category, ColumnNameWarning):
+                    print(f"gemframe: warning: {warning.message}", file=sys.stderr)
                 else:
                     warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def _dry_run(args: argparse.Namespace, client: Client) -> int:
+def _dry_run(args: argparse.Namespace, client: Client, spec: RequestSpec) -> int:
     from ._accounting.estimate import estimate
 
     result = estimate(
-        args.input, args.prompt, images=args.images, system=args.system, model=args.model,
-        config=args.config, safety=args.safety, client=client, samples=args.samples,
+        args.input, args.prompt, images=args.images, spec=spec, client=client, samples=args.samples,
         exact=args.count_tokens, output_tokens=args.output_tokens, prices=args.prices,
         batch=bool(getattr(args, "batch", False)),
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -25,25 +24,24 @@ from ._core.cache import CacheMode
 from ._core.client import Client, default_client
 from ._errors import APIError, ConfigError, InputError
 from ._accounting.estimate import Prices
-from ._polars.expr import generate
+from ._polars.expr import generate, reply_columns
 from ._accounting.manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
-from ._core.payload import RequestBuilder
+from ._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from ._core.progress import Progress
 from ._core.response import reply_dtype
+
 
 __all__ = ["MANIFEST_KEY", "read_manifest", "run"]
 
 
+@asks
 def run(
     input: str,
     output: str,
     *,
     prompt: str = "prompt",
     images: str | None = None,
-    system: str | None = None,
-    model: str | None = None,
-    config: Mapping[str, Any] | None = None,
-    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+    spec: RequestSpec | None = None,
     client: Client | None = None,
     cache: str | None = None,
     image_dir: str | None = None,
@@ -52,21 +50,29 @@ def run(
     mode: str = "live",
     poll_interval: float = 30.0,
     samples: int = 1,
+    prefix: str | None = None,
     manifest_path: str | None = None,
     prices: Prices | None = None,
+    **ask: Unpack[Ask],
 ) -> dict[str, Any]:
     """Answer every row of ``input`` and write ``output`` (input columns + reply fields).
 
+    What to ask is a `gemframe.RequestSpec` (``spec=``) or its keywords (``model``, ``system``,
+    ``config``, ``safety``, ``response_schema``, ``sample``), checked before anything is read.
     ``mode="batch"`` submits every miss as provider batch jobs (recorded in
     ``OUT.batch.json``, so a rerun resumes them), waits for all of them, then writes the output.
     Returns the run manifest, which is also stored in the output's metadata (and written to
     ``manifest_path`` as JSON when given). ``samples=N`` (N > 1) writes N rows per input row,
-    sample indices 0..N-1 in a ``sample`` column; ``prices`` overrides the price table used for
-    the manifest's cost (see `gemframe._accounting.estimate`).
+    sample indices ``sample`` .. ``sample + N - 1`` in a ``sample`` column; ``prices`` overrides
+    the price table used for the manifest's cost (see `gemframe._accounting.estimate`).
+
+    A reply field named like an input column (``text``, ``images``, ``error``, ...) is written
+    as ``reply_{field}``, with a warning naming it; ``prefix="r_"`` prefixes every reply field
+    instead. The manifest's ``reply_columns`` records the renamed ones.
     """
+    spec = request_spec(spec, ask, "run")  # a bad config fails before reading anything
     client = client or default_client()
-    model = model or client.model
-    builder = RequestBuilder(system, config, safety)  # a bad config fails before reading anything
+    model = spec.model_for(client.model)
     if mode == "batch" and (CacheMode(cache) if cache else client.cache_mode) is CacheMode.OFF:
         # The output is written from the cache once every job is collected: without it the
         # answers would be paid for and lost (every row BATCH_LOST). Refused before any job.
@@ -82,11 +88,11 @@ def run(
             raise InputError(f"{input}: no {role} column {name!r}; columns are {columns}")
     if samples < 1:
         raise InputError("samples must be >= 1")
-    clash = sorted(set(columns) & (set(reply_dtype().to_schema()) | ({"sample"} if samples > 1 else set())))
-    if clash:
-        raise InputError(
-            f"{input}: columns {clash} would collide with the reply fields; rename them first"
-        )
+    if samples > 1 and "sample" in columns:
+        raise InputError(f"{input}: a column 'sample' would collide with the sample index column; rename it first")
+    schema = spec.schema
+    fields = list(reply_dtype(image_files=image_dir is not None, parsed=schema.dtype if schema else None).to_schema())
+    renamed = reply_columns(fields, columns, prefix)
     started = time.time()
     bar = Progress(_rows_to_answer(input, prompt, images) * samples, progress, model)
     tally = Tally()
@@ -94,13 +100,15 @@ def run(
     batch: dict[str, Any] = {}
     if mode == "batch":
         batch = {"mode": "batch", "batch_state": f"{output}.batch.json", "poll_interval": poll_interval}
-    request = dict(prompt=prompt, images=images, system=system, model=model, config=config,
-                   safety=safety, client=client, cache=cache, image_dir=image_dir, **batch)
-    exprs = [generate(**request, progress=bar, sample=k) for k in range(samples)]
+    request = dict(prompt=prompt, images=images, client=client, cache=cache, image_dir=image_dir, **batch)
+    specs = [spec.with_sample(spec.sample + k) for k in range(samples)]
+    exprs = [generate(**request, spec=s, progress=bar) for s in specs]
     if batch:  # submit the misses of every batch, wait once for all jobs, then write as usual
         for record_batch in source.iter_batches(batch_size=batch_rows):
-            for k in range(samples):  # one at a time: each call updates the one state file
-                pl.from_arrow(record_batch).select(generate(**request, progress=False, wait=False, sample=k))
+            frame = pl.from_arrow(record_batch)
+            assert isinstance(frame, pl.DataFrame)
+            for s in specs:  # one at a time: each call updates the one state file
+                frame.select(generate(**request, spec=s, progress=False, wait=False))
         store = client.cache if client.cache_mode is not CacheMode.OFF else None
         BatchJobs(client.provider, client.executor, store, model, batch["batch_state"], poll_interval, bar).wait()
         if client.cache_mode is not CacheMode.OFF:  # answers the jobs stored: paid in this run
@@ -114,7 +122,9 @@ def run(
         for batch in batches:
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
-            answered = _answer(frame, exprs, tally, paid)
+            answered = _answer(frame, exprs, tally, paid, spec.sample)
+            if renamed:
+                answered = answered.with_columns(pl.col("reply").struct.rename_fields([renamed.get(f, f) for f in fields]))
             table = answered.unnest("reply").to_arrow()
             if writer is None:
                 writer = pq.ParquetWriter(partial.file, table.schema)
@@ -122,12 +132,10 @@ def run(
         finished = time.time()
         manifest = {
             **describe(
-                client=client, model=model, system=system, config=config, safety=safety,
-                prompt=prompt, images=images, samples=samples,
+                client=client, spec=spec, prompt=prompt, images=images, samples=samples,
                 cache_mode=(cache or client.cache_mode.value),
             ),
-            "config": builder.config,
-            "safety": builder.safety,
+            **({"reply_columns": renamed} if renamed else {}),
             "mode": mode,
             "input": fingerprint(input),
             "output": os.path.abspath(output),
@@ -158,14 +166,15 @@ def run(
     return manifest
 
 
-def _answer(frame: pl.DataFrame, exprs: list[pl.Expr], tally: Tally, paid: set[str]) -> pl.DataFrame:
-    """The batch with its reply column; with several samples, one row per (input row, sample)."""
+def _answer(frame: pl.DataFrame, exprs: list[pl.Expr], tally: Tally, paid: set[str], first: int = 0) -> pl.DataFrame:
+    """The batch with its reply column; with several samples, one row per (input row, sample),
+    the samples numbered from ``first``."""
     if len(exprs) == 1:
         answered = frame.with_columns(exprs[0])
         tally.add(answered["reply"], paid)
         return answered
     parts = []
-    for k, expr in enumerate(exprs):
+    for k, expr in enumerate(exprs, first):
         part = frame.with_row_index("__gemframe_row").with_columns(pl.lit(k, pl.Int32).alias("sample"), expr)
         tally.add(part["reply"], paid)
         parts.append(part)

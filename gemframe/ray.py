@@ -47,7 +47,7 @@ if not __package__:  # this file was found as a top-level "ray" (sys.path holds 
     )
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import polars as pl
@@ -62,9 +62,10 @@ except ImportError as exc:
 from ._core.cache import CacheMode
 from ._core.client import Client
 from ._polars.expr import IntoExpr, generate as _generate
-from ._core.payload import RequestBuilder
+from ._core.spec import ASK, Ask, RequestSpec, Unpack, asks, request_spec
 from ._core.providers import DEFAULT_MODEL, resolve_provider
 from ._errors import ConfigError
+
 
 __all__ = ["GeminiBatch", "Secret", "generate", "share"]
 
@@ -131,22 +132,20 @@ class GeminiBatch:
     ``1/num_actors`` of them, so ``num_actors`` must be the pool's (maximum) size. ``provider``
     None picks it from the actor's environment. ``api_key`` is best left out (the actor reads
     its environment) or passed as a `Secret`; a plain string works but shows wherever Ray shows
-    constructor arguments. The other arguments are `gemframe.generate`'s and
+    constructor arguments. What to ask is a `gemframe.RequestSpec` (``spec=``) or its keywords
+    (``model``, ``system``, ``config``, ...); the other arguments are `gemframe.generate`'s and
     `gemframe.Client`'s; ``client_options`` go to `gemframe.Client` (``timeout``,
     ``max_attempts``, ``adaptive``, ...).
     """
 
+    @asks
     def __init__(
         self,
         prompt: IntoExpr = "prompt",
         *,
         images: Any = None,
         history: IntoExpr | None = None,
-        system: str | None = None,
-        config: Mapping[str, Any] | None = None,
-        safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
-        response_schema: Any = None,
-        model: str | None = None,
+        spec: RequestSpec | None = None,
         provider: str | None = None,
         api_key: str | Secret | None = None,
         base_url: str | None = None,
@@ -156,13 +155,14 @@ class GeminiBatch:
         num_actors: int = 1,
         cache: str | CacheMode = CacheMode.USE,
         cache_dir: str | None = None,
-        sample: int = 0,
         image_dir: str | None = None,
         raw: bool = False,
         output: str = "reply",
         unnest: bool = False,
         client_options: Mapping[str, Any] | None = None,
+        **ask: Unpack[Ask],
     ) -> None:
+        spec = request_spec(spec, ask, "GeminiBatch")  # `generate` hands its spec over, checked
         key = api_key.reveal() if isinstance(api_key, Secret) else api_key
         self.output = output
         self.unnest = unnest
@@ -171,7 +171,7 @@ class GeminiBatch:
             provider,
             api_key=key,
             base_url=base_url,
-            model=model or DEFAULT_MODEL,
+            model=spec.model_for(DEFAULT_MODEL),
             concurrency=_share_concurrency(concurrency, num_actors),
             rpm=share(rpm, num_actors),
             tpm=share(tpm, num_actors),
@@ -188,9 +188,8 @@ class GeminiBatch:
             _root_names(prompt) + _root_names(images) + _root_names(history)
         ))
         self.expr = _generate(
-            prompt, images=images, history=history, system=system, config=config,
-            safety=safety, response_schema=response_schema, client=self.client,
-            sample=sample, progress=False, image_dir=image_dir, raw=raw,
+            prompt, images=images, history=history, spec=spec, client=self.client,
+            progress=False, image_dir=image_dir, raw=raw,
         ).alias(output)
 
     def __repr__(self) -> str:
@@ -249,17 +248,14 @@ def _provider_name(provider: str | None) -> str:
     return resolve_provider(None).name
 
 
+@asks
 def generate(
     dataset: ray.data.Dataset,
     prompt: IntoExpr = "prompt",
     *,
     images: Any = None,
     history: IntoExpr | None = None,
-    system: str | None = None,
-    config: Mapping[str, Any] | None = None,
-    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
-    response_schema: Any = None,
-    model: str | None = None,
+    spec: RequestSpec | None = None,
     provider: str | None = None,
     api_key: str | None = None,
     base_url: str | None = None,
@@ -268,7 +264,6 @@ def generate(
     tpm: float | None = None,
     cache: str | CacheMode = CacheMode.USE,
     cache_dir: str | None = None,
-    sample: int = 0,
     image_dir: str | None = None,
     raw: bool = False,
     output: str = "reply",
@@ -288,8 +283,11 @@ def generate(
     ``rpm`` and ``tpm`` are totals for the whole cluster, split evenly over the actors.
     ``provider`` None is chosen here, from the driver's environment, as `gemframe.Client`
     would; ``api_key`` None lets each actor read its own environment. The reply struct is
-    added as column ``output`` (its fields as columns with ``unnest=True``).
-    ``map_batches_options`` go to ``Dataset.map_batches``.
+    added as column ``output`` (its fields as columns with ``unnest=True``). What to ask is a
+    `gemframe.RequestSpec` (``spec=``) or its keywords (``model``, ``system``, ``config``,
+    ``safety``, ``response_schema``, ``sample``): checked here, on the driver, and handed to
+    the actors as one object. Other keywords (``map_batches_options``) go to
+    ``Dataset.map_batches``.
 
     ``num_cpus`` is what Ray reserves per actor: a tenth of a CPU by default, because an
     actor mostly waits on the network (8 actors and Ray Data's read and write tasks fit a
@@ -304,18 +302,18 @@ def generate(
     block is one task for one actor. Bad options (config keys, schema) raise here, before
     anything runs.
     """
-    RequestBuilder(system, config, safety, response_schema)  # validate on the driver
+    ask = {k: map_batches_options.pop(k) for k in ASK if k in map_batches_options}
+    spec = request_spec(spec, ask, "gemframe.ray.generate")  # checked on the driver, once
     _share_concurrency(concurrency, num_actors)
     CacheMode(cache)
     if placement_timeout is not None:
         _check_placement(num_actors, num_cpus, placement_timeout, map_batches_options)
     kwargs = dict(
-        prompt=prompt, images=images, history=history, system=system, config=config,
-        safety=safety, response_schema=response_schema, model=model,
+        prompt=prompt, images=images, history=history, spec=spec,
         provider=_provider_name(provider),
         api_key=Secret(api_key) if api_key is not None else None, base_url=base_url,
         concurrency=concurrency, rpm=rpm, tpm=tpm, num_actors=num_actors, cache=cache,
-        cache_dir=os.fspath(cache_dir) if cache_dir is not None else None, sample=sample,
+        cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
         image_dir=image_dir, raw=raw, output=output, unnest=unnest,
         client_options=client_options,
     )

@@ -2,6 +2,7 @@
 
 import json
 import random
+import warnings
 
 import polars as pl
 import pytest
@@ -281,3 +282,37 @@ def test_a_string_that_is_no_column_says_what_it_was_taken_for(client, emulator)
     assert emulator.stats.requests == 0
     named = frame.with_columns(gf.generate("prompt", images="img", client=client)).unnest("reply")
     assert named["error"].is_null().all() and emulator.stats.requests == 1  # real columns work as before
+
+
+def test_unnest_renames_the_reply_fields_that_input_columns_already_name(client, emulator):
+    """Input columns named text, images and error used to make ``unnest=True`` raise polars'
+    DuplicateError; the colliding reply fields are now reply_text, ... with a warning naming them."""
+    df = pl.DataFrame({"prompt": ["one", "two"], "text": ["mine", "also mine"],
+                       "images": ["a.png", None], "error": [None, "old"]})
+    with pytest.warns(UserWarning, match=r"input columns \['error', 'images', 'text'\] .* "
+                      r"\['reply_error', 'reply_images', 'reply_text'\]"):
+        out = df.gemini.generate("prompt", client=client, unnest=True)
+    assert out.columns[:4] == df.columns and out.select(df.columns).equals(df)  # the inputs untouched
+    assert {"reply_text", "reply_images", "reply_error", "finish_reason", "cached"} <= set(out.columns)
+    assert "text" not in set(out.columns) - set(df.columns) and "reply_finish_reason" not in out.columns
+    assert out["reply_text"][0] == 'Emulated reply to: "one".' and out["reply_error"].is_null().all()
+    with pytest.warns(UserWarning, match="reply_text"):
+        lazy = df.lazy().gemini.generate("prompt", client=client, unnest=True).collect()
+    how = ["cached", "attempts", "latency_ms"]  # how each row was answered: here from the cache
+    assert lazy.drop(how).equals(out.drop(how)) and lazy["cached"].all()
+    # An explicit prefix names every reply field, and says nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = df.gemini.generate("prompt", client=client, unnest=True, prefix="r_", name="answer")
+    assert named.columns == [*df.columns, *(f"r_{f}" for f in gf.REPLY_DTYPE.to_schema())]
+    with pytest.raises(gf.InputError, match=r"\['r_text'\] are both input columns and reply fields"):
+        df.rename({"text": "r_text"}).gemini.generate("prompt", client=client, unnest=True, prefix="r_")
+    assert emulator.stats.requests == 2  # "one" and "two"; the refused frame sent nothing
+
+
+def test_generated_images_go_back_in_as_images(client):
+    """A reply's ``images`` (a list of structs) is an images column for the next request."""
+    kw = dict(config={"response_modalities": ["TEXT", "IMAGE"]}, client=client)
+    out = pl.DataFrame({"prompt": ["draw"]}).with_columns(reply=gf.generate("prompt", **kw))
+    again = out.with_columns(r2=gf.generate("prompt", images=pl.col("reply").struct.field("images"), **kw))
+    assert again["r2"][0]["error"] is None and "Image 1: PNG" in again["r2"][0]["text"]

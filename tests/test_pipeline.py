@@ -116,6 +116,43 @@ def test_cli_cache_stats_and_clear(client, sample_input, tmp_path, capsys, cache
     assert "not a date" in capsys.readouterr().err
 
 
+
+def test_input_columns_named_like_reply_fields_get_prefixed_reply_columns(client, emulator, tmp_path, capsys):
+    """Input columns text, images and error used to make gemframe run refuse the file ("would
+    collide with the reply fields; rename them first"): the reply's become reply_text, ... with
+    a warning, or every reply field gets --prefix."""
+    src = tmp_path / "in.parquet"
+    source = pl.DataFrame({"prompt": ["one", "two"], "text": ["t1", "t2"], "images": [None, "x.png"], "error": ["e", None]})
+    source.write_parquet(src)
+    cache = str(tmp_path / "c")
+    assert main(["run", str(src), str(tmp_path / "a.parquet"), "--emulator", "--cache-dir", cache, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "gemframe: warning: input columns ['error', 'images', 'text'] have the names of reply fields" in err
+    assert "['reply_error', 'reply_images', 'reply_text']" in err and "--prefix" in err
+    a = pl.read_parquet(tmp_path / "a.parquet")
+    assert a.select(source.columns).equals(source)  # the input columns as they were
+    assert a["reply_text"].to_list() == ['Emulated reply to: "one".', 'Emulated reply to: "two".']
+    assert {"reply_images", "reply_error", "finish_reason", "cached"} <= set(a.columns)
+    manifest = read_manifest(str(tmp_path / "a.parquet"))
+    assert manifest["reply_columns"] == {"error": "reply_error", "images": "reply_images", "text": "reply_text"}
+    assert manifest["requests_sent"] == 2 and manifest["errors"] == {}  # counted from the reply, not the input's error
+    assert main(["report", str(tmp_path / "a.parquet")]) == 0  # the report reads the renamed reply fields
+    assert "2 answered · 0 errors" in capsys.readouterr().out
+    # --prefix names every reply field; no warning.
+    assert main(["run", str(src), str(tmp_path / "b.parquet"), "--emulator", "--cache-dir", cache, "--no-progress",
+                 "--prefix", "gemini_"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    b = pl.read_parquet(tmp_path / "b.parquet")
+    assert b.columns == [*source.columns, *(f"gemini_{f}" for f in gf.REPLY_DTYPE.to_schema())]
+    assert b["gemini_text"].to_list() == a["reply_text"].to_list() and b["gemini_cached"].all()
+    # The Python API warns the same way; a prefix that still collides is refused before sending.
+    with pytest.warns(UserWarning, match="reply_text"):
+        run(str(src), str(tmp_path / "c.parquet"), client=client, progress=False)
+    with pytest.raises(gf.InputError, match=r"\['error', 'images', 'text'\] are both input columns"):
+        run(str(src), str(tmp_path / "d.parquet"), client=client, progress=False, prefix="")
+    assert not (tmp_path / "d.parquet").exists() and emulator.stats.requests == 2
+
+
 # -- manifests ----------------------------------------------------------------------------------
 
 

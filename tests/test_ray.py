@@ -115,11 +115,13 @@ def test_same_answers_as_polars_and_rerun_from_cache(ray_local, server, tmp_path
     assert distinct <= sent <= frame.height - 1  # each distinct request once (twice at most if
     # two actors asked for it at the same moment)
 
-    # Rerun, new dataset, same cache directory: nothing reaches the server.
+    # Rerun, new dataset, same cache directory, what to ask as one gf.RequestSpec (handed to
+    # the actors as it is): the same requests, so nothing reaches the server.
     before = _requests(app)
+    spec = gf.RequestSpec(system="Be terse.", config={"temperature": 0})
     again = _collect(gray.generate(
-        _dataset(frame, 30), "prompt", provider="google", api_key=KEY, base_url=served.url,
-        cache_dir=str(tmp_path / "ray"), num_actors=2, batch_size=32, num_cpus=0.5, **options,
+        _dataset(frame, 30), "prompt", images="image", spec=spec, provider="google", api_key=KEY,
+        base_url=served.url, cache_dir=str(tmp_path / "ray"), num_actors=2, batch_size=32, num_cpus=0.5,
     ))
     assert _requests(app) == before
     assert again["reply"].struct.field("cached").drop_nulls().all()
@@ -196,6 +198,8 @@ def test_checked_on_the_driver_before_anything_runs(ray_local):
     dataset = ray.data.from_items([{"prompt": "x"}])
     with pytest.raises(gf.InputError):
         gray.generate(dataset, config={"not_a_config_key": 1}, provider="emulator")
+    with pytest.raises(gf.ConfigError, match="sample must be"):
+        gray.generate(dataset, spec=gf.RequestSpec(), sample=-1, provider="emulator")
     with pytest.raises(ValueError, match="concurrency"):
         gray.generate(dataset, concurrency=2, num_actors=4, provider="emulator")
     with pytest.raises(TypeError, match="name"):

@@ -107,7 +107,6 @@ def test_html_report_never_writes_through_a_planted_symlink(mixed_output, tmp_pa
 def test_thumbnails_only_from_regular_image_files(client, tmp_path):
     """Image paths in an output that now name a FIFO (opening it would block forever) or a text
     file are skipped; the report still shows the real image."""
-    import os
 
     df = pl.DataFrame({"prompt": ["A fox", "A boat", "A kite"]})
     out = df.with_columns(reply=gf.generate("prompt", config={"response_modalities": ["IMAGE"]}, image_dir=str(tmp_path / "img"), client=client))

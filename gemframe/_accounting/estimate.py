@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
@@ -35,7 +35,8 @@ from .._core.client import Client, default_client
 from .._core.http import TransportFailure
 from .._core.tokens import count_tokens
 from .._errors import InputError, clip
-from .._core.payload import RequestBuilder
+from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
+
 
 
 PRICES_AS_OF = "2025-09"  # from https://ai.google.dev/gemini-api/docs/pricing
@@ -305,17 +306,14 @@ class _Counter:
         return total
 
 
+@asks
 def estimate(
     data: pl.DataFrame | pl.LazyFrame | str | os.PathLike,
     prompt: Any = "prompt",
     *,
     images: Any = None,
     history: Any = None,
-    system: str | None = None,
-    model: str | None = None,
-    config: Mapping[str, Any] | None = None,
-    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
-    response_schema: Any = None,
+    spec: RequestSpec | None = None,
     client: Client | None = None,
     cache: str | CacheMode | None = None,
     samples: int = 1,
@@ -323,23 +321,28 @@ def estimate(
     output_tokens: float | None = None,
     prices: Prices | None = None,
     batch: bool = False,
+    **ask: Unpack[Ask],
 ) -> Estimate:
     """Count what ``gf.generate(prompt, images=..., ...)`` over ``data`` would send and cost,
     sending nothing to ``generateContent``.
 
     ``data`` is a DataFrame, a LazyFrame or a parquet path; the other arguments are those of
-    `gemframe.generate` (``samples=N``: sample indices 0..N-1, as ``gemframe run --samples N``).
+    `gemframe.generate`: what to ask is a `gemframe.RequestSpec` (``spec=``, the same one gives
+    the same requests and cache keys) or its keywords (``model``, ``system``, ``config``,
+    ``safety``, ``response_schema``, ``sample``); ``samples=N`` asks for sample indices
+    ``sample`` .. ``sample + N - 1``, as ``gemframe run --samples N``.
     ``exact=True`` counts input tokens with the API's ``countTokens`` (free, but needs the key
     for Google); ``output_tokens`` is your assumption of output tokens per request; ``batch``
     prices the requests at the Batch Mode discount.
     """
 
+    spec = request_spec(spec, ask, "estimate")  # a bad config fails here
     if samples < 1:
         raise InputError("samples must be >= 1")
     client = client or default_client()
-    model = model or client.model
+    model = spec.model_for(client.model)
     mode = CacheMode(cache) if cache is not None else client.cache_mode
-    builder = RequestBuilder(system, config, safety, response_schema)  # a bad config fails here
+    builder = spec.builder
     frame = _columns(data, prompt, images, history)
     result = Estimate(model=model, provider=client.provider.name, cache_mode=mode.value, samples=samples)
     looks_up = mode in (CacheMode.USE, CacheMode.READ)
@@ -372,7 +375,7 @@ def estimate(
             if body is None:
                 result.rows_without_prompt += 1
                 continue
-            for k in range(samples):
+            for k in range(spec.sample, spec.sample + samples):
                 result.requests += 1
                 key = cache_key(body, provider=client.provider.name, model=model, sample=k)
                 digest = bytes.fromhex(key)

@@ -22,16 +22,17 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import polars as pl
 
 from .._core.client import Client, default_client
-from .._core.payload import normalize_config, normalize_safety
+from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from .._files import atomic_write
 from .._version import __version__
 from .estimate import IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, Prices, cost
+
 
 
 MANIFEST_KEY = b"gemframe"
@@ -173,16 +174,14 @@ def _stamp(seconds: float) -> str:
 def describe(
     *,
     client: Client,
-    model: str,
-    system: str | None,
-    config: Mapping[str, Any] | None,
-    safety: Any,
+    spec: RequestSpec,
     prompt: Any,
     images: Any,
     samples: int,
     cache_mode: str,
 ) -> dict[str, Any]:
-    """The "what produced it" part of a manifest."""
+    """The "what produced it" part of a manifest: where it was asked, what (the spec's
+    description: model, system, config, safety as sent) and of which columns."""
 
     def column(value: Any) -> Any:
         if value is None or isinstance(value, str):
@@ -196,10 +195,7 @@ def describe(
         "gemframe": _version(),
         "provider": client.provider.name,
         "base_url": client.provider.display_base_url,  # never credentials in it
-        "model": model,
-        "system": system,
-        "config": normalize_config(config),
-        "safety": normalize_safety(safety),
+        **spec.describe(client.model),
         "prompt_column": column(prompt),
         "images_column": column(images),
         "samples": samples,
@@ -207,15 +203,13 @@ def describe(
     }
 
 
+@asks
 def manifest(
     data: pl.Series | pl.DataFrame,
     reply: str = "reply",
     *,
+    spec: RequestSpec | None = None,
     client: Client | None = None,
-    model: str | None = None,
-    system: str | None = None,
-    config: Mapping[str, Any] | None = None,
-    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
     prompt: Any = None,
     images: Any = None,
     input: str | os.PathLike[str] | None = None,
@@ -223,19 +217,22 @@ def manifest(
     cache: str | None = None,
     started: float | None = None,
     prices: Prices | None = None,
+    **ask: Unpack[Ask],
 ) -> dict[str, Any]:
     """A run manifest for replies made with `gemframe.generate`: pass the frame (or the reply
-    column) and what you passed to ``generate`` (client, model, system, config, ...), so the
-    manifest says what produced them. ``input``: a file to fingerprint; ``started``: the
-    ``time.time()`` before the call, for the wall time."""
+    column) and what you passed to ``generate`` (client, and the `gemframe.RequestSpec` as
+    ``spec=`` or its keywords: model, system, config, ...), so the manifest says what produced
+    them. ``input``: a file to fingerprint; ``started``: the ``time.time()`` before the call,
+    for the wall time."""
 
+    spec = request_spec(spec, ask, "manifest")
     client = client or default_client()
-    model = model or client.model
+    model = spec.model_for(client.model)
     tally = Tally()
     tally.add(reply_struct(data, reply))
     out = describe(
-        client=client, model=model, system=system, config=config, safety=safety, prompt=prompt,
-        images=images, samples=samples, cache_mode=cache or client.cache_mode.value,
+        client=client, spec=spec, prompt=prompt, images=images, samples=samples,
+        cache_mode=cache or client.cache_mode.value,
     )
     if input is not None:
         out["input"] = fingerprint(input)

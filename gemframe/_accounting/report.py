@@ -114,6 +114,9 @@ def report(
     manifest = dict(manifest or {})
     if isinstance(manifest.get("base_url"), str):  # a manifest from before base URLs were redacted
         manifest["base_url"] = redact_url(manifest["base_url"])
+    renamed = manifest.get("reply_columns") or {}
+    if renamed:  # reply fields written under other names (input columns had theirs): read those
+        lazy = lazy.drop(list(renamed), strict=False).rename({new: old for old, new in renamed.items()}, strict=False)
     schema = lazy.collect_schema()
     present = [c for c in _STATS_COLUMNS if c in schema]
     if "cached" not in present or "error" not in present:

@@ -27,6 +27,7 @@ from .progress import Progress
 from .providers import DEFAULT_MODEL, Provider, resolve_provider
 from .response import ReplyColumn, decode, failed, reply_dtype
 from .schema import ResponseSchema
+from .spec import RequestSpec
 
 # A row to answer: a request body, a RowError found while building it, or None (nothing to send).
 Row = dict[str, Any] | RowError | None
@@ -172,6 +173,7 @@ class Client:
         rows: Iterable[Row],
         *,
         total: int | None = None,
+        spec: RequestSpec | None = None,
         model: str | None = None,
         cache: str | CacheMode | None = None,
         sample: int = 0,
@@ -185,7 +187,9 @@ class Client:
         wait: bool = True,
     ) -> pl.Series:
         """The reply column (`reply_dtype`) for request bodies, in order; a null reply for rows
-        with nothing to send. ``response_schema`` fills the ``parsed`` field.
+        with nothing to send. ``spec`` (a `RequestSpec`, what the rows were built from) gives the
+        model, the sample index and the response schema that fills the ``parsed`` field; without
+        one, ``model``, ``sample`` and ``response_schema`` (translated) give them.
 
         ``mode="batch"`` sends the misses as provider batch jobs (half price, answered within a
         day) recorded in ``batch_state`` (default: a file in the cache directory named by the
@@ -198,6 +202,10 @@ class Client:
         the cache by then); every other problem becomes that row's ``error``. ``progress`` may
         be a `Progress` shared by several calls (a batch job's single bar).
         """
+        if spec is not None:  # what to ask comes from the spec alone: one place, checked once
+            if model is not None or sample or response_schema is not None:
+                raise ValueError("Client.send: give spec= or model/sample/response_schema, not both")
+            model, sample, response_schema = spec.model, spec.sample, spec.schema
         model = model or self.model
         if mode == "batch":
             _check_batch_cache(CacheMode(cache) if cache is not None else self.cache_mode, wait)

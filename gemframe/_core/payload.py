@@ -27,11 +27,14 @@ import stat
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .._errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from .schema import ResponseSchema
 
 # The generationConfig fields of the v1beta API, camelCase.
 GENERATION_CONFIG_KEYS = frozenset(
@@ -492,7 +495,8 @@ class RequestBuilder:
     """Builds request bodies for many rows sharing one system instruction, config and safety.
 
     The shared parts are validated and normalised once, at construction, so a bad config fails
-    before any row is read.
+    before any row is read. (`gemframe._core.spec.RequestSpec` makes its builder with
+    `normalized`, from the parts it has already checked.)
     """
 
     def __init__(
@@ -502,15 +506,40 @@ class RequestBuilder:
         safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
         response_schema: Any = None,
     ) -> None:
-        self.system = system
-        self.config = normalize_config(config)
-        self.safety = normalize_safety(safety)
-        self.schema = None
+        schema = None
         if response_schema is not None:
             from .schema import response_schema as translate
 
-            self.schema = translate(response_schema)
-            self.config = _with_schema(self.config, self.schema.config)
+            schema = translate(response_schema)
+        self._share(system, normalize_config(config), normalize_safety(safety), schema)
+
+    @classmethod
+    def normalized(
+        cls,
+        system: str | None,
+        config: dict[str, Any] | None,
+        safety: list[dict[str, str]] | None,
+        schema: ResponseSchema | None,
+    ) -> RequestBuilder:
+        """A builder from parts already normalized (`normalize_config`, `normalize_safety`,
+        a translated schema): they are not checked again."""
+        builder = cls.__new__(cls)
+        builder._share(system, config, safety, schema)
+        return builder
+
+    def _share(
+        self,
+        system: str | None,
+        config: dict[str, Any] | None,
+        safety: list[dict[str, str]] | None,
+        schema: ResponseSchema | None,
+    ) -> None:
+        self.system = system
+        self.config = config
+        self.safety = safety
+        self.schema = schema
+        if schema is not None:
+            self.config = _with_schema(config, schema.config)
         shared: dict[str, Any] = {}
         if system:
             shared["systemInstruction"] = {"parts": [{"text": system}]}

@@ -25,7 +25,7 @@ whose prompt and images are null keeps its history unchanged.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import polars as pl
@@ -140,9 +140,9 @@ def turns(
     if history is not None:
         exprs.append(_to_expr(history))
 
-    def run(columns: list[pl.Series]) -> pl.Series:
-        height = max((len(c) for c in columns if len(c) != 1), default=1)
-        columns = [_broadcast(c, height) for c in columns]
+    def run(batch: Sequence[pl.Series]) -> pl.Series:
+        height = max((len(c) for c in batch if len(c) != 1), default=1)
+        columns = [_broadcast(c, height) for c in batch]
         if not (isinstance(columns[1].dtype, pl.Struct) or columns[1].dtype == pl.Null):
             raise InputError(
                 f"reply column {columns[1].name!r} has dtype {columns[1].dtype}; pass the reply "

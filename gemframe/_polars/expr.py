@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import polars as pl
 import polars.selectors as cs
@@ -23,7 +24,10 @@ from .._errors import InputError, RowError, exception_text
 from .._core.payload import RequestBuilder
 from .._core.progress import Progress, job
 from .._core.response import reply_dtype
-from .._core.schema import response_schema as translate_schema
+from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
+
+if TYPE_CHECKING:
+    from polars.datatypes import DataTypeClass
 
 IntoExpr = Union[str, pl.Expr]
 """A column name or an expression, as polars functions accept."""
@@ -46,9 +50,10 @@ def _is_text(dtype: pl.DataType) -> bool:
 
 
 def _is_image(dtype: pl.DataType) -> bool:
+    inner: pl.DataType | DataTypeClass = dtype
     if isinstance(dtype, (pl.List, pl.Array)):
-        dtype = dtype.inner
-    return dtype in (pl.String, pl.Binary, pl.Null) or isinstance(dtype, pl.Struct)
+        inner = dtype.inner
+    return inner in (pl.String, pl.Binary, pl.Null) or isinstance(inner, pl.Struct)
 
 
 def _is_history(dtype: pl.DataType) -> bool:
@@ -164,19 +169,27 @@ def _job_progress(
     return job((key, sender, model), total, enabled, model, label)
 
 
+_MODES = ("live", "batch")
+
+
+def _check_run(cache: str | CacheMode | None, mode: str) -> None:
+    """How-to-run options that can be wrong, checked when the expression is made (not once per
+    batch, after some of them were sent)."""
+    if cache is not None:
+        CacheMode(cache)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'live' or 'batch', not {mode!r}")
+
+
+@asks
 def generate(
     prompt: IntoExpr,
     *,
     images: IntoExpr | bytes | os.PathLike | None = None,
     history: IntoExpr | None = None,
-    system: str | None = None,
-    model: str | None = None,
-    config: Mapping[str, Any] | None = None,
-    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
-    response_schema: Any = None,
+    spec: RequestSpec | None = None,
     client: Client | None = None,
     cache: str | CacheMode | None = None,
-    sample: int = 0,
     progress: bool | Progress | None = None,
     image_dir: str | None = None,
     raw: bool = False,
@@ -184,62 +197,69 @@ def generate(
     batch_state: str | None = None,
     poll_interval: float = 30.0,
     wait: bool = True,
+    **ask: Unpack[Ask],
 ) -> pl.Expr:
     """Ask Gemini once per row; returns the reply struct column (named ``reply``).
 
     ``images`` holds a path, URL, bytes, or a list of them per row (nulls allowed), or one image
     for every row (``bytes``, a ``pathlib.Path`` or ``pl.lit(...)``); ``history`` is a column of
-    earlier turns sent before the prompt (see `gemframe.turns`); ``config`` is a
-    generationConfig (snake_case or camelCase keys); ``safety`` maps harm categories to
-    thresholds. ``response_schema`` (a polars dtype, a dataclass/TypedDict, or a JSON-schema
-    dict) asks for JSON and adds a typed ``parsed`` field; a reply that does not fit it is a
-    ``PARSE_ERROR`` row error. A row with a null prompt and no images gets a null reply and
-    sends nothing. ``image_dir`` writes generated images there (named by content hash) and
-    returns their paths. ``sample`` picks a distinct cached answer for the same request.
+    earlier turns sent before the prompt (see `gemframe.turns`).
+
+    What to ask is a `gemframe.RequestSpec`, given as ``spec=`` or as its keywords: ``model``,
+    ``system``, ``config`` (a generationConfig, snake_case or camelCase keys), ``safety`` (harm
+    categories to thresholds), ``response_schema`` (a polars dtype, a dataclass/TypedDict, or a
+    JSON-schema dict: asks for JSON and adds a typed ``parsed`` field; a reply that does not fit
+    it is a ``PARSE_ERROR`` row error) and ``sample`` (a distinct cached answer for the same
+    request). They are checked here, when the expression is made: a bad config raises at
+    ``gf.generate(...)``, before any row is read.
+
+    A row with a null prompt and no images gets a null reply and sends nothing. ``image_dir``
+    writes generated images there (named by content hash) and returns their paths.
     ``mode="batch"`` sends the misses through the provider's Batch Mode (half price, answered
     within a day) and waits, polling every ``poll_interval`` seconds; stopped and run again, it
     picks up the same jobs (recorded in ``batch_state``, by default in the cache directory);
     ``wait=False`` submits and returns at once, rows not yet answered being ``BATCH_PENDING``.
     """
-    builder = RequestBuilder(system, config, safety, response_schema)  # bad config fails here
+    spec = request_spec(spec, ask, "generate")  # validated here, once
+    _check_run(cache, mode)
     client = named_client(client)  # client="emulator": that provider's shared Client
-    schema = builder.schema
+    schema = spec.schema
     dtype = reply_dtype(image_files=image_dir is not None, raw=raw, parsed=schema.dtype if schema else None)
     inputs = _Inputs(prompt, images, history)
 
-    def run(columns: list[pl.Series]) -> pl.Series:
-        prompts, image_list, histories, total = inputs.columns(columns)
+    def run(columns: Sequence[pl.Series]) -> pl.Series:
+        prompts, image_list, histories, total = inputs.columns(list(columns))
         sender = client or default_client()
-        with _job_progress(run, sender, model, progress, total, columns[0].name) as bar:
+        with _job_progress(run, sender, spec.model, progress, total, columns[0].name) as bar:
             return sender.send(
-                _rows(builder, prompts, image_list, histories, sender.allow_private_urls),
-                total=total, model=model, cache=cache, sample=sample,
-                progress=bar, image_dir=image_dir, raw=raw, response_schema=schema,
+                _rows(spec.builder, prompts, image_list, histories, sender.allow_private_urls),
+                total=total, spec=spec, cache=cache, progress=bar, image_dir=image_dir, raw=raw,
                 mode=mode, batch_state=batch_state, poll_interval=poll_interval, wait=wait,
             )
 
     return pl.map_batches(inputs.exprs, run, return_dtype=dtype, is_elementwise=True).alias("reply")
 
 
+@asks
 def request(
     prompt: IntoExpr,
     *,
     images: IntoExpr | bytes | os.PathLike | None = None,
     history: IntoExpr | None = None,
-    system: str | None = None,
-    config: Mapping[str, Any] | None = None,
-    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
-    response_schema: Any = None,
+    spec: RequestSpec | None = None,
+    **ask: Unpack[Ask],
 ) -> pl.Expr:
     """The exact ``generateContent`` JSON body per row, as a String column (``request``),
-    without sending anything: to look at, save, diff, or send later with `send`."""
-    builder = RequestBuilder(system, config, safety, response_schema)
+    without sending anything: to look at, save, diff, or send later with `send`. What to ask
+    is a `gemframe.RequestSpec` or its keywords, as for `generate` (``model`` and ``sample``
+    are not part of the body: give them to `send`)."""
+    spec = request_spec(spec, ask, "request")
     inputs = _Inputs(prompt, images, history)
 
-    def run(columns: list[pl.Series]) -> pl.Series:
-        prompts, image_list, histories, _ = inputs.columns(columns)
+    def run(columns: Sequence[pl.Series]) -> pl.Series:
+        prompts, image_list, histories, _ = inputs.columns(list(columns))
         bodies = []
-        for item in _rows(builder, prompts, image_list, histories):
+        for item in _rows(spec.builder, prompts, image_list, histories):
             if isinstance(item, RowError):
                 raise InputError(item.message)
             bodies.append(None if item is None else json.dumps(item, ensure_ascii=False))
@@ -280,6 +300,7 @@ def _well_formed(contents: Any) -> bool:
 def send(
     requests: IntoExpr,
     *,
+    spec: RequestSpec | None = None,
     model: str | None = None,
     client: Client | None = None,
     cache: str | CacheMode | None = None,
@@ -291,9 +312,19 @@ def send(
 ) -> pl.Expr:
     """Send a column of JSON request bodies (as made by `request`); returns the reply struct.
 
-    ``response_schema`` parses each reply into a typed ``parsed`` field, as in `generate`
-    (the requests should ask for it: ``gf.request(..., response_schema=...)``)."""
-    schema = translate_schema(response_schema) if response_schema is not None else None
+    The bodies already hold the system instruction, config and safety; what else to ask is the
+    ``model``, the ``sample`` and the ``response_schema`` (which parses each reply into a typed
+    ``parsed`` field, as in `generate`; the requests should ask for it:
+    ``gf.request(..., response_schema=...)``), or a ``spec`` (the `gemframe.RequestSpec` the
+    requests were made with: its model, sample and schema are used)."""
+    given: dict[str, Any] = {} if sample == 0 else {"sample": sample}
+    if model is not None:
+        given["model"] = model
+    if response_schema is not None:
+        given["response_schema"] = response_schema
+    spec = request_spec(spec, given, "send")
+    _check_run(cache, "live")
+    schema = spec.schema
     dtype = reply_dtype(image_files=image_dir is not None, raw=raw, parsed=schema.dtype if schema else None)
 
     def run(column: pl.Series) -> pl.Series:
@@ -301,10 +332,42 @@ def send(
             raise InputError(f"request column {column.name!r} must hold JSON strings, not {column.dtype}")
         sender = client or default_client()
         total = len(column) - column.null_count()
-        with _job_progress(run, sender, model, progress, total, column.name) as bar:
+        with _job_progress(run, sender, spec.model, progress, total, column.name) as bar:
             return sender.send(
-                _parsed(column.to_list()), total=total, model=model, cache=cache,
-                sample=sample, progress=bar, image_dir=image_dir, raw=raw, response_schema=schema,
+                _parsed(column.to_list()), total=total, spec=spec,
+                cache=cache, progress=bar, image_dir=image_dir, raw=raw,
             )
 
     return _to_expr(requests).map_batches(run, return_dtype=dtype, is_elementwise=True).alias("reply")
+
+
+class ColumnNameWarning(UserWarning):
+    """Reply fields were renamed because input columns have their names."""
+
+
+def reply_columns(fields: Sequence[str], columns: Collection[str], prefix: str | None, reply: str = "reply") -> dict[str, str]:
+    """The new names of the reply fields that must not keep theirs beside ``columns`` (the input
+    columns) when the reply is unnested: polars refuses two columns of one name
+    (``DuplicateError``). With ``prefix`` given, every field gets it; without, only the fields
+    that collide get ``reply + "_"``, with a `ColumnNameWarning` naming them. An `InputError`
+    if the names still collide."""
+    if prefix is not None:
+        renamed = {f: f"{prefix}{f}" for f in fields if prefix}
+    else:
+        renamed = {f: f"{reply}_{f}" for f in fields if f in columns}
+    names = [renamed.get(f, f) for f in fields]
+    clash = sorted(set(names) & set(columns))
+    if clash:
+        how = f"prefix {prefix!r}" if prefix is not None else f"the prefix {reply + '_'!r}"
+        raise InputError(
+            f"columns {clash} are both input columns and reply fields (with {how}): pass another "
+            "prefix= (gemframe run --prefix) or rename the input columns"
+        )
+    if renamed and prefix is None:
+        warnings.warn(
+            f"input columns {sorted(renamed)} have the names of reply fields, so those reply fields "
+            f"are the columns {[renamed[f] for f in sorted(renamed)]}; choose their names with "
+            "prefix= (gemframe run --prefix)",
+            ColumnNameWarning, stacklevel=3,
+        )
+    return renamed
