@@ -29,7 +29,7 @@ from _common import ROOT, Row, Section, emit, fmt, run_worker
 
 LATENCY = 0.2
 SIZES = {
-    "quick": dict(random_rows=150, limits=[dict(rpm=1200, rows=200, concurrency=16)]),
+    "quick": dict(random_rows=100, limits=[dict(rpm=1200, rows=100, concurrency=16)]),
     "default": dict(random_rows=500, limits=[
         dict(rpm=6000, rows=2000, concurrency=64),  # as tests/test_faults.py
         dict(rpm=600, rows=600, concurrency=16),  # the 10 requests/s, default concurrency
