@@ -233,8 +233,8 @@ class AdaptiveRate:
             return "higher"
         if after < before - noise:
             return "lower"
-        if early:  # "same" already if clearly so (it costs a random-429 job its speed)
-            return "same" if self._above_floor(after, n2, 3) else "wait"
+        if early:  # "same" already if clearly so (it costs a random-429 job its speed), and not rising
+            return "same" if self._above_floor(after, n2, 3) and after <= before + noise * 2 / 3 else "wait"
         return "same" if self._above_floor(after, n2, 2) else "lower"
 
     def _above_floor(self, share: float, n: int, sigmas: float) -> bool:
@@ -264,7 +264,9 @@ class AdaptiveRate:
             # Still far too fast: the few answers at this rate are nearly all 429s and say little.
             # What the server let through since the trial began does: past its allowance it
             # accepts its limit per second, however fast we send.
-            accepted = (self._accepted_in_trial + 0.5) / max(time.monotonic() - self._trial_start, 0.05)
+            # (The larger of the two: jitter on a loaded machine can make either read low, and
+            # an undershoot costs far more time than one more cut.)
+            accepted = max(accepted, (self._accepted_in_trial + 0.5) / max(time.monotonic() - self._trial_start, 0.05))
         else:
             self._trial_start, self._accepted_in_trial = time.monotonic(), 0
         before = self._trial[0] if same_trial and self._trial is not None else self.rate
