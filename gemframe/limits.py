@@ -155,7 +155,7 @@ class AdaptiveRate:
         # answers, whether the trial has shown a real limit).
         self._trial: tuple[float | None, float, int, bool] | None = None
         self._next_send = 0.0
-        self._sends: deque[float] = deque()  # when requests went out (while not limiting), last `window` s
+        self._sends: deque[float] = deque()  # when requests went out, last `window` s
         self._rtt = 0.0  # of the latest answer
         self._trial_start = 0.0
         self._accepted_in_trial = 0  # successes answered since the trial began, whenever sent
@@ -234,7 +234,8 @@ class AdaptiveRate:
         if after < before - noise:
             return "lower"
         if early:  # "same" already if clearly so (it costs a random-429 job its speed), and not rising
-            return "same" if self._above_floor(after, n2, 3) and after <= before + noise * 2 / 3 else "wait"
+            clearly = n2 >= 2 * self.min_answers and self._above_floor(after, n2, 3) and after <= before + noise * 2 / 3
+            return "same" if clearly else "wait"
         return "same" if self._above_floor(after, n2, 2) else "lower"
 
     def _above_floor(self, share: float, n: int, sigmas: float) -> bool:
@@ -247,27 +248,27 @@ class AdaptiveRate:
         """Set the rate just under what the server accepted lately (by send time)."""
         answers = self._answers
         throttled = self._recent_throttled
-        # Accepted lately: over the most recent answers' send times (in slow start the rate
-        # doubles per round trip, so the whole window would understate the current rate).
-        recent = list(answers)[-2 * self.min_answers:]
-        sent = [s for s, _ in recent]
-        span = max(max(sent) - min(sent), 0.01)
-        # Sent per second times the share accepted, +0.5 (never zero; a few answers all 429 say
-        # the rate was well over the limit, not how far: half an answer is the usual guess).
-        accepted = (len(recent) - 1) / span * (sum(not t for _, t in recent) + 0.5) / len(recent)
-        if self.rate is None:
-            # Not limiting yet (slow start): the answers so far were sent while the window was
-            # smaller; the share of what is being sent now is a fairer first measure. A real
-            # limit with a burst allowance still reads high here; its next cut corrects that.
-            accepted = max(accepted, (1 - throttled / len(answers)) * self._send_rate())
+        # What is really being sent (the pacing rate can be far above it when the window or the
+        # caller is the bottleneck: cutting that would change nothing).
+        sending = self._send_rate()
         if same_trial:
             # Still far too fast: the few answers at this rate are nearly all 429s and say little.
             # What the server let through since the trial began does: past its allowance it
             # accepts its limit per second, however fast we send.
-            # (The larger of the two: jitter on a loaded machine can make either read low, and
-            # an undershoot costs far more time than one more cut.)
-            accepted = max(accepted, (self._accepted_in_trial + 0.5) / max(time.monotonic() - self._trial_start, 0.05))
+            accepted = (self._accepted_in_trial + 0.5) / max(time.monotonic() - self._trial_start, 0.05)
+        elif self.rate is None:
+            # Not limiting yet (slow start: the window doubles per round trip, so the answers so
+            # far understate the current rate): the share of what is being sent now. A limit with
+            # a burst allowance still reads high here; the next cut corrects that (above).
+            accepted = (1 - throttled / len(answers)) * sending
         else:
+            # Accepted lately: sent per second over the recent answers' send times, times the
+            # share accepted, +0.5 (never zero).
+            recent = list(answers)[-2 * self.min_answers:]
+            sent = [s for s, _ in recent]
+            span = max(max(sent) - min(sent), 0.01)
+            accepted = (len(recent) - 1) / span * (sum(not t for _, t in recent) + 0.5) / len(recent)
+        if not same_trial:
             self._trial_start, self._accepted_in_trial = time.monotonic(), 0
         before = self._trial[0] if same_trial and self._trial is not None else self.rate
         # The share to judge the cut against: of every answer at this rate, not of the recent
@@ -277,27 +278,32 @@ class AdaptiveRate:
         self._trial = (before, self._throttled / self._count, self._count, same_trial)
         self.cuts += 1
         self._learning = False
-        rate = max(self.min_rate, self.decrease * min(accepted, self.rate or accepted))
-        logger.debug("429s %d of %d answers: send rate cut from %s to %.1f/s (accepted %.1f/s)", throttled, len(answers),
-                     self.rate and round(self.rate, 1), rate, accepted)
+        rate = max(self.min_rate, self.decrease * min(accepted, sending or accepted))
+        logger.debug("429s %d of %d answers: send rate cut from %s to %.1f/s (accepted %.1f/s, sending %.1f/s)", throttled,
+                     len(answers), self.rate and round(self.rate, 1), rate, accepted, sending)
         self._set(rate)
         self._next_send += 1.0 / self.rate  # what was sent just before spent the server's allowance
 
+    def _sent(self, now: float) -> None:
+        self._sends.append(now)
+        while self._sends[0] < now - self.window:
+            self._sends.popleft()
+
     def _send_rate(self) -> float:
-        """Requests sent per second lately: over the latest round trip, or the last
-        ``min_answers`` sends if they took longer."""
+        """Requests sent per second lately: the most over the last round trip, two, or the
+        last ``window`` seconds (sends clocked by answers come in bursts one round trip apart)."""
         sends, now = self._sends, time.monotonic()
-        if not sends:
-            return 0.0
-        span = max(self._rtt, now - sends[-min(len(sends), self.min_answers)], 0.01)
-        if span >= self.window:
-            return len(sends) / self.window
-        count = 0
-        for t in reversed(sends):
-            if t < now - span:
-                break
-            count += 1
-        return count / span
+        best = len(sends) / self.window
+        rtt = max(self._rtt, 0.01)
+        for span in (rtt, 2 * rtt):
+            if span < self.window:
+                count = 0
+                for t in reversed(sends):
+                    if t < now - span:
+                        break
+                    count += 1
+                best = max(best, count / span)
+        return best
 
     def _undo(self) -> None:
         """Back to the rate before the trial; its 429 share is the background from now on."""
@@ -325,9 +331,7 @@ class AdaptiveRate:
             if self._epoch is None:
                 self._epoch = now
             if self.rate is None:
-                self._sends.append(now)
-                while self._sends[0] < now - self.window:
-                    self._sends.popleft()
+                self._sent(now)
                 return
             epoch = self._epoch
             since = now - epoch
@@ -335,9 +339,11 @@ class AdaptiveRate:
             send_at = max(now, self._next_send)
             self._next_send = send_at + 1.0 / self.rate
             if send_at <= now:
+                self._sent(now)
                 return
             await asyncio.sleep(send_at - now)
             if self._epoch == epoch:
+                self._sent(time.monotonic())
                 return
             # The rate was set again while this request waited: queue again at the new rate.
 
