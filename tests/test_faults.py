@@ -112,7 +112,7 @@ def test_adaptive_rate_settles_under_an_unknown_limit(fault_server, cache_dir):
     # requests queued for a slot are paced too), then settle just under it.
     limit = 6000
     server = fault_server(rpm=limit, latency=0.2)
-    with _client(server, cache_dir, concurrency=32) as client:  # up to 160 requests/s in flight
+    with _client(server, cache_dir, concurrency=64) as client:  # up to 320 requests/s in flight
         out = _ask(client, 2000)
     stats = server.stats
     share_429 = stats.statuses["429"] / stats.requests
