@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rpm", type=float, metavar="N", help="at most N requests per minute (default: no fixed limit; 429s slow the run down)")
     run.add_argument("--tpm", type=float, metavar="N", help="at most N input tokens per minute (default: no limit)")
     run.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout in seconds (default: 120)")
-    run.add_argument("--max-attempts", type=int, default=5, metavar="N", help="attempts per row on transient errors (default: 5)")
+    run.add_argument("--max-attempts", type=int, default=None, metavar="N", help="cap on attempts per row on transient errors (default: none; a row retries for up to 900 s)")
     run.add_argument("--samples", type=int, default=1, metavar="N", help="N answers per row (rows get a 'sample' column 0..N-1, each cached separately)")
     run.add_argument("--manifest", metavar="PATH", help="also write the run manifest to this JSON file")
     run.add_argument("--dry-run", action="store_true", help="send nothing: count rows, requests, cache hits, tokens and the estimated cost")

@@ -57,14 +57,17 @@ class FaultServer:
     ``latency``: seconds before each answer. ``require_key``: expected ``x-goog-api-key``.
     ``revoke_after``: after that many 200 answers, every answer is 401 (the key was revoked
     mid-run); decided when answering, so no 200 is written after the first 401.
+    ``retry_delay`` (e.g. "1.5s"): injected 429s carry Google's RetryInfo with this delay (as a
+    shared quota or an overload does) instead of a ``Retry-After`` header.
     """
 
     def __init__(self, *, seed: int = 0, fault_rate: float = 0.0, faults=FAULTS, fail_first: int = 0,
                  rpm: float | None = None, latency: float = 0.0, retry_after: str = "0", require_key: str | None = None,
-                 revoke_after: int | None = None) -> None:
+                 revoke_after: int | None = None, retry_delay: str | None = None) -> None:
         self.seed, self.fault_rate, self.faults, self.fail_first = seed, fault_rate, tuple(faults), fail_first
         self.rpm, self.latency, self.retry_after, self.require_key = rpm, latency, retry_after, require_key
         self.revoke_after = revoke_after
+        self.retry_delay = retry_delay
         self.stats = Stats()
         self.seen_headers: list[dict[str, str]] = []
         self._bucket = (rpm / 60.0) if rpm else 0.0
@@ -191,7 +194,10 @@ class FaultServer:
         code = int(fault)
         status = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "BAD_GATEWAY", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}[code]
         extra = {"retry-after": self.retry_after} if code in (429, 503) else {}
-        self._send(writer, code, {"error": {"code": code, "message": f"injected {code}", "status": status}}, extra)
+        error = {"code": code, "message": f"injected {code}", "status": status}
+        if code == 429 and self.retry_delay is not None:
+            extra, error["details"] = {}, [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": self.retry_delay}]
+        self._send(writer, code, {"error": error}, extra)
         return True
 
     def _send(self, writer: asyncio.StreamWriter, code: int, payload: dict, extra: dict[str, str] | None = None) -> None:

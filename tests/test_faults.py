@@ -20,7 +20,7 @@ KEY = "sk-live-DO-NOT-LEAK-1234567890abcdef"
 
 
 def _client(server, cache_dir, **options):
-    options = {"concurrency": 32, "backoff": 0.02, "max_attempts": 10, "timeout": 5, "progress": False, **options}
+    options = {"concurrency": 32, "backoff": 0.02, "timeout": 5, "progress": False, **options}
     return gf.Client("google", api_key=options.pop("api_key", KEY), base_url=server.url, cache_dir=str(cache_dir), **options)
 
 
@@ -29,19 +29,24 @@ def _ask(client, n, prefix="row"):
     return frame.with_columns(reply=gf.generate("prompt", client=client)).unnest("reply")
 
 
-@pytest.mark.slow
 def test_fault_matrix_loses_nothing_and_pays_once(fault_server, cache_dir):
-    server = fault_server(seed=7, fault_rate=0.2)
-    with _client(server, cache_dir) as client:
-        out = _ask(client, 2000)
+    # 25% of attempts fail, in every way a server can. Faults are a pure function of (seed, body,
+    # attempt): with seed 8, rows 156 and 163 fail 5 attempts in a row (0.25**5, about 1 in 1,000
+    # rows), which a fixed cap of 5 attempts turned into lost rows. Retried until the deadline
+    # (the default), every row is answered.
+    rows = 1000
+    server = fault_server(seed=8, fault_rate=0.25)
+    with _client(server, cache_dir) as client:  # default max_attempts and deadline
+        out = _ask(client, rows)
     stats = server.stats
-    assert out["error"].is_null().all() and out.height == 2000
-    assert out["text"].to_list() == [f"answer to: row {i}" for i in range(2000)]  # no mix-ups
-    assert len(stats.successes) == 2000 and max(stats.successes.values()) == 1  # nobody paid twice
-    faults = stats.requests - 2000
-    assert faults > 300 and len({k for k in stats.statuses if k != "200"}) == 9  # every fault kind seen
-    assert out["attempts"].sum() == stats.requests
-    print(f"fault matrix: 2000 rows answered, {faults} faults retried, duplicates 0, statuses {dict(stats.statuses)}")
+    assert out.filter(pl.col("error").is_not_null())["prompt"].to_list() == []
+    assert out["text"].to_list() == [f"answer to: row {i}" for i in range(rows)]  # no mix-ups
+    assert len(stats.successes) == rows and max(stats.successes.values()) == 1  # nobody paid twice
+    faults = stats.requests - rows
+    assert faults > 250 and len({k for k in stats.statuses if k != "200"}) == 9  # every fault kind seen
+    assert out["attempts"].sum() == stats.requests and out["attempts"].max() >= 6
+    print(f"fault matrix: {rows} rows answered, {faults} faults retried, most attempts {out['attempts'].max()}, "
+          f"duplicates 0, statuses {dict(stats.statuses)}")
 
 
 def test_retry_after_is_honoured(cache_dir):
@@ -54,9 +59,9 @@ def test_retry_after_is_honoured(cache_dir):
 
 def test_client_errors_are_not_retried(fault_server, cache_dir):
     server = fault_server(require_key="another key")
-    with _client(server, cache_dir) as client, pytest.raises(gf.AuthenticationError):
+    with _client(server, cache_dir, concurrency=16) as client, pytest.raises(gf.AuthenticationError):
         _ask(client, 100)
-    assert server.stats.requests <= 32 and max(server.stats.attempts.values()) == 1  # at most one per slot
+    assert server.stats.requests == 1  # slow start: a cold job sends one request first, not a window of 16
     with gf.Client(gf.EmulatorProvider(app=Emulator()), cache_dir=str(cache_dir), progress=False) as client:
         out = pl.DataFrame({"prompt": ["[emulator:status=400] bad"]}).with_columns(reply=gf.generate("prompt", client=client)).unnest("reply")
     assert out["attempts"][0] == 1 and out["error"][0]["code"] == 400
@@ -103,15 +108,16 @@ def test_configured_tpm_is_never_exceeded():
 
 @pytest.mark.slow
 def test_adaptive_rate_settles_under_an_unknown_limit(fault_server, cache_dir):
-    limit = 6000  # requests per minute the server allows; the client is not told
-    server = fault_server(rpm=limit, latency=0.02)
-    with _client(server, cache_dir, concurrency=16, max_attempts=50) as client:
-        start = time.monotonic()
+    # 100 requests/s with 1 s of burst allowance; the client is not told. Counted at the server
+    # from the very first request: a cold job must not meet it with a burst (slow start, and
+    # requests queued for a slot are paced too), then settle just under it.
+    limit = 6000
+    server = fault_server(rpm=limit, latency=0.2)
+    with _client(server, cache_dir, concurrency=64) as client:  # up to 320 requests/s in flight
         out = _ask(client, 2000)
-        wall = time.monotonic() - start
     stats = server.stats
     share_429 = stats.statuses["429"] / stats.requests
-    throughput = 2000 / wall * 60 / limit
+    throughput = 2000 / (stats.last_success - stats.times[0]) * 60 / limit
     print(f"rate limit: {throughput:.0%} of the server's limit, {share_429:.1%} of attempts answered 429")
     assert out["error"].is_null().all()
     assert throughput >= 0.90 and share_429 <= 0.05
@@ -139,22 +145,44 @@ def _interrupt_main_when(condition):
     return sent
 
 
+def test_random_429s_do_not_slow_the_job(fault_server, cache_dir):
+    # 20% of attempts answered 429 whatever the rate (a shared quota, an overload): slowing down
+    # cannot cure that, so a cut must be undone, not repeated. The very same attempts fail for
+    # both clients (faults are a function of seed, body and attempt).
+    def job(adaptive: bool):
+        server = fault_server(seed=1, fault_rate=0.2, faults=("429",), retry_delay="0.2s", latency=0.05)
+        with _client(server, cache_dir / str(adaptive), concurrency=64, adaptive=adaptive) as client:
+            start = time.monotonic()
+            out = _ask(client, 300)
+            wall = time.monotonic() - start
+        assert out["error"].is_null().all() and server.stats.statuses["429"] > 40
+        return wall, client.executor.limiter.adaptive
+
+    fixed, _ = job(adaptive=False)
+    wall, limiter = job(adaptive=True)
+    print(f"random 429s: {wall:.2f}s vs {fixed:.2f}s with adaptive=False; send rate at the end {limiter.rate}")
+    assert limiter.rate is None  # every cut was undone: the job ends unthrottled
+    assert limiter.floor > 0.1  # and knows 429s it cannot cure
+    assert wall <= 1.5 * fixed + 0.5  # loose: the machine is shared
+
+
 def test_ctrl_c_cancels_promptly_keeps_answers_and_client_stays_usable(fault_server, cache_dir):
     server = fault_server(latency=2.0)
     with _client(server, cache_dir, concurrency=8) as client:
-        # Requests 9-16 each wait for a slot that an answer frees: when the server has seen 16,
-        # the first 8 answers have reached the client, and the next 8 are two seconds away.
-        interrupted = _interrupt_main_when(lambda: server.stats.requests >= 16)
+        # Slow start sends 1, 2, 4, then 8 requests, each round as the last one's answers come
+        # back: when the server has seen 15, 7 answers have reached the client and the next 8
+        # are two seconds away.
+        interrupted = _interrupt_main_when(lambda: server.stats.requests >= 15)
         with pytest.raises(KeyboardInterrupt):
             _ask(client, 100)
         assert time.monotonic() - interrupted["at"] < 1.5  # not held up until the next answers
-        assert server.stats.requests == 16  # nothing was sent after the interrupt
+        assert server.stats.requests == 15  # nothing was sent after the interrupt
         kept = len(client.cache)
-        assert 8 <= kept <= len(server.stats.successes)  # every answer that arrived is in the cache
+        assert 7 <= kept <= len(server.stats.successes)  # every answer that arrived is in the cache
         server.latency = 0.0
         out = _ask(client, 100)
     assert out["error"].is_null().all() and int(out["cached"].sum()) == kept
-    assert server.stats.requests == 16 + 100 - kept  # the rerun sent exactly the rows not answered
+    assert server.stats.requests == 15 + 100 - kept  # the rerun sent exactly the rows not answered
     _wait_for(lambda: server.stats.in_flight == 0)  # the server ends the abandoned requests first
 
 

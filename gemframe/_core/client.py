@@ -90,10 +90,14 @@ class Client:
     environment (a Gemini key, else a Segmind key, else the offline emulator). The key comes from
     ``api_key`` or the provider's environment variables and is never shown in repr or errors.
 
-    ``max_attempts`` and ``deadline`` (seconds) bound the retries of one row, ``backoff`` is the
-    base of their jittered exponential back-off; ``rpm``/``tpm`` cap
-    requests/tokens per minute; ``adaptive`` (default on) slows down on 429 answers and speeds
-    back up, settling under the server's limit when none is configured.
+    Transient faults (429, 5xx, resets, timeouts, truncated bodies) are retried until the row's
+    ``deadline`` (seconds from its first attempt, default 900); ``max_attempts`` (default None:
+    no cap) makes a row give up sooner. ``backoff`` is the base of their jittered exponential
+    back-off (capped at 30 s). ``rpm``/``tpm`` cap requests/tokens per minute. A job starts with
+    one request in flight and opens up to ``concurrency`` as answers succeed (slow start), so a
+    wrong key costs one request. ``adaptive`` (default on) slows down when 429s show a rate
+    limit and speeds back up, settling under the server's limit when none is configured; a cut
+    that does not lower the 429 share (a shared quota, an overload) is undone.
 
     Image URLs in the data are fetched only from public addresses: a URL whose host resolves to
     a private, loopback, link-local or cloud-metadata address (or redirects to one) is that
@@ -109,7 +113,7 @@ class Client:
         model: str = DEFAULT_MODEL,
         concurrency: int = 16,
         timeout: float = 120.0,
-        max_attempts: int = 5,
+        max_attempts: int | None = None,
         deadline: float = 900.0,
         backoff: float = 0.5,
         rpm: float | None = None,

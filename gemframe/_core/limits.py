@@ -1,18 +1,48 @@
-"""Rate limits: fixed requests/tokens per minute, and an adaptive send rate that settles just
-under a server's real limit without being told it.
+"""Rate limits: fixed requests/tokens per minute, a slow-start window of requests in flight, and
+an adaptive send rate that settles just under a server's real limit without being told it.
 
-The adaptive part is AIMD on the send rate (not on concurrency: at 20 requests/s and 50 ms
-latency the right concurrency is "one, sometimes"). When 429s become a real share of answers,
-the rate drops to a fraction of what the server actually accepted (multiplicative decrease);
-then it rises again (additive increase of a few percent of that level per second, accelerating
-with time since the cut) until the next cut. With no throttling it never limits anything.
+**Slow start** (`Window`). A cold job sends one request first and lets one more in flight per
+success (so the window doubles per round trip, like TCP's slow start) up to the concurrency. A
+wrong key, model or URL then stops the job after one request instead of a whole window, and a
+server that allows 10 requests/s is not met with a burst of 64. It costs log2(concurrency)
+round trips once per job (6 at C=64: ~1.2 s at 200 ms latency, noise on a job of thousands of
+requests). "A job" is a busy period of the executor: the window starts again at one after the
+executor has been idle for `IDLE_RESTART` seconds. Not per `Client.send`: polars' streaming
+engine calls it once per small batch, often from several threads at once, and each call would
+pay the ramp again; a notebook cell run minutes later is a new job (maybe another model, maybe
+a key revoked since), so it starts cautiously again.
+
+**Adaptive rate** (`AdaptiveRate`): AIMD on the send rate, not on concurrency (at 20 requests/s
+and 50 ms latency the right concurrency is "one, sometimes"). When 429s become a real share of
+the answers to requests sent at the current rate, the rate drops to a fraction of what the
+server actually accepted (multiplicative decrease); then it rises again (a few percent of that
+level per second, accelerating with time since the cut) until the next cut. With no throttling
+it never limits anything.
+
+Gemini also answers 429 when slowing down cannot help: a project quota shared with other jobs,
+a momentary overload. Cutting for those only makes the job slow, and each cut is followed by
+the same share of 429s, so the rate would ratchet down to nothing. So every cut is a trial: the
+429 share of the answers to requests sent at the new rate is compared with the share that
+triggered the cut (a two-proportion test, so noise on a few dozen answers decides nothing):
+
+- clearly lower, or down to the background level: the cut was the cure (a real limit); keep it;
+- about the same: slowing down was not the cure; undo the cut (back to the rate before it,
+  usually "no limit") and remember that share as the background (`floor`): later cuts need a
+  share clearly above it, i.e. a share that rises with the rate, which is what a real limit does;
+- clearly higher, or half or more: still far too fast (a cold start spent the server's burst
+  allowance, so the first measure of what it accepts was inflated; far above a limit every rate
+  draws nearly all 429s, so the share cannot tell); cut again, same trial.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections import deque
+
+logger = logging.getLogger("gemframe")
 
 
 class TokenBucket:
@@ -45,22 +75,62 @@ class TokenBucket:
         self.level = min(self.capacity, self.level + amount)
 
 
+IDLE_RESTART = 5.0  # seconds with nothing in flight after which a window starts at one again
+
+
+class Window:
+    """How many requests may be in flight: slow start (module docstring) up to ``limit``.
+
+    Used as ``async with window:`` around one attempt; `grow` after a success. Growing releases
+    one more permit of an ordinary semaphore, so a request costs what a semaphore costs.
+    """
+
+    def __init__(self, limit: int, idle_restart: float = IDLE_RESTART) -> None:
+        self.limit = limit
+        self.idle_restart = idle_restart
+        self.size = 1
+        self.busy = 0
+        self._idle_since = time.monotonic()
+        self._slots = asyncio.Semaphore(1)
+
+    def grow(self) -> None:
+        """One success: one more request may be in flight (until the limit)."""
+        if self.size < self.limit:
+            self.size += 1
+            self._slots.release()
+
+    async def __aenter__(self) -> None:
+        if self.busy == 0 and self.size > 1 and time.monotonic() - self._idle_since > self.idle_restart:
+            # A new job: nobody holds a permit, so nobody waits on the old semaphore.
+            self.size, self._slots = 1, asyncio.Semaphore(1)
+        self.busy += 1  # counted before waiting: a request queued here means the job goes on
+        await self._slots.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._slots.release()
+        self.busy -= 1
+        if self.busy == 0:
+            self._idle_since = time.monotonic()
+
+
 class AdaptiveRate:
     """The AIMD send-rate controller described in the module docstring.
 
-    It judges the current rate only by answers to requests sent since the rate was last set,
-    over the last ``window`` seconds of sending. A 429 signals capacity only when 429s are more
-    than ``threshold`` of at least ``min_answers`` such answers: a stray 429 from a flaky server
-    must not collapse a healthy job's rate.
+    It judges the current rate only by answers to requests sent since the rate was last set
+    (its epoch). A cut needs two 429s or more, and more than ``threshold`` plus the background
+    share (``floor``, with a noise margin), among at least ``min_answers`` answers of the last
+    ``window`` seconds of sending: a stray 429 from a flaky server must not collapse a healthy
+    job's rate. A cut is judged on the answers at the new rate (`_verdict`).
     """
 
     def __init__(
         self,
         decrease: float = 0.85,
-        increase: float = 0.03,
-        acceleration: float = 0.002,
+        increase: float = 0.02,
+        acceleration: float = 0.001,
         threshold: float = 0.03,
         min_answers: int = 10,
+        judge_answers: int = 30,
         window: float = 1.0,
         min_rate: float = 0.2,
     ) -> None:
@@ -69,41 +139,188 @@ class AdaptiveRate:
         self.acceleration = acceleration  # per second squared, likewise
         self.threshold = threshold
         self.min_answers = min_answers
+        self.judge_answers = judge_answers
         self.window = window
         self.min_rate = min_rate
-        self.rate: float | None = None  # None: not limiting (no capacity signal yet)
-        self.throttles = 0
+        self.rate: float | None = None  # None: not limiting (no capacity signal yet, or undone)
+        self.floor = 0.0  # share of 429s that slowing down did not cure
+        self._learning = False  # measuring the floor (since an undo)
+        self.throttles = self.cuts = self.undone = 0
         self._base = 0.0
         self._epoch: float | None = None  # when the current rate was set (or the first send)
-        self._answers: deque[tuple[float, bool]] = deque()  # (sent at, throttled) since the epoch
+        self._answers: deque[tuple[float, bool]] = deque()  # (sent at, throttled) since the epoch, last `window` s
+        self._recent_throttled = 0  # 429s among those (kept as they come: this runs per answer)
+        self._count = self._throttled = 0  # every answer since the epoch
+        # The cut being judged: (rate before its trial began, 429 share at that rate, of how many
+        # answers, whether the trial has shown a real limit).
+        self._trial: tuple[float | None, float, int, bool] | None = None
         self._next_send = 0.0
+        self._sends: deque[float] = deque()  # when requests went out, last `window` s
+        self._rtt = 0.0  # of the latest answer
+        self._trial_start = 0.0
+        self._accepted_in_trial = 0  # successes answered since the trial began, whenever sent
 
     def on_success(self, sent_at: float) -> None:
-        self._record(sent_at, False)
+        self._accepted_in_trial += 1
+        if self._record(sent_at, False):
+            self._decide()
 
     def on_throttle(self, sent_at: float) -> None:
-        """A 429: if 429s are now a real share of answers, set the rate just under what the
-        server accepted lately."""
         self.throttles += 1
-        self._record(sent_at, True)
-        answers = self._answers
-        throttled = sum(t for _, t in answers)
-        if len(answers) < self.min_answers or throttled <= self.threshold * len(answers):
-            return
-        assert self._epoch is not None
-        span = max(min(self.window, max(s for s, _ in answers) - self._epoch), 0.01)
-        accepted = (len(answers) - throttled + 1) / span  # +1: a few answers must not read as zero
-        self.rate = max(self.min_rate, self.decrease * min(accepted, self.rate or accepted))
-        self._base = self.rate
-        self._epoch = self._next_send = time.monotonic()
-        answers.clear()
+        if self._record(sent_at, True):
+            self._decide()
 
-    def _record(self, sent_at: float, throttled: bool) -> None:
+    def _record(self, sent_at: float, throttled: bool) -> bool:
         if self._epoch is None or sent_at < self._epoch:
-            return  # sent at an earlier rate: says nothing about this one
+            return False  # sent at an earlier rate: says nothing about this one
+        self._rtt = time.monotonic() - sent_at
         self._answers.append((sent_at, throttled))
+        self._recent_throttled += throttled
         while self._answers and self._answers[0][0] < sent_at - self.window:
-            self._answers.popleft()
+            self._recent_throttled -= self._answers.popleft()[1]
+        self._count += 1
+        self._throttled += throttled
+        return True
+
+    def _over(self) -> bool:
+        """Whether 429s are a real share of the recent answers, clearly above the background."""
+        n = len(self._answers)
+        throttled = self._recent_throttled
+        if n < self.min_answers or throttled < 2:  # one 429 is a stray
+            return False
+        return self._above_floor(throttled / n, n, 3 if self.floor else 0)
+
+    def _decide(self) -> None:
+        if self._learning and self._trial is None and self._count >= self.judge_answers:
+            self.floor = self._throttled / self._count  # the background, measured at the restored rate
+        over = self._over()
+        verdict = None
+        if self._trial is not None:
+            verdict = self._verdict()
+            over = over or verdict == "higher"
+            if verdict == "wait":
+                return  # no cut while one is being judged: it would muddle the verdict
+            logger.debug("rate %s: 429 share %d/%d after the cut vs %.2f of %d before: %s", self.rate and round(self.rate, 1),
+                         self._throttled, self._count, self._trial[1], self._trial[2], verdict)
+            if verdict == "same" and self._trial[3]:
+                verdict = "higher"  # a limit (see _cut): not yet cut enough
+            elif verdict == "same":  # slowing down did not lower the share: not the cure
+                self._undo()
+                return
+            if verdict == "lower":
+                self._trial = None
+                self.floor = min(self.floor, self._throttled / self._count)
+        if over:
+            self._cut(same_trial=verdict == "higher")
+
+    def _verdict(self) -> str:
+        """The cut under trial against the 429 share at its rate: "lower", "same", "higher", or
+        "wait" (too few answers yet). Clear differences (3 sigma) are acted on from
+        ``min_answers`` answers, and so is a share clearly above the background ("same"); at
+        ``judge_answers`` 2 sigma decide, and a share not above the background is "lower"."""
+        assert self._trial is not None
+        _, before, n1, _ = self._trial
+        n2 = self._count
+        if n2 < self.min_answers:
+            # Far above a limit (the cold start's first cut was too shallow): cut again at once.
+            return "higher" if n2 >= self.min_answers // 2 and self._throttled >= 0.8 * n2 else "wait"
+        early = n2 < self.judge_answers
+        sigmas = 3 if early else 2
+        after = self._throttled / n2
+        pooled = (before * n1 + self._throttled) / (n1 + n2)
+        noise = sigmas * math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+        if after > before + noise or (after >= 0.5 and self._over()):  # far above a limit any rate draws ~all 429s
+            return "higher"
+        if after < before - noise:
+            return "lower"
+        if early:  # "same" already if clearly so (it costs a random-429 job its speed), and not rising
+            clearly = n2 >= 2 * self.min_answers and self._above_floor(after, n2, 3) and after <= before + noise * 2 / 3
+            return "same" if clearly else "wait"
+        return "same" if self._above_floor(after, n2, 2) else "lower"
+
+    def _above_floor(self, share: float, n: int, sigmas: float) -> bool:
+        """Whether a 429 share of ``n`` answers is clearly above the background (and the
+        threshold): not a stray 429 or two."""
+        level = self.floor + self.threshold
+        return share > level + sigmas * math.sqrt(level * (1 - level) / n)
+
+    def _cut(self, same_trial: bool) -> None:
+        """Set the rate just under what the server accepted lately (by send time)."""
+        answers = self._answers
+        throttled = self._recent_throttled
+        # What is really being sent (the pacing rate can be far above it when the window or the
+        # caller is the bottleneck: cutting that would change nothing).
+        sending = self._send_rate()
+        if same_trial:
+            # Still far too fast: the few answers at this rate are nearly all 429s and say little.
+            # What the server let through since the trial began does: past its allowance it
+            # accepts its limit per second, however fast we send.
+            accepted = (self._accepted_in_trial + 0.5) / max(time.monotonic() - self._trial_start, 0.05)
+        elif self.rate is None:
+            # Not limiting yet (slow start: the window doubles per round trip, so the answers so
+            # far understate the current rate): the share of what is being sent now. A limit with
+            # a burst allowance still reads high here; the next cut corrects that (above).
+            accepted = (1 - throttled / len(answers)) * sending
+        else:
+            # Accepted lately: sent per second over the recent answers' send times, times the
+            # share accepted, +0.5 (never zero).
+            recent = list(answers)[-2 * self.min_answers:]
+            sent = [s for s, _ in recent]
+            span = max(max(sent) - min(sent), 0.01)
+            accepted = (len(recent) - 1) / span * (sum(not t for _, t in recent) + 0.5) / len(recent)
+        if not same_trial:
+            self._trial_start, self._accepted_in_trial = time.monotonic(), 0
+        before = self._trial[0] if same_trial and self._trial is not None else self.rate
+        # The share to judge the cut against: of every answer at this rate, not of the recent
+        # ones that tripped the cut (picked at a peak, they would make any cut look like a cure).
+        # A trial cut again because the share rose after a cut, or reached half, has shown a
+        # real limit (random 429s do neither): it is never undone, only cut further.
+        self._trial = (before, self._throttled / self._count, self._count, same_trial)
+        self.cuts += 1
+        self._learning = False
+        rate = max(self.min_rate, self.decrease * min(accepted, sending or accepted))
+        logger.debug("429s %d of %d answers: send rate cut from %s to %.1f/s (accepted %.1f/s, sending %.1f/s)", throttled,
+                     len(answers), self.rate and round(self.rate, 1), rate, accepted, sending)
+        self._set(rate)
+        self._next_send += 1.0 / self.rate  # what was sent just before spent the server's allowance
+
+    def _sent(self, now: float) -> None:
+        self._sends.append(now)
+        while self._sends[0] < now - self.window:
+            self._sends.popleft()
+
+    def _send_rate(self) -> float:
+        """Requests sent per second lately: the most over the last round trip, two, or the
+        last ``window`` seconds (sends clocked by answers come in bursts one round trip apart)."""
+        sends, now = self._sends, time.monotonic()
+        best = len(sends) / self.window
+        rtt = max(self._rtt, 0.01)
+        for span in (rtt, 2 * rtt):
+            if span < self.window:
+                count = 0
+                for t in reversed(sends):
+                    if t < now - span:
+                        break
+                    count += 1
+                best = max(best, count / span)
+        return best
+
+    def _undo(self) -> None:
+        """Back to the rate before the trial; its 429 share is the background from now on."""
+        assert self._trial is not None
+        before, share, n1, _ = self._trial
+        self.floor = (share * n1 + self._throttled) / (n1 + self._count)
+        self._trial = None
+        self.undone += 1
+        self._learning = True  # refine that estimate with the answers at the restored rate
+        self._set(before)
+
+    def _set(self, rate: float | None) -> None:
+        self.rate = rate
+        self._base = rate or 0.0
+        self._epoch = self._next_send = time.monotonic()
+        self._answers.clear()
+        self._recent_throttled = self._count = self._throttled = 0
 
     async def wait(self) -> None:
         """Pace sends at the current rate, which grows with the time since the last cut:
@@ -114,6 +331,7 @@ class AdaptiveRate:
             if self._epoch is None:
                 self._epoch = now
             if self.rate is None:
+                self._sent(now)
                 return
             epoch = self._epoch
             since = now - epoch
@@ -121,11 +339,13 @@ class AdaptiveRate:
             send_at = max(now, self._next_send)
             self._next_send = send_at + 1.0 / self.rate
             if send_at <= now:
+                self._sent(now)
                 return
             await asyncio.sleep(send_at - now)
             if self._epoch == epoch:
+                self._sent(time.monotonic())
                 return
-            # The rate was cut while this request waited: queue again at the new rate.
+            # The rate was set again while this request waited: queue again at the new rate.
 
 
 class RateLimiter:
@@ -155,16 +375,3 @@ class RateLimiter:
     def on_throttle(self, sent_at: float) -> None:
         if self.adaptive is not None:
             self.adaptive.on_throttle(sent_at)
-
-
-def estimate_tokens(content: bytes) -> int:
-    """A cheap pre-call token estimate: ~4 bytes of request JSON per token, plus Gemini's flat
-    258 tokens per inline image (whose base64 bytes are skipped, not counted)."""
-    marker = b'"data":"'
-    skipped = images = start = 0
-    while (i := content.find(marker, start)) != -1:
-        begin = i + len(marker)
-        start = content.find(b'"', begin) + 1 or len(content)
-        skipped += start - begin
-        images += 1
-    return max(1, (len(content) - skipped) // 4) + 258 * images
