@@ -7,7 +7,13 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe._accounting.pricing import BATCH_DISCOUNT, cost, model_price, price_table, storage_cost
+from gemframe._accounting.pricing import (
+    BATCH_DISCOUNT,
+    cost,
+    model_price,
+    price_table,
+    storage_cost,
+)
 from gemframe._cli import main
 from gemframe.emulator import Emulator
 

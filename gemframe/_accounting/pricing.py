@@ -76,11 +76,12 @@ Amount = TypeVar("Amount", float, pl.Expr)
 
 def _load(source: Prices) -> dict[str, dict[str, float]]:
     if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
         try:
-            with open(source) as f:
+            with open(path) as f:
                 source = json.load(f)
         except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read prices from {os.fspath(source)!r}: {exc}") from None
+            raise InputError(f"cannot read prices from {path!r}: {exc}") from None
     shape = "{'input': USD/1M, 'output': USD/1M[, 'cached_input': USD/1M, 'image': USD, 'cache_storage': USD/1M/hour]}"
     if not isinstance(source, Mapping):
         raise InputError(f"prices must map model ids to {shape}")
@@ -233,7 +234,7 @@ def cost_expr(
     parts = _usd(found[1], usage, batch)
     total = pl.sum_horizontal(*parts.values())
     if split:
-        return pl.struct(**parts, usd=total).alias("cost")
+        return pl.struct([e.alias(k) for k, e in parts.items()] + [total.alias("usd")]).alias("cost")
     return total.alias("usd")
 
 
