@@ -2,9 +2,10 @@
 
 ``gemframe report OUT.parquet [--html report.html]`` / ``gf.report(path_or_frame, html=...)``:
 rows, errors by status, finish reasons, tokens, latency percentiles, cache hits, estimated cost
-(split into input, cached input, output, thinking and images) and the manifest's basics; the HTML file adds small inline-SVG charts (finish reasons, errors by
-status, latency and token histograms, drawn here with no plotting dependency), a sample of
-replies and thumbnails of generated images. Everything is embedded: the file can be mailed.
+(split into input, cached input, output, thinking and images) and the manifest's basics; the
+HTML file adds small inline-SVG charts (finish reasons, errors by status, latency and token
+histograms, drawn here with no plotting dependency), a sample of replies and thumbnails of
+generated images. Everything is embedded: the file can be mailed.
 
 Only the columns the summary needs are read from a large output; images only for the rows shown.
 """
@@ -135,7 +136,7 @@ def report(
         # only the run knew, and its manifest says so (the rows alone would say: none)
         for key in ("cache_hits", "cache_misses", "requests_sent", "tokens"):
             counts[key] = manifest.get(key, counts[key])
-        paid = {k: manifest["cost"][k] for k in ("this_run", "this_run_split") if k in manifest["cost"]}
+        paid = {k: manifest["cost"].get(k) for k in ("this_run", "this_run_split")}  # older manifests: no split
         counts["cost"] = {**counts["cost"], **paid}
     answered_rows = stats.filter(pl.col("cached").is_not_null())
     fresh = answered_rows.filter(~pl.col("cached") & (pl.col("attempts").fill_null(0) > 0)) if "attempts" in present else answered_rows.clear()
@@ -333,7 +334,8 @@ def _text(data: Mapping[str, Any], replies: pl.DataFrame, prompt: str | None) ->
             f"  cost (est.)   {_usd(cost['this_run'])} this run · {_usd(cost['all_rows'])} for all rows "
             f"({cost['priced_as']} list prices{', Batch Mode rate' if cost.get('batch_discount') else ''})"
         )
-        lines.append(f"    this run    {_split(cost['this_run_split'])}")
+        if cost.get("this_run_split"):
+            lines.append(f"    this run    {_split(cost['this_run_split'])}")
     elif cost:
         lines.append(f"  cost (est.)   ? ({cost.get('note')})")
     lat = data["latency_ms"]
@@ -490,7 +492,7 @@ def _fragment(
         )
         table = f"<h2>Sample replies</h2><table><tr>{''.join(f'<th>{_e(c)}</th>' for c in cols)}</tr>{rows}</table>"
     costs = ""
-    if cost.get("this_run_split"):  # the split of the cost, by the pricing rule
+    if cost.get("this_run_split") and cost.get("all_rows_split"):  # the parts, by the pricing rule
         rows = "".join(
             f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{_e(_usd(cost['this_run_split'][k]))}</td>"
             f"<td>{_e(_usd(cost['all_rows_split'][k]))}</td></tr>"
