@@ -34,7 +34,8 @@ from ._core.spec import RequestSpec
 from ._core.providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind, register_provider
 from .emulator.provider import EmulatorProvider  # registers the "emulator" provider
 from ._core.response import REPLY_DTYPE, reply_dtype
-from ._accounting.estimate import PRICES, PRICES_AS_OF, Estimate, estimate
+from ._accounting.estimate import Estimate, estimate
+from ._accounting.pricing import PRICES, PRICES_AS_OF, cost_expr
 from ._accounting.manifest import manifest, read_manifest
 from ._pipeline import run
 from ._accounting.report import Report, report
@@ -70,6 +71,7 @@ __all__ = [
     "Segmind",
     "build_request",
     "cache_key",
+    "cost_expr",
     "default_cache_dir",
     "estimate",
     "generate",

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="send nothing: count rows, requests, cache hits, tokens and the estimated cost")
     run.add_argument("--count-tokens", action="store_true", help="with --dry-run: count input tokens with the API's countTokens (exact) instead of locally")
     run.add_argument("--output-tokens", type=float, metavar="N", help="with --dry-run: assume N output tokens per request")
-    run.add_argument("--prices", metavar="FILE.json", help="price overrides {model: {input, output[, image]}} (USD per 1M tokens / per image); default $GEMFRAME_PRICES")
+    run.add_argument("--prices", metavar="FILE.json", help="price overrides {model: {input, output[, cached_input, image, cache_storage]}} (USD per 1M tokens / per image / per 1M tokens an hour); default $GEMFRAME_PRICES")
     run.add_argument("--cache", choices=[m.value for m in CacheMode], default="use", help="cache mode (default: use)")
     run.add_argument("--cache-dir", metavar="DIR", help=f"cache directory (default: $GEMFRAME_CACHE_DIR or {default_cache_dir()})")
     run.add_argument("--image-dir", metavar="DIR", help="write generated images here and store their paths")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import polars as pl
@@ -23,7 +24,7 @@ from ._core.batch import BatchJobs
 from ._core.cache import CacheMode
 from ._core.client import Client, default_client
 from ._errors import APIError, ConfigError, InputError
-from ._accounting.estimate import Prices
+from ._accounting.pricing import Prices
 from ._polars.expr import generate, reply_columns
 from ._accounting.manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
 from ._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
@@ -64,7 +65,7 @@ def run(
     Returns the run manifest, which is also stored in the output's metadata (and written to
     ``manifest_path`` as JSON when given). ``samples=N`` (N > 1) writes N rows per input row,
     sample indices ``sample`` .. ``sample + N - 1`` in a ``sample`` column; ``prices`` overrides
-    the price table used for the manifest's cost (see `gemframe._accounting.estimate`).
+    the price table used for the manifest's cost (see `gemframe._accounting.pricing`).
 
     A reply field named like an input column (``text``, ``images``, ``error``, ...) is written
     as ``reply_{field}``, with a warning naming it; ``prefix="r_"`` prefixes every reply field
@@ -95,8 +96,7 @@ def run(
     renamed = reply_columns(fields, columns, prefix)
     started = time.time()
     bar = Progress(_rows_to_answer(input, prompt, images) * samples, progress, model)
-    tally = Tally()
-    paid: set[str] = set()
+    paid: Counter[str] = Counter()  # Batch Mode: response id -> requests this run's jobs answered with it
     batch: dict[str, Any] = {}
     if mode == "batch":
         batch = {"mode": "batch", "batch_state": f"{output}.batch.json", "poll_interval": poll_interval}
@@ -112,7 +112,8 @@ def run(
         store = client.cache if client.cache_mode is not CacheMode.OFF else None
         BatchJobs(client.provider, client.executor, store, model, batch["batch_state"], poll_interval, bar).wait()
         if client.cache_mode is not CacheMode.OFF:  # answers the jobs stored: paid in this run
-            paid = {json.loads(e["response"]).get("responseId") for e in client.cache.entries(model=model, after=started)}
+            paid.update(json.loads(e["response"]).get("responseId") for e in client.cache.entries(model=model, after=started))
+    tally = Tally(paid)  # counts each request once per run, however many record batches it is in
     partial = AtomicFile(output)  # an exclusive temp file, renamed when complete (see _files)
     writer: pq.ParquetWriter | None = None
     try:
@@ -122,7 +123,7 @@ def run(
         for batch in batches:
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
-            answered = _answer(frame, exprs, tally, paid, spec.sample)
+            answered = _answer(frame, exprs, tally, spec.sample)
             if renamed:
                 answered = answered.with_columns(pl.col("reply").struct.rename_fields([renamed.get(f, f) for f in fields]))
             table = answered.unnest("reply").to_arrow()
@@ -166,17 +167,17 @@ def run(
     return manifest
 
 
-def _answer(frame: pl.DataFrame, exprs: list[pl.Expr], tally: Tally, paid: set[str], first: int = 0) -> pl.DataFrame:
+def _answer(frame: pl.DataFrame, exprs: list[pl.Expr], tally: Tally, first: int = 0) -> pl.DataFrame:
     """The batch with its reply column; with several samples, one row per (input row, sample),
     the samples numbered from ``first``."""
     if len(exprs) == 1:
         answered = frame.with_columns(exprs[0])
-        tally.add(answered["reply"], paid)
+        tally.add(answered["reply"])
         return answered
     parts = []
     for k, expr in enumerate(exprs, first):
         part = frame.with_row_index("__gemframe_row").with_columns(pl.lit(k, pl.Int32).alias("sample"), expr)
-        tally.add(part["reply"], paid)
+        tally.add(part["reply"])
         parts.append(part)
     return pl.concat(parts).sort("__gemframe_row", "sample", maintain_order=True).drop("__gemframe_row")
 

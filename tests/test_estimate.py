@@ -8,7 +8,6 @@ import pytest
 
 import gemframe as gf
 from gemframe._cli import main
-from gemframe._accounting.estimate import BATCH_DISCOUNT, cost, model_price, price_table
 from gemframe._core.tokens import count_tokens
 
 IMAGE_CONFIG = {"response_modalities": ["TEXT", "IMAGE"]}
@@ -115,6 +114,26 @@ def test_exact_falls_back_to_local_when_count_tokens_gets_no_usable_answer(fault
     assert f"11 requests counted locally: countTokens failed ({why}" in " ".join(exact.notes)
 
 
+def test_estimate_splits_thinking_and_prices_batch_mode_at_the_batch_rate(client, emulator, sample_input):
+    """After a try with thinking on, the estimate counts the thinking part of the output and
+    prices it at the output rate; ``mode="batch"`` (as gf.run takes it) halves every part."""
+    df = pl.read_parquet(sample_input)
+    kw = dict(images="image_path", config={**IMAGE_CONFIG, "thinking_config": {"include_thoughts": True}}, client=client)
+    tried = df.head(4).with_columns(reply=gf.generate("prompt", **kw)).unnest("reply")
+    live, batch = gf.estimate(df, **kw), gf.estimate(df, mode="batch", **kw)
+    assert live.thoughts_per_request == pytest.approx(tried["thoughts_tokens"].mean())
+    assert live.thoughts_per_request > 0
+    assert live.thoughts_tokens == round(live.thoughts_per_request * 7)
+    assert live.cost["thinking_usd"] == pytest.approx(live.thoughts_tokens * 0.40 / 1e6)
+    assert live.cost["output_usd"] == pytest.approx((live.output_tokens - live.thoughts_tokens) * 0.40 / 1e6)
+    assert batch.batch and not live.batch
+    for part in ("usd", "input_usd", "output_usd", "thinking_usd", "images_usd"):
+        assert batch.cost[part] == pytest.approx(live.cost[part] / 2)
+    assert "of which thinking" in str(live) and "Batch Mode rate" in str(batch)
+    with pytest.raises(gf.InputError, match="mode"):
+        gf.estimate(df, mode="bulk", **kw)
+
+
 def test_output_assumption_order(client, sample_input):
     given = gf.estimate(sample_input, client=client, output_tokens=50)
     assert (given.output_tokens_per_request, given.output_basis) == (50, "as given")
@@ -129,28 +148,6 @@ def test_count_tokens_rule():
         "contents": [{"role": "user", "parts": [{"text": "abcd"}, {"inlineData": {"mimeType": "image/png", "data": "x"}}]}],
     }
     assert count_tokens(body) == 2 + 1 + 258
-
-
-def test_price_table_prefix_override_env_and_batch(tmp_path, monkeypatch):
-    assert model_price("gemini-2.5-flash-preview-05-20")[0] == "gemini-2.5-flash"
-    assert model_price("models/gemini-2.5-flash-lite")[0] == "gemini-2.5-flash-lite"
-    assert model_price("gpt-4") is None and cost("gpt-4", input_tokens=1, output_tokens=1) is None
-    one = cost("gemini-2.5-flash", input_tokens=1_000_000, output_tokens=1_000_000)
-    assert one["usd"] == pytest.approx(0.30 + 2.50)
-    half = cost("gemini-2.5-flash", input_tokens=1_000_000, output_tokens=1_000_000, batch=True)
-    assert half["usd"] == pytest.approx(one["usd"] * BATCH_DISCOUNT)
-    # Without a per-image price an image is 1290 output tokens.
-    assert cost("gemini-2.0-flash", input_tokens=0, output_tokens=0, images=1)["usd"] == pytest.approx(1290 * 0.40 / 1e6)
-    assert cost("gemini-2.0-flash-preview-image-generation", input_tokens=0, output_tokens=0, images=2)["usd"] == pytest.approx(0.078)
-    path = tmp_path / "prices.json"
-    path.write_text(json.dumps({"my-model": {"input": 1, "output": 2}, "gemini-2.5-flash": {"input": 9}}))
-    monkeypatch.setenv("GEMFRAME_PRICES", str(path))
-    table = price_table()
-    assert table["my-model"] == {"input": 1.0, "output": 2.0} and table["gemini-2.5-flash"] == {"input": 9.0, "output": 2.5}
-    assert price_table({"my-model": {"input": 3}})["my-model"] == {"input": 3.0, "output": 2.0}  # the argument wins
-    assert cost("my-model", input_tokens=2_000_000, output_tokens=0)["usd"] == 2.0
-    with pytest.raises(gf.InputError, match="must be"):
-        price_table({"m": {"inptu": 1}})
 
 
 def test_cli_dry_run_sends_nothing_and_writes_nothing(served_emulator, sample_input, tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 import gemframe as gf
 from gemframe._cli import main
 from gemframe.emulator import Emulator
-from gemframe._accounting.estimate import cost
+from gemframe._accounting.pricing import cost
 from gemframe._pipeline import read_manifest, run
 
 
@@ -324,6 +324,34 @@ def test_batch_mode_manifest_counts_the_jobs_answers_as_paid(sample_input, tmp_p
     assert first["tokens"]["input_paid"] == first["tokens"]["input"] > 0
     assert first["cost"]["batch_discount"] and first["cost"]["this_run"] > 0
     assert (again["cache_hits"], again["requests_sent"], again["cost"]["this_run"]) == (22, 0, 0)
+
+
+def test_batch_mode_counts_each_distinct_request_once_per_run(served_emulator, tmp_path):
+    """``gemframe run --batch`` with identical rows spread over record batches: the jobs carry
+    each distinct request once, and the manifest counts and prices each once, as a live run of
+    the same input does (its later duplicates are cache hits)."""
+    import random
+
+    server = served_emulator(batch_polls=1)
+    prompts = [f"question {i % 50}" for i in range(100)]  # 50 distinct prompts, each twice
+    random.Random(0).shuffle(prompts)  # duplicates in the same record batch and in others
+    src = tmp_path / "dup.parquet"
+    pl.DataFrame({"prompt": prompts}).write_parquet(src)
+    common = ["--emulator", "--base-url", server.url, "--no-progress", "--batch-rows", "10"]
+    batch_out, live_out = tmp_path / "batch.parquet", tmp_path / "live.parquet"
+    assert main(["run", str(src), str(batch_out), *common, "--cache-dir", str(tmp_path / "c1"),
+                 "--batch", "--poll-interval", "0.01"]) == 0
+    in_jobs = sum(len(job.requests) for job in server.emulator.batches.jobs.values())
+    assert (in_jobs, server.emulator.stats.requests) == (50, 0)
+    assert main(["run", str(src), str(live_out), *common, "--cache-dir", str(tmp_path / "c2")]) == 0
+    assert server.emulator.stats.requests == 50
+    batch, live = read_manifest(str(batch_out)), read_manifest(str(live_out))
+    assert batch["requests_sent"] == live["requests_sent"] == 50
+    assert (batch["cache_hits"], batch["cache_misses"]) == (live["cache_hits"], live["cache_misses"])
+    assert batch["tokens"] == live["tokens"]
+    once = pl.read_parquet(batch_out).unique("response_id")  # one row per request the jobs carried
+    assert batch["tokens"]["input_paid"] == once["prompt_tokens"].sum() < batch["tokens"]["input"]
+    assert batch["cost"]["this_run"] == pytest.approx(live["cost"]["this_run"] / 2)
 
 
 # -- temp files are never followed -------------------------------------------------------------

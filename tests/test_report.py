@@ -63,6 +63,20 @@ def test_report_counts_match_the_output(mixed_output, tmp_path):
     assert "http" not in html.replace("http://emulator", "").replace("http://www.w3.org", "")  # no external assets
 
 
+def test_report_shows_the_cost_split_of_the_manifest_rule(mixed_output, tmp_path):
+    """The report's cost is split into input, cached input, output, thinking and images, the
+    same figures as the run's manifest (one pricing rule), in the text and the HTML page."""
+    rep = gf.report(mixed_output)
+    manifest = gf.read_manifest(mixed_output)
+    split = rep.data["cost"]["this_run_split"]
+    assert split == manifest["cost"]["this_run_split"] and split["images"] == pytest.approx(11 * 0.039)
+    assert sum(split.values()) == pytest.approx(rep.data["cost"]["this_run"])
+    line = next(line for line in rep.text.splitlines() if line.strip().startswith("this run"))
+    assert "input $" in line and "cached input $" in line and "thinking $" in line and "images $0.4290" in line
+    table = rep.html.split("<h2>Cost (est.)</h2>", 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr>") == 7 and "cached input" in table and "$0.4290" in table
+
+
 def test_cli_report(mixed_output, tmp_path, capsys):
     page = tmp_path / "cli.html"
     assert main(["report", str(mixed_output), "--html", str(page), "--samples", "3"]) == 0

@@ -1,5 +1,4 @@
-"""What a job will cost before it is paid: `estimate` (``gemframe run --dry-run``), the price
-table and `cost`.
+"""What a job will cost before it is paid: `estimate` (``gemframe run --dry-run``).
 
 `estimate` builds every row's request exactly as `gemframe.generate` would, keys it as the cache
 does, and counts rows, distinct requests, cache hits and what would be sent, with the input
@@ -9,15 +8,13 @@ rates: ``ceil(len/4)`` tokens per text part, 258 per image and per PDF page) or,
 none, so it is counted locally; a request countTokens gives no usable answer for is counted
 locally too, said in a note). Nothing is sent to ``generateContent``. Output tokens are an assumption, said as such: the
 ``output_tokens`` argument, else the mean of up to 200 answers of this job already in the cache
-(the "try 100 rows first" case), else the config's ``maxOutputTokens`` (an upper bound), else
-`DEFAULT_OUTPUT_TOKENS`.
+(the "try 100 rows first" case: their thinking tokens and images too), else the config's
+``maxOutputTokens`` (an upper bound), else `DEFAULT_OUTPUT_TOKENS`.
 
-Prices are USD per 1M input / output tokens and, for image models, per generated image
-(Google's list prices, `PRICES_AS_OF`). Override or extend them with ``prices=`` (a dict like
-`PRICES`, or a path to a JSON file of one) or ``$GEMFRAME_PRICES`` (a JSON file); the argument
-wins over the file, the file over the built-in table. A model is priced by its exact id, else by
-the longest id in the table that it starts with (``gemini-2.5-flash-preview-05-20`` is priced as
-``gemini-2.5-flash``).
+The tokens are priced by `gemframe._accounting.pricing` (the price table, ``prices=``,
+``$GEMFRAME_PRICES``), the rule the run manifest uses; ``mode="batch"`` at the Batch Mode rate.
+Context-cache reads cannot be known before the answers, so every input token is priced as
+uncached input (an upper bound when implicit caching will hit).
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import polars as pl
 
@@ -36,129 +33,23 @@ from .._core.http import TransportFailure
 from .._core.tokens import count_tokens
 from .._errors import InputError, clip
 from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
+from .pricing import BATCH_DISCOUNT, IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, PRICES_ENV, Prices, cost
 
-
-
-PRICES_AS_OF = "2025-09"  # from https://ai.google.dev/gemini-api/docs/pricing
-PRICES_ENV = "GEMFRAME_PRICES"
-
-# USD per 1M input tokens, per 1M output tokens (text and thinking), and per generated image
-# (image models; their image output is 1290 tokens at $30 per 1M). Standard paid tier,
-# prompts up to 128k/200k tokens.
-PRICES: dict[str, dict[str, float]] = {
-    "gemini-2.5-pro": {"input": 1.25, "output": 10.00},
-    "gemini-2.5-flash": {"input": 0.30, "output": 2.50},
-    "gemini-2.5-flash-lite": {"input": 0.10, "output": 0.40},
-    "gemini-2.5-flash-image": {"input": 0.30, "output": 2.50, "image": 0.039},
-    "gemini-2.0-flash": {"input": 0.10, "output": 0.40},
-    "gemini-2.0-flash-lite": {"input": 0.075, "output": 0.30},
-    "gemini-2.0-flash-preview-image-generation": {"input": 0.10, "output": 0.40, "image": 0.039},
-    "gemini-2.0-flash-exp-image-generation": {"input": 0.10, "output": 0.40, "image": 0.039},
-    "gemini-1.5-pro": {"input": 1.25, "output": 5.00},
-    "gemini-1.5-flash": {"input": 0.075, "output": 0.30},
-    "gemini-1.5-flash-8b": {"input": 0.0375, "output": 0.15},
-}
-
-IMAGE_OUTPUT_TOKENS = 1290  # per generated image
 DEFAULT_OUTPUT_TOKENS = 400  # per request, when nothing better is known
-BATCH_DISCOUNT = 0.5  # Batch Mode is billed at half the standard price
 _OBSERVE = 200  # cached answers read to learn the typical output of a job
 _CHUNK = 1024  # rows built and keyed at a time
 
-Prices = Union[Mapping[str, Mapping[str, float]], str, os.PathLike]
 
-
-def _load(source: Prices) -> dict[str, dict[str, float]]:
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            with open(source) as f:
-                source = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read prices from {os.fspath(source)!r}: {exc}") from None
-    if not isinstance(source, Mapping):
-        raise InputError("prices must map model ids to {'input': USD/1M, 'output': USD/1M, 'image': USD}")
-    table = {}
-    for model, entry in source.items():
-        if not isinstance(entry, Mapping) or not set(entry) <= {"input", "output", "image"}:
-            raise InputError(
-                f"price of {model!r} must be {{'input': USD per 1M, 'output': USD per 1M[, 'image': USD]}}, got {entry!r}"
-            )
-        table[str(model)] = {k: float(v) for k, v in entry.items()}
-    return table
-
-
-def price_table(prices: Prices | None = None) -> dict[str, dict[str, float]]:
-    """The built-in table, updated from ``$GEMFRAME_PRICES`` (a JSON file) and then ``prices``."""
-    table = {model: dict(entry) for model, entry in PRICES.items()}
-    for source in (os.environ.get(PRICES_ENV) or None, prices):
-        if source is not None:
-            for model, entry in _load(source).items():
-                table[model] = {**table.get(model, {}), **entry}
-    return table
-
-
-def model_price(model: str, prices: Prices | None = None) -> tuple[str, dict[str, float]] | None:
-    """(the table entry's id, its prices) for a model, or None if it is not in the table."""
-    table = price_table(prices)
-    model = model.removeprefix("models/")
-    if model in table:
-        return model, table[model]
-    matches = [m for m in table if model.startswith(m)]
-    if not matches:
-        return None
-    best = max(matches, key=len)
-    return best, table[best]
-
-
-def cost(
-    model: str,
-    *,
-    input_tokens: float,
-    output_tokens: float,
-    images: float = 0,
-    prices: Prices | None = None,
-    batch: bool = False,
-) -> dict[str, Any] | None:
-    """Estimated USD for token counts: ``output_tokens`` are text and thinking tokens,
-    ``images`` generated images (priced per image when the model has an image price, else as
-    1290 output tokens each); ``batch``: Batch Mode, billed at `BATCH_DISCOUNT` of the price.
-    None when the model has no price."""
-    found = model_price(model, prices)
-    if found is None:
-        return None
-    entry, price = found
-    input_usd = input_tokens * price.get("input", 0.0) / 1e6
-    if "image" in price:
-        output_usd = output_tokens * price.get("output", 0.0) / 1e6
-        images_usd = images * price["image"]
-    else:
-        output_usd = (output_tokens + images * IMAGE_OUTPUT_TOKENS) * price.get("output", 0.0) / 1e6
-        images_usd = 0.0
-    if batch:
-        input_usd, output_usd, images_usd = (v * BATCH_DISCOUNT for v in (input_usd, output_usd, images_usd))
-    return {
-        "usd": round(input_usd + output_usd + images_usd, 6),
-        "input_usd": round(input_usd, 6),
-        "output_usd": round(output_usd, 6),
-        "images_usd": round(images_usd, 6),
-        "priced_as": entry,
-        "prices": price,
-        "batch": batch,
-    }
-
-
-def _answer_output(raw: bytes) -> tuple[int, int]:
-    """(text+thinking output tokens, generated images) of one cached answer."""
+def _answer_output(raw: bytes) -> tuple[int, int, int]:
+    """(text output tokens, thinking tokens, generated images) of one cached answer, by the
+    pricing rule (`gemframe._accounting.pricing.usage_exprs`): images are 1290 tokens each."""
     response = json.loads(raw)
     usage = response.get("usageMetadata") or {}
     candidates = response.get("candidates") or []
     parts = ((candidates[0] if candidates else {}).get("content") or {}).get("parts") or []
     images = sum(1 for p in parts if (p.get("inlineData") or p.get("inline_data")) and not p.get("thought"))
-    image_tokens = sum(
-        d.get("tokenCount", 0) for d in usage.get("candidatesTokensDetails") or () if d.get("modality") == "IMAGE"
-    ) or images * IMAGE_OUTPUT_TOKENS
-    text = max(0, usage.get("candidatesTokenCount", 0) - image_tokens) + usage.get("thoughtsTokenCount", 0)
-    return text, images
+    text = max(0, (usage.get("candidatesTokenCount") or 0) - images * IMAGE_OUTPUT_TOKENS)
+    return text, usage.get("thoughtsTokenCount") or 0, images
 
 
 @dataclass
@@ -179,11 +70,14 @@ class Estimate:
     cache_misses: int = 0  # in cache mode 'read': distinct requests that would be CACHE_MISS errors
     input_tokens: int = 0  # of the requests to send
     token_method: str = "local"
-    output_tokens_per_request: float = 0.0
+    output_tokens_per_request: float = 0.0  # text and thinking
+    thoughts_per_request: float = 0.0  # the thinking part of it
     images_per_request: float = 0.0
     output_basis: str = ""
-    output_tokens: int = 0
+    output_tokens: int = 0  # text and thinking
+    thoughts_tokens: int = 0  # the thinking part of it
     images: int = 0
+    batch: bool = False  # priced at the Batch Mode rate
     cost: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -209,6 +103,8 @@ class Estimate:
             f"  input tokens    {self.input_tokens:>12,}  ({tokens})",
             f"  output tokens   {self.output_tokens:>12,}  ({self.output_tokens_per_request:,.0f} a request: {self.output_basis})",
         ]
+        if self.thoughts_tokens:
+            lines.append(f"    of which thinking {self.thoughts_tokens:>8,}  ({self.thoughts_per_request:,.0f} a request)")
         if self.images:
             lines.append(f"  images out      {self.images:>12,}  ({self.images_per_request:g} a request)")
         if self.cost is None:
@@ -216,8 +112,12 @@ class Estimate:
         else:
             c = self.cost
             parts = f"input ${c['input_usd']:,.4f} + output ${c['output_usd']:,.4f}"
+            if c["thinking_usd"]:
+                parts += f" + thinking ${c['thinking_usd']:,.4f}"
             if c["images_usd"]:
                 parts += f" + images ${c['images_usd']:,.4f}"
+            if self.batch:
+                parts += ", Batch Mode rate"
             lines.append(
                 f"  est. cost       {'$' + format(c['usd'], ',.4f'):>12}  ({parts}; {c['priced_as']} list prices as of {PRICES_AS_OF})"
             )
@@ -321,6 +221,7 @@ def estimate(
     output_tokens: float | None = None,
     prices: Prices | None = None,
     batch: bool = False,
+    mode: str = "live",
     **ask: Unpack[Ask],
 ) -> Estimate:
     """Count what ``gf.generate(prompt, images=..., ...)`` over ``data`` would send and cost,
@@ -332,11 +233,15 @@ def estimate(
     ``safety``, ``response_schema``, ``sample``); ``samples=N`` asks for sample indices
     ``sample`` .. ``sample + N - 1``, as ``gemframe run --samples N``.
     ``exact=True`` counts input tokens with the API's ``countTokens`` (free, but needs the key
-    for Google); ``output_tokens`` is your assumption of output tokens per request; ``batch``
-    prices the requests at the Batch Mode discount.
+    for Google); ``output_tokens`` is your assumption of output tokens per request;
+    ``mode="batch"`` (as `gemframe.run` takes it; ``batch=True`` says the same) prices the
+    requests at the Batch Mode rate.
     """
 
     spec = request_spec(spec, ask, "estimate")  # a bad config fails here
+    if mode not in ("live", "batch"):
+        raise InputError(f"mode must be 'live' or 'batch', not {mode!r}")
+    batch = batch or mode == "batch"
     if samples < 1:
         raise InputError("samples must be >= 1")
     client = client or default_client()
@@ -356,7 +261,7 @@ def estimate(
         else:
             result.notes.append(f"{client.provider.name} has no countTokens endpoint: input tokens are a local estimate")
     seen: set[bytes] = set()
-    observed: list[tuple[int, int]] = []
+    observed: list[tuple[int, int, int]] = []
     first_invalid = ""
     result.rows = frame.height
     for start in range(0, frame.height, _CHUNK):
@@ -411,24 +316,27 @@ def estimate(
         result.notes.append(f"{result.invalid_rows} rows cannot be sent (their error, e.g. {first_invalid})")
     _assume_output(result, builder.config or {}, observed, output_tokens)
     result.output_tokens = round(result.output_tokens_per_request * result.to_send)
+    result.thoughts_tokens = round(result.thoughts_per_request * result.to_send)
     result.images = round(result.images_per_request * result.to_send)
+    result.batch = batch
     result.cost = cost(
         model, input_tokens=result.input_tokens, output_tokens=result.output_tokens,
-        images=result.images, prices=prices, batch=batch,
+        thoughts_tokens=result.thoughts_tokens, images=result.images, prices=prices, batch=batch,
     )
     if batch:
         result.notes.append(f"Batch Mode: priced at {BATCH_DISCOUNT:.0%} of the standard price")
     return result
 
 
-def _assume_output(result: Estimate, config: Mapping[str, Any], observed: list[tuple[int, int]], given: float | None) -> None:
+def _assume_output(result: Estimate, config: Mapping[str, Any], observed: list[tuple[int, int, int]], given: float | None) -> None:
     wants_image = "IMAGE" in [str(m).upper() for m in config.get("responseModalities") or ()]
     if given is not None:
         result.output_tokens_per_request, result.output_basis = float(given), "as given"
         result.images_per_request = 1.0 if wants_image else 0.0
     elif observed:
-        result.output_tokens_per_request = sum(t for t, _ in observed) / len(observed)
-        result.images_per_request = round(sum(i for _, i in observed) / len(observed), 3)
+        result.output_tokens_per_request = sum(t + k for t, k, _ in observed) / len(observed)
+        result.thoughts_per_request = sum(k for _, k, _ in observed) / len(observed)
+        result.images_per_request = round(sum(i for _, _, i in observed) / len(observed), 3)
         result.output_basis = f"mean of {len(observed)} cached answers of this job"
     elif config.get("maxOutputTokens"):
         result.output_tokens_per_request = float(config["maxOutputTokens"])

@@ -12,7 +12,9 @@ column::
 Counts come from the reply fields: ``cached`` rows are cache hits, rows answered by a request
 made in this run are cache misses; ``requests_sent`` counts distinct requests (identical rows
 share one), ``tokens`` counts every answered row and, ``*_paid``, only this run's requests;
-``cost`` prices both from the price table (`gemframe._accounting.estimate`).
+``cost`` prices both by `gemframe._accounting.pricing` (the same rule as `gemframe.cost_expr`,
+so ``this_run`` is the sum of ``cost_expr`` over the rows of this run's distinct requests),
+split into input, cached input, output, thinking and images.
 """
 
 from __future__ import annotations
@@ -31,16 +33,14 @@ from .._core.client import Client, default_client
 from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from .._files import atomic_write
 from .._version import __version__
-from .estimate import IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, Prices, cost
-
-
+from .pricing import PARTS, PRICES_AS_OF, PRICES_ENV, Prices, price_usage, usage_exprs
 
 MANIFEST_KEY = b"gemframe"
 MANIFEST_FORMAT = 2
 
 _TALLY_FIELDS = (
     "cached", "attempts", "error", "finish_reason", "prompt_tokens", "candidates_tokens",
-    "thoughts_tokens", "images", "response_id", "latency_ms",
+    "thoughts_tokens", "cached_content_tokens", "images", "response_id", "latency_ms",
 )
 
 
@@ -70,18 +70,28 @@ def reply_struct(data: pl.Series | pl.DataFrame, reply: str = "reply") -> pl.Ser
 
 
 class Tally:
-    """Counts for a manifest, added up over the reply column of each batch (or send call)."""
+    """Counts for a manifest, added up over the reply column of each batch (or send call).
 
-    def __init__(self) -> None:
+    ``paid``: answers received in this run although the output reads them from the cache
+    (Batch Mode collects the jobs' answers into the cache before the output is written), as
+    response id -> how many distinct requests (cache entries) this run got it for. Each such
+    request counts as sent once per run, in the first send call that has it; rows with it in
+    later calls are cache hits, as they are in a live run, where a record batch's duplicates of
+    an earlier batch's rows are answered from the cache. (The jobs carried each distinct
+    request once, however many record batches its rows fell in.)"""
+
+    def __init__(self, paid: Mapping[str, int] | None = None) -> None:
         self.rows = self.skipped = self.hits = self.misses = self.sent = 0
         self.tokens = Counter[str]()
+        self.priced = Counter[str]()  # priced quantities (`pricing.PARTS`), all rows and "_paid"
         self.errors: Counter[str] = Counter()
         self.finish: Counter[str] = Counter()
+        # ``paid`` requests not yet counted: a response id may answer several distinct requests
+        # (the emulator's ids derive from the body, which the sample index does not change)
+        self.unclaimed = Counter({k: n for k, n in (paid or {}).items() if k is not None and n > 0})
 
-    def add(self, replies: pl.Series, paid: set[str] | None = None) -> None:
-        """One reply column; each call is one send call (identical requests share one record).
-        ``paid``: response ids answered in this run although read from the cache (batch jobs
-        collected into the cache before the output is written)."""
+    def add(self, replies: pl.Series) -> None:
+        """One reply column; each call is one send call (identical requests share one record)."""
         self.rows += len(replies)
         self.skipped += replies.null_count()
         frame = replies.filter(replies.is_not_null()).struct.unnest()
@@ -93,10 +103,13 @@ class Tally:
             pl.col("attempts").cast(pl.Int64).fill_null(0),
             n_images=pl.col("images").list.len().fill_null(0) if frame.schema["images"] != pl.Null else pl.lit(0),
         )
-        if paid:
-            frame = frame.with_columns(
-                fetched=pl.col("response_id").is_in(list(paid)).fill_null(False) & pl.col("cached")
-            ).with_columns(pl.col("cached") & ~pl.col("fetched"), pl.col("attempts") + pl.col("fetched").cast(pl.Int64))
+        if self.unclaimed:  # this call's rows of requests answered by this run's jobs
+            fetched = pl.col("response_id").is_in(list(self.unclaimed)).fill_null(False) & pl.col("cached")
+            frame = frame.with_columns(fetched=fetched).with_columns(
+                pl.col("cached") & ~pl.col("fetched"), pl.col("attempts") + pl.col("fetched").cast(pl.Int64)
+            )
+            self.unclaimed.subtract(frame.filter(pl.col("fetched"))["response_id"].unique().to_list())
+            self.unclaimed = +self.unclaimed  # drop the ids with nothing left to claim
         hits = int(frame["cached"].sum())
         self.hits += hits
         self.misses += frame.height - hits
@@ -110,19 +123,29 @@ class Tally:
         self.sent += fresh.height
         for suffix, part in (("", frame), ("_paid", fresh)):
             sums = part.select(
-                pl.col("prompt_tokens", "candidates_tokens", "thoughts_tokens", "n_images").cast(pl.Int64).sum()
-            ).row(0)
-            prompt, candidates, thoughts, images = (int(v or 0) for v in sums)
+                pl.col("prompt_tokens", "candidates_tokens", "thoughts_tokens", "cached_content_tokens").cast(pl.Int64).sum(),
+                **{f"priced_{k}": e.sum() for k, e in _usage().items()},
+            ).row(0, named=True)
+            prompt, candidates, thoughts, cached = (
+                int(sums[k] or 0) for k in ("prompt_tokens", "candidates_tokens", "thoughts_tokens", "cached_content_tokens")
+            )
             self.tokens[f"input{suffix}"] += prompt
+            self.tokens[f"cached_input{suffix}"] += cached
             self.tokens[f"output{suffix}"] += candidates + thoughts
             self.tokens[f"thoughts{suffix}"] += thoughts
-            self.tokens[f"images{suffix}"] += images
+            self.tokens[f"images{suffix}"] += int(sums["priced_images"] or 0)
+            for k in PARTS:  # what is priced, by `pricing`'s rule
+                self.priced[f"{k}{suffix}"] += int(sums[f"priced_{k}"] or 0)
 
     def as_dict(self, model: str | None = None, prices: Prices | None = None, batch: bool = False) -> dict[str, Any]:
         """The counts; with a ``model``, their estimated ``cost`` too (``batch``: at the Batch
         Mode discount)."""
         t = self.tokens
-        tokens = {k: int(t[k]) for k in ("input", "output", "thoughts", "input_paid", "output_paid", "thoughts_paid")}
+        tokens = {
+            k: int(t[k]) for k in (
+                "input", "cached_input", "output", "thoughts", "input_paid", "cached_input_paid", "output_paid", "thoughts_paid",
+            )
+        }
         out = {
             "rows": self.rows,
             "rows_without_prompt": self.skipped,
@@ -136,29 +159,37 @@ class Tally:
             "images_generated_paid": int(t["images_paid"]),
         }
         if model is not None:
-            out["cost"] = _cost(model, t, prices, batch)
+            out["cost"] = _cost(model, self.priced, prices, batch)
         return out
 
 
-def _cost(model: str, tokens: Mapping[str, int], prices: Prices | None, batch: bool = False) -> dict[str, Any]:
-    def usd(suffix: str) -> dict[str, Any] | None:
-        text_out = max(0, tokens[f"output{suffix}"] - tokens[f"images{suffix}"] * IMAGE_OUTPUT_TOKENS)
-        return cost(model, input_tokens=tokens[f"input{suffix}"], output_tokens=text_out,
-                    images=tokens[f"images{suffix}"], prices=prices, batch=batch)
+def _usage() -> dict[str, pl.Expr]:
+    """The priced quantities of each row of a tally's frame (see `pricing.usage_exprs`)."""
+    return usage_exprs(
+        pl.col("prompt_tokens"), pl.col("cached_content_tokens"), pl.col("candidates_tokens"),
+        pl.col("thoughts_tokens"), pl.col("n_images"),
+    )
 
-    paid, everything = usd("_paid"), usd("")
+
+def _cost(model: str, priced: Mapping[str, int], prices: Prices | None, batch: bool = False) -> dict[str, Any]:
+    paid, everything = (
+        price_usage(model, {k: priced[f"{k}{suffix}"] for k in PARTS}, prices, batch) for suffix in ("_paid", "")
+    )
     if paid is None or everything is None:
         return {"currency": "USD", "this_run": None, "all_rows": None,
-                "note": f"no price for model {model!r}: pass prices= or set $GEMFRAME_PRICES"}
+                "note": f"no price for model {model!r}: pass prices= or set ${PRICES_ENV}"}
     return {
         "currency": "USD",
         "this_run": paid["usd"],  # the answers received (paid for) in this run
         "all_rows": everything["usd"],  # every answer in the output, cached ones included
+        "this_run_split": {k: paid[f"{k}_usd"] for k in PARTS},
+        "all_rows_split": {k: everything[f"{k}_usd"] for k in PARTS},
         "priced_as": paid["priced_as"],
         "prices": paid["prices"],
         "batch_discount": batch,
         "basis": f"estimated from actual usageMetadata at list prices as of {PRICES_AS_OF} "
-                 "(USD per 1M input/output tokens, per generated image)",
+                 "(USD per 1M input, cached input and output tokens, thinking billed as output, "
+                 "per generated image; no context-cache storage: gemframe creates no context cache)",
     }
 
 

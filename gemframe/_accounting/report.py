@@ -2,9 +2,10 @@
 
 ``gemframe report OUT.parquet [--html report.html]`` / ``gf.report(path_or_frame, html=...)``:
 rows, errors by status, finish reasons, tokens, latency percentiles, cache hits, estimated cost
-and the manifest's basics; the HTML file adds small inline-SVG charts (finish reasons, errors by
-status, latency and token histograms, drawn here with no plotting dependency), a sample of
-replies and thumbnails of generated images. Everything is embedded: the file can be mailed.
+(split into input, cached input, output, thinking and images) and the manifest's basics; the
+HTML file adds small inline-SVG charts (finish reasons, errors by status, latency and token
+histograms, drawn here with no plotting dependency), a sample of replies and thumbnails of
+generated images. Everything is embedded: the file can be mailed.
 
 Only the columns the summary needs are read from a large output; images only for the rows shown.
 """
@@ -25,13 +26,13 @@ import polars as pl
 from .._files import atomic_write
 from .._core.http import redact_url
 from .._errors import InputError, clip
-from .estimate import Prices
+from .pricing import PARTS, Prices
 from .manifest import Tally, read_manifest, reply_struct
 from .._core.payload import read_image
 
 _STATS_COLUMNS = (
     "cached", "attempts", "error", "finish_reason", "prompt_tokens", "candidates_tokens",
-    "thoughts_tokens", "total_tokens", "images", "response_id", "latency_ms",
+    "thoughts_tokens", "cached_content_tokens", "total_tokens", "images", "response_id", "latency_ms",
 )
 _THUMB = 160
 _THUMB_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
@@ -128,7 +129,15 @@ def report(
     model = model or manifest.get("model")
     tally = Tally()
     tally.add(reply_struct(stats))
-    counts = tally.as_dict(model, prices) if model else tally.as_dict()
+    batch = manifest.get("mode") == "batch"
+    counts = tally.as_dict(model, prices, batch) if model else tally.as_dict()
+    if batch and model == manifest.get("model") and prices is None and isinstance(manifest.get("cost"), Mapping):
+        # Batch Mode writes every row from the cache: which answers this run's jobs brought
+        # only the run knew, and its manifest says so (the rows alone would say: none)
+        for key in ("cache_hits", "cache_misses", "requests_sent", "tokens"):
+            counts[key] = manifest.get(key, counts[key])
+        paid = {k: manifest["cost"].get(k) for k in ("this_run", "this_run_split")}  # older manifests: no split
+        counts["cost"] = {**counts["cost"], **paid}
     answered_rows = stats.filter(pl.col("cached").is_not_null())
     fresh = answered_rows.filter(~pl.col("cached") & (pl.col("attempts").fill_null(0) > 0)) if "attempts" in present else answered_rows.clear()
     latency = fresh.filter(pl.col("latency_ms").is_not_null())["latency_ms"].to_list() if "latency_ms" in present else []
@@ -284,6 +293,11 @@ def _headline(data: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _split(split: Mapping[str, float]) -> str:
+    """A cost's parts, one line: "input $0.0123 · cached input $0.0000 · ..."."""
+    return " · ".join(f"{k.replace('_', ' ')} {_usd(split.get(k, 0.0))}" for k in PARTS)
+
+
 def _bar_lines(counts: Mapping[str, int], width: int = 30) -> list[str]:
     if not counts:
         return ["    (none)"]
@@ -318,8 +332,10 @@ def _text(data: Mapping[str, Any], replies: pl.DataFrame, prompt: str | None) ->
     if cost and cost.get("this_run") is not None:
         lines.append(
             f"  cost (est.)   {_usd(cost['this_run'])} this run · {_usd(cost['all_rows'])} for all rows "
-            f"({cost['priced_as']} list prices)"
+            f"({cost['priced_as']} list prices{', Batch Mode rate' if cost.get('batch_discount') else ''})"
         )
+        if cost.get("this_run_split"):
+            lines.append(f"    this run    {_split(cost['this_run_split'])}")
     elif cost:
         lines.append(f"  cost (est.)   ? ({cost.get('note')})")
     lat = data["latency_ms"]
@@ -475,6 +491,17 @@ def _fragment(
             for r in replies.to_dicts()
         )
         table = f"<h2>Sample replies</h2><table><tr>{''.join(f'<th>{_e(c)}</th>' for c in cols)}</tr>{rows}</table>"
+    costs = ""
+    if cost.get("this_run_split") and cost.get("all_rows_split"):  # the parts, by the pricing rule
+        rows = "".join(
+            f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{_e(_usd(cost['this_run_split'][k]))}</td>"
+            f"<td>{_e(_usd(cost['all_rows_split'][k]))}</td></tr>"
+            for k in PARTS
+        )
+        costs = (
+            "<h2>Cost (est.)</h2><table><tr><th>part</th><th>this run</th><th>all rows</th></tr>"
+            f"{rows}<tr><th>total</th><th>{_e(_usd(cost['this_run']))}</th><th>{_e(_usd(cost['all_rows']))}</th></tr></table>"
+        )
     thumbs = ""
     if images:
         thumbs = '<h2>Generated images</h2><div class="thumbs">' + "".join(
@@ -492,7 +519,7 @@ def _fragment(
         f"<div class='gfreport'><style>{_CSS}</style>"
         f"<h1>gemframe report <span class='muted'>{_e(data['source'] or '')}</span></h1>"
         f"<div class='muted'>{subtitle}</div>"
-        f"<div class='cards'>{head}</div>"
+        f"<div class='cards'>{head}</div>{costs}"
         f"<h2>Charts</h2><div class='charts'>{''.join(charts)}</div>"
         f"{table}{thumbs}{manifest}</div>"
     )

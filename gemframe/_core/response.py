@@ -49,6 +49,7 @@ def reply_dtype(
         "candidates_tokens": pl.Int64(),
         "total_tokens": pl.Int64(),
         "thoughts_tokens": pl.Int64(),
+        "cached_content_tokens": pl.Int64(),
         "images": pl.List(_IMAGE_FILE if image_files else _IMAGE_BYTES),
         "parts": pl.List(PART_DTYPE),
         "block_reason": pl.String(),
@@ -129,6 +130,8 @@ def decode(
         "candidates_tokens": usage.get("candidatesTokenCount"),
         "total_tokens": usage.get("totalTokenCount"),
         "thoughts_tokens": usage.get("thoughtsTokenCount"),
+        # the part of prompt_tokens read from a context cache (implicit caching reports it too)
+        "cached_content_tokens": usage.get("cachedContentTokenCount"),
         "images": images,
         "parts": layout,
         "block_reason": block_reason,
