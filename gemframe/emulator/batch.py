@@ -51,6 +51,7 @@ class _Job:
     state: str = "BATCH_STATE_PENDING"
     polls: int = 0
     output: list[dict[str, Any]] = field(default_factory=list)
+    ended: str = ""  # endTime, once finished
 
 
 class BatchStore:
@@ -116,6 +117,7 @@ class BatchStore:
 
     def _retire(self, job: _Job) -> None:
         """Count a job that just finished among the kept ones; delete the oldest beyond keep."""
+        job.ended = _now()
         self.finished.append(job.name)
         while len(self.finished) > max(self.keep, 0):
             self.jobs.pop(self.finished.popleft(), None)
@@ -144,16 +146,23 @@ class BatchStore:
             stats["failedRequestCount"] = str(len(job.output) - succeeded)
         else:
             stats["pendingRequestCount"] = str(len(job.requests))
-        metadata = {
+        metadata: dict[str, Any] = {
             "@type": BATCH_TYPE, "model": f"models/{job.model}", "displayName": job.display_name,
             "createTime": job.created, "updateTime": _now(), "batchStats": stats,
             "state": job.state, "name": job.name,
         }
+        if job.ended:
+            metadata["endTime"] = job.ended
         operation: dict[str, Any] = {"name": job.name, "metadata": metadata}
         if done:
             operation["done"] = True
             if job.state == "BATCH_STATE_SUCCEEDED":
-                operation["response"] = {"@type": OUTPUT_TYPE, "inlinedResponses": {"inlinedResponses": job.output}}
+                # The results twice, as the API answers them: in the batch resource's `output`
+                # (the operation's metadata, which the google-genai SDK reads as `dest`) and in
+                # the operation's `response` (which gemframe's batch client reads).
+                output = {"inlinedResponses": {"inlinedResponses": job.output}}
+                metadata["output"] = output
+                operation["response"] = {"@type": OUTPUT_TYPE, **output}
             else:
                 operation["error"] = {"code": 4 if job.state == "BATCH_STATE_EXPIRED" else 13, "message": f"Batch ended in {job.state}."}
         return operation
