@@ -421,14 +421,15 @@ class Emulator:
             if request.method == "GET":
                 query = request.query_params
                 return _json_response(self.caches.list(query.get("pageSize"), query.get("pageToken")))
-            body = load_body(await _read_body(request))
+            raw = await _read_body(request)
             version = _version(request)
 
             def check_model(model: str) -> None:
                 if self.models is not None and not model_known(model, self.models):
                     raise ErrorAnswer(404, model_not_found(model, "createCachedContent", version))
 
-            return _json_response(self.caches.create(body, check_model, self.files.resolve))
+            cache = self.caches.create(load_body(raw), len(raw), check_model, self.files.resolve)
+            return _json_response(cache)
         except ErrorAnswer as err:
             return _google_error(err)
 

@@ -40,7 +40,10 @@ from .validation import (
 
 DEFAULT_TTL = 3600.0
 PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
-MAX_CACHES = 1000  # live caches at once; more is a 429 (each holds up to a 20 MiB body)
+# Live caches at once, and the request bytes they were made from (each may be a 20 MiB body
+# of inline images, kept): past either, creating one more is a 429 until some expire.
+MAX_CACHES = 1000
+CACHES_TOTAL_BYTES = 256 * 1024 * 1024
 CACHE_FIELDS = frozenset({
     "model", "contents", "system_instruction", "tools", "tool_config", "ttl", "expire_time",
     "display_name",
@@ -67,6 +70,7 @@ class StoredCache:
     system: Turn | None
     turns: tuple[Turn, ...]
     tokens: dict[str, int]  # by modality
+    size: int  # bytes of the request body it was made from
     created: float
     updated: float
     expires: float
@@ -83,11 +87,11 @@ class CacheStore:
         self.lock = threading.RLock()  # batch jobs read caches from worker threads
 
     def create(
-        self, body: dict[str, Any], check_model: Callable[[str], None],
+        self, body: dict[str, Any], size: int, check_model: Callable[[str], None],
         resolve: Callable[[GenRequest], GenRequest],
     ) -> dict[str, Any]:
-        """A new cache from a CachedContent body; ``check_model`` raises for an unknown model,
-        ``resolve`` gives fileData parts their uploaded files."""
+        """A new cache from a CachedContent body of ``size`` bytes; ``check_model`` raises for
+        an unknown model, ``resolve`` gives fileData parts their uploaded files."""
         fields = _fields(body, CACHE_FIELDS, "cached_content")
         model = fields.get("model")
         if not model or not isinstance(model, str):
@@ -113,14 +117,19 @@ class CacheStore:
         expires = self._expiry(fields, now, default=DEFAULT_TTL)
         with self.lock:
             self._purge()
-            if len(self.caches) >= MAX_CACHES:
-                raise ErrorAnswer(429, f"Quota exceeded: at most {MAX_CACHES} cached contents at once.")
+            held = sum(c.size for c in self.caches.values())
+            if len(self.caches) >= MAX_CACHES or held + size > CACHES_TOTAL_BYTES:
+                raise ErrorAnswer(429, (
+                    f"Quota exceeded: at most {MAX_CACHES} cached contents of "
+                    f"{CACHES_TOTAL_BYTES} request bytes in all at once; delete caches or let "
+                    "them expire."
+                ))
             self.created += 1
             digest = hashlib.sha256(f"{now}|{total}|{self.created}".encode()).hexdigest()
             name = f"cachedContents/{digest[:10]}{self.created:04d}"
             stored = StoredCache(
                 name, model, str(fields.get("display_name") or ""), resolved.system,
-                resolved.turns, counts, now, now, expires,
+                resolved.turns, counts, size, now, now, expires,
             )
             self.caches[name] = stored
             return self.resource(stored)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .timefmt import rfc3339
 from .validation import (
     IMAGE_INPUT_TOKENS,
     UNPROCESSABLE_IMAGE,
@@ -48,7 +49,6 @@ from .validation import (
     media_of,
     tokens,
 )
-from .timefmt import rfc3339
 
 FILE_TTL = 48 * 3600  # the API deletes a file 48 hours after its upload
 FILE_MAX_BYTES = 2 * 1024**3  # the API's limit per file
@@ -141,6 +141,8 @@ class FileStore:
         self.clock = clock
         self.max_bytes = max_bytes
         self.total_bytes = total_bytes
+        if outcome not in STATES:
+            raise ValueError(f"file_outcome must be one of {STATES}, not {outcome!r}")
         self.polls = polls  # gets a new file answers PROCESSING to (0: ACTIVE at once)
         self.outcome = outcome  # ACTIVE, or FAILED to test that path
         self.files: dict[str, StoredFile] = {}
