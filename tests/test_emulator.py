@@ -1149,7 +1149,9 @@ def test_a_finished_batch_carries_its_output_in_the_batch_resource_and_the_respo
 
     async def go() -> dict:
         async with client(emu) as c:
-            body = {"batch": {"displayName": "j", "inputConfig": {"requests": {"requests": [{"request": ask("a")}]}}}}
+            gone = {"fileData": {"mimeType": "image/png", "fileUri": "files/gone"}}
+            requests = [{"request": ask("a")}, {"request": ask("b", gone)}]
+            body = {"batch": {"displayName": "j", "inputConfig": {"requests": {"requests": requests}}}}
             name = (await c.post("/v1beta/models/gemini-2.5-flash:batchGenerateContent", json=body)).json()["name"]
             return (await c.get(f"/v1beta/{name}")).json()
 
@@ -1157,4 +1159,8 @@ def test_a_finished_batch_carries_its_output_in_the_batch_resource_and_the_respo
     output = operation["metadata"]["output"]["inlinedResponses"]["inlinedResponses"]
     assert output == operation["response"]["inlinedResponses"]["inlinedResponses"]
     assert output[0]["response"]["candidates"][0]["content"]["parts"][0]["text"] == 'Emulated reply to: "a".'
+    assert output[1] == {"error": {  # a per-request error keeps its own status
+        "code": 403, "status": "PERMISSION_DENIED",
+        "message": "You do not have permission to access the File gone or it may not exist.",
+    }}
     assert operation["metadata"]["endTime"] >= operation["metadata"]["createTime"]

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from .validation import STATUS_NAMES
+
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
 OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
 FINAL = {"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"}
@@ -135,7 +137,10 @@ class BatchStore:
                 job.output.append({"response": self.answer(job.model, item["request"])})
             except Exception as err:  # the generate path's ErrorAnswer: a per-request error
                 code = getattr(err, "code", 400)
-                job.output.append({"error": {"code": code, "message": getattr(err, "message", str(err)), "status": "INVALID_ARGUMENT" if code == 400 else "INTERNAL"}})
+                # The error's own canonical status: a missing uploaded file or cache is 403
+                # PERMISSION_DENIED, a file not yet ACTIVE 400 FAILED_PRECONDITION.
+                status = getattr(err, "status", None) or STATUS_NAMES.get(code, "INTERNAL")
+                job.output.append({"error": {"code": code, "message": getattr(err, "message", str(err)), "status": status}})
 
     def _operation(self, job: _Job) -> dict[str, Any]:
         done = job.state in FINAL
