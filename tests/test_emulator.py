@@ -989,3 +989,178 @@ def test_a_misspelt_model_fails_the_call_once_with_a_did_you_mean(tmp_path):
     assert text.startswith("404 NOT_FOUND: models/gemini-2.5-flsh is not found for API version v1beta")
     assert "Did you mean 'gemini-2.5-flash'? Check the model name" in text
     assert emu.stats.requests == 1  # the first answer stops the call
+
+
+# --- Files API, context caching, batch output: the raw HTTP shapes ----------------------------
+
+UPLOAD = "/upload/v1beta/files"
+
+
+def start_upload(c: httpx.AsyncClient, size: int | None, mime: str = "image/png"):
+    """Start a resumable upload (a coroutine: await it)."""
+    sent = {"X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
+            "X-Goog-Upload-Header-Content-Type": mime}
+    if size is not None:
+        sent["X-Goog-Upload-Header-Content-Length"] = str(size)
+    return c.post(UPLOAD, json={"file": {"displayName": "d"}}, headers=sent)
+
+
+def send_chunk(c: httpx.AsyncClient, url: str, data: bytes, offset: int, command: str = "upload, finalize"):
+    return c.post(url, content=data, headers={"X-Goog-Upload-Command": command, "X-Goog-Upload-Offset": str(offset)})
+
+
+def test_resumable_upload_in_chunks_and_its_protocol_errors():
+    emu, png = Emulator(), image_bytes()
+
+    async def go() -> dict[str, httpx.Response]:
+        async with client(emu) as c:
+            seen = {"simple": await c.post(UPLOAD, content=png, headers={"Content-Type": "image/png"})}
+            url = (await start_upload(c, len(png))).headers["x-goog-upload-url"]
+            seen["first"] = await send_chunk(c, url, png[:10], 0, "upload")
+            seen["query"] = await send_chunk(c, url, b"", 0, "query")
+            seen["rest"] = await send_chunk(c, url, png[10:], 10)
+            seen["reused"] = await send_chunk(c, url, png, 0)  # the session ended with the file
+            url = (await start_upload(c, len(png))).headers["x-goog-upload-url"]
+            seen["bad offset"] = await send_chunk(c, url, png, 5)
+            seen["after error"] = await send_chunk(c, url, png, 0)
+            return seen
+
+    seen = asyncio.run(go())
+    google_error(seen["simple"], 400, "INVALID_ARGUMENT", "resumable uploads")
+    assert seen["first"].headers["x-goog-upload-status"] == "active"
+    assert seen["first"].headers["x-goog-upload-size-received"] == "10"
+    assert seen["query"].headers["x-goog-upload-size-received"] == "10"
+    assert seen["rest"].headers["x-goog-upload-status"] == "final"
+    file = seen["rest"].json()["file"]
+    assert file["sizeBytes"] == str(len(png)) and file["state"] == "ACTIVE"  # int64: a string
+    assert base64.b64decode(file["sha256Hash"]).decode() == hashlib.sha256(png).hexdigest()
+    assert file["uri"] == f"http://emulator/v1beta/{file['name']}"
+    for name in ("reused", "after error"):
+        assert seen[name].headers["x-goog-upload-status"] == "final"  # else the SDK retries
+        google_error(seen[name], 404, "NOT_FOUND", "Upload session not found")
+    error = google_error(seen["bad offset"], 400, "INVALID_ARGUMENT", "Invalid X-Goog-Upload-Offset '5'")
+    assert seen["bad offset"].headers["x-goog-upload-status"] == "final" and error
+    assert not emu.files.sessions and len(emu.files.files) == 1
+
+
+def test_upload_size_limits_refuse_bytes_before_holding_them():
+    """A declared size over a limit is refused at start; bytes past the room left (the declared
+    size, the per-file limit, the total) are refused while read, and the session is freed."""
+    emu = Emulator(file_max_bytes=1000, files_total_bytes=1500)
+    pdf = b"%PDF-1.4 " + b"x" * 891  # 900 bytes
+
+    async def go() -> dict[str, httpx.Response]:
+        async with client(emu) as c:
+            seen = {"declared too big": await start_upload(c, 1001, "application/pdf")}
+            url = (await start_upload(c, 900, "application/pdf")).headers["x-goog-upload-url"]
+            seen["stored"] = await send_chunk(c, url, pdf, 0)
+            seen["no room left"] = await start_upload(c, 700, "application/pdf")
+            url = (await start_upload(c, 10, "application/pdf")).headers["x-goog-upload-url"]
+            seen["past declared"] = await send_chunk(c, url, pdf[:11], 0)
+            url = (await start_upload(c, None, "application/pdf")).headers["x-goog-upload-url"]
+            seen["past total"] = await send_chunk(c, url, pdf[:601], 0)
+            return seen
+
+    seen = asyncio.run(go())
+    google_error(seen["declared too big"], 413, "INVALID_ARGUMENT", "File size exceeds the limit: 1000 bytes.")
+    assert seen["stored"].json()["file"]["sizeBytes"] == "900"
+    google_error(seen["no room left"], 413, "INVALID_ARGUMENT", "Files storage limit exceeded: at most 1500 bytes")
+    google_error(seen["past declared"], 400, "INVALID_ARGUMENT", "exceeds the declared X-Goog-Upload-Header-Content-Length of 10 bytes")
+    google_error(seen["past total"], 413, "INVALID_ARGUMENT", "Files storage limit exceeded")
+    assert not emu.files.sessions and emu.files._used() == 900
+
+
+def test_an_upload_chunk_over_the_limit_is_refused_unread(served_emulator):
+    """A chunk declaring more than the session may take: 413 at once, its bytes never sent."""
+    server = served_emulator(file_max_bytes=1 << 20)
+    start = httpx.post(f"{server.url}{UPLOAD}", json={}, headers={
+        "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
+        "X-Goog-Upload-Header-Content-Type": "video/mp4",
+    })
+    path = start.headers["x-goog-upload-url"].removeprefix(server.url)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Goog-Upload-Command: upload, finalize\r\n"
+            f"X-Goog-Upload-Offset: 0\r\nContent-Length: {1 << 30}\r\n\r\n".encode() + b"\0" * 65536
+        )  # 64 KiB of a declared 1 GiB: a server that reads it first never answers
+        status, body = _http_response(sock)
+    assert status == 413 and b"File size exceeds the limit: 1048576 bytes." in body
+    assert not server.emulator.files.sessions and not server.emulator.files.files
+
+
+def test_file_data_naming_a_missing_file_is_the_apis_403_and_other_uris_stay_flat():
+    emu = Emulator()
+    missing = {"fileData": {"mimeType": "image/png", "fileUri": "https://generativelanguage.googleapis.com/v1beta/files/abc123"}}
+    error = google_error(post(emu, ask("x", missing)), 403, "PERMISSION_DENIED", "")
+    assert error["message"] == "You do not have permission to access the File abc123 or it may not exist."
+    youtube = {"fileData": {"mimeType": "video/mp4", "fileUri": "https://www.youtube.com/watch?v=9hE5-98ZeCg"}}
+    r = post(emu, ask("x", youtube))
+    assert r.status_code == 200 and "File 1: video/mp4 https://www.youtube.com" in text(r)
+    assert r.json()["usageMetadata"]["promptTokensDetails"][1] == {"modality": "VIDEO", "tokenCount": 258}
+
+
+def test_cached_content_errors_and_counts():
+    emu = Emulator(cache_min_tokens=10)
+    contents = [{"role": "user", "parts": [{"text": "word " * 40}]}]  # 50 tokens
+
+    async def go() -> dict[str, httpx.Response]:
+        async with client(emu) as c:
+            seen = {"both expiries": await c.post("/v1beta/cachedContents", json={
+                "model": "models/gemini-2.5-flash", "contents": contents, "ttl": "60s",
+                "expireTime": "2030-01-01T00:00:00Z"})}
+            seen["bad ttl"] = await c.post("/v1beta/cachedContents", json={
+                "model": "models/gemini-2.5-flash", "contents": contents, "ttl": "an hour"})
+            seen["unknown model"] = await c.post("/v1beta/cachedContents", json={
+                "model": "models/gemini-2.5-flsh", "contents": contents})
+            made = await c.post("/v1beta/cachedContents", json={
+                "model": "models/gemini-2.5-flash", "contents": contents, "expireTime": "2099-01-01T00:00:00.5Z"})
+            name = made.json()["name"]
+            seen["made"] = made
+            seen["patch model"] = await c.patch(f"/v1beta/{name}", json={"model": "models/gemini-2.5-pro"})
+            seen["with system"] = await c.post(GENERATE, json={
+                **ask("q"), "cachedContent": name, "systemInstruction": {"parts": [{"text": "s"}]}})
+            seen["other model"] = await c.post("/v1beta/models/gemini-2.0-flash:generateContent", json={
+                **ask("q"), "cachedContent": name})
+            seen["missing"] = await c.post(GENERATE, json={**ask("q"), "cachedContent": "cachedContents/nope"})
+            seen["count"] = await c.post(COUNT, json={"generateContentRequest": {
+                "model": "models/gemini-2.5-flash", **ask("q"), "cachedContent": name}})
+            return seen
+
+    seen = asyncio.run(go())
+    google_error(seen["both expiries"], 400, "INVALID_ARGUMENT", "only one of ttl and expire_time")
+    google_error(seen["bad ttl"], 400, "INVALID_ARGUMENT", "Invalid value at 'cached_content.ttl' (type.googleapis.com/google.protobuf.Duration)")
+    google_error(seen["unknown model"], 404, "NOT_FOUND", "models/gemini-2.5-flsh is not found for API version v1beta, or is not supported for createCachedContent")
+    assert seen["made"].json()["expireTime"] == "2099-01-01T00:00:00.500000Z"
+    assert seen["made"].json()["usageMetadata"] == {"totalTokenCount": 50}
+    google_error(seen["patch model"], 400, "INVALID_ARGUMENT", "Only the expiration (ttl or expire_time)")
+    google_error(seen["with system"], 400, "INVALID_ARGUMENT", "CachedContent can not be used with GenerateContent request setting system_instruction, tools or tool_config.")
+    google_error(seen["other model"], 400, "INVALID_ARGUMENT", "Model used by GenerateContent request (models/gemini-2.0-flash) and CachedContent (models/gemini-2.5-flash) has to be the same.")
+    google_error(seen["missing"], 403, "PERMISSION_DENIED", "CachedContent not found (or permission denied)")
+    assert seen["count"].json() == {
+        "totalTokens": 51, "cachedContentTokenCount": 50,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 51}],
+    }
+
+
+def test_a_finished_batch_carries_its_output_in_the_batch_resource_and_the_response():
+    """The API puts the results in the batch's ``output`` (the operation's metadata: what the
+    google-genai SDK reads as ``dest``) and in the operation's ``response`` (what gemframe reads)."""
+    emu = Emulator(batch_polls=1)
+
+    async def go() -> dict:
+        async with client(emu) as c:
+            gone = {"fileData": {"mimeType": "image/png", "fileUri": "files/gone"}}
+            requests = [{"request": ask("a")}, {"request": ask("b", gone)}]
+            body = {"batch": {"displayName": "j", "inputConfig": {"requests": {"requests": requests}}}}
+            name = (await c.post("/v1beta/models/gemini-2.5-flash:batchGenerateContent", json=body)).json()["name"]
+            return (await c.get(f"/v1beta/{name}")).json()
+
+    operation = asyncio.run(go())
+    output = operation["metadata"]["output"]["inlinedResponses"]["inlinedResponses"]
+    assert output == operation["response"]["inlinedResponses"]["inlinedResponses"]
+    assert output[0]["response"]["candidates"][0]["content"]["parts"][0]["text"] == 'Emulated reply to: "a".'
+    assert output[1] == {"error": {  # a per-request error keeps its own status
+        "code": 403, "status": "PERMISSION_DENIED",
+        "message": "You do not have permission to access the File gone or it may not exist.",
+    }}
+    assert operation["metadata"]["endTime"] >= operation["metadata"]["createTime"]

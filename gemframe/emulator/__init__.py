@@ -8,6 +8,9 @@ port, no network), or serve it over TCP with `serve` (uvicorn)::
 
 Routes
 ------
+Every Google route is served under ``/v1beta/...`` and ``/v1/...`` alike (gemframe speaks
+v1beta; the google-genai SDK 3.x speaks v1); paths below say v1beta.
+
 ``POST /v1beta/models/{model}:generateContent``
     Google AI dialect. Key in ``x-goog-api-key`` or ``?key=``. The model must be a Gemini model
     id (``validation.GEMINI_MODELS``, also with a version suffix such as ``-001``, ``-latest``,
@@ -29,7 +32,33 @@ Routes
     Batch Mode with inlined requests, as long-running operations (see `gemframe.emulator.batch`).
     Knobs: ``batch_polls`` (polls until done), ``batch_outcome`` (final state),
     ``batch_fail_every`` (every k-th request gets a per-request error), ``batch_keep``
-    (finished jobs kept, default 100; older ones are deleted and answer 404).
+    (finished jobs kept, default 100; older ones are deleted and answer 404). A succeeded job's
+    results are in the batch resource's ``output`` (the operation's ``metadata``, which the
+    google-genai SDK reads as ``dest``) and in the operation's ``response``, as the API answers.
+``POST /upload/v1beta/files`` (resumable), ``GET /v1beta/files``, ``GET|DELETE /v1beta/files/{id}``
+    The Files API (see `gemframe.emulator.files`): a resumable upload (``start``, then
+    ``upload``/``finalize`` chunks to the ``X-Goog-Upload-URL``) makes ``files/<id>`` with
+    ``uri``, ``sizeBytes``, ``sha256Hash``, ``createTime``, ``expirationTime`` (+48 h) and
+    ``state``. A file past its expiration is gone (403 "You do not have permission to access the
+    File <id> or it may not exist.", as a deleted or unknown one). A ``fileData`` part whose
+    ``fileUri`` names a file (``.../files/<id>``) is answered and counted as the same bytes
+    inline would be (an image 258 tokens, a PDF 258 a page; text files their characters / 4;
+    other types 258); one not ACTIVE is a 400 FAILED_PRECONDITION. Other URIs (YouTube) are
+    counted 258 and not looked up. Knobs: ``file_polls`` (gets a new file answers PROCESSING
+    to; default 0: ACTIVE at once), ``file_outcome`` (``ACTIVE`` or ``FAILED``),
+    ``file_max_bytes`` (a file; default the API's 2 GiB), ``files_total_bytes`` (stored files
+    plus uploads in progress; default 2 GiB, as files are held in memory): a size over them is
+    a 413, refused before the bytes are read. Files keep what answers need (an image's bytes,
+    a PDF's page count), not every byte.
+``POST|GET /v1beta/cachedContents``, ``GET|PATCH|DELETE /v1beta/cachedContents/{id}``
+    Context caching (see `gemframe.emulator.caches`): a cache of contents and a system
+    instruction for one model, its ``usageMetadata.totalTokenCount`` at least the model's
+    minimum (``cache_min_tokens``; default the API's 1,024, or 4,096 for Pro models), expiring
+    after ``ttl`` (default 1 h) or at ``expireTime`` (PATCH moves only that). A generate call
+    with ``"cachedContent": "cachedContents/<id>"`` is answered with the cache's turns first and
+    reports ``cachedContentTokenCount`` / ``cacheTokensDetails`` (``promptTokenCount`` includes
+    them, as the API counts); countTokens too. At most 1,000 caches made from 256 MiB of request
+    bytes live at once (then 429), as caches are held in memory.
 ``GET /emulator/stats`` / ``POST /emulator/reset``
     Stats as ``{"requests", "distinct_bodies", "max_in_flight", "in_flight"}`` / reset them.
 
@@ -53,6 +82,8 @@ Knobs (constructor arguments, also plain attributes that may be changed between 
                  prompts reach.
 ``models``       the Gemini model ids served (default ``GEMINI_MODELS``; versions of them and
                  ``emulator...`` names too); None serves any model name.
+``clock``        ``() -> epoch seconds`` (default ``time.time``) for file and cache times and
+                 expiry: a test moves it instead of waiting 48 hours.
 
 ``emu.stats`` counts generate calls (``requests``, ``by_body`` keyed by sha256 hex of the raw
 body, ``in_flight``, ``max_in_flight``; a body refused as too large counts in ``requests``
@@ -101,7 +132,8 @@ thought_signature ...", as the real API answers for its image models; a signatur
 base64, and the documented placeholder ``skip_thought_signature_validator`` is accepted.
 
 Tokens: ``max(1, ceil(len(text)/4))`` per non-empty text part, 258 per input image, 258 per PDF
-page, 258 per ``fileData`` part, 1290 per generated image. ``promptTokenCount`` covers the
+page, an uploaded file's part as its bytes inline (else 258 a ``fileData`` part), 1290 per
+generated image. ``promptTokenCount`` covers the
 system instruction and every content; ``totalTokenCount`` adds candidates and thoughts.
 Zero counts are omitted, as in proto3 JSON.
 
@@ -152,6 +184,9 @@ use.
                 schema faker.
 ``render``      Pillow: inspecting input images, drawing image replies.
 ``batch``       Batch Mode jobs (`BatchStore`).
+``files``       the Files API (`FileStore`): uploads, expiry, fileData parts resolved.
+``caches``      context caching (`CacheStore`).
+``timefmt``     timestamps and durations as the API writes them.
 ``app``         HTTP: `Emulator` (the ASGI app), `Stats`, `serve`.
 ``provider``    `EmulatorProvider`, registered as ``"emulator"`` (how the client reaches it).
 """

@@ -64,7 +64,7 @@ def build_reply(req: GenRequest, model: str, digest: str) -> dict[str, Any]:
         head = {"candidates": [_candidate(req, i, digest, tally) for i in range(count)]}
     return {
         **head,
-        "usageMetadata": _usage(prompt_tokens(req), tally),
+        "usageMetadata": _usage(prompt_tokens(req), tally, dict(req.cached)),
         "modelVersion": f"emulator-{model}",
         "responseId": base64.urlsafe_b64encode(bytes.fromhex(digest)).decode()[:22],
     }
@@ -79,14 +79,20 @@ def _ratings() -> list[dict[str, Any]]:
     ]
 
 
-def _usage(prompt: dict[str, int], tally: _Tally) -> dict[str, Any]:
+def _usage(prompt: dict[str, int], tally: _Tally, cached: dict[str, int]) -> dict[str, Any]:
+    """usageMetadata. Tokens from a cachedContent are in the prompt counts too (as the API
+    counts them) and also reported apart: cachedContentTokenCount, cacheTokensDetails."""
     prompt_total = sum(prompt.values())
     candidates = tally.text + tally.image
     usage: dict[str, Any] = {"promptTokenCount": prompt_total}
     if candidates:
         usage["candidatesTokenCount"] = candidates
     usage["totalTokenCount"] = prompt_total + candidates + tally.thoughts
+    if cached:
+        usage["cachedContentTokenCount"] = sum(cached.values())
     usage["promptTokensDetails"] = [{"modality": m, "tokenCount": n} for m, n in prompt.items()]
+    if cached:
+        usage["cacheTokensDetails"] = [{"modality": m, "tokenCount": n} for m, n in cached.items() if n]
     if tally.image:
         split = (("TEXT", tally.text), ("IMAGE", tally.image))
         usage["candidatesTokensDetails"] = [{"modality": m, "tokenCount": n} for m, n in split if n]

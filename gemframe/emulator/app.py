@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,8 @@ from starlette.types import Receive, Scope, Send
 
 from .answers import build_reply, prompt_tokens
 from .batch import BatchError, BatchStore
+from .caches import CacheStore
+from .files import CHUNK_GRANULARITY, FILE_MAX_BYTES, FILES_TOTAL_BYTES, FileStore
 from .validation import (
     GEMINI_MODELS,
     INVALID_KEY,
@@ -83,7 +86,7 @@ def _google_error(err: ErrorAnswer) -> Response:
             "@type": "type.googleapis.com/google.rpc.RetryInfo",
             "retryDelay": f"{err.retry_after:g}s",
         })
-    status = STATUS_NAMES.get(err.code, "UNKNOWN")
+    status = err.status or STATUS_NAMES.get(err.code, "UNKNOWN")
     error: dict[str, Any] = {"code": err.code, "message": err.message, "status": status}
     if details:
         error["details"] = details
@@ -102,8 +105,10 @@ def _too_large() -> ErrorAnswer:
     return ErrorAnswer(413, f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, or a 413 before more than MAX_BODY_BYTES of it is held.
+async def _read_body(
+    request: Request, limit: int = MAX_BODY_BYTES, too_large: ErrorAnswer | None = None
+) -> bytes:
+    """The request body, or a 413 (``too_large``) before more than ``limit`` bytes of it are held.
 
     A declared Content-Length over the limit is refused before a byte of the body is read; a
     body without one (chunked) is read as it streams in and refused the moment it passes the
@@ -111,15 +116,31 @@ async def _read_body(request: Request) -> bytes:
     ``request.body()`` would buffer all of it first).
     """
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large()
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large or _too_large()
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_large()
+        if size > limit:
+            raise too_large or _too_large()
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+API_VERSIONS = ("v1beta", "v1")
+
+
+def _version(request: Request) -> str:
+    """The API version a Google route was called under (``/upload/v1/files``: v1)."""
+    parts = request.url.path.strip("/").split("/")
+    return parts[1] if parts[0] == "upload" else parts[0]
+
+
+def _upload_status(status: str, received: int) -> Response:
+    """An upload session's answer between chunks: its status and the bytes it holds."""
+    return Response(status_code=200, headers={
+        "x-goog-upload-status": status, "x-goog-upload-size-received": str(received),
+    })
 
 
 def _bearer(value: str | None) -> str | None:
@@ -167,6 +188,12 @@ class Emulator:
         batch_keep: int = 100,
         markers: bool = True,
         models: Collection[str] | None = GEMINI_MODELS,
+        clock: Callable[[], float] = time.time,
+        file_polls: int = 0,
+        file_outcome: str = "ACTIVE",
+        file_max_bytes: int = FILE_MAX_BYTES,
+        files_total_bytes: int = FILES_TOTAL_BYTES,
+        cache_min_tokens: int | None = None,
     ) -> None:
         self.latency = latency
         self.jitter = jitter
@@ -177,13 +204,36 @@ class Emulator:
         self.retry_after = retry_after
         self.markers = markers
         self.models = None if models is None else frozenset(models)
+        self.clock = clock
         self.stats = Stats()
+        # The stores read the clock through the emulator, so a test may swap ``emu.clock``.
+        self.files = FileStore(
+            lambda: self.clock(), file_max_bytes, files_total_bytes, file_polls, file_outcome
+        )
+        self.caches = CacheStore(lambda: self.clock(), cache_min_tokens)
         self.batches = BatchStore(self._answer_batched, keep=batch_keep)
         self.batches.polls, self.batches.outcome, self.batches.fail_every = batch_polls, batch_outcome, batch_fail_every
+        # The Google routes under both API versions: gemframe speaks v1beta, the google-genai SDK
+        # (3.x) v1. Before Segmind's /v1/{slug}, whose slugs never collide (they start "gemini").
+        google = [
+            route
+            for v in API_VERSIONS
+            for route in (
+                Route(f"/{v}/models/{{model_action:path}}", self._google, methods=["POST"]),
+                Route(f"/{v}/batches", self._batch_list, methods=["GET"]),
+                Route(f"/{v}/batches/{{batch_action:path}}", self._batch, methods=["GET", "POST"]),
+                Route(f"/upload/{v}/files", self._upload, methods=["POST"]),
+                Route(f"/{v}/files", self._file_list, methods=["GET"]),
+                Route(f"/{v}/files/{{file_id}}", self._file, methods=["GET", "DELETE"]),
+                Route(f"/{v}/cachedContents", self._caches, methods=["GET", "POST"]),
+                Route(
+                    f"/{v}/cachedContents/{{cache_id}}", self._cache,
+                    methods=["GET", "PATCH", "DELETE"],
+                ),
+            )
+        ]
         self._app = Starlette(routes=[
-            Route("/v1beta/models/{model_action:path}", self._google, methods=["POST"]),
-            Route("/v1beta/batches", self._batch_list, methods=["GET"]),
-            Route("/v1beta/batches/{batch_action:path}", self._batch, methods=["GET", "POST"]),
+            *google,
             Route("/v1/{slug}", self._segmind, methods=["POST"]),
             Route("/emulator/stats", self._stats, methods=["GET"]),
             Route("/emulator/reset", self._reset, methods=["POST"]),
@@ -205,12 +255,19 @@ class Emulator:
         if action == "countTokens":
             try:
                 body = self._admit_google(request, await _read_body(request), model, action)
-                counts = prompt_tokens(parse_count_tokens(body))
+                req = self.files.resolve(parse_count_tokens(body))
+                inner = body.get("generateContentRequest", body.get("generate_content_request"))
+                if isinstance(inner, dict):
+                    req = self.caches.apply(req, inner, model)
+                counts = prompt_tokens(req)
             except ErrorAnswer as err:
                 return _google_error(err)
             details = [{"modality": m, "tokenCount": n} for m, n in counts.items()]
-            total = sum(counts.values())
-            return _json_response({"totalTokens": total, "promptTokensDetails": details})
+            answer: dict[str, Any] = {"totalTokens": sum(counts.values())}
+            if req.cached:
+                answer["cachedContentTokenCount"] = sum(n for _, n in req.cached)
+            answer["promptTokensDetails"] = details
+            return _json_response(answer)
         if action == "batchGenerateContent":
             try:
                 body = self._admit_google(request, await _read_body(request), model, action)
@@ -224,11 +281,12 @@ class Emulator:
     def _answer_batched(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         """One request of a batch job, answered as generateContent would answer it."""
         digest = hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
-        return build_reply(self._parse(body), model, digest)
+        return build_reply(self._parse(body, model), model, digest)
 
-    def _parse(self, body: dict[str, Any]) -> GenRequest:
-        """A generate body validated, with the test markers switched off unless enabled."""
-        req = parse_generate(body)
+    def _parse(self, body: dict[str, Any], model: str) -> GenRequest:
+        """A generate body validated, its uploaded files and cached content looked up, with
+        the test markers switched off unless enabled."""
+        req = self.caches.apply(self.files.resolve(parse_generate(body)), body, model)
         check_signatures(req)
         return req if self.markers else replace(req, test_markers=False)
 
@@ -265,6 +323,129 @@ class Emulator:
             return _google_error(err)
         return await self._batch_call(self.batches.list)
 
+    # --- Files API (see gemframe.emulator.files) -------------------------------------------
+
+    async def _upload(self, request: Request) -> Response:
+        """Start a resumable upload; a POST to the session URL (``?upload_id=``) carries bytes."""
+        if "upload_id" in request.query_params:
+            return await self._upload_chunk(request, request.query_params["upload_id"])
+        try:
+            self._check_key(request)
+            protocol = request.headers.get("x-goog-upload-protocol", "").strip().lower()
+            command = request.headers.get("x-goog-upload-command", "").strip().lower()
+            if protocol != "resumable" or command != "start":
+                raise _invalid(
+                    "The emulator takes resumable uploads: send X-Goog-Upload-Protocol: resumable "
+                    "and X-Goog-Upload-Command: start, then the bytes to the X-Goog-Upload-URL "
+                    "answered."
+                )
+            raw = await _read_body(request)
+            session_id = self.files.start(
+                load_body(raw) if raw.strip() else {},
+                request.headers.get("x-goog-upload-header-content-length"),
+                request.headers.get("x-goog-upload-header-content-type"),
+            )
+        except ErrorAnswer as err:
+            return _google_error(err)
+        url = (
+            f"{request.base_url}upload/{_version(request)}/files?upload_id={session_id}"
+            "&upload_protocol=resumable"
+        )
+        return Response(status_code=200, headers={
+            "x-goog-upload-url": url, "x-goog-upload-control-url": url,
+            "x-goog-upload-status": "active",
+            "x-goog-upload-chunk-granularity": str(CHUNK_GRANULARITY),
+        })
+
+    async def _upload_chunk(self, request: Request, session_id: str) -> Response:
+        """``upload`` (bytes at ``X-Goog-Upload-Offset``), ``finalize`` or ``query``. Every
+        answer says ``X-Goog-Upload-Status``; an error is ``final`` and ends the session."""
+        commands = {
+            c.strip() for c in request.headers.get("x-goog-upload-command", "").lower().split(",")
+        } - {""}
+        try:
+            session = self.files.session(session_id)
+            if commands == {"query"}:
+                return _upload_status("active", session.received)
+            if not commands or not commands <= {"upload", "finalize"}:
+                raise _invalid(
+                    "X-Goog-Upload-Command must be upload, finalize, 'upload, finalize' or query."
+                )
+            if "upload" in commands:
+                offset = request.headers.get("x-goog-upload-offset", "").strip()
+                if offset != str(session.received):
+                    raise _invalid(
+                        f"Invalid X-Goog-Upload-Offset {offset!r}: the session has received "
+                        f"{session.received} bytes."
+                    )
+                space, too_much = self.files.room(session)
+                self.files.append(session, await _read_body(request, space, too_much))
+            if "finalize" not in commands:
+                return _upload_status("active", session.received)
+            # Deriving the media reads the whole file (Pillow, the PDF's pages): not on the loop.
+            file = await run_in_threadpool(
+                self.files.finish, session_id, session, f"{request.base_url}{_version(request)}/"
+            )
+        except ErrorAnswer as err:
+            self.files.drop(session_id)
+            response = _google_error(err)
+            response.headers["x-goog-upload-status"] = "final"
+            return response
+        return _json_response({"file": file}, headers={"x-goog-upload-status": "final"})
+
+    async def _file(self, request: Request) -> Response:
+        file_id = request.path_params["file_id"]
+        try:
+            self._check_key(request)
+            if ":" in file_id:  # files/{id}:download serves generated files only
+                raise ErrorAnswer(404, "Method not found.")
+            if request.method == "GET":
+                return _json_response(self.files.get(file_id))
+            return _json_response(self.files.delete(file_id))
+        except ErrorAnswer as err:
+            return _google_error(err)
+
+    async def _file_list(self, request: Request) -> Response:
+        try:
+            self._check_key(request)
+            query = request.query_params
+            return _json_response(self.files.list(query.get("pageSize"), query.get("pageToken")))
+        except ErrorAnswer as err:
+            return _google_error(err)
+
+    # --- context caching (see gemframe.emulator.caches) -----------------------------------
+
+    async def _caches(self, request: Request) -> Response:
+        try:
+            self._check_key(request)
+            if request.method == "GET":
+                query = request.query_params
+                return _json_response(self.caches.list(query.get("pageSize"), query.get("pageToken")))
+            raw = await _read_body(request)
+            version = _version(request)
+
+            def check_model(model: str) -> None:
+                if self.models is not None and not model_known(model, self.models):
+                    raise ErrorAnswer(404, model_not_found(model, "createCachedContent", version))
+
+            cache = self.caches.create(load_body(raw), len(raw), check_model, self.files.resolve)
+            return _json_response(cache)
+        except ErrorAnswer as err:
+            return _google_error(err)
+
+    async def _cache(self, request: Request) -> Response:
+        cache_id = request.path_params["cache_id"]
+        try:
+            self._check_key(request)
+            if request.method == "GET":
+                return _json_response(self.caches.get(cache_id))
+            if request.method == "PATCH":
+                body = load_body(await _read_body(request))
+                return _json_response(self.caches.update(cache_id, body))
+            return _json_response(self.caches.delete(cache_id))
+        except ErrorAnswer as err:
+            return _google_error(err)
+
     async def _segmind(self, request: Request) -> Response:
         return await self._generate(request, request.path_params["slug"], segmind=True)
 
@@ -288,7 +469,7 @@ class Emulator:
                 body = self._admit_segmind(request, raw, model)
             else:
                 body = self._admit_google(request, raw, model, "generateContent")
-            req = self._parse(body)
+            req = self._parse(body, model)
             if attempt <= self.fail_first:
                 raise _failure(self.fail_status, self.retry_after)
             markers = req.markers
@@ -322,7 +503,7 @@ class Emulator:
         while reading it: `_read_body`.)"""
         self._check_key(request)
         if self.models is not None and not model_known(model, self.models):
-            raise ErrorAnswer(404, model_not_found(model, action))
+            raise ErrorAnswer(404, model_not_found(model, action, _version(request)))
         return load_body(raw)
 
     def _check_key(self, request: Request) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from .validation import STATUS_NAMES
+
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
 OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
 FINAL = {"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"}
@@ -51,6 +53,7 @@ class _Job:
     state: str = "BATCH_STATE_PENDING"
     polls: int = 0
     output: list[dict[str, Any]] = field(default_factory=list)
+    ended: str = ""  # endTime, once finished
 
 
 class BatchStore:
@@ -116,6 +119,7 @@ class BatchStore:
 
     def _retire(self, job: _Job) -> None:
         """Count a job that just finished among the kept ones; delete the oldest beyond keep."""
+        job.ended = _now()
         self.finished.append(job.name)
         while len(self.finished) > max(self.keep, 0):
             self.jobs.pop(self.finished.popleft(), None)
@@ -133,7 +137,10 @@ class BatchStore:
                 job.output.append({"response": self.answer(job.model, item["request"])})
             except Exception as err:  # the generate path's ErrorAnswer: a per-request error
                 code = getattr(err, "code", 400)
-                job.output.append({"error": {"code": code, "message": getattr(err, "message", str(err)), "status": "INVALID_ARGUMENT" if code == 400 else "INTERNAL"}})
+                # The error's own canonical status: a missing uploaded file or cache is 403
+                # PERMISSION_DENIED, a file not yet ACTIVE 400 FAILED_PRECONDITION.
+                status = getattr(err, "status", None) or STATUS_NAMES.get(code, "INTERNAL")
+                job.output.append({"error": {"code": code, "message": getattr(err, "message", str(err)), "status": status}})
 
     def _operation(self, job: _Job) -> dict[str, Any]:
         done = job.state in FINAL
@@ -144,16 +151,23 @@ class BatchStore:
             stats["failedRequestCount"] = str(len(job.output) - succeeded)
         else:
             stats["pendingRequestCount"] = str(len(job.requests))
-        metadata = {
+        metadata: dict[str, Any] = {
             "@type": BATCH_TYPE, "model": f"models/{job.model}", "displayName": job.display_name,
             "createTime": job.created, "updateTime": _now(), "batchStats": stats,
             "state": job.state, "name": job.name,
         }
+        if job.ended:
+            metadata["endTime"] = job.ended
         operation: dict[str, Any] = {"name": job.name, "metadata": metadata}
         if done:
             operation["done"] = True
             if job.state == "BATCH_STATE_SUCCEEDED":
-                operation["response"] = {"@type": OUTPUT_TYPE, "inlinedResponses": {"inlinedResponses": job.output}}
+                # The results twice, as the API answers them: in the batch resource's `output`
+                # (the operation's metadata, which the google-genai SDK reads as `dest`) and in
+                # the operation's `response` (which gemframe's batch client reads).
+                output = {"inlinedResponses": {"inlinedResponses": job.output}}
+                metadata["output"] = output
+                operation["response"] = {"@type": OUTPUT_TYPE, **output}
             else:
                 operation["error"] = {"code": 4 if job.state == "BATCH_STATE_EXPIRED" else 13, "message": f"Batch ended in {job.state}."}
         return operation

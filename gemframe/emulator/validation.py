@@ -87,10 +87,10 @@ def model_known(model: str, known: frozenset[str] = GEMINI_MODELS) -> bool:
     return any(re.fullmatch(re.escape(base) + _MODEL_VERSION, model) for base in known)
 
 
-def model_not_found(model: str, action: str) -> str:
+def model_not_found(model: str, action: str, version: str = "v1beta") -> str:
     """The real API's 404 message for a model it does not have (or that lacks the method)."""
     return (
-        f"models/{model} is not found for API version v1beta, or is not supported for "
+        f"models/{model} is not found for API version {version}, or is not supported for "
         f"{action}. Call ListModels to see the list of available models and their supported "
         "methods."
     )
@@ -160,13 +160,14 @@ class ErrorAnswer(Exception):
 
     def __init__(
         self, code: int, message: str, details: list[dict] | None = None,
-        retry_after: float | None = None,
+        retry_after: float | None = None, status: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details or []
         self.retry_after = retry_after
+        self.status = status  # the canonical status when not the code's usual one (FAILED_PRECONDITION)
 
 
 def _invalid(message: str) -> ErrorAnswer:
@@ -212,8 +213,9 @@ class Media:
     kind: str  # "Image", "Document" or "File": the label's prefix in the reply text
     label: str  # e.g. "PNG 64x48"
     tokens: int
-    modality: str  # usageMetadata modality: IMAGE, DOCUMENT, AUDIO, VIDEO
+    modality: str  # usageMetadata modality: IMAGE, DOCUMENT, AUDIO, VIDEO (TEXT: a text file)
     data: bytes = b""  # decoded bytes of images, kept so they can be edited
+    uri: str = ""  # a fileData part's fileUri, resolved against the Files API store (files.py)
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,9 @@ class GenRequest:
     turns: tuple[Turn, ...]
     config: Config
     test_markers: bool = True  # False: ``[emulator:...]`` in a prompt is plain text
+    # Prompt tokens by modality that came from a cachedContent (its turns are already in
+    # ``system``/``turns``): reported as usageMetadata.cachedContentTokenCount.
+    cached: tuple[tuple[str, int], ...] = ()
 
     @property
     def prompt_turn(self) -> Turn | None:
@@ -436,6 +441,15 @@ def _parse_blob(value: Any, where: str) -> Media:
     if not fields.get("mime_type"):
         raise _invalid(f"* GenerateContentRequest.{where}.mime_type: mime_type is not specified\n")
     data = _b64decode(fields.get("data", ""), f"{where}.data")
+    media = media_of(data)
+    if media is None:
+        raise _invalid(UNPROCESSABLE_IMAGE)
+    return media
+
+
+def media_of(data: bytes) -> Media | None:
+    """An image Pillow can read or a PDF, as the reply describes and bills it; else None.
+    One rule for inline data and uploaded files, so both count the same tokens."""
     image = render.inspect_image(data)
     if image:
         fmt, width, height = image
@@ -443,7 +457,7 @@ def _parse_blob(value: Any, where: str) -> Media:
     if data.startswith(b"%PDF"):
         pages = max(1, len(PDF_PAGE.findall(data)))
         return Media("Document", f"PDF, {len(data)} bytes", IMAGE_INPUT_TOKENS * pages, "DOCUMENT")
-    raise _invalid(UNPROCESSABLE_IMAGE)
+    return None
 
 
 def _b64decode(value: Any, where: str) -> bytes:
@@ -466,7 +480,18 @@ def _parse_file(value: Any, where: str) -> Media:
         raise _invalid(f"* GenerateContentRequest.{where}.file_uri: file_uri is not specified\n")
     family = mime.split("/")[0].upper()
     modality = family if family in ("IMAGE", "AUDIO", "VIDEO") else "DOCUMENT"
-    return Media("File", f"{mime or 'unknown type'} {uri}", IMAGE_INPUT_TOKENS, modality)
+    return Media("File", f"{mime or 'unknown type'} {uri}", IMAGE_INPUT_TOKENS, modality, uri=uri)
+
+
+def parse_turns(fields: dict[str, Any]) -> tuple[Turn | None, tuple[Turn, ...]]:
+    """(system instruction, contents) of a snake_case body such as a cachedContent, which
+    (unlike a generate request) may hold a system instruction and no contents."""
+    contents = fields.get("contents") or []
+    if not isinstance(contents, list):
+        raise _bad_value("contents", contents, "list expected")
+    turns = tuple(_parse_turn(c, f"contents[{i}]") for i, c in enumerate(contents))
+    system = fields.get("system_instruction")
+    return (_parse_turn(system, "system_instruction") if system is not None else None), turns
 
 
 def _check_safety(settings: Any) -> None:
