@@ -249,6 +249,8 @@ def _provider_name(provider: str | None) -> str:
 
 
 @asks
+# Its keywords repeat GeminiBatch's on purpose: the one call users make, typed and documented
+# (what to ask is one `Ask`/`RequestSpec`; the rest is how to run on Ray).
 def generate(
     dataset: ray.data.Dataset,
     prompt: IntoExpr = "prompt",

@@ -64,6 +64,8 @@ class _GeminiFrame(Generic[Frame]):
         self._frame: Frame = frame
 
     @asks
+    # The keywords repeat gf.generate's on purpose: a face a type checker and help() can read
+    # (what to ask is one `Ask`/`RequestSpec`; only how to run is spelled out).
     def generate(
         self,
         prompt: _expr.IntoExpr = "prompt",
