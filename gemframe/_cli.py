@@ -114,10 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     clear = actions.add_parser("clear", parents=[where], help="remove entries: all, or by model and/or age")
     clear.add_argument("--model", metavar="M", help="only this model's entries")
     clear.add_argument("--older-than", metavar="WHEN", help="only entries stored before a date/time (2025-01-31, 2025-01-31T12:00Z) or older than an age (30d, 12h)")
-    export = actions.add_parser("export", parents=[where], help="write entries to a parquet file (key, model, created, format, response)")
+    export = actions.add_parser("export", parents=[where], help="write entries to a parquet file (key, model, created, format, response, prompt)")
     export.add_argument("file", metavar="FILE.parquet")
     export.add_argument("--model", metavar="M", help="only this model's entries")
-    export.add_argument("--older-than", metavar="WHEN", help="only entries stored before this date/time or age")
+    export.add_argument("--older-than", metavar="WHEN", help="only entries stored before this date/time or older than an age (30d)")
+    export.add_argument("--newer-than", metavar="WHEN", help="only entries stored since this date/time or within an age (7d: the last week's)")
     load = actions.add_parser("import", parents=[where], help="merge the entries of an exported parquet file into the cache")
     load.add_argument("file", metavar="FILE.parquet")
     load.add_argument("--overwrite", action="store_true", help="replace entries already stored under the same key")
@@ -279,7 +280,7 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
         removed = store.clear(model=args.model, before=args.older_than)
         print(f"removed {removed:,} entries from {store.directory}")
     elif args.action == "export":
-        count = store.export(args.file, model=args.model, before=args.older_than)
+        count = store.export(args.file, model=args.model, before=args.older_than, after=args.newer_than)
         print(f"exported {count:,} entries to {args.file}")
     else:
         counts = store.import_(args.file, overwrite=args.overwrite)

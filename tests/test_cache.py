@@ -139,7 +139,7 @@ def test_export_import_round_trip_keeps_bytes_and_dates(tmp_path):
     assert cache.export(tmp_path / "all.parquet") == 3
     assert cache.export(tmp_path / "m2.parquet", model="m2") == 1
     frame = pl.read_parquet(tmp_path / "all.parquet")
-    assert frame.columns == ["key", "model", "created", "format", "response"]
+    assert frame.columns == ["key", "model", "created", "format", "response", "prompt"]
     assert frame.filter(pl.col("key") == K2)["response"][0] == A2
     other = ResponseCache(tmp_path / "other")
     assert other.import_(tmp_path / "all.parquet") == {
@@ -460,3 +460,71 @@ def test_zero_byte_database_warns(client, emulator, cache_dir, tmp_path):
     assert result.returncode == 0 and "0 entries" in result.stdout
     assert result.stderr.startswith(f"gemframe: warning: the cache database {other / 'cache.db'} is empty (0 bytes)")
     assert "Traceback" not in result.stderr
+
+
+# -- export: limited by model and age, carrying the prompt of each answer -----------------------
+
+OLD_KEYS = ["%064x" % n for n in (1, 2)]
+
+
+def _old_export(path):
+    """An export as gemframe wrote it before it kept prompts: no prompt column, answers of 2020."""
+    pl.DataFrame({
+        "key": OLD_KEYS, "model": ["gemini-old"] * 2, "format": [1] * 2, "response": [A1, A3],
+        "created": [datetime(2020, 1, 1, tzinfo=timezone.utc)] * 2,
+    }).write_parquet(path)
+    return path
+
+
+def test_cache_export_by_age_and_model_carries_prompts(client, cache_dir, tmp_path):
+    """`gemframe cache export --newer-than/--older-than/--model` selects; each exported answer
+    carries the prompt it answered (the row's own, not its history's; at most 2,000 chars), and
+    answers stored without one (before gemframe kept prompts) export a null prompt."""
+    rows = _prompts("a red fox", "a blue whale\nin the sea", "x" * 5000)
+    rows.with_columns(reply=gf.generate("prompt", client=client))
+    talk = pl.DataFrame({"p1": ["draw a cat"], "p2": ["now make it blue"]})
+    talk = talk.with_columns(r1=gf.generate("p1", client=client))
+    talk.with_columns(r2=gf.generate("p2", history=gf.turns("p1", "r1"), client=client))
+    assert _cli("cache", "import", str(_old_export(tmp_path / "old.parquet")), "--cache-dir", str(cache_dir)).returncode == 0
+
+    new, old = tmp_path / "new.parquet", tmp_path / "old-only.parquet"
+    result = _cli("cache", "export", str(new), "--newer-than", "1d", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0 and result.stdout.startswith("exported 5 entries"), result
+    exported = pl.read_parquet(new)
+    assert sorted(exported["prompt"]) == sorted(
+        ["a red fox", "a blue whale\nin the sea", "x" * 2000, "draw a cat", "now make it blue"])
+    assert set(exported["key"]).isdisjoint(OLD_KEYS)
+
+    result = _cli("cache", "export", str(old), "--older-than", "1d", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0 and result.stdout.startswith("exported 2 entries"), result
+    exported = pl.read_parquet(old)
+    assert sorted(exported["key"]) == OLD_KEYS and exported["prompt"].null_count() == 2
+
+    assert client.cache.export(tmp_path / "m.parquet", model="gemini-old", after="1d") == 0
+    assert client.cache.export(tmp_path / "m.parquet", model="gemini-old") == 2
+
+
+def test_export_with_prompts_imports_and_round_trips(client, emulator, cache_dir, tmp_path):
+    """An export with prompts imports into another cache, whose answers then serve hits, and
+    exporting that cache gives the same rows again: prompts (and their nulls) included."""
+    _prompts("a red fox", "a blue whale").with_columns(reply=gf.generate("prompt", client=client))
+    client.cache.import_(_old_export(tmp_path / "old.parquet"))
+    first = tmp_path / "first.parquet"
+    assert client.cache.export(first) == 4
+    assert sorted(pl.read_parquet(first)["prompt"].drop_nulls()) == ["a blue whale", "a red fox"]
+
+    other = gf.ResponseCache(tmp_path / "other")
+    assert other.import_(first) == {"added": 4, "replaced": 0, "kept": 0, "refused": 0, "refused_reasons": {}}
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=other.directory, cache="read", progress=False) as reader:
+        out = _prompts("a red fox", "a blue whale").with_columns(reply=gf.generate("prompt", client=reader)).unnest("reply")
+    assert out["error"].null_count() == 2 and out["cached"].all() and emulator.stats.requests == 2
+
+    second = tmp_path / "second.parquet"
+    assert other.export(second) == 4
+    assert pl.read_parquet(second).sort("key").equals(pl.read_parquet(first).sort("key"))
+
+
+def test_import_refuses_a_prompt_that_is_not_text(tmp_path):
+    pl.read_parquet(_old_export(tmp_path / "old.parquet")).with_columns(prompt=pl.lit(7)).write_parquet(tmp_path / "bad.parquet")
+    counts = gf.ResponseCache(tmp_path / "c").import_(tmp_path / "bad.parquet")
+    assert counts["refused"] == 2 and counts["refused_reasons"] == {"prompt is not text": 2}

@@ -18,7 +18,7 @@ import orjson
 import polars as pl
 
 from .batch import BatchJobs, default_state_path
-from .cache import CacheMode, ResponseCache, answer_problem, cache_key
+from .cache import CacheMode, ResponseCache, answer_problem, cache_key, prompt_text
 from .._errors import ConfigError, RowError, exception_text
 from .executor import Executor, Outcome, RetryPolicy, background_loop
 from .limits import RateLimiter
@@ -271,6 +271,7 @@ class _Run:
         self.batch_options: tuple[str | None, float, bool] | None = None  # set in batch mode
         self.batch_bodies: dict[str, bytes] = {}  # batch mode: the misses' request JSON
         self.taken: list[tuple[str, Any]] = []  # finished requests taken off `finished`, not yet cached
+        self.prompts: dict[str, str] = {}  # key in flight -> its prompt, for the cache entry's header
         self.finished: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.window = max(64, client.executor.concurrency * 4)
         self.concurrency = client.executor.concurrency
@@ -364,6 +365,8 @@ class _Run:
                 continue
             outgoing.append((key, self.url, content))
             self.in_flight.add(key)
+            if self.cache is not None and (prompt := prompt_text(body)) is not None:
+                self.prompts[key] = prompt
             self.inflight_bytes += len(content)
             self.sizes[key] = len(content)
             if self._full():
@@ -420,7 +423,9 @@ class _Run:
             self.in_flight.discard(key)
             self.inflight_bytes -= self.sizes.pop(key)
         if self.cache is not None:
-            self.cache.set_many([(k, self.model, o.raw) for k, o in outcomes if o.raw is not None])
+            self.cache.set_many([(k, self.model, o.raw) for k, o in outcomes if o.raw is not None], self.prompts)
+        for key, _ in done:
+            self.prompts.pop(key, None)
         self.taken = []
         for key, outcome in outcomes:
             self._handle(key, outcome)
@@ -483,7 +488,8 @@ class _Run:
         if arrived and self.cache is not None:
             answers = [(key, self.model, raw) for key, raw in _answers(arrived)]
             if answers:
-                self.cache.set_many(answers)
+                self.cache.set_many(answers, self.prompts)
+        self.prompts.clear()
         if self.progress.owned:  # one RowsFailedWarning when rows failed (see Progress.close)
             self.progress.close(warn=self.completed)
 

@@ -3,8 +3,8 @@
 One concept a module, each importing only those above it in this list:
 
 - `key`: the cache key of a request (canonical JSON), `CacheMode`, `default_cache_dir`.
-- `entry`: what one stored entry is (a versioned header + the raw answer) and what a stored
-  answer must look like (`answer_problem`).
+- `entry`: what one stored entry is (a versioned header, with the prompt asked, + the raw
+  answer) and what a stored answer must look like (`answer_problem`).
 - `disk`: safe storage: diskcache reduced to raw bytes in a directory treated as hostile
   (no pickles, no links followed, settings pinned), corruption reported as `CacheCorruptError`.
 - `manage`: management apart from the store: stats, clear, entries, export, import, `parse_when`.
@@ -13,7 +13,7 @@ One concept a module, each importing only those above it in this list:
 """
 
 from .disk import MAX_ANSWER_BYTES, CacheCorruptError, CacheWarning, UnsafeCacheEntry
-from .entry import answer_problem
+from .entry import answer_problem, prompt_text
 from .key import ENTRY_FORMAT, CacheMode, cache_key, default_cache_dir
 from .manage import EXPORT_COLUMNS, NOT_AN_ANSWER, CacheManagement, parse_when
 from .store import ResponseCache
@@ -21,5 +21,5 @@ from .store import ResponseCache
 __all__ = [
     "ENTRY_FORMAT", "EXPORT_COLUMNS", "MAX_ANSWER_BYTES", "NOT_AN_ANSWER", "CacheCorruptError",
     "CacheManagement", "CacheMode", "CacheWarning", "ResponseCache", "UnsafeCacheEntry",
-    "answer_problem", "cache_key", "default_cache_dir", "parse_when",
+    "answer_problem", "cache_key", "default_cache_dir", "parse_when", "prompt_text",
 ]

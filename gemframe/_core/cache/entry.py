@@ -1,6 +1,8 @@
 """What one stored entry is: the raw answer behind a one-line JSON header carrying the entry
-format version (so later releases can read old caches), the model and when it was answered;
-and what a stored answer must look like to be read back (`answer_problem`).
+format version (so later releases can read old caches), the model, when it was answered and
+the prompt it answers (`prompt_text`: so an export says what each answer was for; entries
+written before the prompt was kept have none); and what a stored answer must look like to be
+read back (`answer_problem`).
 
 Only HTTP 200 answers are stored: a transient failure is never replayed.
 """
@@ -8,17 +10,39 @@ Only HTTP 200 answers are stored: a transient failure is never replayed.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from .key import ENTRY_FORMAT
 
 _CURRENT_HEADER = b'{"format": 1,'  # how `pack`'s json.dumps header starts
+PROMPT_CHARS = 2000  # of a prompt kept in the header: enough to recognise it, small beside an answer
 
 
-def pack(model: str, created: int, raw: bytes) -> bytes:
-    """The stored form of an answer: its header line, then the raw response bytes."""
-    header = json.dumps({"format": ENTRY_FORMAT, "model": model, "created": created})
-    return header.encode() + b"\n" + raw
+def pack(model: str, created: int, raw: bytes, prompt: str | None = None) -> bytes:
+    """The stored form of an answer: its header line, then the raw response bytes. The header
+    stays one line (json.dumps escapes newlines), so a longer header with the prompt costs a
+    cache hit nothing but a longer scan for its end (`unpack` never parses it)."""
+    meta: dict[str, Any] = {"format": ENTRY_FORMAT, "model": model, "created": created}
+    if prompt is not None:
+        meta["prompt"] = prompt[:PROMPT_CHARS]
+    return json.dumps(meta).encode() + b"\n" + raw
+
+
+def prompt_text(body: Mapping[str, Any]) -> str | None:
+    """The prompt a request asks, for an entry's header: the text parts of its last user turn
+    (the row's prompt; a conversation's history comes before it), joined by newlines, at most
+    `PROMPT_CHARS`. None when that turn has no text (an image alone) or the body is not shaped
+    like a ``generateContent`` request (`Client.send` takes any JSON body)."""
+    contents = body.get("contents") if isinstance(body, Mapping) else None
+    if type(contents) is not list:
+        return None
+    for content in reversed(contents):
+        if type(content) is dict and content.get("role", "user") == "user":
+            parts = content.get("parts")
+            texts = [p["text"] for p in parts if type(p) is dict and type(p.get("text")) is str] if type(parts) is list else []
+            return "\n".join(texts)[:PROMPT_CHARS] if texts else None
+    return None
 
 
 def unpack(entry: bytes) -> bytes | None:

@@ -2,9 +2,12 @@
 hot path: `CacheManagement` is the half of `ResponseCache` a person uses, not a call.
 
 `stats` (entries, size, by model, oldest/newest), `clear` (all, one model, or older than a date),
-and `export` / `import_` to a parquet file of (key, model, created, format, response) rows, so a
-team can share answers or archive an experiment's exact answers next to its results. Importing
-merges, and refuses rows that are not a digest key with a ``generateContent`` answer.
+and `export` / `import_` to a parquet file of (key, model, created, format, response, prompt)
+rows (all, one model's, older or newer than a time), so a team can share answers or archive an
+experiment's exact answers next to its results. ``prompt`` is the prompt each answer was for
+(from the entry's header; null for entries stored before gemframe kept it, and in exports made
+before it did). Importing merges, and refuses rows that are not a digest key with a
+``generateContent`` answer.
 
 diskcache keeps each entry's tag (our model), store time and size in its SQLite table ``Cache``;
 reading those columns directly answers stats and filters without reading any answer.
@@ -29,7 +32,8 @@ from .disk import MAX_ANSWER_BYTES, _reports_corruption, _Store, read_entries, r
 from .entry import answer_problem, header_problem, pack, read_header
 from .key import ENTRY_FORMAT
 
-EXPORT_COLUMNS = ("key", "model", "created", "format", "response")
+EXPORT_COLUMNS = ("key", "model", "created", "format", "response")  # what an import needs
+PROMPT_COLUMN = "prompt"  # exported too; optional on import (older exports have none)
 _EXPORT_BATCH = 1000  # rows per transaction / record batch when exporting or importing
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -92,8 +96,9 @@ class CacheManagement:
         return len(keys)
     def entries(self, *, model: str | None = None, before: Any = None, after: Any = None) -> Iterator[dict[str, Any]]:
         """The stored entries (all, or one model's, stored before/after a time) as ``{key, model,
-        created, format, response}`` (response bytes without the header; created in epoch
-        seconds). Rows gemframe would not read as an answer are left out, with one warning."""
+        created, format, response, prompt}`` (response bytes without the header; created in
+        epoch seconds; prompt None when the entry has none). Rows gemframe would not read as an
+        answer are left out, with one warning."""
         with reporting_corruption(self.directory):  # a generator: the decorator would not see its body
             keys = self._keys(model, before, after)
             for start in range(0, len(keys), _EXPORT_BATCH):
@@ -105,28 +110,35 @@ class CacheManagement:
                     if meta.get("format") != ENTRY_FORMAT:
                         refused[header_problem(entry)] += 1
                         continue
+                    prompt = meta.get("prompt")
                     yield {
                         "key": key, "model": meta.get("model"), "created": meta.get("created"),
                         "format": meta.get("format"), "response": raw,
+                        "prompt": prompt if type(prompt) is str else None,  # a planted header may hold anything
                     }
                 warn_refused(self.directory, refused)
 
-    def export(self, path: str | os.PathLike[str], *, model: str | None = None, before: Any = None) -> int:
-        """Write the entries (all, or one model's / older ones) to a parquet file; returns the
-        count. The file is written next to ``path`` and renamed when complete."""
+    def export(
+        self, path: str | os.PathLike[str], *, model: str | None = None, before: Any = None, after: Any = None,
+    ) -> int:
+        """Write the entries to a parquet file; returns the count. All of them, or those of one
+        ``model`` and/or stored ``before`` / ``after`` a time (as for `clear`: a date, an ISO
+        string, epoch seconds, or an age: ``after="7d"`` is the last week's answers). Each row
+        carries its ``prompt`` (null for entries stored without one). The file is written next
+        to ``path`` and renamed when complete."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         schema = pa.schema([
             ("key", pa.string()), ("model", pa.string()), ("created", pa.timestamp("s", tz="UTC")),
-            ("format", pa.int32()), ("response", pa.large_binary()),
+            ("format", pa.int32()), ("response", pa.large_binary()), (PROMPT_COLUMN, pa.string()),
         ])
 
         count = 0
         with atomic_write(path) as partial, pq.ParquetWriter(partial, schema) as writer:
             writer.add_key_value_metadata({b"gemframe_cache": json.dumps({"format": ENTRY_FORMAT}).encode()})
             rows: list[dict[str, Any]] = []
-            for entry in self.entries(model=model, before=before):
+            for entry in self.entries(model=model, before=before, after=after):
                 rows.append(entry)
                 if len(rows) == _EXPORT_BATCH:
                     writer.write_table(pa.Table.from_pylist(rows, schema))
@@ -142,17 +154,20 @@ class CacheManagement:
         """Merge the entries of an exported parquet file into this cache. A key already stored
         is kept unless ``overwrite``. Every row is checked first: its key must be a cache key
         (a sha256 hex digest) and its response a JSON object shaped like a ``generateContent``
-        answer (see `answer_problem`), else it is refused. Returns ``{"added", "replaced",
-        "kept", "refused"}`` counts and ``"refused_reasons"``: ``{reason: count}``."""
+        answer (see `answer_problem`), else it is refused. A ``prompt`` column (exports since
+        gemframe kept prompts) is stored with each answer, so a re-export carries it again.
+        Returns ``{"added", "replaced", "kept", "refused"}`` counts and ``"refused_reasons"``:
+        ``{reason: count}``."""
         import pyarrow.parquet as pq
 
         source = pq.ParquetFile(os.fspath(path))
         missing = [c for c in EXPORT_COLUMNS if c not in source.schema_arrow.names]
         if missing:
             raise ValueError(f"{os.fspath(path)} is not a gemframe cache export: no columns {missing}")
+        columns = list(EXPORT_COLUMNS) + [PROMPT_COLUMN] * (PROMPT_COLUMN in source.schema_arrow.names)
         counts: dict[str, Any] = {"added": 0, "replaced": 0, "kept": 0, "refused": 0}
         refused: Counter[str] = Counter()
-        for batch in source.iter_batches(batch_size=_EXPORT_BATCH, columns=list(EXPORT_COLUMNS)):
+        for batch in source.iter_batches(batch_size=_EXPORT_BATCH, columns=columns):
             rows = batch.to_pylist()
             for row in rows:
                 if row["format"] != ENTRY_FORMAT:
@@ -175,7 +190,8 @@ class CacheManagement:
                         counts["kept"] += 1
                         continue
                     counts["replaced" if present else "added"] += 1
-                    self._store.set(key, pack(row["model"], int(stamp), row["response"]), tag=row["model"])
+                    entry = pack(row["model"], int(stamp), row["response"], row.get(PROMPT_COLUMN))
+                    self._store.set(key, entry, tag=row["model"])
                     self._store._sql("UPDATE Cache SET store_time = ? WHERE key = ? AND raw = 1", (stamp, key))
         counts["refused"] = sum(refused.values())
         counts["refused_reasons"] = dict(refused.most_common())
@@ -194,6 +210,8 @@ def _import_problem(row: dict[str, Any]) -> str | None:
         return "no model"
     if created is not None and not isinstance(created, (datetime, int, float)):
         return "created is not a time"
+    if row.get(PROMPT_COLUMN) is not None and type(row[PROMPT_COLUMN]) is not str:
+        return "prompt is not text"
     if type(response) is not bytes:
         return NOT_AN_ANSWER
     if len(response) > MAX_ANSWER_BYTES:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .disk import (
     _SETTINGS,
@@ -59,12 +59,14 @@ class ResponseCache(CacheManagement):
         return found
 
     @_reports_corruption
-    def set_many(self, entries: Iterable[tuple[str, str, bytes]]) -> None:
-        """Store (key, model, raw response) triples in one transaction."""
+    def set_many(self, entries: Iterable[tuple[str, str, bytes]], prompts: Mapping[str, str] | None = None) -> None:
+        """Store (key, model, raw response) triples in one transaction; ``prompts`` (key -> the
+        prompt asked, see `prompt_text`) go into the entries' headers, for exports."""
         created = int(time.time())
+        prompts = prompts or {}
         with self._store.transact():
             for key, model, raw in entries:
-                self._store.set(key, pack(model, created, raw), tag=model)
+                self._store.set(key, pack(model, created, raw, prompts.get(key)), tag=model)
 
     @_reports_corruption
     def __len__(self) -> int:

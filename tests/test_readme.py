@@ -1,0 +1,193 @@
+"""Every code block in README.md runs as written, so the README cannot drift from the code.
+
+How the blocks are read (README.md's "Contributing" notes say the same to authors):
+
+- Every fenced block must name its language. ```` ```python ```` blocks and shell blocks
+  (```` ```bash ````, ```` ```sh ````, ```` ```console ````) are run; anything else
+  (```` ```text ```` for a command-line synopsis, ```` ```json ````, ...) is shown, not run.
+- A runnable block is skipped only when it says ``# needs a real API key`` or when the line
+  before its fence is ``<!-- not run: why -->`` (for commands that are real but not for a test,
+  such as the full test suite or the benchmarks).
+- In a shell block, ``pip install ...`` is not run (the package is installed already, and an
+  install would re-point the shared editable install): a line starting with ``pip install`` is
+  dropped, up to its first ``&&`` when it chains more commands.
+
+All blocks run in README order in one subprocess, as a new user would run them in a fresh clone
+on the emulator: no API key in the environment, ``GEMFRAME_CACHE_DIR`` in a temp dir, the
+working directory a temp dir holding a copy of ``sample_data/`` (so ``sample_data/prompts.parquet``
+and the image paths inside it resolve), ``gemframe`` and ``python`` on ``PATH`` meaning this
+interpreter. Python blocks share one namespace per ``##`` section (a section's blocks build on
+each other; a section does not rely on another's variables); shell blocks run in bash with
+``set -euo pipefail``. A failure names the README line of the block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+PYTHON = {"python"}
+SHELL = {"bash", "sh", "console"}
+NEEDS_KEY = "# needs a real API key"
+_FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^`\s]*)\s*$")
+_NOT_RUN = re.compile(r"^\s*<!--\s*not run:\s*(?P<why>.+?)\s*-->\s*$")
+
+
+@dataclass
+class Block:
+    line: int  # 1-based line of the block's first code line in README.md
+    info: str  # the fence's language
+    section: str  # the enclosing "## " heading
+    code: str  # dedented by the fence's indent
+    skip: str | None  # why it is not run (None: it runs)
+
+
+def readme_blocks(text: str) -> list[Block]:
+    """The fenced code blocks of a markdown text, in order."""
+    blocks: list[Block] = []
+    lines = text.splitlines()
+    section, n = "", 0
+    while n < len(lines):
+        line = lines[n]
+        if line.startswith("## "):
+            section = line[3:].strip()
+        fence = _FENCE.match(line)
+        if not fence:
+            n += 1
+            continue
+        indent, info = fence["indent"], fence["info"]
+        end = n + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        assert end < len(lines), f"README.md:{n + 1}: the block is never closed"
+        body = [code[len(indent):] if code.startswith(indent) else code.lstrip() for code in lines[n + 1:end]]
+        code = "\n".join(body) + "\n"
+        before = next((lines[k] for k in range(n - 1, -1, -1) if lines[k].strip()), "")
+        not_run = _NOT_RUN.match(before)
+        skip = None
+        if info not in PYTHON | SHELL:
+            skip = f"a {info or 'plain'} block"
+        elif not_run:
+            skip = not_run["why"]
+        elif NEEDS_KEY in code:
+            skip = "needs a real API key"
+        blocks.append(Block(n + 2, info, section, code, skip))
+        n = end + 1
+    return blocks
+
+
+def without_installs(script: str) -> str:
+    """A shell block without its ``pip install`` commands (see the module docstring)."""
+    kept = []
+    for line in script.splitlines():
+        if line.lstrip().startswith("pip install"):
+            _, chained, rest = line.partition("&&")
+            if not chained:
+                continue
+            line = rest.strip()
+        kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def _drive(blocks_file: str) -> int:
+    """Run the blocks (a JSON list of `Block`s) in order; the first failure ends the run."""
+    import time
+    import traceback
+    import warnings
+
+    import gemframe
+
+    # An example whose rows fail has not run: the README's examples all answer every row.
+    warnings.simplefilter("error", gemframe.RowsFailedWarning)
+    blocks = [Block(**b) for b in json.loads(Path(blocks_file).read_text())]
+    started = time.monotonic()
+    namespaces: dict[str, dict] = {}
+    for block in blocks:
+        where = f"README.md:{block.line} ({block.info} block in '{block.section}')"
+        print(f"--- {where} at {time.monotonic() - started:.1f} s", flush=True)
+        if block.info in SHELL:
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", without_installs(block.code)], stderr=subprocess.PIPE, text=True,
+            )
+            print(done.stderr, end="", flush=True)
+            if done.returncode or "rows failed" in done.stderr:
+                print(f"FAILED {where}: exit code {done.returncode}", flush=True)
+                return 1
+            continue
+        namespace = namespaces.setdefault(block.section, {"__name__": "__main__"})
+        # Padded so that a traceback names README.md and the block's own line numbers; not
+        # inheriting this module's `from __future__ import annotations` (a user's session has
+        # none: the README's dataclass must work with evaluated annotations).
+        code = compile("\n" * (block.line - 1) + block.code, str(README), "exec", dont_inherit=True)
+        try:
+            exec(code, namespace)
+        except BaseException:
+            traceback.print_exc()
+            print(f"FAILED {where}", flush=True)
+            return 1
+    print(f"ALL BLOCKS RAN in {time.monotonic() - started:.1f} s", flush=True)
+    return 0
+
+
+def test_every_block_names_its_language():
+    """A new block must decide: run (python/bash) or shown (text for a synopsis)."""
+    untagged = [b.line - 1 for b in readme_blocks(README.read_text()) if not b.info]
+    assert not untagged, f"README.md lines {untagged}: say ```python, ```bash or ```text (a synopsis)"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240, method="thread")
+def test_readme_blocks_run(tmp_path):
+    blocks = readme_blocks(README.read_text())
+    runs = [b for b in blocks if b.skip is None]
+    skipped = [(b.line, b.skip) for b in blocks if b.info in PYTHON | SHELL and b.skip]
+    # The parser found the README's blocks, and skipping stays the exception.
+    assert sum(b.info in PYTHON for b in runs) >= 10 and sum(b.info in SHELL for b in runs) >= 3, runs
+    assert len(skipped) <= 3, skipped
+
+    work = tmp_path / "clone"
+    shutil.copytree(ROOT / "sample_data", work / "sample_data")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, command in (("python", ""), ("gemframe", " -m gemframe")):
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}"{command} "$@"\n')
+        shim.chmod(0o755)
+    blocks_file = tmp_path / "blocks.json"
+    blocks_file.write_text(json.dumps([asdict(b) for b in runs]))
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER", "GEMFRAME_PRICES")}
+    env.update(
+        GEMFRAME_CACHE_DIR=str(tmp_path / "cache"),
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+    )
+    done = subprocess.run(
+        [sys.executable, __file__, blocks_file], cwd=work, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=230,
+    )
+    print("\n".join(line for line in done.stdout.splitlines() if line.startswith(("---", "ALL"))))  # -s: timings
+    assert done.returncode == 0 and "ALL BLOCKS RAN" in done.stdout, done.stdout[-6000:]
+    # What the examples wrote holds answers, not row errors (Ray's actors warn elsewhere).
+    import polars as pl
+
+    for output in ("out/replies.parquet", "out/big.parquet", "out/replay.parquet", "out/ray/*.parquet"):
+        frame = pl.read_parquet(work / output)
+        errors = frame["error"] if "error" in frame.columns else frame["reply"].struct.field("error")
+        assert len(frame) >= 12 and errors.null_count() == len(frame), (output, errors.drop_nulls().to_list()[:3])
+
+
+if __name__ == "__main__":
+    sys.exit(_drive(sys.argv[1]))
