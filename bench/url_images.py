@@ -100,7 +100,7 @@ def worker(source: str, url: str, images: str, rows: int, cache: str) -> dict[st
 
     import gemframe as gf
 
-    names = [f"{i:05d}.png" for i in range(rows)]
+    names = [f"{i:04d}.png" for i in range(rows)]  # as images.write_images names them
     where = [f"{images}/{n}" if source == "urls" else os.path.join(images, n) for n in names]
     texts = [f"describe image row {i}" for i in range(rows)]
     client = gf.Client(

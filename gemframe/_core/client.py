@@ -40,6 +40,9 @@ Row = dict[str, Any] | RowError | None
 _LOOKUP_BATCH = 256  # rows per batched cache lookup...
 _LOOKUP_BYTES = 16 * 2**20  # ...or fewer, when their inline images add up to this
 _QUEUED_BYTES = 16 * 2**20  # encoded request bodies held beyond one per concurrency slot
+# Rows admitted at a time when their images come by URL: each chunk waits only for its own
+# downloads (started in row order for the whole batch), so sending starts after the first few.
+_URL_CHUNK = 32
 # How long to wait for a finished request: in effect forever, but given as a timeout because
 # only a timed wait is interrupted by Ctrl-C (SIGINT); `SimpleQueue.get()` without one sleeps
 # through it until the next answer arrives, which may be a minute away.
@@ -359,9 +362,10 @@ class _Run:
         looked up in the URL store, and the rest start downloading on the executor's loop. A
         stored one is fetched again only to revalidate it (``cache='refresh'``,
         ``revalidate_urls``), never with ``cache='read'``."""
-        urls = list(dict.fromkeys(url for item, _ in batch if isinstance(item, dict) for url in url_images(item)))
+        urls = _distinct_urls(batch)
         new = [url for url in urls if url not in self.images and url not in self.fetching]
-        self.image_users.update(urls)
+        for start in range(0, len(batch), _URL_CHUNK):  # each chunk lets go of its URLs when admitted
+            self.image_users.update(_distinct_urls(batch[start:start + _URL_CHUNK]))
         if not new:
             return urls
         store = self._url_store()
@@ -406,10 +410,11 @@ class _Run:
             else:
                 self.images[url] = task.result()
 
-    def _with_images(self, batch: list[tuple[Row, int]], urls: list[str], start: int) -> list[tuple[Row, int]]:
-        """The batch with its image URLs in place: each as the stored image's MIME type and
+    def _with_images(self, batch: list[tuple[Row, int]], start: int) -> list[tuple[Row, int]]:
+        """A chunk of rows with its image URLs in place: each as the stored image's MIME type and
         digest (`KnownDigest`: enough for the cache key; the bytes are read only for a request
         that is sent); a row whose image could not be read gets that as its error."""
+        urls = _distinct_urls(batch)
         while any(url in self.fetching for url in urls):
             self._take_downloads(block=True)
             self._collect(block=False)  # answers that arrived meanwhile: stored as they come
@@ -456,10 +461,13 @@ class _Run:
         return None
 
     def _admit(self, batch: list[tuple[Row, int]], urls: list[str] | None = None) -> None:
-        """Give cached answers to a batch of rows and send its misses."""
-        start = len(self.column)
+        """Give cached answers to a batch of rows and send its misses (a batch with image URLs
+        `_URL_CHUNK` rows at a time, as their images arrive)."""
         if urls:
-            batch = self._with_images(batch, urls, start)
+            for i in range(0, len(batch), _URL_CHUNK):
+                self._admit(self._with_images(batch[i:i + _URL_CHUNK], len(self.column)))
+            return
+        start = len(self.column)
         self.column.add_rows(len(batch))
         fresh: dict[str, tuple[dict[str, Any], int]] = {}  # key -> (body, image bytes), first row of each new key
         for row, (item, size) in enumerate(batch, start):
@@ -648,6 +656,11 @@ class _Run:
                 self.cache.set_many(answers)
         if self.progress.owned:  # one RowsFailedWarning when rows failed (see Progress.close)
             self.progress.close(warn=self.completed)
+
+
+def _distinct_urls(rows: list[tuple[Row, int]]) -> list[str]:
+    """The image URLs of some rows (`payload.UrlImage`s), each once."""
+    return list(dict.fromkeys(url for item, _ in rows if isinstance(item, dict) for url in url_images(item)))
 
 
 class _ImageFailed(Exception):
