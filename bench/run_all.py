@@ -27,7 +27,7 @@ MODULES = ["overhead", "throughput", "cached", "memory", "images", "streaming", 
 TITLES = {
     "overhead": "2. Client overhead", "throughput": "3. Latency-bound throughput", "cached": "4. Cached rerun",
     "memory": "5. Streaming memory (`gemframe run`)", "images": "6. Images", "streaming": "7. Polars streaming engine",
-    "http2": "8. HTTP/2", "url_images": "9. Image URLs",
+    "http2": "8. HTTP/2", "url_images": "10. Image URLs",
 }
 _MODULE_FILES = {"streaming": "polars_streaming"}
 

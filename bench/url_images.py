@@ -1,4 +1,4 @@
-"""Benchmark 9, image URLs: distinct images by URL against the same job with local files.
+"""Benchmark 10, image URLs: distinct images by URL against the same job with local files.
 
     python bench/url_images.py --source files|urls --url URL --images DIR|IMAGE_URL --rows N --cache DIR
 
@@ -142,7 +142,7 @@ def run(mode: str) -> Section:
 
     rows = SIZES.get(mode, SIZES["default"])["rows"]
     section = Section(
-        "url_images", "9. Image URLs",
+        "url_images", "10. Image URLs",
         f"{rows:,} rows, each its own ~{IMAGE_BYTES // 1000} kB PNG; concurrency {CONCURRENCY}; generateContent "
         f"after {GENERATE_LATENCY * 1000:.0f} ms (bench/server.py); each download after {DOWNLOAD_LATENCY * 1000:.0f} ms "
         "(aiohttp image server in its own process); a fresh cache directory per job. Baseline: the same job "
