@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import BENCH, Section, fmt, machine  # noqa: E402
 
-MODULES = ["overhead", "throughput", "cached", "memory", "images", "streaming", "http2", "rate_limits"]
+MODULES = ["overhead", "throughput", "cached", "memory", "images", "streaming", "http2", "rate_limits", "url_images"]
 TITLES = {
     "overhead": "2. Client overhead", "throughput": "3. Latency-bound throughput", "cached": "4. Cached rerun",
     "memory": "5. Streaming memory (`gemframe run`)", "images": "6. Images", "streaming": "7. Polars streaming engine",
-    "http2": "8. HTTP/2", "rate_limits": "9. Rate limits not told",
+    "http2": "8. HTTP/2", "rate_limits": "9. Rate limits not told", "url_images": "10. Image URLs",
 }
 _MODULE_FILES = {"streaming": "polars_streaming"}
 

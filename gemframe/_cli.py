@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ._core.cache import CacheMode, CacheWarning, ResponseCache, default_cache_dir
+from ._core.cache import CacheMode, CacheWarning, ResponseCache, UrlStore, default_cache_dir, parse_when
 from ._errors import GemframeError, InputError
 from ._core.providers import DEFAULT_MODEL, PROVIDERS
 
@@ -113,15 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="as JSON")
     clear = actions.add_parser("clear", parents=[where], help="remove entries: all, or by model and/or age")
     clear.add_argument("--model", metavar="M", help="only this model's entries")
-    clear.add_argument("--older-than", metavar="WHEN", help="only entries stored before a date/time (2025-01-31, 2025-01-31T12:00Z) or older than an age (30d, 12h)")
+    clear.add_argument("--older-than", metavar="WHEN", help="only entries stored before a date/time (2025-01-31, 2025-01-31T12:00Z) or older than an age (30d, 12h); image URLs fetched before it too")
     export = actions.add_parser("export", parents=[where], help="write entries to a parquet file (key, model, created, format, response, prompt)")
     export.add_argument("file", metavar="FILE.parquet")
     export.add_argument("--model", metavar="M", help="only this model's entries")
     export.add_argument("--older-than", metavar="WHEN", help="only entries stored before this date/time or older than an age (30d)")
     export.add_argument("--newer-than", metavar="WHEN", help="only entries stored since this date/time or within an age (7d: the last week's)")
+    export.add_argument("--urls", metavar="URLS.parquet", help="also write the image URL store (URLs with their images) to this file")
     load = actions.add_parser("import", parents=[where], help="merge the entries of an exported parquet file into the cache")
     load.add_argument("file", metavar="FILE.parquet")
     load.add_argument("--overwrite", action="store_true", help="replace entries already stored under the same key")
+    load.add_argument("--urls", metavar="URLS.parquet", help="also merge an image URL store written by export --urls")
 
     manifest = commands.add_parser("manifest", help="print the run manifest stored in a gemframe output")
     manifest.add_argument("output", metavar="OUT.parquet")
@@ -251,10 +253,13 @@ def _cache(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             with ResponseCache(args.cache_dir) as store:
+                urls = UrlStore(os.path.join(store.directory, "urls"))  # the image URLs fetched
                 try:
-                    return _cache_action(args, store)
+                    return _cache_action(args, store, urls)
                 except (ValueError, OSError) as exc:
                     raise InputError(str(exc)) from None
+                finally:
+                    urls.close()
         finally:
             for warning in caught:
                 if issubclass(warning.category, CacheWarning):
@@ -263,11 +268,12 @@ def _cache(args: argparse.Namespace) -> int:
                     warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
+def _cache_action(args: argparse.Namespace, store: ResponseCache, urls: UrlStore) -> int:
     if args.action == "stats":
         stats = store.stats()
+        url_stats = urls.stats()
         if args.json:
-            print(json.dumps(stats, indent=2))
+            print(json.dumps({**stats, "urls": url_stats}, indent=2))
             return 0
         print(f"cache {stats['directory']}: {stats['entries']:,} entries, {_size(stats['bytes_on_disk'])} on disk")
         if stats["entries"]:
@@ -276,12 +282,20 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
             print(f"  {'model':<{width}}  {'entries':>9}  {'size':>10}  newest")
             for model, row in stats["by_model"].items():
                 print(f"  {model:<{width}}  {row['entries']:>9,}  {_size(row['bytes']):>10}  {row['newest']}")
+        print(f"{url_stats['urls']:,} image URLs ({url_stats['images']:,} images, {_size(url_stats['image_bytes'])}) "
+              f"in {url_stats['directory']}")
     elif args.action == "clear":
         removed = store.clear(model=args.model, before=args.older_than)
-        print(f"removed {removed:,} entries from {store.directory}")
+        forgotten = ""
+        if args.model is None:  # image URLs belong to no model
+            before = parse_when(args.older_than) if args.older_than is not None else None
+            forgotten = f" and {urls.clear(before=before):,} image URLs"
+        print(f"removed {removed:,} entries{forgotten} from {store.directory}")
     elif args.action == "export":
         count = store.export(args.file, model=args.model, before=args.older_than, after=args.newer_than)
         print(f"exported {count:,} entries to {args.file}")
+        if args.urls:
+            print(f"exported {urls.export(args.urls):,} image URLs to {args.urls}")
     else:
         counts = store.import_(args.file, overwrite=args.overwrite)
         refused = ""
@@ -290,6 +304,11 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache) -> int:
             refused = f"; refused {counts['refused']:,}: {reasons}"
         print(f"imported {args.file} into {store.directory}: {counts['added']:,} added, "
               f"{counts['replaced']:,} replaced, {counts['kept']:,} already present (kept){refused}")
+        if args.urls:
+            counts = urls.import_(args.urls, overwrite=args.overwrite)
+            print(f"imported {args.urls}: {counts['added']:,} image URLs added, {counts['replaced']:,} replaced, "
+                  f"{counts['kept']:,} already present (kept), {counts['refused']:,} refused (not an http(s) URL "
+                  "with an image of at most 20 MB)")
     return 0
 
 

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
+import os
 import queue
+import shutil
+import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,11 +23,11 @@ import orjson
 import polars as pl
 
 from .batch import BatchJobs, default_state_path
-from .cache import CacheMode, ResponseCache, answer_problem, cache_key, prompt_text
-from .._errors import ConfigError, RowError, exception_text
+from .cache import CacheMode, KnownDigest, ResponseCache, UrlRecord, UrlStore, answer_problem, cache_key, prompt_text
+from .._errors import ConfigError, InputError, RowError, exception_text
 from .executor import Executor, Outcome, RetryPolicy, background_loop
 from .limits import RateLimiter
-from .payload import INLINE_LIMIT, request_json
+from .payload import INLINE_LIMIT, Fetched, _sniffed, request_json, url_images, with_url_images
 from .progress import Progress
 from .providers import DEFAULT_MODEL, Provider, resolve_provider
 from .response import ReplyColumn, decode, failed, reply_dtype
@@ -35,6 +40,9 @@ Row = dict[str, Any] | RowError | None
 _LOOKUP_BATCH = 256  # rows per batched cache lookup...
 _LOOKUP_BYTES = 16 * 2**20  # ...or fewer, when their inline images add up to this
 _QUEUED_BYTES = 16 * 2**20  # encoded request bodies held beyond one per concurrency slot
+# Rows admitted at a time when their images come by URL: each chunk waits only for its own
+# downloads (started in row order for the whole batch), so sending starts after the first few.
+_URL_CHUNK = 32
 # How long to wait for a finished request: in effect forever, but given as a timeout because
 # only a timed wait is interrupted by Ctrl-C (SIGINT); `SimpleQueue.get()` without one sleeps
 # through it until the next answer arrives, which may be a minute away.
@@ -47,7 +55,7 @@ def _inline_bytes(row: Row) -> int:
         for content in row.get("contents") or ():
             for part in content.get("parts") or ():
                 inline = part.get("inlineData")
-                if inline is not None:
+                if isinstance(inline, dict):  # not a UrlImage: its size is known once fetched
                     size += len(inline.get("data", ""))
     return size
 
@@ -102,6 +110,15 @@ class Client:
     Image URLs in the data are fetched only from public addresses: a URL whose host resolves to
     a private, loopback, link-local or cloud-metadata address (or redirects to one) is that
     row's error. ``allow_private_urls=True`` lifts this, for images served on your own network.
+
+    Image URLs of a `gemframe.generate` call are fetched concurrently with the generation
+    requests (at most ``download_concurrency`` at a time, retried like them) and remembered
+    in the URL store of the cache directory (URL -> digest, ETag/Last-Modified, the bytes once
+    per digest): a rerun fetches none of them, and ``cache="read"`` replays a URL dataset with
+    the network off. ``revalidate_urls=True`` (and ``cache="refresh"``) asks the servers
+    whether each remembered image changed (a conditional request: an unchanged one is not
+    downloaded again). With ``cache="off"`` the images are kept in a temporary directory for
+    the call only.
     """
 
     def __init__(
@@ -123,6 +140,8 @@ class Client:
         cache_dir: str | None = None,
         progress: bool = True,
         allow_private_urls: bool = False,
+        download_concurrency: int = 32,
+        revalidate_urls: bool = False,
         **provider_options: Any,
     ) -> None:
         if isinstance(provider, Provider):
@@ -135,15 +154,18 @@ class Client:
         self.cache_mode = CacheMode(cache)
         self.progress = progress
         self.allow_private_urls = allow_private_urls  # read by the request builders (expr, estimate)
+        self.revalidate_urls = revalidate_urls
         self.executor = Executor(
             self.provider,
             concurrency=concurrency,
             timeout=timeout,
             retry=RetryPolicy(max_attempts=max_attempts, deadline=deadline, backoff_base=backoff),
             limiter=RateLimiter(rpm=rpm, tpm=tpm, adaptive=adaptive),
+            download_concurrency=download_concurrency,
         )
         self._cache_dir = cache_dir
         self._cache: ResponseCache | None = None
+        self._urls: UrlStore | None = None
 
     def __repr__(self) -> str:
         return (
@@ -159,12 +181,22 @@ class Client:
             self._cache = ResponseCache(self._cache_dir)
         return self._cache
 
+    @property
+    def url_store(self) -> UrlStore:
+        """The image URLs fetched so far (``urls`` in the cache directory), opened on first use."""
+        if self._urls is None:
+            self._urls = UrlStore(os.path.join(self.cache.directory, "urls"))
+        return self._urls
+
     def close(self) -> None:
         """Release the HTTP connections and the cache handle."""
         self.executor.close()
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+        if self._urls is not None:
+            self._urls.close()
+            self._urls = None
 
     def __enter__(self) -> Client:
         return self
@@ -278,13 +310,32 @@ class _Run:
         self.inflight_bytes = 0  # encoded bodies waiting or in flight: see _full
         self.sizes: dict[str, int] = {}
         self.completed = False
+        # Image URLs (see _start_images): what each is (its record, or why it failed), the ones
+        # being fetched, and how many admitted-to-be batches use each (forgotten at zero).
+        self.images: dict[str, UrlRecord | tuple[str, str]] = {}
+        self.fetching: set[str] = set()
+        self.image_users: Counter[str] = Counter()
+        self.fetched: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.scratch: UrlStore | None = None  # cache='off': the call's own URL store
 
     def execute(self, rows: Iterable[Row]) -> pl.Series:
         if self.mode is not CacheMode.READ:
             self.provider.check_key()
         self.client.executor.tripped = None  # each call tries again (the key may be fixed)
+        ahead: tuple[list[tuple[Row, int]], list[str]] | None = None
         for batch in _batches(rows):
-            self._admit(batch)
+            # A batch with image URLs starts fetching them now and is admitted after the next
+            # batch starts its own: downloads overlap the sending of the batch before.
+            urls = self._start_images(batch)
+            if ahead is not None:
+                self._admit(*ahead)
+                ahead = None
+            if urls:
+                ahead = (batch, urls)
+            else:
+                self._admit(batch)
+        if ahead is not None:
+            self._admit(*ahead)
         while self.in_flight:
             self._collect(block=True)
         if self.batch_bodies:
@@ -304,8 +355,123 @@ class _Run:
             else:
                 self._answer(key, self._decode(orjson.loads(answer), answer, False, 1, None))
 
-    def _admit(self, batch: list[tuple[Row, int]]) -> None:
-        """Give cached answers to a batch of rows and send its misses."""
+    def _url_store(self) -> UrlStore:
+        if self.mode is not CacheMode.OFF:
+            return self.client.url_store
+        if self.scratch is None:
+            self.scratch = UrlStore(tempfile.mkdtemp(prefix="gemframe-urls-"))
+        return self.scratch
+
+    def _start_images(self, batch: list[tuple[Row, int]]) -> list[str]:
+        """The distinct image URLs of a batch (`payload.UrlImage`s); those not known yet are
+        looked up in the URL store, and the rest start downloading on the executor's loop. A
+        stored one is fetched again only to revalidate it (``cache='refresh'``,
+        ``revalidate_urls``), never with ``cache='read'``."""
+        urls = _distinct_urls(batch)
+        new = [url for url in urls if url not in self.images and url not in self.fetching]
+        for start in range(0, len(batch), _URL_CHUNK):  # each chunk lets go of its URLs when admitted
+            self.image_users.update(_distinct_urls(batch[start:start + _URL_CHUNK]))
+        if not new:
+            return urls
+        store = self._url_store()
+        known = store.lookup(new)
+        revalidate = self.mode is not CacheMode.READ and (self.mode is CacheMode.REFRESH or self.client.revalidate_urls)
+        fetch = []
+        for url in new:
+            record = known.get(url)
+            if record is not None and not revalidate:
+                self.images[url] = record
+            elif self.mode is CacheMode.READ:
+                self.images[url] = ("CACHE_MISS", f"image URL {url!r} is not in the URL store and cache='read' "
+                                    "fetches nothing; use cache='use' to fetch it")
+            else:
+                fetch.append((url, record and record.etag, record and record.last_modified))
+        if fetch:
+            self.fetching.update(url for url, _, _ in fetch)
+            keep = functools.partial(_keep_image, store, known)
+            self.client.executor.download_many(fetch, self.client.allow_private_urls, keep, self.fetched)
+        return urls
+
+    def _take_downloads(self, block: bool) -> None:
+        """Note the finished downloads (waiting for one if asked)."""
+        try:
+            done = [self.fetched.get(block=block, timeout=_FOREVER)]
+        except queue.Empty:
+            return
+        while True:
+            try:
+                done.append(self.fetched.get_nowait())
+            except queue.Empty:
+                break
+        for url, task in done:
+            self.fetching.discard(url)
+            exc = None if task.cancelled() else task.exception()
+            if task.cancelled():
+                self.images[url] = ("CLIENT_ERROR", f"the download of image URL {url!r} was cancelled")
+            elif isinstance(exc, InputError):
+                self.images[url] = ("INVALID_INPUT", str(exc))
+            elif exc is not None:  # storing it failed (a full disk...): that row's error too
+                self.images[url] = ("CLIENT_ERROR", f"image URL {url!r}: {exception_text(exc)}")
+            else:
+                self.images[url] = task.result()
+
+    def _with_images(self, batch: list[tuple[Row, int]], start: int) -> list[tuple[Row, int]]:
+        """A chunk of rows with its image URLs in place: each as the stored image's MIME type and
+        digest (`KnownDigest`: enough for the cache key; the bytes are read only for a request
+        that is sent); a row whose image could not be read gets that as its error."""
+        urls = _distinct_urls(batch)
+        while any(url in self.fetching for url in urls):
+            self._take_downloads(block=True)
+            self._collect(block=False)  # answers that arrived meanwhile: stored as they come
+        inlines: dict[str, KnownDigest] = {}
+        for url in urls:
+            image = self.images[url]
+            if isinstance(image, UrlRecord):
+                inline = inlines[url] = KnownDigest(mimeType=image.mime)
+                inline.digest = image.digest
+
+        def inline_for(url: str) -> KnownDigest:
+            if url not in inlines:
+                raise _ImageFailed(*self.images[url])
+            return inlines[url]
+
+        rebuilt: list[tuple[Row, int]] = []
+        for row, (item, size) in enumerate(batch, start):
+            found = url_images(item) if isinstance(item, dict) else ()
+            if found:
+                try:
+                    item = with_url_images(item, inline_for)
+                    size += sum(4 * ((self.images[url].size + 2) // 3) for url in found)  # type: ignore[union-attr]
+                except _ImageFailed as failure:
+                    item = RowError(None, failure.status, f"row {row}: {failure.message}")
+            rebuilt.append((item, size))
+        for url in urls:  # forget what no batch still to be admitted uses
+            self.image_users[url] -= 1
+            if not self.image_users[url]:
+                del self.image_users[url], self.images[url]
+        return rebuilt
+
+    def _fill_images(self, body: dict[str, Any]) -> str | None:
+        """Put the bytes of its stored images into a body about to be sent; what went wrong, if
+        something did."""
+        for content in body["contents"]:
+            for part in content.get("parts") or ():
+                inline = part.get("inlineData")
+                if isinstance(inline, KnownDigest) and "data" not in inline:
+                    encoded = self._url_store().encoded(inline.digest)
+                    if encoded is None:
+                        return (f"the stored image {inline.digest} is missing or damaged in "
+                                f"{self._url_store().directory}; cache='refresh' fetches the URL again")
+                    inline["data"] = encoded
+        return None
+
+    def _admit(self, batch: list[tuple[Row, int]], urls: list[str] | None = None) -> None:
+        """Give cached answers to a batch of rows and send its misses (a batch with image URLs
+        `_URL_CHUNK` rows at a time, as their images arrive)."""
+        if urls:
+            for i in range(0, len(batch), _URL_CHUNK):
+                self._admit(self._with_images(batch[i:i + _URL_CHUNK], len(self.column)))
+            return
         start = len(self.column)
         self.column.add_rows(len(batch))
         fresh: dict[str, tuple[dict[str, Any], int]] = {}  # key -> (body, image bytes), first row of each new key
@@ -343,6 +509,10 @@ class _Run:
                     None, "CACHE_MISS",
                     "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
                 )))
+                continue
+            problem = self._fill_images(body) if size else None
+            if problem is not None:
+                self._answer(key, failed(RowError(None, "CACHE_CORRUPT", f"row {self.waiting[key][0]}: {problem}")))
                 continue
             encode = request_json if size else orjson.dumps  # images: spliced in (see request_json)
             try:
@@ -475,6 +645,10 @@ class _Run:
         not be asked for again. What is still in flight is cancelled, not waited for."""
         executor = self.client.executor
         executor.cancel(self.finished)
+        executor.cancel(self.fetched)  # image downloads still running
+        if self.scratch is not None:
+            self.scratch.close()
+            shutil.rmtree(self.scratch.directory, ignore_errors=True)
         if self.in_flight:  # let the loop put on `finished` what finished before the cancel
             _loop_settled()
         self.in_flight.clear()
@@ -492,6 +666,29 @@ class _Run:
         self.prompts.clear()
         if self.progress.owned:  # one RowsFailedWarning when rows failed (see Progress.close)
             self.progress.close(warn=self.completed)
+
+
+def _distinct_urls(rows: list[tuple[Row, int]]) -> list[str]:
+    """The image URLs of some rows (`payload.UrlImage`s), each once."""
+    return list(dict.fromkeys(url for item, _ in rows if isinstance(item, dict) for url in url_images(item)))
+
+
+class _ImageFailed(Exception):
+    """An image URL of a row could not be read: the row's error status and message."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _keep_image(store: UrlStore, known: dict[str, UrlRecord], url: str, fetched: Fetched) -> UrlRecord:
+    """Store a fetched image (on a worker thread: the loop never waits on a disk) and return
+    its record. Bytes that are not a supported image are an InputError, never stored; a 304
+    to a revalidation keeps the stored image."""
+    if fetched.data is None:
+        return store.touch(known[url])
+    data, mime = _sniffed(fetched.data, f"image URL {url!r}")
+    return store.put(url, data, mime, fetched.etag, fetched.last_modified)
 
 
 def _answers(finished: list[tuple[str, Any]]) -> Iterator[tuple[str, bytes]]:

@@ -29,6 +29,7 @@ from .http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_
 from .._errors import RowError, exception_text
 from .limits import RateLimiter, Window
 from .tokens import count_tokens
+from .payload import Fetched, UrlFetcher
 from .providers import RETRYABLE_STATUS, Failure, Provider
 
 logger = logging.getLogger("gemframe")
@@ -122,9 +123,14 @@ class Executor:
         timeout: float = 120.0,
         retry: RetryPolicy | None = None,
         limiter: RateLimiter | None = None,
+        download_concurrency: int = 32,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if download_concurrency < 1:
+            raise ValueError("download_concurrency must be >= 1")
+        self.download_concurrency = download_concurrency
+        self._fetchers: dict[bool, UrlFetcher] = {}  # by allow_private_urls; on the loop
         self.provider = provider
         self.concurrency = concurrency
         self.timeout = timeout
@@ -182,6 +188,7 @@ class Executor:
             if self._closer is not None:  # a session of the parent's loop: nothing to close here
                 self._closer.detach()
             self._loop, self._http, self._slots, self._inflight, self._waiting = loop, None, None, {}, {}
+            self._fetchers = {}
         return loop
 
     def _client(self) -> AiohttpSession | HttpxSession:
@@ -268,6 +275,37 @@ class Executor:
             await asyncio.sleep(delay)
         return Outcome(None, None, error, failure, attempt, (time.perf_counter() - start) * 1000)
 
+    def download_many(
+        self, items: list[tuple[str, str | None, str | None]], allow_private_urls: bool,
+        then: Any, done: queue.SimpleQueue[tuple[str, asyncio.Task[Any]]],
+    ) -> None:
+        """Fetch image URLs (url, etag, last_modified) on the loop, from any thread, waking it
+        once: at most ``download_concurrency`` at a time beside the generation requests, over
+        pooled keep-alive connections, retried on transient faults (`UrlFetcher`, which keeps
+        the safety rules of image URLs). Each fetched one is handed to ``then(url, Fetched)``
+        on a worker thread (which stores it: the loop never waits on a disk), and put on
+        ``done`` as (url, task) holding ``then``'s result or the fetch's InputError. `cancel`
+        with the same ``done`` stops what is left."""
+        self._use_loop().call_soon_threadsafe(self._start_downloads, items, allow_private_urls, then, done)
+
+    def _start_downloads(self, items: list[tuple[str, str | None, str | None]], allow_private_urls: bool, then: Any, done: queue.SimpleQueue[Any]) -> None:
+        waiting = self._waiting.setdefault(id(done), {})
+        for url, etag, last_modified in items:
+            task = asyncio.ensure_future(self._download(url, etag, last_modified, allow_private_urls, then))
+            waiting[url] = _Shared(task, waiters=1)
+            task.add_done_callback(functools.partial(_finished, waiting, done, url))
+
+    async def _download(self, url: str, etag: str | None, last_modified: str | None, allow_private_urls: bool, then: Any) -> Any:
+        fetcher = self._fetchers.get(allow_private_urls)
+        if fetcher is None:
+            fetcher = self._fetchers[allow_private_urls] = UrlFetcher(
+                allow_private_urls, concurrency=self.download_concurrency,
+                attempts=self.retry.max_attempts or _CALL_ATTEMPTS, delay=self.retry.delay,  # a bounded count, as control calls
+            )
+            weakref.finalize(self, _close_session, self._loop, fetcher)
+        fetched: Fetched = await fetcher.fetch(url, etag, last_modified)
+        return await asyncio.get_running_loop().run_in_executor(None, then, url, fetched)
+
     def call(self, method: str, url: str, content: bytes | None = None) -> concurrent.futures.Future[Reply]:
         """One control call (batch create/poll) from any thread, retried on transient failures;
         the future holds the last answer."""
@@ -295,9 +333,13 @@ class Executor:
             self._closer.detach()
         if http is not None and self._loop is not None:
             _close_session(self._loop, http)
+        fetchers, self._fetchers = self._fetchers, {}
+        for fetcher in fetchers.values():
+            if self._loop is not None:
+                _close_session(self._loop, fetcher)
 
 
-def _close_session(loop: asyncio.AbstractEventLoop, http: AiohttpSession | HttpxSession) -> None:
+def _close_session(loop: asyncio.AbstractEventLoop, http: AiohttpSession | HttpxSession | UrlFetcher) -> None:
     """Close a session on the loop it was opened on. Called by `Executor.close`, and by an
     executor's finalizer: when the executor is garbage collected (a Client dropped unclosed) or
     at interpreter exit (``weakref.finalize`` runs then, while the loop thread still runs)."""

@@ -294,98 +294,249 @@ def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | No
     return None
 
 
-def _resolve(url: Any, where: str, allow_private_urls: bool) -> list[str]:
-    """The addresses to connect to for ``url`` (an httpx.URL): refused unless every one of
-    them is public (or private URLs are allowed)."""
-    if url.scheme not in ("http", "https"):
-        raise InputError(f"{where}: only http and https URLs are fetched, not {url.scheme}:")
-    host = url.raw_host.decode("ascii")
-    if not host:
-        raise InputError(f"{where}: the URL has no host")
-    if not allow_private_urls and host.lower().rstrip(".") in _METADATA_HOSTS:
-        raise InputError(
-            f"{where}: {host} is a cloud metadata host; gemframe does not fetch it unless the "
-            f"client allows private URLs: {_ALLOW_HINT}"
-        )
-    try:
-        infos = socket.getaddrinfo(host, url.port or (443 if url.scheme == "https" else 80), type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise InputError(f"{where}: cannot resolve host {host!r}: {exc}") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not allow_private_urls:
-        for text in addresses:
-            reason = _refusal(ipaddress.ip_address(text.split("%")[0]))
-            if reason is not None:
-                raise InputError(
-                    f"{where}: {host} {'is' if host == text else f'resolves to {text},'} {reason}; gemframe fetches only public "
-                    f"addresses unless the client allows private ones: {_ALLOW_HINT}"
-                )
-    return addresses
+def _address_problem(host: str, addresses: Iterable[str], allow_private_urls: bool) -> str | None:
+    """Why ``host`` (whose addresses these are) is not fetched, or None: every address must be
+    public unless private URLs are allowed."""
+    if allow_private_urls:
+        return None
+    for text in addresses:
+        reason = _refusal(ipaddress.ip_address(text.split("%")[0]))
+        if reason is not None:
+            return (
+                f"{host} {'is' if host == text else f'resolves to {text},'} {reason}; gemframe fetches only public "
+                f"addresses unless the client allows private ones: {_ALLOW_HINT}"
+            )
+    return None
+
+
+class _Unfetchable(OSError):
+    """A host refused by `_CheckedResolver` (or one that does not resolve). An OSError, so aiohttp
+    hands it back inside its connection error (``os_error``) and no connection is made; the
+    text names the host and why, and `UrlFetcher` adds which URL."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _CheckedResolver:
+    """aiohttp's resolver for image URLs: resolves a name once and returns exactly the addresses
+    it checked, so the connection goes to a checked address (a DNS answer that changes between
+    check and connect, DNS rebinding, cannot point it elsewhere). Refuses the name unless every
+    address is public (or private URLs are allowed). aiohttp's DNS cache holds only what this
+    returned. (IP literals skip resolvers: `UrlFetcher._check_hop` checks those.)"""
+
+    def __init__(self, allow_private_urls: bool) -> None:
+        self.allow_private_urls = allow_private_urls
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_UNSPEC) -> list[dict[str, Any]]:
+        import asyncio
+
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise _Unfetchable(f"cannot resolve host {host!r}: {exc}") from None
+        problem = _address_problem(host, dict.fromkeys(str(info[4][0]) for info in infos), self.allow_private_urls)
+        if problem is not None:
+            raise _Unfetchable(problem)
+        numeric = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        return [
+            {"hostname": host, "host": str(sockaddr[0]), "port": port, "family": fam, "proto": proto, "flags": numeric}
+            for fam, _, proto, _, sockaddr in infos
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+class Fetched:
+    """What fetching an image URL gave: its bytes and validators, or ``data`` None when a
+    conditional request answered 304 Not Modified (the stored bytes still stand)."""
+
+    __slots__ = ("data", "etag", "last_modified")
+
+    def __init__(self, data: bytes | None, etag: str | None, last_modified: str | None) -> None:
+        self.data, self.etag, self.last_modified = data, etag, last_modified
+
+
+class _Transient(Exception):
+    """A fault worth another attempt (a 429/5xx answer, a dropped connection, a timeout)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_CHUNK = 2**16
+
+
+class UrlFetcher:
+    """Fetches image URLs on an event loop, defensively (the URL comes from data, maybe hostile):
+    http(s) only; every address of the host (and of each redirect, followed by hand, at most
+    `_MAX_REDIRECTS`, each checked again) must be public unless ``allow_private_urls``; the
+    connection goes to a checked address (`_CheckedResolver`); at most `INLINE_LIMIT` bytes are
+    read, counted while streaming; errors never quote the bytes read. Connections are pooled and
+    kept alive, at most ``concurrency`` downloads run at once, and transient faults (429/5xx,
+    dropped connections, timeouts) are tried again up to ``attempts`` times, ``delay(attempt,
+    retry_after)`` seconds apart. Never sends the API key: its sessions are its own.
+    Through a proxy (HTTP(S)_PROXY), which resolves names itself, the host's addresses are
+    checked before the request; that check is all that can be done there."""
+
+    def __init__(
+        self, allow_private_urls: bool = False, *, concurrency: int = 32, attempts: int = 3,
+        delay: Any = None, timeout: float = _URL_TIMEOUT,
+    ) -> None:
+        self.allow_private_urls = allow_private_urls
+        self.concurrency = concurrency
+        self.attempts = max(1, attempts)
+        self.delay = delay or (lambda attempt, retry_after: retry_after if retry_after is not None else 0.25 * 2 ** (attempt - 1))
+        self.timeout = timeout
+        self._sessions: dict[bool, Any] = {}  # proxied? -> aiohttp session, opened on the loop on first use
+        self._slots: Any = None
+
+    def _session(self, proxied: bool) -> Any:
+        import aiohttp
+
+        session = self._sessions.get(proxied)
+        if session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.concurrency,
+                resolver=None if proxied else _CheckedResolver(self.allow_private_urls),  # type: ignore[arg-type]
+            )
+            session = self._sessions[proxied] = aiohttp.ClientSession(
+                connector=connector, trust_env=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
+            )
+        return session
+
+    async def fetch(self, url: str, etag: str | None = None, last_modified: str | None = None) -> Fetched:
+        """The URL's bytes (`Fetched`), or `InputError` saying why not. With ``etag`` /
+        ``last_modified`` (from an earlier fetch) the request is conditional: unchanged, the
+        answer is a `Fetched` without data."""
+        import asyncio
+
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        attempt = 0
+        while True:
+            attempt += 1
+            async with self._slots:  # not held while waiting to try again
+                try:
+                    return await self._fetch_once(url, etag, last_modified)
+                except _Transient as exc:
+                    fault = exc
+            if attempt >= self.attempts:
+                raise InputError(f"{fault.message} (tried {attempt} times)")
+            await asyncio.sleep(self.delay(attempt, fault.retry_after))
+
+    def _check_hop(self, target: Any, where: str) -> None:
+        """What can be refused before connecting: the scheme, a metadata host name, an IP
+        literal (which no resolver sees)."""
+        if target.scheme not in ("http", "https"):
+            raise InputError(f"{where}: only http and https URLs are fetched, not {target.scheme}:")
+        host = target.raw_host or ""
+        if not host:
+            raise InputError(f"{where}: the URL has no host")
+        if not self.allow_private_urls and host.lower().rstrip(".") in _METADATA_HOSTS:
+            raise InputError(
+                f"{where}: {host} is a cloud metadata host; gemframe does not fetch it unless the "
+                f"client allows private URLs: {_ALLOW_HINT}"
+            )
+        try:
+            ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return  # a name: `_CheckedResolver` checks its addresses
+        problem = _address_problem(host, [host], self.allow_private_urls)
+        if problem is not None:
+            raise InputError(f"{where}: {problem}")
+
+    async def _fetch_once(self, url: str, etag: str | None, last_modified: str | None) -> Fetched:
+        import asyncio
+
+        import aiohttp
+        from yarl import URL
+
+        from .http import _proxy_for
+
+        headers = {}
+        if etag:
+            headers["If-None-Match"] = etag
+        if last_modified:
+            headers["If-Modified-Since"] = last_modified
+        current = url
+        for _ in range(_MAX_REDIRECTS + 1):
+            where = f"image URL {url!r}" + (f" (redirected to {current!r})" if current != url else "")
+            try:
+                target = URL(current)
+                self._check_hop(target, where)
+                proxy = _proxy_for(target.scheme, target.raw_host or "")  # HTTP(S)_PROXY / NO_PROXY
+                if proxy is not None:
+                    await _CheckedResolver(self.allow_private_urls).resolve(target.raw_host or "", target.port or 0)
+                async with self._session(proxy is not None).get(
+                    target, headers=headers, proxy=proxy, allow_redirects=False,
+                ) as response:
+                    status = response.status
+                    if status in _REDIRECTS and "Location" in response.headers:
+                        current = str(target.join(URL(response.headers["Location"])))
+                        continue
+                    if status == 304 and headers:
+                        return Fetched(None, etag, last_modified)
+                    if status in _TRANSIENT_STATUS:
+                        wait = response.headers.get("Retry-After", "")
+                        raise _Transient(f"could not download {where}: HTTP {status}", float(wait) if wait.isdigit() else None)
+                    if status >= 400:
+                        raise InputError(f"could not download {where}: HTTP {status}")
+                    if response.content_length is not None:
+                        _check_size(response.content_length, where)
+                    chunks, size = [], 0
+                    async for chunk in response.content.iter_chunked(_CHUNK):
+                        size += len(chunk)
+                        if size > INLINE_LIMIT:
+                            response.close()  # hang up: the rest is never read
+                        _check_size(size, where)  # stops reading past the limit
+                        chunks.append(chunk)
+                    return Fetched(b"".join(chunks), response.headers.get("ETag"), response.headers.get("Last-Modified"))
+            except (InputError, _Transient):
+                raise
+            except _Unfetchable as exc:  # through a proxy: checked above
+                raise InputError(f"{where}: {exc.reason}") from None
+            except aiohttp.ClientConnectorError as exc:
+                if isinstance(exc.os_error, _Unfetchable):
+                    raise InputError(f"{where}: {exc.os_error.reason}") from None
+                raise _Transient(f"could not download {where}: {type(exc).__name__}: {exc}") from None
+            except (aiohttp.InvalidURL, ValueError) as exc:  # a bad URL or Location
+                raise InputError(f"could not download {where}: not a valid URL ({exc})") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise _Transient(f"could not download {where}: {type(exc).__name__} {exc}".rstrip()) from None
+        raise InputError(f"image URL {url!r} redirected more than {_MAX_REDIRECTS} times; pass the final URL")
+
+    async def aclose(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
 
 
 def _download(url: str, allow_private_urls: bool) -> bytes:
-    """An image URL's bytes, fetched defensively (the URL comes from data, maybe hostile):
-    http(s) only; every address of the host (and of each redirect, followed by hand, at most
-    `_MAX_REDIRECTS`) must be public unless ``allow_private_urls``; the connection goes to an
-    address that was checked, so a DNS answer that changes between check and connect (DNS
-    rebinding) cannot point it elsewhere; at most `INLINE_LIMIT` bytes are read, counted while
-    streaming. Synchronous: one download per distinct URL (see `_inline_url`)."""
-    import httpx
+    """An image URL's bytes, fetched by a `UrlFetcher` of its own (see there for the rules).
+    Synchronous, for readers outside a `Client` call (`gf.request`, `gf.estimate`, `gf.show`):
+    the fetch runs on a private event loop in a helper thread, so it works from any thread,
+    Jupyter's included. `Client` calls fetch through the executor's loop instead, concurrently."""
+    import asyncio
+    import concurrent.futures
 
-    from .http import _proxy_for
-
-    current = url
-    for _ in range(_MAX_REDIRECTS + 1):
-        where = f"image URL {url!r}" + (f" (redirected to {current!r})" if current != url else "")
+    async def fetch() -> bytes:
+        fetcher = UrlFetcher(allow_private_urls, concurrency=1)
         try:
-            target = httpx.URL(current)
-            addresses = _resolve(target, where, allow_private_urls)
-            proxy = _proxy_for(target.scheme, target.host)  # HTTP(S)_PROXY / NO_PROXY
-            with httpx.Client(proxy=proxy, trust_env=False, timeout=_URL_TIMEOUT) as http:
-                response = _send(http, target, None if proxy else addresses)
-                try:
-                    if response.is_redirect:
-                        current = str(target.join(response.headers["location"]))
-                        continue
-                    if response.status_code >= 400:
-                        raise InputError(f"could not download {where}: HTTP {response.status_code}")
-                    length = response.headers.get("content-length", "")
-                    if length.isdigit():
-                        _check_size(int(length), where)
-                    chunks, size = [], 0
-                    for chunk in response.iter_bytes():
-                        size += len(chunk)
-                        _check_size(size, where)  # stops reading past the limit
-                        chunks.append(chunk)
-                    return b"".join(chunks)
-                finally:
-                    response.close()
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a bad URL or Location
-            raise InputError(f"could not download {where}: {exc}") from None
-    raise InputError(f"image URL {url!r} redirected more than {_MAX_REDIRECTS} times; pass the final URL")
+            data = (await fetcher.fetch(url)).data
+        finally:
+            await fetcher.aclose()
+        assert data is not None  # an unconditional request
+        return data
 
-
-def _send(http: Any, target: Any, addresses: list[str] | None) -> Any:
-    """GET ``target``, streamed, from the first of the checked ``addresses`` that accepts a
-    connection (the Host header and the TLS server name stay the URL's host). None: through a
-    proxy, which resolves the name itself (the check of the addresses is all that can be done
-    there)."""
-    import httpx
-
-    if addresses is None:
-        return http.send(http.build_request("GET", target), stream=True)
-    for i, address in enumerate(addresses):
-        request = http.build_request(
-            "GET", target.copy_with(host=address.split("%")[0]),
-            headers={"Host": target.netloc.decode("ascii")},
-            extensions={"sni_hostname": target.raw_host.decode("ascii")},
-        )
-        try:
-            return http.send(request, stream=True)
-        except httpx.ConnectError:
-            if i == len(addresses) - 1:
-                raise
-    raise AssertionError("getaddrinfo returns addresses or raises")
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gemframe-url") as pool:
+        return pool.submit(asyncio.run, fetch()).result()
 
 
 def _inline(data: bytes, mime: str) -> dict[str, str]:
@@ -403,15 +554,59 @@ def _inline_url(url: str, allow_private_urls: bool) -> dict[str, str]:
     return _inline(*read_image(url, allow_private_urls=allow_private_urls))
 
 
-def inline_data(image: Any, *, allow_private_urls: bool = False) -> dict[str, str]:
+class UrlImage:
+    """An image URL in a request body, not fetched yet (``RequestBuilder.build(...,
+    defer_urls=True)``): `Client.send` fetches the URLs of many rows at once, through the URL
+    store, and puts each one's ``inlineData`` in its place (`url_images`, `with_url_images`).
+    Not JSON data, so a body still holding one can be neither sent nor shown by mistake."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"UrlImage({self.url!r})"
+
+
+def url_images(body: Mapping[str, Any]) -> list[str]:
+    """The URLs of the `UrlImage` placeholders in a body, in order (repeats included)."""
+    return [
+        part["inlineData"].url
+        for content in body.get("contents") or ()
+        for part in content.get("parts") or ()
+        if isinstance(part.get("inlineData"), UrlImage)
+    ]
+
+
+def with_url_images(body: dict[str, Any], inline_for: Any) -> dict[str, Any]:
+    """The body with each `UrlImage` replaced by ``inline_for(url)`` (which raises InputError
+    for a URL that could not be read); only what changes is copied."""
+    contents = []
+    for content in body["contents"]:
+        parts = content.get("parts") or ()
+        if any(isinstance(part.get("inlineData"), UrlImage) for part in parts):
+            content = {**content, "parts": [
+                {**part, "inlineData": inline_for(part["inlineData"].url)}
+                if isinstance(part.get("inlineData"), UrlImage) else part
+                for part in parts
+            ]}
+        contents.append(content)
+    return {**body, "contents": contents}
+
+
+def inline_data(image: Any, *, allow_private_urls: bool = False, defer_urls: bool = False) -> dict[str, str] | UrlImage:
     """One image value (path, URL, bytes or {mime_type, data} dict) as an ``inlineData`` dict
     (read by `read_image`). ``allow_private_urls`` lets URLs reach private, loopback,
-    link-local and metadata addresses (`Client`'s option of that name)."""
+    link-local and metadata addresses (`Client`'s option of that name). ``defer_urls``: a URL
+    is not fetched here but left as a `UrlImage` for `Client.send` to fetch."""
     if isinstance(image, Mapping) and image.get("data") is None and image.get("path") is not None:
         image = image["path"]  # a reply image saved to a file: read (and cached) as a file
     if isinstance(image, (str, os.PathLike)):
         text = os.fspath(image)
         if _URL_SCHEME.match(text):
+            if defer_urls:
+                return UrlImage(text)
             return _inline_url(text, allow_private_urls)
         try:
             info = os.stat(text)
@@ -425,7 +620,7 @@ def inline_data(image: Any, *, allow_private_urls: bool = False) -> dict[str, st
 _TURN_ROLES = ("user", "model")
 
 
-def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool = False) -> dict[str, Any] | None:
+def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool = False, defer_urls: bool = False) -> dict[str, Any] | None:
     """One history part (``text`` or an image as ``data``/``path``, maybe a signature)."""
     text, data, path = part.get("text"), part.get("data"), part.get("path")
     signature = part.get("thought_signature", part.get("thoughtSignature"))
@@ -437,7 +632,7 @@ def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool 
             raise InputError(f"{where}: text must be a string, got {type(text).__name__}")
         out = {"text": text}
     elif data is not None or path is not None:
-        out = {"inlineData": inline_data(data if data is not None else path, allow_private_urls=allow_private_urls)}
+        out = {"inlineData": inline_data(data if data is not None else path, allow_private_urls=allow_private_urls, defer_urls=defer_urls)}
     elif signature is not None:
         out = {"text": ""}  # a signature-only part, as Gemini sometimes ends a turn
     else:
@@ -447,7 +642,7 @@ def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool 
     return out
 
 
-def history_contents(history: Any, *, allow_private_urls: bool = False) -> list[dict[str, Any]]:
+def history_contents(history: Any, *, allow_private_urls: bool = False, defer_urls: bool = False) -> list[dict[str, Any]]:
     """``contents`` entries for a row's history: a list of turns, each ``{"role", "parts"}``
     (parts as in `gemframe._polars.conversation.HISTORY_DTYPE`) or ``{"role", "text", "images"}``."""
     if history is None:
@@ -468,13 +663,13 @@ def history_contents(history: Any, *, allow_private_urls: bool = False) -> list[
         if turn.get("parts") is not None:
             for j, part in enumerate(turn["parts"]):
                 if part is not None:
-                    built = _history_part(part, f"{where} part {j + 1}", allow_private_urls)
+                    built = _history_part(part, f"{where} part {j + 1}", allow_private_urls, defer_urls)
                     if built is not None:
                         parts.append(built)
         else:
             if turn.get("text") is not None:
                 parts.append({"text": turn["text"]})
-            parts.extend(image_parts(turn.get("images"), allow_private_urls=allow_private_urls))
+            parts.extend(image_parts(turn.get("images"), allow_private_urls=allow_private_urls, defer_urls=defer_urls))
         if not parts:
             hint = " (the reply it came from failed or was empty)" if role == "model" else ""
             raise InputError(f"{where} ({role}) has no parts{hint}")
@@ -482,13 +677,13 @@ def history_contents(history: Any, *, allow_private_urls: bool = False) -> list[
     return contents
 
 
-def image_parts(images: Any, *, allow_private_urls: bool = False) -> list[dict[str, Any]]:
+def image_parts(images: Any, *, allow_private_urls: bool = False, defer_urls: bool = False) -> list[dict[str, Any]]:
     """Parts for a row's images value: None, one image, or a list of images (nulls skipped)."""
     if images is None:
         return []
     if isinstance(images, (list, tuple)):
-        return [{"inlineData": inline_data(img, allow_private_urls=allow_private_urls)} for img in images if img is not None]
-    return [{"inlineData": inline_data(images, allow_private_urls=allow_private_urls)}]
+        return [{"inlineData": inline_data(img, allow_private_urls=allow_private_urls, defer_urls=defer_urls)} for img in images if img is not None]
+    return [{"inlineData": inline_data(images, allow_private_urls=allow_private_urls, defer_urls=defer_urls)}]
 
 
 class RequestBuilder:
@@ -550,20 +745,26 @@ class RequestBuilder:
         self._shared = shared
 
     def build(
-        self, prompt: str | None, images: Any = None, history: Any = None, *, allow_private_urls: bool = False
+        self, prompt: str | None, images: Any = None, history: Any = None, *, allow_private_urls: bool = False,
+        defer_urls: bool = False,
     ) -> dict[str, Any] | None:
         """The request body for one row (its history first), or None for a row with neither
         prompt nor images. ``allow_private_urls``: the `Client` option of that name (image URLs
-        may reach private, loopback, link-local and metadata addresses)."""
+        may reach private, loopback, link-local and metadata addresses). ``defer_urls``: image
+        URLs are left as `UrlImage` placeholders, for `Client.send` to fetch (concurrently,
+        remembered in the URL store) instead of being downloaded here, one at a time."""
         parts: list[dict[str, Any]] = []
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
             parts.append({"text": prompt})
-        parts.extend(image_parts(images, allow_private_urls=allow_private_urls))
+        parts.extend(image_parts(images, allow_private_urls=allow_private_urls, defer_urls=defer_urls))
         if not parts:
             return None
-        contents = [*history_contents(history, allow_private_urls=allow_private_urls), {"role": "user", "parts": parts}]
+        contents = [
+            *history_contents(history, allow_private_urls=allow_private_urls, defer_urls=defer_urls),
+            {"role": "user", "parts": parts},
+        ]
         return {"contents": contents, **self._shared}
 
 

@@ -139,14 +139,16 @@ class _Inputs:
 
 
 def _rows(
-    builder: RequestBuilder, prompts: list[Any], images: list[Any], histories: list[Any], allow_private_urls: bool = False
+    builder: RequestBuilder, prompts: list[Any], images: list[Any], histories: list[Any], allow_private_urls: bool = False,
+    defer_urls: bool = False,
 ) -> Iterator[Row]:
     """Each row's request body, or its error: whatever goes wrong while building one row (bad
     input, or anything unforeseen it makes a reader raise) is that row's error and the call
-    goes on; ending it would throw away the answers to the rows around it."""
+    goes on; ending it would throw away the answers to the rows around it. ``defer_urls``:
+    image URLs are left for `Client.send` to fetch (see `RequestBuilder.build`)."""
     for row, (prompt, image, history) in enumerate(zip(prompts, images, histories)):
         try:
-            body = builder.build(prompt, image, history, allow_private_urls=allow_private_urls)
+            body = builder.build(prompt, image, history, allow_private_urls=allow_private_urls, defer_urls=defer_urls)
         except InputError as exc:
             yield RowError(None, "INVALID_INPUT", f"row {row}: {exc}")
         except Exception as exc:
@@ -232,7 +234,7 @@ def generate(
         sender = client or default_client()
         with _job_progress(run, sender, spec.model, progress, total, columns[0].name) as bar:
             return sender.send(
-                _rows(spec.builder, prompts, image_list, histories, sender.allow_private_urls),
+                _rows(spec.builder, prompts, image_list, histories, sender.allow_private_urls, defer_urls=True),
                 total=total, spec=spec, cache=cache, progress=bar, image_dir=image_dir, raw=raw,
                 mode=mode, batch_state=batch_state, poll_interval=poll_interval, wait=wait,
             )

@@ -10,16 +10,19 @@ One concept a module, each importing only those above it in this list:
 - `manage`: management apart from the store: stats, clear, entries, export, import, `parse_when`.
 - `store`: `ResponseCache`, the store a call uses (batched lookups and writes), inheriting
   the management methods.
+- `urls`: `UrlStore`, the image URLs fetched (URL -> digest, validators; bytes once per digest).
 """
 
 from .disk import MAX_ANSWER_BYTES, CacheCorruptError, CacheWarning, UnsafeCacheEntry
 from .entry import answer_problem, prompt_text
-from .key import ENTRY_FORMAT, CacheMode, cache_key, default_cache_dir
+from .key import ENTRY_FORMAT, CacheMode, KnownDigest, cache_key, default_cache_dir
 from .manage import EXPORT_COLUMNS, NOT_AN_ANSWER, CacheManagement, parse_when
 from .store import ResponseCache
+from .urls import URL_EXPORT_COLUMNS, UrlRecord, UrlStore
 
 __all__ = [
     "ENTRY_FORMAT", "EXPORT_COLUMNS", "MAX_ANSWER_BYTES", "NOT_AN_ANSWER", "CacheCorruptError",
-    "CacheManagement", "CacheMode", "CacheWarning", "ResponseCache", "UnsafeCacheEntry",
-    "answer_problem", "cache_key", "default_cache_dir", "parse_when", "prompt_text",
+    "URL_EXPORT_COLUMNS", "CacheManagement", "CacheMode", "CacheWarning", "KnownDigest", "ResponseCache",
+    "UnsafeCacheEntry", "UrlRecord", "UrlStore", "answer_problem", "cache_key", "default_cache_dir", "parse_when",
+    "prompt_text",
 ]

@@ -45,8 +45,19 @@ def _data_digest(data: str) -> str:
     return "sha256:" + hashlib.sha256(data.encode("ascii")).hexdigest()
 
 
+class KnownDigest(dict):
+    """An ``inlineData`` dict whose data's digest is known before its data is read (an image URL
+    found in the URL store, `urls.UrlRecord.digest`): keyed by ``digest`` exactly as its data
+    would be, so a cached rerun needs neither the image nor the network. Only a `Client.send`
+    call makes one (JSON from users is plain dicts); it fills ``data`` in before sending."""
+
+    __slots__ = ("digest",)
+
+
 def _digest_part(part: dict[str, Any]) -> dict[str, Any]:
     inline = part.get("inlineData")
+    if isinstance(inline, KnownDigest):
+        return {**part, "inlineData": {**inline, "data": inline.digest}}
     if inline is None or "data" not in inline:
         return part
     return {**part, "inlineData": {**inline, "data": _data_digest(inline["data"])}}

@@ -1,0 +1,258 @@
+"""Image URLs at scale: fetched concurrently on the executor's loop (retried, bounded) and
+remembered in the URL store, so a rerun fetches nothing and ``cache="read"`` replays a URL
+dataset with the image server gone. The safety rules of image URLs are in tests/test_payload.py
+(they run through the same fetcher)."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+
+import polars as pl
+import pytest
+from PIL import Image
+
+import gemframe as gf
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (i % 256, i // 256, 7)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class _Images:
+    """A loopback image server: ``/img/<i>.png`` is a distinct PNG with an ETag (answering 304
+    to a matching If-None-Match). It counts requests and full downloads per path and the most
+    requests it served at once; ``hold=N`` makes the first requests wait (up to 10 s) until N
+    are in flight together; ``flaky`` paths answer 503 the first time."""
+
+    def __init__(self, hold: int = 0, flaky: tuple[str, ...] = ()):
+        self.requests: Counter[str] = Counter()
+        self.downloads: Counter[str] = Counter()
+        self.not_modified = 0
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.together = threading.Event()
+        self.hold, self.flaky = hold, set(flaky)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                with server.lock:
+                    server.requests[self.path] += 1
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    if server.in_flight >= server.hold:
+                        server.together.set()
+                    first_try = server.requests[self.path] == 1
+                try:
+                    if server.hold:
+                        server.together.wait(10)
+                    self._answer(first_try)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, first_try):
+                if self.path in server.flaky and first_try:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if not self.path.startswith("/img/"):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                i = int(self.path.rsplit("/", 1)[1].split(".")[0])
+                etag = f'"v{i}"'
+                if self.headers.get("If-None-Match") == etag:
+                    server.not_modified += 1
+                    self.send_response(304)
+                    self.send_header("ETag", etag)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = _png(i)
+                server.downloads[self.path] += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def urls(self, n: int) -> list[str]:
+        return [f"{self.url}/img/{i}.png" for i in range(n)]
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def images():
+    servers = []
+
+    def start(**knobs) -> _Images:
+        servers.append(_Images(**knobs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _client(emulator, cache_dir, **options):
+    return gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False,
+                     allow_private_urls=True, **options)
+
+
+def _errors(frame):
+    return [e and e["message"] for e in frame["reply"].struct.field("error").to_list()]
+
+
+def test_url_images_are_fetched_once_concurrently_and_replayed_offline(images, emulator, cache_dir):
+    """200 rows of 100 distinct URLs: 100 downloads, several at once; a rerun downloads
+    nothing and sends nothing; with the image server gone, cache='read' replays the same
+    answers byte for byte."""
+    server = images(hold=4)  # the first requests wait until 4 are in flight together
+    urls = server.urls(100)
+    df = pl.DataFrame({"prompt": ["describe"] * 200, "img": urls + urls})
+    with _client(emulator, cache_dir) as client:
+        first = df.with_columns(reply=gf.generate("prompt", images="img", client=client, raw=True))
+    assert _errors(first) == [None] * 200
+    assert sum(server.requests.values()) == 100 and set(server.downloads.values()) == {1}
+    assert server.max_in_flight >= 4  # concurrent: one at a time would never get there
+    assert emulator.stats.requests == 100
+    assert "Image 1: PNG 8x6" in first["reply"][0]["text"]
+
+    emulator.reset_stats()
+    with _client(emulator, cache_dir) as client:
+        rerun = df.with_columns(reply=gf.generate("prompt", images="img", client=client, raw=True))
+    assert sum(server.requests.values()) == 100  # nothing fetched again
+    assert emulator.stats.requests == 0
+    assert rerun["reply"].struct.field("cached").all()
+    assert rerun["reply"].struct.field("raw").to_list() == first["reply"].struct.field("raw").to_list()
+
+    server.stop()
+    with _client(emulator, cache_dir, cache="read") as client:
+        offline = df.with_columns(reply=gf.generate("prompt", images="img", client=client, raw=True))
+    assert _errors(offline) == [None] * 200
+    assert offline["reply"].struct.field("raw").to_list() == first["reply"].struct.field("raw").to_list()
+    assert emulator.stats.requests == 0
+
+
+def test_the_same_image_from_a_url_or_a_file_is_one_cached_answer(images, emulator, cache_dir, tmp_path):
+    """The cache key holds the image's digest, wherever it came from: answers cached for files
+    are not paid for again when the same images come by URL."""
+    server = images()
+    (tmp_path / "3.png").write_bytes(_png(3))
+    with _client(emulator, cache_dir) as client:
+        pl.DataFrame({"prompt": ["describe"], "img": [str(tmp_path / "3.png")]}).with_columns(
+            reply=gf.generate("prompt", images="img", client=client))
+        emulator.reset_stats()
+        out = pl.DataFrame({"prompt": ["describe"], "img": server.urls(4)[3:]}).with_columns(
+            reply=gf.generate("prompt", images="img", client=client))
+    assert out["reply"][0]["cached"] and emulator.stats.requests == 0
+
+
+def test_a_transient_failure_is_retried_and_a_missing_image_is_the_rows_error(images, emulator, cache_dir):
+    server = images(flaky=("/img/1.png",))
+    df = pl.DataFrame({"prompt": ["a", "b", "c"], "img": [*server.urls(2), f"{server.url}/missing"]})
+    with _client(emulator, cache_dir, backoff=0.01) as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    errors = _errors(out)
+    assert errors[:2] == [None, None]
+    assert server.requests["/img/1.png"] == 2 and server.downloads["/img/1.png"] == 1  # 503, then 200
+    assert errors[2].startswith("row 2: ") and f"{server.url}/missing" in errors[2] and "HTTP 404" in errors[2]
+    assert server.requests["/missing"] == 1  # a 404 is not tried again
+    assert out["reply"][2]["error"]["status"] == "INVALID_INPUT"
+    assert emulator.stats.requests == 2
+
+
+def test_cache_read_without_the_url_stored_sends_and_fetches_nothing(images, emulator, cache_dir):
+    server = images()
+    df = pl.DataFrame({"prompt": ["a"], "img": server.urls(1)})
+    with _client(emulator, cache_dir, cache="read") as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    error = out["reply"][0]["error"]
+    assert error["status"] == "CACHE_MISS" and "not in the URL store" in error["message"]
+    assert server.requests == Counter() and emulator.stats.requests == 0
+
+
+def test_revalidation_asks_whether_the_image_changed(images, emulator, cache_dir):
+    """revalidate_urls=True sends conditional requests: a 304 keeps the stored image (no
+    download, no generateContent)."""
+    server = images()
+    df = pl.DataFrame({"prompt": ["a", "b"], "img": server.urls(2)})
+    with _client(emulator, cache_dir) as client:
+        df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    emulator.reset_stats()
+    with _client(emulator, cache_dir, revalidate_urls=True) as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    assert _errors(out) == [None, None] and out["reply"].struct.field("cached").all()
+    assert server.not_modified == 2 and sum(server.downloads.values()) == 2  # the first run's only
+    assert emulator.stats.requests == 0
+
+
+def test_cache_off_keeps_nothing(images, emulator, cache_dir):
+    server = images()
+    df = pl.DataFrame({"prompt": ["a", "b"], "img": server.urls(1) * 2})
+    with _client(emulator, cache_dir, cache="off") as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    assert _errors(out) == [None, None] and sum(server.requests.values()) == 1
+    assert not os.path.exists(cache_dir / "urls")
+
+
+def _gemframe(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gemframe", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cache_commands_cover_the_url_store(images, emulator, cache_dir, tmp_path):
+    server = images()
+    df = pl.DataFrame({"prompt": ["a", "b", "c"], "img": server.urls(3)})
+    with _client(emulator, cache_dir) as client:
+        first = df.with_columns(reply=gf.generate("prompt", images="img", client=client, raw=True))
+
+    stats = _gemframe("cache", "stats", "--json", "--cache-dir", str(cache_dir))
+    assert stats.returncode == 0, stats.stderr
+    urls = json.loads(stats.stdout)["urls"]
+    assert urls["urls"] == 3 and urls["images"] == 3 and urls["image_bytes"] > 0
+    text = _gemframe("cache", "stats", "--cache-dir", str(cache_dir)).stdout
+    assert "3 image URLs (3 images" in text
+
+    exported = _gemframe("cache", "export", str(tmp_path / "a.parquet"), "--urls", str(tmp_path / "u.parquet"),
+                         "--cache-dir", str(cache_dir))
+    assert exported.returncode == 0 and "exported 3 image URLs" in exported.stdout, exported.stderr
+    other = tmp_path / "other-cache"
+    imported = _gemframe("cache", "import", str(tmp_path / "a.parquet"), "--urls", str(tmp_path / "u.parquet"),
+                         "--cache-dir", str(other))
+    assert imported.returncode == 0 and "3 image URLs added" in imported.stdout, imported.stderr
+    server.stop()  # the imported cache replays the URL dataset on its own
+    with _client(emulator, other, cache="read") as client:
+        replay = df.with_columns(reply=gf.generate("prompt", images="img", client=client, raw=True))
+    assert replay["reply"].struct.field("raw").to_list() == first["reply"].struct.field("raw").to_list()
+
+    kept = _gemframe("cache", "clear", "--older-than", "1d", "--cache-dir", str(cache_dir))
+    assert kept.returncode == 0 and "0 image URLs" in kept.stdout
+    cleared = _gemframe("cache", "clear", "--cache-dir", str(cache_dir))
+    assert cleared.returncode == 0 and "3 image URLs" in cleared.stdout, cleared.stdout
+    after = json.loads(_gemframe("cache", "stats", "--json", "--cache-dir", str(cache_dir)).stdout)["urls"]
+    assert after["urls"] == 0 and after["images"] == 0
