@@ -23,13 +23,14 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
 from .._core.cache import CacheMode, cache_key
 from .._core.client import Client, default_client
 from .._core.http import TransportFailure
+from .._core.providers import CountTokensCapable
 from .._core.tokens import count_tokens
 from .._errors import InputError, clip
 from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
@@ -162,7 +163,8 @@ class _Counter:
 
     def __init__(self, client: Client, model: str) -> None:
         self.client = client
-        self.url = client.provider.count_tokens_url(model)
+        # made only for a provider declaring "count_tokens", so it has the URL (register_provider)
+        self.url = cast(CountTokensCapable, client.provider).count_tokens_url(model)
         self.model = model.removeprefix("models/")
         self.failed = 0
         self.last_error = ""
@@ -290,7 +292,7 @@ def estimate(
         result.distinct_requests += len(fresh)
         hits = store.contains_many(fresh) if store is not None else set()
         result.cache_hits += len(hits)
-        if hits and len(observed) < _OBSERVE:
+        if hits and store is not None and len(observed) < _OBSERVE:  # (hits come only from a store)
             wanted = list(hits)[: _OBSERVE - len(observed)]
             observed += [_answer_output(raw) for raw in store.get_many(wanted).values()]
         missing = {k: b for k, b in fresh.items() if k not in hits}

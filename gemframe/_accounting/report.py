@@ -84,8 +84,9 @@ def _load(source: Any, reply: str) -> tuple[pl.LazyFrame, str | None]:
         source = source.collect()
     if not isinstance(source, pl.DataFrame):
         raise TypeError(f"report() takes a parquet path or a DataFrame, not {type(source).__name__}")
-    if reply in source.columns and isinstance(source.schema[reply], pl.Struct):
-        clash = [c for c in source.schema[reply].to_schema() if c in source.columns and c != reply]
+    reply_type = source.schema.get(reply)
+    if isinstance(reply_type, pl.Struct):
+        clash = [c for c in reply_type.to_schema() if c in source.columns and c != reply]
         source = source.drop(clash).unnest(reply)
     return source.lazy(), None
 
@@ -207,7 +208,7 @@ def _thumbnails(lazy: pl.LazyFrame, schema: Mapping[str, Any], prompt: str | Non
         return []
     columns = [c for c in (prompt, "images") if c]
     rows = lazy.filter(pl.col("images").list.len() > 0).select(columns).head(n).collect().to_dicts()
-    out = []
+    out: list[dict[str, str]] = []
     for row in rows:
         for image in row["images"] or ():
             if len(out) >= n:
@@ -223,14 +224,15 @@ def _image_data(image: Mapping[str, Any], base: str | None) -> bytes | None:
     """A reply image's bytes (from the file it was saved to: as given, or relative to the
     output's directory), read by `gemframe._core.payload.read_image`: regular files only, capped, and
     only what sniffs as an image; None for anything else (the report goes on without it)."""
+    source: Mapping[str, Any] | str | None = image  # the struct (its inline data), or its file's path
     if image.get("data") is None and image.get("path"):
         path = image["path"]
         candidates = [path] + ([os.path.join(base, path)] if base and not os.path.isabs(path) else [])
-        image = next((p for p in candidates if os.path.exists(p)), None)
-        if image is None:
+        source = next((p for p in candidates if os.path.exists(p)), None)
+        if source is None:
             return None
     try:
-        data, mime = read_image(image)
+        data, mime = read_image(source)
     except InputError:
         return None
     return data if mime in _THUMB_FORMATS else None

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._files import atomic_write
 from .._errors import ConfigError, RowError
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .cache import ResponseCache
     from .executor import Executor
     from .progress import Progress
-    from .providers import Provider
+    from .providers import BatchCapable, Provider
 
 STATE_FORMAT = 1
 JOB_LIMIT_BYTES = 18 * 2**20  # stay under the API's 20 MB inline batch limit
@@ -81,6 +81,7 @@ class BatchJobs:
             able = " or ".join(providers_with("batch"))  # "google or emulator"
             raise ConfigError(f"batch mode needs the {able} provider, not {provider.name!r}")
         self.provider = provider
+        self.batch_api = cast("BatchCapable", provider)  # its batch URLs: declared, so present (register_provider)
         self.executor = executor
         self.cache = cache  # None: cache='off', answers kept in `collected` instead
         self.collected: dict[str, bytes] = {}  # cache='off': the answers this object collected
@@ -159,7 +160,7 @@ class BatchJobs:
         todo = [job for job in self.jobs if job.name is None]
         if not todo:
             return
-        existing = {op.get("metadata", {}).get("displayName"): op.get("name") for op in self._call("GET", self.provider.batches_url()).get("operations", [])}
+        existing = {op.get("metadata", {}).get("displayName"): op.get("name") for op in self._call("GET", self.batch_api.batches_url()).get("operations", [])}
         for job in todo:
             if job.display_name in existing:  # created before a crash: adopt it
                 job.name = existing[job.display_name]
@@ -169,7 +170,7 @@ class BatchJobs:
                     raise ConfigError(f"{self.path}: an unsubmitted job lists rows this call does not have; delete the state file")
                 requests = b",".join(b'{"request":' + contents[k] + b',"metadata":{"key":"' + k.encode() + b'"}}' for k in job.keys)
                 body = b'{"batch":{"display_name":"' + job.display_name.encode() + b'","input_config":{"requests":{"requests":[' + requests + b"]}}}}"
-                job.name = self._call("POST", self.provider.batch_url(self.model), body)["name"]
+                job.name = self._call("POST", self.batch_api.batch_url(self.model), body)["name"]
             job.state = "BATCH_STATE_PENDING"
             self._save()
 
@@ -178,7 +179,7 @@ class BatchJobs:
             for job in self.jobs:
                 if job.collected or job.name is None:
                     continue
-                response = self.executor.call("GET", self.provider.operation_url(job.name)).result()
+                response = self.executor.call("GET", self.batch_api.operation_url(job.name)).result()
                 if response.status_code == 404:
                     self._gone(job, self.provider.failure(response).message)
                     self._save()

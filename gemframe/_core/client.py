@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import polars as pl
@@ -345,6 +345,7 @@ class _Run:
         return column
 
     def _resolve_batch(self) -> None:
+        assert self.batch_options is not None  # batch_bodies fill only in batch mode, which sets it
         path, poll_interval, wait = self.batch_options
         every_key = [*self.done, *self.batch_bodies]  # the whole call, hits included
         path = path or default_state_path(self.client.cache.directory, self.model, every_key)
@@ -431,17 +432,18 @@ class _Run:
                 inline.digest = image.digest
 
         def inline_for(url: str) -> KnownDigest:
-            if url not in inlines:
-                raise _ImageFailed(*self.images[url])
+            image = self.images[url]
+            if not isinstance(image, UrlRecord):  # (status, message): the URL could not be read
+                raise _ImageFailed(*image)
             return inlines[url]
 
         rebuilt: list[tuple[Row, int]] = []
         for row, (item, size) in enumerate(batch, start):
-            found = url_images(item) if isinstance(item, dict) else ()
-            if found:
+            if isinstance(item, dict) and (found := url_images(item)):
                 try:
                     item = with_url_images(item, inline_for)
-                    size += sum(4 * ((self.images[url].size + 2) // 3) for url in found)  # type: ignore[union-attr]
+                    # every URL was read (inline_for raised otherwise): each is a UrlRecord
+                    size += sum(4 * ((cast(UrlRecord, self.images[url]).size + 2) // 3) for url in found)
                 except _ImageFailed as failure:
                     item = RowError(None, failure.status, f"row {row}: {failure.message}")
             rebuilt.append((item, size))
@@ -609,21 +611,21 @@ class _Run:
         else:
             self._answer(key, self._decode(outcome.response, outcome.raw, False, outcome.attempts, outcome.latency_ms))
 
-    def _decode(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float) -> dict[str, Any]:
+    def _decode(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float | None) -> dict[str, Any]:
         """The reply of an answer, or its row's error when it cannot be read."""
         try:
             return self._record(response, raw, cached, attempts, latency_ms)
         except Exception as exc:  # one answer we cannot read (bad image data, image_dir not writable)
             return self._unreadable(exc, attempts, latency_ms)
 
-    def _record(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float) -> dict[str, Any]:
+    def _record(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float | None) -> dict[str, Any]:
         record = decode(response, cached=cached, attempts=attempts, latency_ms=latency_ms, image_dir=self.image_dir)
         if self.raw:
             record["raw"] = raw.decode("utf-8") if raw is not None else json.dumps(response)
         return record
 
     @staticmethod
-    def _unreadable(exc: Exception, attempts: int, latency_ms: float) -> dict[str, Any]:
+    def _unreadable(exc: Exception, attempts: int, latency_ms: float | None) -> dict[str, Any]:
         return failed(
             RowError(200, "MALFORMED_RESPONSE", f"could not read the answer: {exception_text(exc)}"),
             attempts=attempts, latency_ms=latency_ms,

@@ -204,7 +204,7 @@ class Executor:
             # A Client dropped without close() (or alive at exit) must still close its session:
             # aiohttp warns "Unclosed client session" from the session's __del__ otherwise. The
             # finalizer holds the loop and the session, not the executor.
-            self._closer = weakref.finalize(self, _close_session, self._loop, self._http)
+            self._closer = weakref.finalize(self, _close_session, self._loop, self._http)  # type: ignore[arg-type]  # _use_loop set _loop first
         return self._http
 
     async def _send_guarded(self, url: str, content: bytes) -> Outcome:
@@ -269,9 +269,9 @@ class Executor:
                 break
             delay = self.retry.delay(attempt, retry_after)
             if time.perf_counter() - start + delay > self.retry.deadline:
-                error = RowError(error.code, error.status, f"{error.message} (gave up: retry deadline {self.retry.deadline:g}s)")
+                error = RowError(error.code, error.status, f"{error.message} (gave up: retry deadline {self.retry.deadline:g}s)")  # type: ignore[union-attr]  # every way here set error
                 break
-            logger.debug("retrying %s after %s %s (attempt %d) in %.2fs", redact_url(url), error.code or "", error.status, attempt, delay)
+            logger.debug("retrying %s after %s %s (attempt %d) in %.2fs", redact_url(url), error.code or "", error.status, attempt, delay)  # type: ignore[union-attr]  # as above
             await asyncio.sleep(delay)
         return Outcome(None, None, error, failure, attempt, (time.perf_counter() - start) * 1000)
 
@@ -302,7 +302,7 @@ class Executor:
                 allow_private_urls, concurrency=self.download_concurrency,
                 attempts=self.retry.max_attempts or _CALL_ATTEMPTS, delay=self.retry.delay,  # a bounded count, as control calls
             )
-            weakref.finalize(self, _close_session, self._loop, fetcher)
+            weakref.finalize(self, _close_session, self._loop, fetcher)  # type: ignore[arg-type]  # _use_loop set _loop first
         fetched: Fetched = await fetcher.fetch(url, etag, last_modified)
         return await asyncio.get_running_loop().run_in_executor(None, then, url, fetched)
 

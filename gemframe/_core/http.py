@@ -72,7 +72,8 @@ def _failures(timeout: float, timeouts: type[BaseException], errors: type[BaseEx
 @lru_cache(maxsize=64)
 def _proxy_for(scheme: str, host: str) -> str | None:
     """The proxy from HTTP(S)_PROXY / NO_PROXY for a host, looked up once, not per request."""
-    if urllib.request.proxy_bypass_environment(host):
+    # typeshed omits proxy_bypass_environment (undocumented, but in CPython since 3.x): mypy is wrong here
+    if urllib.request.proxy_bypass_environment(host):  # type: ignore[attr-defined]
         return None
     return urllib.request.getproxies_environment().get(scheme)
 

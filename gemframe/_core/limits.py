@@ -282,7 +282,7 @@ class AdaptiveRate:
         logger.debug("429s %d of %d answers: send rate cut from %s to %.1f/s (accepted %.1f/s, sending %.1f/s)", throttled,
                      len(answers), self.rate and round(self.rate, 1), rate, accepted, sending)
         self._set(rate)
-        self._next_send += 1.0 / self.rate  # what was sent just before spent the server's allowance
+        self._next_send += 1.0 / self.rate  # type: ignore[operator]  # what was sent just before spent the server's allowance (mypy cannot see that _set(rate) made self.rate a float)
 
     def _sent(self, now: float) -> None:
         self._sends.append(now)

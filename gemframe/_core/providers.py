@@ -54,7 +54,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -207,6 +207,21 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
 }
 
 
+class BatchCapable(Protocol):
+    """The methods of a provider declaring "batch" (`register_provider` checked it has them): what
+    `batch.BatchJobs` casts a provider to once it has checked ``provider.capabilities``."""
+
+    def batch_url(self, model: str) -> str: ...
+    def operation_url(self, name: str) -> str: ...
+    def batches_url(self) -> str: ...
+
+
+class CountTokensCapable(Protocol):
+    """The method of a provider declaring "count_tokens", as `BatchCapable` for "batch"."""
+
+    def count_tokens_url(self, model: str) -> str: ...
+
+
 class Provider(ABC):
     """One endpoint dialect. Subclasses set the class attributes, implement ``url``,
     ``headers`` and ``failure``, and override what else differs (see the module docstring)."""
@@ -328,8 +343,8 @@ def register_provider(cls: type[Provider]) -> type[Provider]:
     if not isinstance(name, str) or not name or name != name.lower():
         raise ValueError(f"{cls.__qualname__}.name must be a non-empty lower-case string")
     if inspect.isabstract(cls):
-        missing = ", ".join(sorted(cls.__abstractmethods__))
-        raise TypeError(f"provider {name!r} ({cls.__qualname__}) does not implement {missing}")
+        abstract = ", ".join(sorted(cls.__abstractmethods__))
+        raise TypeError(f"provider {name!r} ({cls.__qualname__}) does not implement {abstract}")
     unknown = set(cls.capabilities) - set(CAPABILITIES)
     if unknown:
         raise ValueError(
@@ -364,7 +379,7 @@ class GoogleAI(Provider):
 
     name = "google"
     default_base_url = "https://generativelanguage.googleapis.com"
-    key_env = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    key_env: ClassVar[tuple[str, ...]] = ("GEMINI_API_KEY", "GOOGLE_API_KEY")  # typed: subclasses may set other keys
     capabilities = frozenset({"batch", "count_tokens"})
 
     def url(self, model: str) -> str:

@@ -15,7 +15,7 @@ import base64
 import hashlib
 import os
 from array import array
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
@@ -83,7 +83,7 @@ def decode(
     *,
     cached: bool,
     attempts: int,
-    latency_ms: float,
+    latency_ms: float | None,  # None: no latency of its own (a batch job's answer)
     image_dir: str | None = None,
 ) -> dict[str, Any]:
     """One reply record from a successful (HTTP 200) generateContent response."""
@@ -120,7 +120,7 @@ def decode(
         error = RowError(None, "BLOCKED", f"prompt blocked: blockReason {block_reason}")
     elif not candidates:
         error = RowError(None, "NO_CANDIDATES", "the model returned no candidates")
-    elif text is None and not images and finish_reason not in _OK_FINISH:
+    elif text is None and not images and finish_reason is not None and finish_reason not in _OK_FINISH:  # (None is OK)
         error = RowError(None, finish_reason, f"no content: finishReason {finish_reason}")
     return {
         "text": text,
@@ -206,7 +206,8 @@ class ReplyColumn:
             # loads pandas when installed (~50 MiB, 0.15 s once): worth it for long calls only
             import pyarrow as pa
 
-            chunk = pl.from_arrow(pa.array(self._pending, type=self._arrow_type))
+            # an array converts to a Series; pyarrow has no type hints, so mypy cannot pick that overload
+            chunk = cast(pl.Series, pl.from_arrow(pa.array(self._pending, type=self._arrow_type)))
             if chunk.dtype != self.dtype:
                 chunk = chunk.cast(self.dtype)
         else:  # a parsed dtype may hold enums, which polars cannot import from pyarrow when null

@@ -34,11 +34,14 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from .._errors import ConfigError, clip
+
+if TYPE_CHECKING:
+    from polars._typing import PolarsDataType  # polars' own alias: a DataType, or its class
 
 __all__ = ["ResponseSchema", "SchemaMismatch", "response_schema"]
 
@@ -120,22 +123,28 @@ def _is_polars(spec: Any) -> bool:
     return isinstance(spec, pl.DataType) or (isinstance(spec, type) and issubclass(spec, pl.DataType))
 
 
-_INT_BOUNDS = {
+_INT_BOUNDS: dict[type[pl.DataType], int] = {
     pl.Int8: 8, pl.Int16: 16, pl.Int32: 32, pl.Int64: 64,
     pl.UInt8: 8, pl.UInt16: 16, pl.UInt32: 32, pl.UInt64: 64,
 }
+
+
+def _dtype_instance(dtype: PolarsDataType) -> pl.DataType:
+    """A nested dtype as an instance (``pl.Int64`` -> ``pl.Int64()``): polars types ``Field.dtype``
+    and ``List.inner`` as either, though it stores instances."""
+    return dtype() if isinstance(dtype, type) else dtype
 
 
 def _from_polars(dtype: pl.DataType) -> _Node:
     if isinstance(dtype, pl.Struct):
         if not dtype.fields:
             raise ConfigError("a response schema struct needs at least one field")
-        fields = tuple((f.name, _from_polars(f.dtype), True) for f in dtype.fields)
+        fields = tuple((f.name, _from_polars(_dtype_instance(f.dtype)), True) for f in dtype.fields)
         return _Node("object", fields=fields, dtype=dtype)
     if isinstance(dtype, pl.List):
-        return _Node("array", items=_from_polars(dtype.inner), dtype=dtype)
+        return _Node("array", items=_from_polars(_dtype_instance(dtype.inner)), dtype=dtype)
     if isinstance(dtype, pl.Array):
-        return _Node("array", items=_from_polars(dtype.inner), min_items=dtype.size, max_items=dtype.size, dtype=dtype)
+        return _Node("array", items=_from_polars(_dtype_instance(dtype.inner)), min_items=dtype.size, max_items=dtype.size, dtype=dtype)
     if isinstance(dtype, pl.Enum):
         return _Node("enum", choices=tuple(dtype.categories.to_list()), dtype=dtype)
     if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Categorical):
@@ -369,7 +378,7 @@ def _check(node: _Node, value: Any, path: str) -> Any:
     if kind == "object":
         if not isinstance(value, dict):
             raise SchemaMismatch(f"{_where(path)} should be an object, got {_json_type(value)}")
-        out = {}
+        out: dict[str, Any] = {}
         for name, child, required in node.fields:
             if name not in value:
                 if required:

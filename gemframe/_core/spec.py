@@ -38,7 +38,7 @@ else:  # pragma: no cover  (Python 3.10: typing_extensions, which anyio and aioh
     try:
         from typing_extensions import Unpack
     except ImportError:  # only checkers need it: the annotations are strings
-        Unpack = None
+        Unpack = None  # type: ignore[assignment]  # a runtime stand-in: checkers use the import above
 
 __all__ = ["ASK", "Ask", "RequestSpec", "Unpack", "asks", "request_spec"]
 

@@ -158,7 +158,7 @@ class _AnswerDisk(diskcache.Disk):
     # is a link is refused before use.
 
     @contextmanager
-    def _open_dirs(self, names: tuple[str, str], *, create: bool) -> Iterator[tuple[Any, Any, Any]]:
+    def _open_dirs(self, names: tuple[str, str], *, create: bool) -> Iterator[tuple[Any, ...]]:
         if not _AT_SUPPORTED:
             path = self._directory
             chain = [path]

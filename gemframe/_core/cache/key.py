@@ -52,6 +52,7 @@ class KnownDigest(dict):
     call makes one (JSON from users is plain dicts); it fills ``data`` in before sending."""
 
     __slots__ = ("digest",)
+    digest: str  # declared for type checkers: __slots__ alone does not say the attribute's type
 
 
 def _digest_part(part: dict[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,8 @@ class CacheManagement:
         }
 
     def _keys(self, model: str | None = None, before: Any = None, after: Any = None) -> list[str]:
-        where, args = ["raw = 1"], []
+        where: list[str] = ["raw = 1"]
+        args: list[Any] = []  # the model's name, then timestamps
         if model is not None:
             where.append("tag = ?")
             args.append(model)

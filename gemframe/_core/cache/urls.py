@@ -96,7 +96,7 @@ class UrlStore:
 
     def _present(self, digests: Iterable[str]) -> set[str]:
         keys = [_IMAGE + d for d in digests]
-        present = set()
+        present: set[str] = set()
         for start in range(0, len(keys), _BATCH):
             chunk = keys[start:start + _BATCH]
             query = f"SELECT key FROM Cache WHERE raw = 1 AND key IN ({','.join('?' * len(chunk))})"
