@@ -84,7 +84,7 @@ class FaultServer:
 
         threading.Thread(target=self._loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(boot(), self._loop)
-        ready.wait(5)
+        assert ready.wait(60), "the fault server did not start"  # not port 0: a clear failure
         return self
 
     @property

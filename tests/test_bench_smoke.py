@@ -7,6 +7,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machine")  # the benchmarks use every CPU (tests/conftest.py)
 def test_bench_quick_runs_and_reports(repo_root, tmp_path):
     out = tmp_path / "RESULTS.md"
     result = subprocess.run(
