@@ -371,12 +371,12 @@ def test_kill_9_then_rerun_resends_only_unanswered_rows(fault_server, tmp_path):
     src, dst, cache_dir = tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "cache"
     pl.DataFrame({"id": range(rows), "prompt": [f"job row {i}" for i in range(rows)]}).write_parquet(src)
     job = _run_cli(src, dst, server, cache_dir, "--concurrency", "4", "--batch-rows", "50")
-    deadline = time.monotonic() + 60
-    while len(server.stats.successes) < 100 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for(lambda: len(server.stats.successes) >= 100)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    time.sleep(0.2)  # let the server finish answers that were in flight (to nobody)
+    # The server has read what the killed job sent and answered it (to nobody) once the job's
+    # connections are closed at its end too: a fixed sleep could count an answer too early.
+    _wait_for(lambda: server.stats.connections == 0)
     assert not dst.exists()  # no half-written output
     answered_before = len(server.stats.successes)
     with gf.ResponseCache(cache_dir) as cache:
