@@ -6,9 +6,8 @@ fixture here is per process: ports are bound to 0 and kept, caches live under ``
 environment variables are set with ``monkeypatch``. Tests that must not overlap carry
 ``@pytest.mark.xdist_group(NAME)`` and run on one worker, one after another:
 
-- ``"machine"``: tests that need the machine's CPUs to themselves, or a rate sustained for many
-  seconds: the Ray tests (a local Ray of two CPUs; never two at once), the benchmark smoke
-  run, the adaptive rate's convergence.
+- ``"ray"``: tests/test_ray.py, whose module fixture starts a local Ray of two CPUs: one
+  worker starts it, once, and never two Rays share the machine.
 - ``"installed"``: the tests of tests/test_cli.py that share a module-scoped virtual
   environment (built once, by one worker).
 

@@ -102,7 +102,6 @@ def test_configured_tpm_is_never_exceeded():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("machine")  # a sustained rate over 20 s (tests/conftest.py)
 def test_adaptive_rate_settles_under_an_unknown_limit(fault_server, cache_dir):
     limit = 6000  # requests per minute the server allows; the client is not told
     server = fault_server(rpm=limit, latency=0.02)
