@@ -1,5 +1,19 @@
 """Shared fixtures: an in-process emulator (counting requests at the server), a client wired
-to it with a private cache directory, and small images."""
+to it with a private cache directory, and small images.
+
+The suite runs on pytest-xdist worker processes (``addopts`` in pyproject.toml), so every
+fixture here is per process: ports are bound to 0 and kept, caches live under ``tmp_path``,
+environment variables are set with ``monkeypatch``. Tests that must not overlap carry
+``@pytest.mark.xdist_group(NAME)`` and run on one worker, one after another:
+
+- ``"ray"``: tests/test_ray.py, whose module fixture starts a local Ray of two CPUs: one
+  worker starts it, once, and never two Rays share the machine.
+- ``"installed"``: the tests of tests/test_cli.py that share a module-scoped virtual
+  environment (built once, by one worker).
+
+Tests never race the clock: they wait for a condition (`wait_for`) with a timeout that only
+a hang reaches.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +30,16 @@ from gemframe.emulator import Emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
+
+
+def wait_for(condition, *, timeout: float = 60.0, what: str = "a condition") -> None:
+    """Poll ``condition()`` until it holds. Tests wait for a condition (a server started,
+    requests seen), never for a fixed time; ``timeout`` only turns a hang into a failure, so it
+    is generous: a loaded machine may be many times slower than an idle one."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.005)
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +102,12 @@ def repo_root() -> Path:
 
 
 class ServedEmulator:
-    """An emulator served over TCP on 127.0.0.1 by uvicorn in a background thread."""
+    """An emulator served over TCP on 127.0.0.1 by uvicorn in a background thread.
+
+    The listening socket is bound here (port 0) and handed to uvicorn still open: picking a
+    free port, closing it and letting uvicorn bind it again races with every other process
+    on the machine (the other pytest-xdist worker included) that may take the port meanwhile.
+    """
 
     def __init__(self, emulator: Emulator) -> None:
         import socket
@@ -87,17 +116,16 @@ class ServedEmulator:
         import uvicorn
 
         self.emulator = emulator
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(emulator, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), what="the served emulator to start")
+        assert self.server.started, f"uvicorn did not start on {self.url}"
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -27,6 +27,7 @@ class Stats:
     statuses: Counter = field(default_factory=Counter)  # status (or fault name) -> count
     in_flight: int = 0
     max_in_flight: int = 0
+    connections: int = 0  # open now: 0 once every client hung up and all it sent was handled
     times: list = field(default_factory=list)  # arrival time of every request
     first_success: float | None = None
     last_success: float | None = None
@@ -85,9 +86,10 @@ class FaultServer:
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
 
-        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
         asyncio.run_coroutine_threadsafe(boot(), self._loop)
-        ready.wait(5)
+        assert ready.wait(60), "the fault server did not start"  # not port 0: a clear failure
         return self
 
     @property
@@ -95,12 +97,22 @@ class FaultServer:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        """Stop listening and end every connection (requests still in their latency included),
+        then close the loop: a connection left pending would be closed at interpreter exit, on
+        a closed loop, with a "RuntimeError: Event loop is closed" trace per connection."""
+
         async def shutdown() -> None:
             assert self._server is not None
             self._server.close()
+            connections = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in connections:
+                task.cancel()
+            await asyncio.gather(*connections, return_exceptions=True)
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(60)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(60)
+        self._loop.close()
 
     # -- decisions ---------------------------------------------------------------------------
     def _fault(self, digest: str, attempt: int) -> str | None:
@@ -125,6 +137,7 @@ class FaultServer:
 
     # -- HTTP/1.1 ----------------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stats.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -136,6 +149,7 @@ class FaultServer:
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
+            self.stats.connections -= 1
             writer.close()
 
     async def _respond(self, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:

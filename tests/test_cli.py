@@ -46,6 +46,7 @@ def installed(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.mark.xdist_group("installed")  # one worker builds the module's virtual environment, once
 def test_editable_install_wins_over_the_folder_holding_the_clone(installed, tmp_path):
     """``git clone`` makes ``parent/gemframe/`` (no ``__init__.py``): Python started in
     ``parent`` must import the installed package, not that folder as a namespace package."""
@@ -61,6 +62,7 @@ def test_editable_install_wins_over_the_folder_holding_the_clone(installed, tmp_
     assert Path(where) == ROOT / "gemframe" / "__init__.py" and name == "Client"
 
 
+@pytest.mark.xdist_group("installed")
 def test_install_brings_the_emulator_server(installed):
     """``pip install .`` installs what ``Requires-Dist`` names: uvicorn, which ``gemframe
     emulator`` serves with, must be among them without an extra. Then the installed command

@@ -405,7 +405,7 @@ def test_sleep_marker_allows_timeout_tests():
 
     started = time.perf_counter()
     asyncio.run(go())
-    assert time.perf_counter() - started < 2
+    assert time.perf_counter() - started < 15  # the timeout ended it, not the 30 s sleep
     assert emu.stats.in_flight == 0
 
 
@@ -635,9 +635,9 @@ def test_stats_count_requests_bodies_and_concurrency():
                 *(c.post(GENERATE, json=ask(f"q{i % 3}")) for i in range(6))
             )
 
-    started = time.perf_counter()
     assert all(r.status_code == 200 for r in asyncio.run(burst()))
-    assert time.perf_counter() - started < 0.25  # concurrent, not serial
+    # Concurrent, not serial: all six were in flight at once (max_in_flight below), which a
+    # loaded machine cannot fake; a wall-clock bound (0.3 s serial) could.
     post(emu, b"not json")  # failures count too
     stats = emu.stats
     assert isinstance(stats, Stats)

@@ -34,10 +34,10 @@ def test_callers_of_one_request_share_it_and_one_giving_up_leaves_it_running():
 
 
 def test_a_request_nobody_waits_for_is_cancelled():
-    _, executor, first, second = _two_callers("abandoned", latency=2.0)
+    _, executor, first, second = _two_callers("abandoned", latency=60.0)
     executor.cancel(first)
     executor.cancel(second)
-    _, task = second.get(timeout=1.5)  # well before the 2 s answer
+    _, task = second.get(timeout=30)  # long before the 60 s answer, however loaded the machine
     assert task.cancelled()
     executor.close()
 

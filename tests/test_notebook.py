@@ -2,6 +2,7 @@
 
 import base64
 import re
+import shutil
 
 import nbformat
 import pytest
@@ -38,7 +39,13 @@ def test_notebook_executes(repo_root, tmp_path, monkeypatch, name):
     path = repo_root / "notebooks" / name
     saved = nbformat.read(path, as_version=4)
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(repo_root / "notebooks")}}).execute()
+    # Run in a copy of the layout the notebooks expect (notebooks/ next to sample_data/): they
+    # write out/ beside sample_data/, which must not be the clone (another run, or the other
+    # notebook on another worker, may be writing there).
+    (tmp_path / "notebooks").mkdir()
+    shutil.copytree(repo_root / "sample_data", tmp_path / "sample_data")
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path / "notebooks")}}).execute()
+    assert (tmp_path / "out").is_dir()  # it ran (and wrote) in the copy
     for run in (notebook, saved):  # as executed now, and as saved (images visible without running it)
         outputs = [o for cell in run.cells if cell.cell_type == "code" for o in cell.outputs]
         assert not [o for o in outputs if o.output_type == "error"]
