@@ -133,6 +133,7 @@ class AdaptiveRate:
         judge_answers: int = 30,
         window: float = 1.0,
         min_rate: float = 0.2,
+        burst_run: int = 15,
     ) -> None:
         self.decrease = decrease  # new rate = decrease x accepted rate
         self.increase = increase  # per second, as a fraction of the level set at the last cut
@@ -142,6 +143,7 @@ class AdaptiveRate:
         self.judge_answers = judge_answers
         self.window = window
         self.min_rate = min_rate
+        self.burst_run = burst_run  # successes before the first 429 that show a burst allowance spent
         self.rate: float | None = None  # None: not limiting (no capacity signal yet, or undone)
         self.floor = 0.0  # share of 429s that slowing down did not cure
         self._learning = False  # measuring the floor (since an undo)
@@ -159,6 +161,8 @@ class AdaptiveRate:
         self._rtt = 0.0  # of the latest answer
         self._trial_start = 0.0
         self._accepted_in_trial = 0  # successes answered since the trial began, whenever sent
+        self._run: int | None = None  # answers at this rate before its first 429 (successes, all)
+        self._cold = False  # the trial is of a cut from "no limit": its first measure was inflated
 
     def on_success(self, sent_at: float) -> None:
         self._accepted_in_trial += 1
@@ -178,6 +182,8 @@ class AdaptiveRate:
         self._recent_throttled += throttled
         while self._answers and self._answers[0][0] < sent_at - self.window:
             self._recent_throttled -= self._answers.popleft()[1]
+        if throttled and not self._throttled:
+            self._run = self._count
         self._count += 1
         self._throttled += throttled
         return True
@@ -196,6 +202,12 @@ class AdaptiveRate:
         over = self._over()
         verdict = None
         if self._trial is not None:
+            if self._cold and self._over():
+                # The first cut's measure still held the server's burst allowance, spent now: what
+                # it accepted since is its real rate. Cut once more from that, same trial, not yet
+                # proof of a limit (random 429s look the same here; the trial tells them apart).
+                self._cut(same_trial=True, proven=False)
+                return
             verdict = self._verdict()
             over = over or verdict == "higher"
             if verdict == "wait":
@@ -244,10 +256,11 @@ class AdaptiveRate:
         level = self.floor + self.threshold
         return share > level + sigmas * math.sqrt(level * (1 - level) / n)
 
-    def _cut(self, same_trial: bool) -> None:
+    def _cut(self, same_trial: bool, proven: bool | None = None) -> None:
         """Set the rate just under what the server accepted lately (by send time)."""
         answers = self._answers
         throttled = self._recent_throttled
+        cold = False
         # What is really being sent (the pacing rate can be far above it when the window or the
         # caller is the bottleneck: cutting that would change nothing).
         sending = self._send_rate()
@@ -256,10 +269,16 @@ class AdaptiveRate:
             # What the server let through since the trial began does: past its allowance it
             # accepts its limit per second, however fast we send.
             accepted = (self._accepted_in_trial + 0.5) / max(time.monotonic() - self._trial_start, 0.05)
+        elif self.rate is None and (self._run or 0) >= self.burst_run:
+            # A run of successes, then 429s: a burst allowance spent (module docstring). What the
+            # server accepted per second by the clock, from the recent answers' first send to now:
+            # its rate, still inflated by the burst; the trial's first 429s correct it (`_decide`).
+            cold = True
+            accepted = (len(answers) - throttled + 0.5) / max(time.monotonic() - answers[0][0], 0.05)
         elif self.rate is None:
-            # Not limiting yet (slow start: the window doubles per round trip, so the answers so
-            # far understate the current rate): the share of what is being sent now. A limit with
-            # a burst allowance still reads high here; the next cut corrects that (above).
+            # Not limiting yet, 429s from the start (slow start: the window doubles per round
+            # trip, so the answers so far understate the current rate): the share of what is
+            # being sent now.
             accepted = (1 - throttled / len(answers)) * sending
         else:
             # Accepted lately: sent per second over the recent answers' send times, times the
@@ -275,7 +294,8 @@ class AdaptiveRate:
         # ones that tripped the cut (picked at a peak, they would make any cut look like a cure).
         # A trial cut again because the share rose after a cut, or reached half, has shown a
         # real limit (random 429s do neither): it is never undone, only cut further.
-        self._trial = (before, self._throttled / self._count, self._count, same_trial)
+        self._trial = (before, self._throttled / self._count, self._count, same_trial if proven is None else proven)
+        self._cold = cold
         self.cuts += 1
         self._learning = False
         rate = max(self.min_rate, self.decrease * min(accepted, sending or accepted))
@@ -321,6 +341,7 @@ class AdaptiveRate:
         self._epoch = self._next_send = time.monotonic()
         self._answers.clear()
         self._recent_throttled = self._count = self._throttled = 0
+        self._run = None
 
     async def wait(self) -> None:
         """Pace sends at the current rate, which grows with the time since the last cut:
