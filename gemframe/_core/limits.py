@@ -15,9 +15,12 @@ a key revoked since), so it starts cautiously again.
 **Adaptive rate** (`AdaptiveRate`): AIMD on the send rate, not on concurrency (at 20 requests/s
 and 50 ms latency the right concurrency is "one, sometimes"). When 429s become a real share of
 the answers to requests sent at the current rate, the rate drops to a fraction of what the
-server actually accepted (multiplicative decrease); then it rises again (a few percent of that
-level per second, accelerating with time since the cut) until the next cut. With no throttling
-it never limits anything.
+server actually accepted (multiplicative decrease); then it rises again (1% of that level per
+second, accelerating with time since the cut) until the next cut. With no throttling it never
+limits anything. Each probe past a limit costs about two 429s (the fewest that trip a cut), so
+the slope sets the steady 429 share: at 10 requests/s, 2% per second probed every ~12 s (1.7% of
+attempts answered 429), 1% every ~18 s; the acceleration still recovers an undershoot (or a
+limit that was raised) in seconds.
 
 Gemini also answers 429 when slowing down cannot help: a project quota shared with other jobs,
 a momentary overload. Cutting for those only makes the job slow, and each cut is followed by
@@ -32,6 +35,20 @@ triggered the cut (a two-proportion test, so noise on a few dozen answers decide
 - clearly higher, or half or more: still far too fast (a cold start spent the server's burst
   allowance, so the first measure of what it accepts was inflated; far above a limit every rate
   draws nearly all 429s, so the share cannot tell); cut again, same trial.
+
+**A cold start** meets a limit's burst allowance (a token bucket: R per second, with a second or
+more of R saved up). It lets slow start double past the limit for a round trip or two; then a
+whole round is answered 429 at once (sent before any answer could tell: 14 of 16 at 10/s with
+1 s of burst, C=16). What was being sent then (~60/s) says nothing about the limit. So a cut
+from "no limit" that follows a run of successes (``burst_run``: 15 without a 429) starts from
+what the server accepted per second by the clock over the recent answers: the limit plus the
+allowance spread over the ramp, too high but within about 2x. Past its allowance a server
+accepts exactly its limit however fast we send, so the first 429s at that rate cut once more,
+to what was accepted since the cut. Against 10 requests/s that costs two 429s; the cut from
+what was being sent cost twelve. The second cut stays in the same trial and proves nothing
+(random 429s would take the same path), so the trial can still undo both. Random 429s rarely
+come after such a run (at a 20% share, one job in 30); without one the cut starts from what
+was being sent, which a trial undoes sooner (a deeper cut is slower to judge).
 """
 
 from __future__ import annotations
@@ -126,7 +143,7 @@ class AdaptiveRate:
     def __init__(
         self,
         decrease: float = 0.85,
-        increase: float = 0.02,
+        increase: float = 0.01,
         acceleration: float = 0.001,
         threshold: float = 0.03,
         min_answers: int = 10,
@@ -143,7 +160,7 @@ class AdaptiveRate:
         self.judge_answers = judge_answers
         self.window = window
         self.min_rate = min_rate
-        self.burst_run = burst_run  # successes before the first 429 that show a burst allowance spent
+        self.burst_run = burst_run  # successes in a row before the 429s that show a burst allowance spent
         self.rate: float | None = None  # None: not limiting (no capacity signal yet, or undone)
         self.floor = 0.0  # share of 429s that slowing down did not cure
         self._learning = False  # measuring the floor (since an undo)
@@ -161,8 +178,7 @@ class AdaptiveRate:
         self._rtt = 0.0  # of the latest answer
         self._trial_start = 0.0
         self._accepted_in_trial = 0  # successes answered since the trial began, whenever sent
-        self._run: int | None = None  # answers at this rate before its first 429 (successes, all)
-        self._cold = False  # the trial is of a cut from "no limit": its first measure was inflated
+        self._cold = False  # the trial is of a cold cut (module docstring): its first measure was inflated
 
     def on_success(self, sent_at: float) -> None:
         self._accepted_in_trial += 1
@@ -182,8 +198,6 @@ class AdaptiveRate:
         self._recent_throttled += throttled
         while self._answers and self._answers[0][0] < sent_at - self.window:
             self._recent_throttled -= self._answers.popleft()[1]
-        if throttled and not self._throttled:
-            self._run = self._count
         self._count += 1
         self._throttled += throttled
         return True
@@ -269,10 +283,10 @@ class AdaptiveRate:
             # What the server let through since the trial began does: past its allowance it
             # accepts its limit per second, however fast we send.
             accepted = (self._accepted_in_trial + 0.5) / max(time.monotonic() - self._trial_start, 0.05)
-        elif self.rate is None and (self._run or 0) >= self.burst_run:
+        elif self.rate is None and next((i for i, (_, t) in enumerate(answers) if t), 0) >= self.burst_run:
             # A run of successes, then 429s: a burst allowance spent (module docstring). What the
             # server accepted per second by the clock, from the recent answers' first send to now:
-            # its rate, still inflated by the burst; the trial's first 429s correct it (`_decide`).
+            # its limit, still inflated by the burst; the trial's first 429s correct it (`_decide`).
             cold = True
             accepted = (len(answers) - throttled + 0.5) / max(time.monotonic() - answers[0][0], 0.05)
         elif self.rate is None:
@@ -341,7 +355,6 @@ class AdaptiveRate:
         self._epoch = self._next_send = time.monotonic()
         self._answers.clear()
         self._recent_throttled = self._count = self._throttled = 0
-        self._run = None
 
     async def wait(self) -> None:
         """Pace sends at the current rate, which grows with the time since the last cut:
