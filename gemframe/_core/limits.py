@@ -15,9 +15,12 @@ a key revoked since), so it starts cautiously again.
 **Adaptive rate** (`AdaptiveRate`): AIMD on the send rate, not on concurrency (at 20 requests/s
 and 50 ms latency the right concurrency is "one, sometimes"). When 429s become a real share of
 the answers to requests sent at the current rate, the rate drops to a fraction of what the
-server actually accepted (multiplicative decrease); then it rises again (a few percent of that
-level per second, accelerating with time since the cut) until the next cut. With no throttling
-it never limits anything.
+server actually accepted (multiplicative decrease); then it rises again (1% of that level per
+second, accelerating with time since the cut) until the next cut. With no throttling it never
+limits anything. Each probe past a limit costs about two 429s (the fewest that trip a cut), so
+the slope sets the steady 429 share: at 10 requests/s, 2% per second probed every ~12 s (1.7% of
+attempts answered 429), 1% every ~18 s; the acceleration still recovers an undershoot (or a
+limit that was raised) in seconds.
 
 Gemini also answers 429 when slowing down cannot help: a project quota shared with other jobs,
 a momentary overload. Cutting for those only makes the job slow, and each cut is followed by
@@ -32,6 +35,20 @@ triggered the cut (a two-proportion test, so noise on a few dozen answers decide
 - clearly higher, or half or more: still far too fast (a cold start spent the server's burst
   allowance, so the first measure of what it accepts was inflated; far above a limit every rate
   draws nearly all 429s, so the share cannot tell); cut again, same trial.
+
+**A cold start** meets a limit's burst allowance (a token bucket: R per second, with a second or
+more of R saved up). It lets slow start double past the limit for a round trip or two; then a
+whole round is answered 429 at once (sent before any answer could tell: 14 of 16 at 10/s with
+1 s of burst, C=16). What was being sent then (~60/s) says nothing about the limit. So a cut
+from "no limit" that follows a run of successes (``burst_run``: 15 without a 429) starts from
+what the server accepted per second by the clock over the recent answers: the limit plus the
+allowance spread over the ramp, too high but within about 2x. Past its allowance a server
+accepts exactly its limit however fast we send, so the first 429s at that rate cut once more,
+to what was accepted since the cut. Against 10 requests/s that costs two 429s; the cut from
+what was being sent cost twelve. The second cut stays in the same trial and proves nothing
+(random 429s would take the same path), so the trial can still undo both. Random 429s rarely
+come after such a run (at a 20% share, one job in 30); without one the cut starts from what
+was being sent, which a trial undoes sooner (a deeper cut is slower to judge).
 """
 
 from __future__ import annotations
@@ -126,13 +143,14 @@ class AdaptiveRate:
     def __init__(
         self,
         decrease: float = 0.85,
-        increase: float = 0.02,
+        increase: float = 0.01,
         acceleration: float = 0.001,
         threshold: float = 0.03,
         min_answers: int = 10,
         judge_answers: int = 30,
         window: float = 1.0,
         min_rate: float = 0.2,
+        burst_run: int = 15,
     ) -> None:
         self.decrease = decrease  # new rate = decrease x accepted rate
         self.increase = increase  # per second, as a fraction of the level set at the last cut
@@ -142,6 +160,7 @@ class AdaptiveRate:
         self.judge_answers = judge_answers
         self.window = window
         self.min_rate = min_rate
+        self.burst_run = burst_run  # successes in a row before the 429s that show a burst allowance spent
         self.rate: float | None = None  # None: not limiting (no capacity signal yet, or undone)
         self.floor = 0.0  # share of 429s that slowing down did not cure
         self._learning = False  # measuring the floor (since an undo)
@@ -159,6 +178,7 @@ class AdaptiveRate:
         self._rtt = 0.0  # of the latest answer
         self._trial_start = 0.0
         self._accepted_in_trial = 0  # successes answered since the trial began, whenever sent
+        self._cold = False  # the trial is of a cold cut (module docstring): its first measure was inflated
 
     def on_success(self, sent_at: float) -> None:
         self._accepted_in_trial += 1
@@ -196,6 +216,12 @@ class AdaptiveRate:
         over = self._over()
         verdict = None
         if self._trial is not None:
+            if self._cold and self._over():
+                # The first cut's measure still held the server's burst allowance, spent now: what
+                # it accepted since is its real rate. Cut once more from that, same trial, not yet
+                # proof of a limit (random 429s look the same here; the trial tells them apart).
+                self._cut(same_trial=True, proven=False)
+                return
             verdict = self._verdict()
             over = over or verdict == "higher"
             if verdict == "wait":
@@ -244,10 +270,11 @@ class AdaptiveRate:
         level = self.floor + self.threshold
         return share > level + sigmas * math.sqrt(level * (1 - level) / n)
 
-    def _cut(self, same_trial: bool) -> None:
+    def _cut(self, same_trial: bool, proven: bool | None = None) -> None:
         """Set the rate just under what the server accepted lately (by send time)."""
         answers = self._answers
         throttled = self._recent_throttled
+        cold = False
         # What is really being sent (the pacing rate can be far above it when the window or the
         # caller is the bottleneck: cutting that would change nothing).
         sending = self._send_rate()
@@ -256,10 +283,16 @@ class AdaptiveRate:
             # What the server let through since the trial began does: past its allowance it
             # accepts its limit per second, however fast we send.
             accepted = (self._accepted_in_trial + 0.5) / max(time.monotonic() - self._trial_start, 0.05)
+        elif self.rate is None and next((i for i, (_, t) in enumerate(answers) if t), 0) >= self.burst_run:
+            # A run of successes, then 429s: a burst allowance spent (module docstring). What the
+            # server accepted per second by the clock, from the recent answers' first send to now:
+            # its limit, still inflated by the burst; the trial's first 429s correct it (`_decide`).
+            cold = True
+            accepted = (len(answers) - throttled + 0.5) / max(time.monotonic() - answers[0][0], 0.05)
         elif self.rate is None:
-            # Not limiting yet (slow start: the window doubles per round trip, so the answers so
-            # far understate the current rate): the share of what is being sent now. A limit with
-            # a burst allowance still reads high here; the next cut corrects that (above).
+            # Not limiting yet, 429s from the start (slow start: the window doubles per round
+            # trip, so the answers so far understate the current rate): the share of what is
+            # being sent now.
             accepted = (1 - throttled / len(answers)) * sending
         else:
             # Accepted lately: sent per second over the recent answers' send times, times the
@@ -275,7 +308,8 @@ class AdaptiveRate:
         # ones that tripped the cut (picked at a peak, they would make any cut look like a cure).
         # A trial cut again because the share rose after a cut, or reached half, has shown a
         # real limit (random 429s do neither): it is never undone, only cut further.
-        self._trial = (before, self._throttled / self._count, self._count, same_trial)
+        self._trial = (before, self._throttled / self._count, self._count, same_trial if proven is None else proven)
+        self._cold = cold
         self.cuts += 1
         self._learning = False
         rate = max(self.min_rate, self.decrease * min(accepted, sending or accepted))
