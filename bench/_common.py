@@ -15,10 +15,11 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -103,7 +104,10 @@ def run_worker(script: str, args: list[str], timeout: float = 900) -> dict[str, 
     it prints) is in its own result when it reports one.
     """
     proc = subprocess.run(
-        [PYTHON, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout,
+        [PYTHON, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(BENCH) + os.pathsep + os.environ.get("PYTHONPATH", "")},
     )
     if proc.returncode != 0:
@@ -185,8 +189,13 @@ def run_measured(cmd: list[str], timeout: float = 3600, env: dict[str, str] | No
             proc.kill()
             proc.wait()
     return Measured(
-        proc.returncode, time.perf_counter() - start, round(peak["VmHWM"], 1), out.decode(), err.decode(),
-        round(peak["RssAnon"], 1), round(peak["RssFile"], 1),
+        proc.returncode,
+        time.perf_counter() - start,
+        round(peak["VmHWM"], 1),
+        out.decode(),
+        err.decode(),
+        round(peak["RssAnon"], 1),
+        round(peak["RssFile"], 1),
     )
 
 
@@ -229,8 +238,10 @@ class Row:
 
     def __post_init__(self) -> None:
         if (
-            self.ratio is None and isinstance(self.value, (int, float))
-            and isinstance(self.baseline, (int, float)) and self.baseline
+            self.ratio is None
+            and isinstance(self.value, (int, float))
+            and isinstance(self.baseline, (int, float))
+            and self.baseline
         ):
             self.ratio = self.value / self.baseline
 
@@ -251,7 +262,18 @@ class Section:
 def machine() -> dict[str, str]:
     """What the numbers were measured on."""
     versions = {}
-    for name in ("gemframe", "polars", "pyarrow", "httpx", "httpx-aiohttp", "aiohttp", "diskcache", "uvicorn", "h11", "pillow"):
+    for name in (
+        "gemframe",
+        "polars",
+        "pyarrow",
+        "httpx",
+        "httpx-aiohttp",
+        "aiohttp",
+        "diskcache",
+        "uvicorn",
+        "h11",
+        "pillow",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     cpu = ""

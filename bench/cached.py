@@ -104,7 +104,9 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--profile", help="profile the first rerun into this file (.pyisession: pyinstrument, else cProfile)")
+    parser.add_argument(
+        "--profile", help="profile the first rerun into this file (.pyisession: pyinstrument, else cProfile)"
+    )
     args = parser.parse_args()
 
     import polars as pl
@@ -116,8 +118,14 @@ def main() -> None:
     fill_s = fill(cache_dir, texts)
     frame = pl.DataFrame({"id": range(args.rows), "prompt": texts})
     client = gf.Client(
-        "google", api_key=API_KEY, base_url=args.url, model=MODEL, concurrency=args.concurrency,
-        cache="use", cache_dir=cache_dir, progress=False,
+        "google",
+        api_key=API_KEY,
+        base_url=args.url,
+        model=MODEL,
+        concurrency=args.concurrency,
+        cache="use",
+        cache_dir=cache_dir,
+        progress=False,
     )
     expr = gf.generate("prompt", client=client)
     runs = []
@@ -135,16 +143,22 @@ def main() -> None:
     client.close()
     base_s = baseline(cache_dir, texts)
     shutil.rmtree(cache_dir, ignore_errors=True)
-    emit({
-        "rows": args.rows, "fill_s": fill_s, "runs": runs, "baseline_s": base_s,
-        "order_ok": out["id"].to_list() == list(range(args.rows)),
-    })
+    emit(
+        {
+            "rows": args.rows,
+            "fill_s": fill_s,
+            "runs": runs,
+            "baseline_s": base_s,
+            "order_ok": out["id"].to_list() == list(range(args.rows)),
+        }
+    )
 
 
 def run(mode: str) -> Section:
     rows = SIZES.get(mode, SIZES["default"])
     section = Section(
-        "cached", "4. Cached rerun",
+        "cached",
+        "4. Cached rerun",
         f"{rows:,} distinct rows, every answer already in the cache (filled with `gf.ResponseCache.set_many` "
         "under `gf.cache_key`); `with_columns(reply=gf.generate(...))` with cache='use' against the bench "
         "server. Baseline: the same entries read straight from diskcache (batched transactions) + `json.loads`.",
@@ -155,17 +169,34 @@ def run(mode: str) -> Section:
     first, second = r["runs"]
     rate = rows / first["wall_s"]
     base_rate = rows / r["baseline_s"]
-    section.rows.append(Row(
-        "rerun rate", round(rate), round(base_rate), "diskcache read + json.loads", "rows/s",
-        goal=f">= {GOAL:,} rows/s", met=rate >= GOAL,
-        note=f"{first['wall_s']:.2f}s for {rows:,} rows; a second rerun: {rows / second['wall_s']:,.0f} rows/s",
-    ))
-    section.rows.append(Row(
-        "requests reaching the server", sent, 0, "none", "requests", goal="0", met=sent == 0,
-        note=f"all rows cached: {first['all_cached'] and second['all_cached']}; wrong answers {first['wrong'] + second['wrong']}; "
-        f"errors {first['errors'] + second['errors']}; order kept: {r['order_ok']}",
-    ))
-    section.notes.append(f"Filling the cache took {r['fill_s']:.1f}s; the worker's peak RSS was {r['peak_rss_mb']:.0f} MiB.")
+    section.rows.append(
+        Row(
+            "rerun rate",
+            round(rate),
+            round(base_rate),
+            "diskcache read + json.loads",
+            "rows/s",
+            goal=f">= {GOAL:,} rows/s",
+            met=rate >= GOAL,
+            note=f"{first['wall_s']:.2f}s for {rows:,} rows; a second rerun: {rows / second['wall_s']:,.0f} rows/s",
+        )
+    )
+    section.rows.append(
+        Row(
+            "requests reaching the server",
+            sent,
+            0,
+            "none",
+            "requests",
+            goal="0",
+            met=sent == 0,
+            note=f"all rows cached: {first['all_cached'] and second['all_cached']}; wrong answers {first['wrong'] + second['wrong']}; "
+            f"errors {first['errors'] + second['errors']}; order kept: {r['order_ok']}",
+        )
+    )
+    section.notes.append(
+        f"Filling the cache took {r['fill_s']:.1f}s; the worker's peak RSS was {r['peak_rss_mb']:.0f} MiB."
+    )
     return section
 
 

@@ -50,7 +50,12 @@ def check(answers: list[Any], sent: list[str]) -> int:
 
 
 async def _aiohttp(
-    url: str, batches: list[list[str]], concurrency: int, *, ssl: Any = None, tolerate: bool = False,
+    url: str,
+    batches: list[list[str]],
+    concurrency: int,
+    *,
+    ssl: Any = None,
+    tolerate: bool = False,
     tally: Callable[[dict[str, Any], list[Any], list[str]], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Raw aiohttp + semaphore (also over TLS for bench/http2.py: ``ssl``; ``tolerate`` keeps
@@ -108,15 +113,23 @@ async def _httpx(url: str, batches: list[list[str]], concurrency: int) -> list[d
 # --------------------------------------------------------------------------- gemframe
 
 
-def _gemframe(url: str, batches: list[list[str]], concurrency: int, cache: str, profile: str | None) -> list[dict[str, float]]:
+def _gemframe(
+    url: str, batches: list[list[str]], concurrency: int, cache: str, profile: str | None
+) -> list[dict[str, float]]:
     import polars as pl
 
     import gemframe as gf
 
     cache_dir = tempfile.mkdtemp(prefix="gf-bench-cache-")
     client = gf.Client(
-        "google", api_key=API_KEY, base_url=url, model=MODEL, concurrency=concurrency,
-        cache=cache, cache_dir=cache_dir, progress=False,
+        "google",
+        api_key=API_KEY,
+        base_url=url,
+        model=MODEL,
+        concurrency=concurrency,
+        cache=cache,
+        cache_dir=cache_dir,
+        progress=False,
     )
     expr = gf.generate("prompt", client=client)
     frames = [pl.DataFrame({"prompt": b}) for b in batches]
@@ -130,7 +143,9 @@ def _gemframe(url: str, batches: list[list[str]], concurrency: int, cache: str, 
         if profiler:
             profiler.stop(profile)
         replies = out["reply"].struct
-        assert replies.field("error").is_null().all(), out.filter(pl.col("reply").struct.field("error").is_not_null()).head()
+        assert replies.field("error").is_null().all(), out.filter(
+            pl.col("reply").struct.field("error").is_not_null()
+        ).head()
         t["wrong"] = int((replies.field("text") != ("echo: " + out["prompt"])).sum())
         t["cached"] = int(replies.field("cached").sum())
         times.append(t)
@@ -193,12 +208,20 @@ def main() -> None:
         times = asyncio.run(run(args.url, batches, args.concurrency))
     measured = times[1:] if args.warmup else times
     best = min(measured, key=lambda t: t["cpu_s"])
-    emit({
-        "client": args.client, "rows": args.rows, "concurrency": args.concurrency, "cache": args.cache,
-        "cpu_s": best["cpu_s"], "wall_s": best["wall_s"],
-        "cpu_s_all": [t["cpu_s"] for t in measured], "wall_s_all": [t["wall_s"] for t in measured],
-        "wrong": sum(int(t["wrong"]) for t in measured), "time": time.time(),
-    })
+    emit(
+        {
+            "client": args.client,
+            "rows": args.rows,
+            "concurrency": args.concurrency,
+            "cache": args.cache,
+            "cpu_s": best["cpu_s"],
+            "wall_s": best["wall_s"],
+            "cpu_s_all": [t["cpu_s"] for t in measured],
+            "wall_s_all": [t["wall_s"] for t in measured],
+            "wrong": sum(int(t["wrong"]) for t in measured),
+            "time": time.time(),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def main() -> None:
     emulator = Emulator(latency=args.latency)
     frame = pl.DataFrame({"prompt": [f"benchmark prompt number {i}" for i in range(args.rows)]})
     with tempfile.TemporaryDirectory() as cache_dir:
-        client = gf.Client(gf.EmulatorProvider(app=emulator), concurrency=args.concurrency, cache_dir=cache_dir, progress=False)
+        client = gf.Client(
+            gf.EmulatorProvider(app=emulator), concurrency=args.concurrency, cache_dir=cache_dir, progress=False
+        )
         expr = gf.generate("prompt", client=client)
         start = time.perf_counter()
         fresh = frame.with_columns(reply=expr)
@@ -40,7 +42,9 @@ def main() -> None:
     ideal = args.rows / args.concurrency * args.latency
     assert fresh["reply"].struct.field("error").is_null().all()
     assert cached["reply"].struct.field("cached").all() and emulator.stats.requests == sent
-    print(f"fresh : {args.rows} rows in {fresh_s:.2f}s  (ideal {ideal:.2f}s, {ideal / fresh_s:.0%} of ideal), {sent} requests")
+    print(
+        f"fresh : {args.rows} rows in {fresh_s:.2f}s  (ideal {ideal:.2f}s, {ideal / fresh_s:.0%} of ideal), {sent} requests"
+    )
     print(f"cached: {args.rows} rows in {cached_s:.3f}s ({args.rows / cached_s:,.0f} rows/s), 0 requests")
 
 

@@ -74,13 +74,19 @@ CLIENTS = [
 ]
 SIZES = {
     "quick": dict(
-        latency=0.05, throughput=[dict(rows=256, concurrency=64, httpx1_rows=128)],
-        cpu=dict(rows=300, warmup=64, repeat=1), extras=False,
+        latency=0.05,
+        throughput=[dict(rows=256, concurrency=64, httpx1_rows=128)],
+        cpu=dict(rows=300, warmup=64, repeat=1),
+        extras=False,
     ),
     "default": dict(
         latency=LATENCY,
-        throughput=[dict(rows=2000, concurrency=64, httpx1_rows=2000), dict(rows=4000, concurrency=256, httpx1_rows=1024)],
-        cpu=dict(rows=3000, warmup=200, repeat=2), extras=True,
+        throughput=[
+            dict(rows=2000, concurrency=64, httpx1_rows=2000),
+            dict(rows=4000, concurrency=256, httpx1_rows=1024),
+        ],
+        cpu=dict(rows=3000, warmup=200, repeat=2),
+        extras=True,
     ),
 }
 
@@ -146,7 +152,11 @@ class TLSBenchServer(BenchServer):
     connection count and HTTP versions of the generateContent requests since the last reset."""
 
     def __init__(
-        self, latency: float, certs: dict[str, str], max_streams: int = SERVER_STREAMS, max_requests: int = 10**9,
+        self,
+        latency: float,
+        certs: dict[str, str],
+        max_streams: int = SERVER_STREAMS,
+        max_requests: int = 10**9,
     ) -> None:
         super().__init__(latency)
         self.max_requests = max_requests
@@ -157,9 +167,21 @@ class TLSBenchServer(BenchServer):
 
     def command(self) -> list[str]:
         return [
-            PYTHON, str(BENCH / "http2.py"), "serve", "--port", str(self.port), "--latency", str(self.latency),
-            "--certfile", self.certs["cert"], "--keyfile", self.certs["key"], "--max-streams", str(self.max_streams),
-            "--max-requests", str(self.max_requests),
+            PYTHON,
+            str(BENCH / "http2.py"),
+            "serve",
+            "--port",
+            str(self.port),
+            "--latency",
+            str(self.latency),
+            "--certfile",
+            self.certs["cert"],
+            "--keyfile",
+            self.certs["key"],
+            "--max-streams",
+            str(self.max_streams),
+            "--max-requests",
+            str(self.max_requests),
         ]
 
     def _call(self, path: str, method: str = "GET") -> dict[str, Any]:
@@ -189,7 +211,11 @@ def make_certs(directory: Path) -> dict[str, str]:
 
 
 async def _aiohttp(
-    url: str, ctx: ssl.SSLContext, batches: list[list[str]], concurrency: int, tolerate: bool = False,
+    url: str,
+    ctx: ssl.SSLContext,
+    batches: list[list[str]],
+    concurrency: int,
+    tolerate: bool = False,
 ) -> list[dict[str, Any]]:
     from clients import _aiohttp as raw_aiohttp
 
@@ -197,7 +223,12 @@ async def _aiohttp(
 
 
 async def _httpx(
-    url: str, ctx: ssl.SSLContext, batches: list[list[str]], concurrency: int, http2: bool, n_clients: int,
+    url: str,
+    ctx: ssl.SSLContext,
+    batches: list[list[str]],
+    concurrency: int,
+    http2: bool,
+    n_clients: int,
     tolerate: bool = False,
 ) -> list[dict[str, Any]]:
     import httpx
@@ -253,39 +284,83 @@ def client_main(args: argparse.Namespace) -> None:
     if args.client == "aiohttp":
         times = asyncio.run(_aiohttp(args.url, ctx, batches, args.concurrency, args.tolerate_errors))
     else:
-        times = asyncio.run(_httpx(
-            args.url, ctx, batches, args.concurrency, args.client == "httpx2", max(1, args.connections),
-            args.tolerate_errors,
-        ))
+        times = asyncio.run(
+            _httpx(
+                args.url,
+                ctx,
+                batches,
+                args.concurrency,
+                args.client == "httpx2",
+                max(1, args.connections),
+                args.tolerate_errors,
+            )
+        )
     measured = times[1:] if args.warmup else times
     best = min(measured, key=lambda t: t["cpu_s"])
-    emit({
-        "client": args.client, "rows": args.rows, "concurrency": args.concurrency,
-        "cpu_s": best["cpu_s"], "wall_s": best["wall_s"],
-        "cpu_s_all": [t["cpu_s"] for t in measured], "wall_s_all": [t["wall_s"] for t in measured],
-        "wrong": sum(int(t["wrong"]) for t in measured),
-        "errors": sum(int(t["errors"]) for t in measured), "error_kinds": sorted({k for t in measured for k in t["kinds"]}),
-        "client_http_version": times[-1].get("http_version", "HTTP/1.1"),
-    })
+    emit(
+        {
+            "client": args.client,
+            "rows": args.rows,
+            "concurrency": args.concurrency,
+            "cpu_s": best["cpu_s"],
+            "wall_s": best["wall_s"],
+            "cpu_s_all": [t["cpu_s"] for t in measured],
+            "wall_s_all": [t["wall_s"] for t in measured],
+            "wrong": sum(int(t["wrong"]) for t in measured),
+            "errors": sum(int(t["errors"]) for t in measured),
+            "error_kinds": sorted({k for t in measured for k in t["kinds"]}),
+            "client_http_version": times[-1].get("http_version", "HTTP/1.1"),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- the benchmark
 
 
-def _worker(server: TLSBenchServer, client: str, connections: int, rows: int, concurrency: int,
-            warmup: int, repeat: int = 1, tolerate: bool = False) -> dict[str, Any]:
+def _worker(
+    server: TLSBenchServer,
+    client: str,
+    connections: int,
+    rows: int,
+    concurrency: int,
+    warmup: int,
+    repeat: int = 1,
+    tolerate: bool = False,
+) -> dict[str, Any]:
     server.reset()
     before = server.stats()
-    r = run_worker("http2.py", [
-        "client", "--client", client, "--connections", str(connections), "--url", server.url, "--ca", server.certs["ca"],
-        "--rows", str(rows), "--concurrency", str(concurrency), "--warmup", str(warmup), "--repeat", str(repeat),
-        *(["--tolerate-errors"] if tolerate else []),
-    ])
+    r = run_worker(
+        "http2.py",
+        [
+            "client",
+            "--client",
+            client,
+            "--connections",
+            str(connections),
+            "--url",
+            server.url,
+            "--ca",
+            server.certs["ca"],
+            "--rows",
+            str(rows),
+            "--concurrency",
+            str(concurrency),
+            "--warmup",
+            str(warmup),
+            "--repeat",
+            str(repeat),
+            *(["--tolerate-errors"] if tolerate else []),
+        ],
+    )
     after = server.stats()
     expected = warmup + rows * repeat
     r.update(
-        sent=after["requests"], expected=expected, connections=after["connections"], versions=after["http_versions"],
-        max_inflight=after["max_inflight"], server_ms=1000 * (after["cpu_s"] - before["cpu_s"]) / max(1, after["requests"]),
+        sent=after["requests"],
+        expected=expected,
+        connections=after["connections"],
+        versions=after["http_versions"],
+        max_inflight=after["max_inflight"],
+        server_ms=1000 * (after["cpu_s"] - before["cpu_s"]) / max(1, after["requests"]),
     )
     return r
 
@@ -306,7 +381,8 @@ def run(mode: str) -> Section:
     size = SIZES.get(mode, SIZES["default"])
     latency = size["latency"]
     section = Section(
-        "http2", "8. HTTP/2",
+        "http2",
+        "8. HTTP/2",
         "`server.BenchApp` under hypercorn over TLS (self-signed CA from trustme; ALPN h2 + http/1.1) on 127.0.0.1, "
         f"advertising {SERVER_STREAMS} concurrent streams per HTTP/2 connection. (a) efficiency at {latency * 1000:.0f} ms "
         "latency = ideal wall (rows / C x latency) / measured wall, after a warm-up round of C rows; (b) client CPU "
@@ -318,7 +394,7 @@ def run(mode: str) -> Section:
     missing = missing_deps()
     if missing:
         section.notes.append(
-            f"skipped: {', '.join(missing)} not importable (`pip install -e \".[bench]\"` or \".[test]\" installs them)."
+            f'skipped: {", ".join(missing)} not importable (`pip install -e ".[bench]"` or ".[test]" installs them).'
         )
         return section
     versions = []
@@ -350,7 +426,9 @@ def run(mode: str) -> Section:
     return section
 
 
-def _throughput(section: Section, server: TLSBenchServer, size: dict[str, Any], latency: float) -> dict[int, dict[str, Any]]:
+def _throughput(
+    section: Section, server: TLSBenchServer, size: dict[str, Any], latency: float
+) -> dict[int, dict[str, Any]]:
     """Efficiency rows for every client; returns the raw aiohttp baseline per concurrency."""
     bases = {}
     for cfg in size["throughput"]:
@@ -372,8 +450,11 @@ def _eff_row(label: str, r: dict[str, Any], base: dict[str, Any], c: int, latenc
     is_h2 = r["client"] == "httpx2"
     ideal = r["rows"] / c * latency
     return Row(
-        f"C={c}, {r['rows']:,} rows: {label}{suffix} efficiency", round(100 * r["eff"], 1),
-        round(100 * base["eff"], 1), "raw aiohttp HTTP/1.1", "% of ideal",
+        f"C={c}, {r['rows']:,} rows: {label}{suffix} efficiency",
+        round(100 * r["eff"], 1),
+        round(100 * base["eff"], 1),
+        "raw aiohttp HTTP/1.1",
+        "% of ideal",
         goal="helps? (>= 5% above baseline)" if is_h2 else "",
         met=r["eff"] >= base["eff"] * (1 + MEASURABLE) if is_h2 else None,
         note=(
@@ -390,7 +471,9 @@ def _uncapped(section: Section, server: TLSBenchServer, latency: float, base: di
     r = _worker(server, "httpx2", 1, rows, c, warmup=c)
     r["eff"] = rows / c * latency / r["wall_s"]
     _check(section, f"raw httpx HTTP/2, 1 connection C={c} (1,000 streams)", r)
-    section.rows.append(_eff_row("raw httpx HTTP/2, 1 connection", r, base, c, latency, " (server allows 1,000 streams)"))
+    section.rows.append(
+        _eff_row("raw httpx HTTP/2, 1 connection", r, base, c, latency, " (server allows 1,000 streams)")
+    )
     section.notes.append(
         "httpcore announces SETTINGS_MAX_CONCURRENT_STREAMS=100 itself and uses min(server's, 100), and opens no second "
         "connection while one is usable, so one httpx HTTP/2 client never has more than 100 requests in flight to a "
@@ -416,15 +499,20 @@ def _goaway(section: Section, server: TLSBenchServer) -> None:
         c = 4 if client == "aiohttp" else 64
         r = _worker(server, client, conns, rows, c, warmup=0, tolerate=True)
         lost = r["sent"] - (rows - r["errors"])
-        section.rows.append(Row(
-            f"server drops each connection after 1,000 requests: {label}, C={c}: failed requests", r["errors"], 0,
-            "none expected", f"of {rows:,}",
-            note=(
-                f"**{r['connections']} TCP connection(s)** ({_versions(r)}); {r['sent']:,} requests reached the server, "
-                f"{lost:,} of them run by the app but never answered; "
-                + ("; ".join(r["error_kinds"]) or "no errors")
-            ),
-        ))
+        section.rows.append(
+            Row(
+                f"server drops each connection after 1,000 requests: {label}, C={c}: failed requests",
+                r["errors"],
+                0,
+                "none expected",
+                f"of {rows:,}",
+                note=(
+                    f"**{r['connections']} TCP connection(s)** ({_versions(r)}); {r['sent']:,} requests reached the server, "
+                    f"{lost:,} of them run by the app but never answered; "
+                    + ("; ".join(r["error_kinds"]) or "no errors")
+                ),
+            )
+        )
     section.notes.append(
         "Connection drops: hypercorn's max-requests close over HTTP/2 is a GOAWAY after which it sends nothing, so "
         "the failures are as much the server's as httpx's (httpcore does not retry streams either: "
@@ -446,16 +534,22 @@ def _cpu(section: Section, server: TLSBenchServer, size: dict[str, Any]) -> None
     base = found[CLIENTS[0][0]]["ms"]
     for label, r in found.items():
         is_h2 = r["client"] == "httpx2"
-        section.rows.append(Row(
-            f"latency 0, C={c}: {label} CPU per request", round(r["ms"], 4), round(base, 4), "raw aiohttp HTTP/1.1", "ms",
-            goal="helps? (>= 5% below baseline)" if is_h2 else "",
-            met=r["ms"] <= base * (1 - MEASURABLE) if is_h2 else None,
-            note=(
-                f"wall {r['wall_s']:.2f}s ({size['rows'] / r['wall_s']:,.0f} req/s); batches "
-                f"{', '.join(f'{x:.2f}' for x in r['cpu_s_all'])} CPU s; **{r['connections']} TCP connection(s)** "
-                f"({_versions(r)}); server {r['server_ms']:.3f} ms CPU/req"
-            ),
-        ))
+        section.rows.append(
+            Row(
+                f"latency 0, C={c}: {label} CPU per request",
+                round(r["ms"], 4),
+                round(base, 4),
+                "raw aiohttp HTTP/1.1",
+                "ms",
+                goal="helps? (>= 5% below baseline)" if is_h2 else "",
+                met=r["ms"] <= base * (1 - MEASURABLE) if is_h2 else None,
+                note=(
+                    f"wall {r['wall_s']:.2f}s ({size['rows'] / r['wall_s']:,.0f} req/s); batches "
+                    f"{', '.join(f'{x:.2f}' for x in r['cpu_s_all'])} CPU s; **{r['connections']} TCP connection(s)** "
+                    f"({_versions(r)}); server {r['server_ms']:.3f} ms CPU/req"
+                ),
+            )
+        )
 
 
 # --------------------------------------------------------------------------- main
@@ -470,8 +564,13 @@ def main() -> None:
     s.add_argument("--certfile", required=True)
     s.add_argument("--keyfile", required=True)
     s.add_argument("--max-streams", type=int, default=SERVER_STREAMS)
-    s.add_argument("--max-requests", type=int, default=10**9, help="requests per connection before it is closed "
-                   "(HTTP/2: a graceful GOAWAY); hypercorn's own default is 1,000")
+    s.add_argument(
+        "--max-requests",
+        type=int,
+        default=10**9,
+        help="requests per connection before it is closed "
+        "(HTTP/2: a graceful GOAWAY); hypercorn's own default is 1,000",
+    )
     c = sub.add_parser("client", help="one client worker; prints one JSON line")
     c.add_argument("--client", choices=["aiohttp", "httpx1", "httpx2"], required=True)
     c.add_argument("--connections", type=int, default=1, help="httpx: this many AsyncClients (HTTP/2: connections)")

@@ -109,7 +109,13 @@ def _gemframe(url: str, texts: list[str], paths: list[str], counters: Counters) 
     import gemframe._core.payload as payload
 
     client = gf.Client(
-        "google", api_key=API_KEY, base_url=url, model=MODEL, concurrency=CONCURRENCY, cache="off", progress=False,
+        "google",
+        api_key=API_KEY,
+        base_url=url,
+        model=MODEL,
+        concurrency=CONCURRENCY,
+        cache="off",
+        progress=False,
     )
     frame = pl.DataFrame({"prompt": texts, "image": paths})
     with timed() as t:
@@ -141,9 +147,17 @@ async def _aiohttp(url: str, texts: list[str], paths: list[str]) -> dict[str, An
 
         async def one(text: str, path: str) -> str:
             async with slots:
-                body = {"contents": [{"role": "user", "parts": [
-                    {"text": text}, {"inlineData": {"mimeType": "image/png", "data": inline(path)}},
-                ]}]}
+                body = {
+                    "contents": [
+                        {
+                            "role": "user",
+                            "parts": [
+                                {"text": text},
+                                {"inlineData": {"mimeType": "image/png", "data": inline(path)}},
+                            ],
+                        }
+                    ]
+                }
                 content = json.dumps(body, separators=(",", ":")).encode()
                 async with session.post(target, data=content) as response:
                     answer = json.loads(await response.read())
@@ -176,7 +190,8 @@ def main() -> None:
 def run(mode: str) -> Section:
     size = SIZES.get(mode, SIZES["default"])
     section = Section(
-        "images", "6. Images",
+        "images",
+        "6. Images",
         f"concurrency {CONCURRENCY}, cache off, server latency 0; random-noise PNGs; every row its own prompt. "
         "Baseline: raw aiohttp that reads + base64-encodes each distinct file once and posts the same JSON.",
     )
@@ -190,7 +205,9 @@ def run(mode: str) -> Section:
         write_images(distinct, noise_png(DISTINCT_BYTES, 1), size["distinct_rows"])
         write_images(large, big_png, size["large_rows"])
         shared_mb = os.path.getsize(shared) / 1e6
-        distinct_kb = sum(os.path.getsize(os.path.join(distinct, f)) for f in os.listdir(distinct)) / size["distinct_rows"] / 1e3
+        distinct_kb = (
+            sum(os.path.getsize(os.path.join(distinct, f)) for f in os.listdir(distinct)) / size["distinct_rows"] / 1e3
+        )
         cases = [("shared", shared, size["shared_rows"]), ("distinct", distinct, size["distinct_rows"])]
         if size["large_rows"]:
             cases.append(("large", large, size["large_rows"]))
@@ -198,7 +215,9 @@ def run(mode: str) -> Section:
             found = {}
             for client in ("aiohttp", "gemframe"):
                 server.reset()
-                r = run_worker("images.py", ["--client", client, "--url", server.url, "--images", images, "--rows", str(rows)])
+                r = run_worker(
+                    "images.py", ["--client", client, "--url", server.url, "--images", images, "--rows", str(rows)]
+                )
                 stats = server.stats()
                 r["requests"], r["mb_in"] = stats["requests"], stats["bytes_in"] / 1e6
                 if r["wrong"] or r["errors"] or r["requests"] != rows:
@@ -208,26 +227,42 @@ def run(mode: str) -> Section:
                 found[client] = r
             gf, base = found["gemframe"], found["aiohttp"]
             if case == "large":
-                section.rows.append(Row(
-                    f"{rows:,} rows, distinct {shared_mb:.1f} MB images: peak RSS", gf["peak_rss_mb"], base["peak_rss_mb"],
-                    "raw aiohttp", "MiB", goal="(bench) <= 2x baseline", met=gf["peak_rss_mb"] <= 2 * base["peak_rss_mb"],
-                    note=f"time per row {1000 * gf['wall_s'] / rows:.1f} ms vs baseline {1000 * base['wall_s'] / rows:.1f} ms; "
-                    f"server received {gf['mb_in']:,.0f} MB",
-                ))
+                section.rows.append(
+                    Row(
+                        f"{rows:,} rows, distinct {shared_mb:.1f} MB images: peak RSS",
+                        gf["peak_rss_mb"],
+                        base["peak_rss_mb"],
+                        "raw aiohttp",
+                        "MiB",
+                        goal="(bench) <= 2x baseline",
+                        met=gf["peak_rss_mb"] <= 2 * base["peak_rss_mb"],
+                        note=f"time per row {1000 * gf['wall_s'] / rows:.1f} ms vs baseline {1000 * base['wall_s'] / rows:.1f} ms; "
+                        f"server received {gf['mb_in']:,.0f} MB",
+                    )
+                )
                 continue
-            what = f"{rows:,} rows, one {shared_mb:.1f} MB image" if case == "shared" else f"{rows:,} rows, distinct ~{distinct_kb:.0f} kB images"
-            section.rows.append(Row(
-                f"{what}: time per row", round(1000 * gf["wall_s"] / rows, 3), round(1000 * base["wall_s"] / rows, 3),
-                "raw aiohttp", "ms",
-                goal="file read+encoded once" if case == "shared" else "",
-                met=(gf["encodes"] == 1 and gf["opens"] <= 1) if case == "shared" else None,
-                note=(
-                    f"gemframe: {gf['opens']} file opens, {gf['encodes']} encodes"
-                    + (f", _inline_file misses {gf['lru_misses']}" if gf.get("lru_misses") is not None else "")
-                    + f"; peak RSS {gf['peak_rss_mb']:.0f} MiB vs baseline {base['peak_rss_mb']:.0f} MiB; "
-                    f"server received {gf['mb_in']:,.0f} MB"
-                ),
-            ))
+            what = (
+                f"{rows:,} rows, one {shared_mb:.1f} MB image"
+                if case == "shared"
+                else f"{rows:,} rows, distinct ~{distinct_kb:.0f} kB images"
+            )
+            section.rows.append(
+                Row(
+                    f"{what}: time per row",
+                    round(1000 * gf["wall_s"] / rows, 3),
+                    round(1000 * base["wall_s"] / rows, 3),
+                    "raw aiohttp",
+                    "ms",
+                    goal="file read+encoded once" if case == "shared" else "",
+                    met=(gf["encodes"] == 1 and gf["opens"] <= 1) if case == "shared" else None,
+                    note=(
+                        f"gemframe: {gf['opens']} file opens, {gf['encodes']} encodes"
+                        + (f", _inline_file misses {gf['lru_misses']}" if gf.get("lru_misses") is not None else "")
+                        + f"; peak RSS {gf['peak_rss_mb']:.0f} MiB vs baseline {base['peak_rss_mb']:.0f} MiB; "
+                        f"server received {gf['mb_in']:,.0f} MB"
+                    ),
+                )
+            )
     return section
 
 

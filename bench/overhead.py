@@ -23,7 +23,8 @@ def run(mode: str) -> Section:
     size = SIZES.get(mode, SIZES["default"])
     rows, concurrency = size["rows"], 64
     section = Section(
-        "overhead", "2. Client overhead",
+        "overhead",
+        "2. Client overhead",
         f"{rows:,} rows, server latency 0, concurrency {concurrency}; CPU time of the client process "
         f"(all threads) per request, best of {size['rounds'] * size['repeat']} batch(es) ({size['rounds']} round(s) of "
         f"fresh processes, clients interleaved, {size['repeat']} batch(es) each after a {size['warmup']}-row warm-up). "
@@ -42,10 +43,25 @@ def run(mode: str) -> Section:
                 if client == "httpx" and round_:
                     continue  # ~17x slower: one batch says enough
                 before = server.stats()
-                r = run_worker("clients.py", [
-                    "--client", client, "--url", server.url, "--rows", str(rows), "--concurrency", str(concurrency),
-                    "--cache", cache, "--warmup", str(size["warmup"]), "--repeat", str(repeat),
-                ])
+                r = run_worker(
+                    "clients.py",
+                    [
+                        "--client",
+                        client,
+                        "--url",
+                        server.url,
+                        "--rows",
+                        str(rows),
+                        "--concurrency",
+                        str(concurrency),
+                        "--cache",
+                        cache,
+                        "--warmup",
+                        str(size["warmup"]),
+                        "--repeat",
+                        str(repeat),
+                    ],
+                )
                 after = server.stats()
                 sent = after["requests"] - before["requests"]
                 expected = size["warmup"] + rows * repeat
@@ -61,13 +77,21 @@ def run(mode: str) -> Section:
     base = results["aiohttp"]["ms"]
     for name, r in results.items():
         is_gf = name == "gemframe cache=off"
-        section.rows.append(Row(
-            f"{name}: CPU per request", round(r["ms"], 4), round(base, 4), "raw aiohttp", "ms",
-            goal=f"<= {GOAL}x" if is_gf else "", met=(r["ms"] / base <= GOAL) if is_gf else None,
-            note=f"wall {r['wall_s']:.2f}s ({rows / r['wall_s']:,.0f} req/s); batches {', '.join(f'{c:.2f}' for c in r['cpu_s_all'])} CPU s",
-        ))
+        section.rows.append(
+            Row(
+                f"{name}: CPU per request",
+                round(r["ms"], 4),
+                round(base, 4),
+                "raw aiohttp",
+                "ms",
+                goal=f"<= {GOAL}x" if is_gf else "",
+                met=(r["ms"] / base <= GOAL) if is_gf else None,
+                note=f"wall {r['wall_s']:.2f}s ({rows / r['wall_s']:,.0f} req/s); batches {', '.join(f'{c:.2f}' for c in r['cpu_s_all'])} CPU s",
+            )
+        )
     section.notes.append(
         "Server CPU per request (its own process, not counted above): "
-        + ", ".join(f"{n} {r['server_ms']:.3f} ms" for n, r in results.items()) + "."
+        + ", ".join(f"{n} {r['server_ms']:.3f} ms" for n, r in results.items())
+        + "."
     )
     return section

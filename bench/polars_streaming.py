@@ -44,11 +44,18 @@ def _floor_expr() -> Any:
     schema = dtype.to_schema()
 
     def answer(columns: list[pl.Series]) -> pl.Series:
-        frame = pl.DataFrame({"prompt": columns[0]}).with_columns(
-            *(pl.lit(None, dtype=dt).alias(name) for name, dt in schema.items()),
-        ).with_columns(
-            text=pl.lit("echo: ") + pl.col("prompt"), finish_reason=pl.lit("STOP"), total_tokens=pl.lit(11, pl.Int64),
-            cached=pl.lit(True), attempts=pl.lit(0, pl.Int32),
+        frame = (
+            pl.DataFrame({"prompt": columns[0]})
+            .with_columns(
+                *(pl.lit(None, dtype=dt).alias(name) for name, dt in schema.items()),
+            )
+            .with_columns(
+                text=pl.lit("echo: ") + pl.col("prompt"),
+                finish_reason=pl.lit("STOP"),
+                total_tokens=pl.lit(11, pl.Int64),
+                cached=pl.lit(True),
+                attempts=pl.lit(0, pl.Int32),
+            )
         )
         return frame.select(list(schema)).to_struct("reply")
 
@@ -82,8 +89,14 @@ def _worker(args: argparse.Namespace) -> None:
             return super().send(rows, **kwargs)
 
     client = CountingClient(
-        "google", api_key=API_KEY, base_url=args.url, model=MODEL, concurrency=64, cache="use",
-        cache_dir=args.cache_dir, progress=False,
+        "google",
+        api_key=API_KEY,
+        base_url=args.url,
+        model=MODEL,
+        concurrency=64,
+        cache="use",
+        cache_dir=args.cache_dir,
+        progress=False,
     )
     expr = gf.generate("prompt", client=client)
     with timed() as t:
@@ -99,11 +112,16 @@ def _worker(args: argparse.Namespace) -> None:
 def check(path: str, rows: int) -> str:
     import polars as pl
 
-    out = pl.scan_parquet(path).select(
-        pl.len().alias("n"),
-        (pl.col("id") == pl.int_range(pl.len())).all().alias("ordered"),
-        (pl.col("reply").struct.field("text") == ("echo: " + pl.col("prompt"))).all().alias("echo"),
-    ).collect().row(0, named=True)
+    out = (
+        pl.scan_parquet(path)
+        .select(
+            pl.len().alias("n"),
+            (pl.col("id") == pl.int_range(pl.len())).all().alias("ordered"),
+            (pl.col("reply").struct.field("text") == ("echo: " + pl.col("prompt"))).all().alias("echo"),
+        )
+        .collect()
+        .row(0, named=True)
+    )
     problems = [f"{out['n']} rows out of {rows}"] if out["n"] != rows else []
     problems += ["ids out of order"] if not out["ordered"] else []
     problems += ["answers do not match prompts"] if not out["echo"] else []
@@ -112,14 +130,14 @@ def check(path: str, rows: int) -> str:
 
 def run(mode: str) -> Section:
     import polars as pl
-
     from cached import fill
 
     rows = SIZES.get(mode, SIZES["default"])
     small = rows // 4
     group = max(1, rows // 10)
     section = Section(
-        "streaming", "7. Polars streaming engine",
+        "streaming",
+        "7. Polars streaming engine",
         f"`scan_parquet().with_columns(gf.generate()).sink_parquet()` (lazy) vs `read_parquet().with_columns()"
         f".write_parquet()` (eager), each in its own process, peak RSS. polars' streaming engine hands an elementwise "
         f"`map_batches` one morsel per parquet row group, so the lazy path runs both on the file as polars writes it by "
@@ -156,10 +174,22 @@ def run(mode: str) -> Section:
                 if not floor:
                     shutil.copytree(template, cache_dir)
                 server.reset()
-                r = run_worker("polars_streaming.py", [
-                    "--path", path, "--input", source, "--output", target, "--cache-dir", cache_dir, "--url", server.url,
-                    *(["--floor"] if floor else []),
-                ])
+                r = run_worker(
+                    "polars_streaming.py",
+                    [
+                        "--path",
+                        path,
+                        "--input",
+                        source,
+                        "--output",
+                        target,
+                        "--cache-dir",
+                        cache_dir,
+                        "--url",
+                        server.url,
+                        *(["--floor"] if floor else []),
+                    ],
+                )
                 r.update(requests=server.stats()["requests"], problem=check(target, n), rows=n)
                 best = found.get(key)
                 if best is None or (not best["problem"] and (r["problem"] or r["peak_rss_mb"] < best["peak_rss_mb"])):
@@ -170,30 +200,63 @@ def run(mode: str) -> Section:
     def details(r: dict[str, Any]) -> str:
         return (
             f"{r['wall_s']:.1f}s ({r['rows'] / r['wall_s']:,.0f} rows/s); expression called {r['batches']} time(s), "
-            f"largest batch {r['max_batch']:,} rows; {r['requests']:,} requests; " + (r["problem"] or "rows, order and answers exact")
+            f"largest batch {r['max_batch']:,} rows; {r['requests']:,} requests; "
+            + (r["problem"] or "rows, order and answers exact")
         )
 
     section.rows += [
-        Row(f"eager, {rows:,} rows: peak RSS", found["eager"]["peak_rss_mb"], found["floor-eager"]["peak_rss_mb"],
-            "polars-only floor, eager", "MiB", note=details(found["eager"])),
-        Row(f"lazy, default row groups, {rows:,} rows: peak RSS", found["lazy"]["peak_rss_mb"], found["eager"]["peak_rss_mb"],
-            "gemframe eager", "MiB", goal=f"< eager and < {GOAL_MIB} MiB",
-            met=found["lazy"]["peak_rss_mb"] < min(found["eager"]["peak_rss_mb"], GOAL_MIB) and not found["lazy"]["problem"],
-            note=details(found["lazy"])),
-        Row(f"lazy, {group:,}-row groups, {rows:,} rows: peak RSS", found["lazy-big"]["peak_rss_mb"], found["floor-big"]["peak_rss_mb"],
-            "polars-only floor, same file", "MiB", goal=f"< eager and < {GOAL_MIB} MiB",
-            met=found["lazy-big"]["peak_rss_mb"] < min(found["eager"]["peak_rss_mb"], GOAL_MIB) and not found["lazy-big"]["problem"],
-            note=details(found["lazy-big"])),
-        Row(f"lazy, {group:,}-row groups, {small:,} rows: peak RSS", found["lazy-small"]["peak_rss_mb"], found["floor-small"]["peak_rss_mb"],
-            "polars-only floor, same file", "MiB", note=details(found["lazy-small"])),
+        Row(
+            f"eager, {rows:,} rows: peak RSS",
+            found["eager"]["peak_rss_mb"],
+            found["floor-eager"]["peak_rss_mb"],
+            "polars-only floor, eager",
+            "MiB",
+            note=details(found["eager"]),
+        ),
+        Row(
+            f"lazy, default row groups, {rows:,} rows: peak RSS",
+            found["lazy"]["peak_rss_mb"],
+            found["eager"]["peak_rss_mb"],
+            "gemframe eager",
+            "MiB",
+            goal=f"< eager and < {GOAL_MIB} MiB",
+            met=found["lazy"]["peak_rss_mb"] < min(found["eager"]["peak_rss_mb"], GOAL_MIB)
+            and not found["lazy"]["problem"],
+            note=details(found["lazy"]),
+        ),
+        Row(
+            f"lazy, {group:,}-row groups, {rows:,} rows: peak RSS",
+            found["lazy-big"]["peak_rss_mb"],
+            found["floor-big"]["peak_rss_mb"],
+            "polars-only floor, same file",
+            "MiB",
+            goal=f"< eager and < {GOAL_MIB} MiB",
+            met=found["lazy-big"]["peak_rss_mb"] < min(found["eager"]["peak_rss_mb"], GOAL_MIB)
+            and not found["lazy-big"]["problem"],
+            note=details(found["lazy-big"]),
+        ),
+        Row(
+            f"lazy, {group:,}-row groups, {small:,} rows: peak RSS",
+            found["lazy-small"]["peak_rss_mb"],
+            found["floor-small"]["peak_rss_mb"],
+            "polars-only floor, same file",
+            "MiB",
+            note=details(found["lazy-small"]),
+        ),
     ]
     growth = found["lazy-big"]["peak_rss_mb"] / found["lazy-small"]["peak_rss_mb"]
     floor_growth = found["floor-big"]["peak_rss_mb"] / found["floor-small"]["peak_rss_mb"]
-    section.rows.append(Row(
-        f"lazy growth, {small:,} -> {rows:,} rows ({group:,}-row groups)", round(growth, 3), round(floor_growth, 3),
-        "polars-only floor's growth", "x", goal="<= 1.25x, or no more than the floor's",
-        met=growth <= max(1.25, floor_growth),
-    ))
+    section.rows.append(
+        Row(
+            f"lazy growth, {small:,} -> {rows:,} rows ({group:,}-row groups)",
+            round(growth, 3),
+            round(floor_growth, 3),
+            "polars-only floor's growth",
+            "x",
+            goal="<= 1.25x, or no more than the floor's",
+            met=growth <= max(1.25, floor_growth),
+        )
+    )
     section.notes.append(
         "gemframe answers each batch polars hands it as a whole (a Python dict per row, then one Series), "
         "so its memory follows the batch size, which polars takes from the parquet row groups; the floor shows "

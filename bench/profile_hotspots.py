@@ -25,17 +25,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, BenchServer, machine, run_worker  # noqa: E402
-from _profiles import summary  # noqa: E402
+from _common import BENCH, BenchServer, machine, run_worker
+from _profiles import summary
 
 
 def section(title: str, path: Path, note: str) -> list[str]:
     data = summary(str(path), 25)
     total = data["total"][0][1]
-    lines = [f"## {title}", "", note, "", f"Profiled total: {total:.2f} s.", "",
-             "| package | self CPU s | share |", "|---|---|---|"]
+    lines = [
+        f"## {title}",
+        "",
+        note,
+        "",
+        f"Profiled total: {total:.2f} s.",
+        "",
+        "| package | self CPU s | share |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {sec:.3f} | {sec / total:.1%} |" for name, sec in data["by_package"][:12]]
-    lines += ["", "Top gemframe functions by cumulative CPU:", "", "| function | cumulative s | share |", "|---|---|---|"]
+    lines += [
+        "",
+        "Top gemframe functions by cumulative CPU:",
+        "",
+        "| function | cumulative s | share |",
+        "|---|---|---|",
+    ]
     lines += [f"| `{name}` | {sec:.3f} | {sec / total:.1%} |" for name, sec in data["gemframe"][:20]]
     lines += ["", "Top functions by self CPU (any package):", "", "| function | self s | share |", "|---|---|---|"]
     lines += [f"| `{name}` | {sec:.3f} | {sec / total:.1%} |" for name, sec in data["self"][:20]]
@@ -51,20 +65,37 @@ def main() -> None:
     out_dir = BENCH / "profiles"
     out_dir.mkdir(exist_ok=True)
     lines = [
-        "# gemframe hot-path profiles", "",
+        "# gemframe hot-path profiles",
+        "",
         f"Produced by `python bench/profile_hotspots.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-        f"({machine()['nproc']} cores, {machine()['python']}).", "",
-        __doc__.split("\n\n", 1)[1].strip(), "",
+        f"({machine()['nproc']} cores, {machine()['python']}).",
+        "",
+        __doc__.split("\n\n", 1)[1].strip(),
+        "",
     ]
     with BenchServer(0.0) as server:
         for cache in ("off", "use"):
             path = out_dir / f"overhead_cache_{cache}.pstats"
-            r = run_worker("clients.py", [
-                "--client", "gemframe", "--url", server.url, "--rows", str(args.rows), "--concurrency", "64",
-                "--cache", cache, "--profile", str(path),
-            ])
+            r = run_worker(
+                "clients.py",
+                [
+                    "--client",
+                    "gemframe",
+                    "--url",
+                    server.url,
+                    "--rows",
+                    str(args.rows),
+                    "--concurrency",
+                    "64",
+                    "--cache",
+                    cache,
+                    "--profile",
+                    str(path),
+                ],
+            )
             lines += section(
-                f"Client overhead, cache={cache}", path,
+                f"Client overhead, cache={cache}",
+                path,
                 f"{args.rows:,} rows at concurrency 64, latency 0 (profiled run: {r['cpu_s']:.2f} CPU s, {r['wall_s']:.2f} s wall).",
             )
         try:
@@ -76,7 +107,8 @@ def main() -> None:
         r = run_worker("cached.py", ["--url", server.url, "--rows", str(args.cached_rows), "--profile", str(path)])
         first = r["runs"][0]
         lines += section(
-            "Cached rerun", path,
+            "Cached rerun",
+            path,
             f"{args.cached_rows:,} cached rows (profiled run: {first['wall_s']:.2f} s; unprofiled second run "
             f"{r['runs'][1]['wall_s']:.2f} s).",
         )

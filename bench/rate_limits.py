@@ -30,10 +30,13 @@ from _common import ROOT, Row, Section, emit, fmt, run_worker
 LATENCY = 0.2
 SIZES = {
     "quick": dict(random_rows=100, limits=[dict(rpm=1200, rows=100, concurrency=16)]),
-    "default": dict(random_rows=500, limits=[
-        dict(rpm=6000, rows=2000, concurrency=64),  # as tests/test_faults.py
-        dict(rpm=600, rows=600, concurrency=16),  # the issue's 10 requests/s, default concurrency
-    ]),
+    "default": dict(
+        random_rows=500,
+        limits=[
+            dict(rpm=6000, rows=2000, concurrency=64),  # as tests/test_faults.py
+            dict(rpm=600, rows=600, concurrency=16),  # the issue's 10 requests/s, default concurrency
+        ],
+    ),
 }
 
 
@@ -45,9 +48,19 @@ def _server(**knobs):
 
 
 def _client(server, rows: int, concurrency: int, *options: str) -> dict:
-    result = run_worker("rate_limits.py", [
-        "--worker", "--url", server.url, "--rows", str(rows), "--concurrency", str(concurrency), *options,
-    ])
+    result = run_worker(
+        "rate_limits.py",
+        [
+            "--worker",
+            "--url",
+            server.url,
+            "--rows",
+            str(rows),
+            "--concurrency",
+            str(concurrency),
+            *options,
+        ],
+    )
     stats = server.stats
     result["requests"] = stats.requests
     result["share_429"] = stats.statuses["429"] / max(stats.requests, 1)
@@ -60,7 +73,8 @@ def _client(server, rows: int, concurrency: int, *options: str) -> dict:
 def run(mode: str) -> Section:
     size = SIZES.get(mode, SIZES["default"])
     section = Section(
-        "rate_limits", "9. Rate limits not told",
+        "rate_limits",
+        "9. Rate limits not told",
         f"server latency {LATENCY * 1000:.0f} ms (tests/fault_server.py on 127.0.0.1, client in its own process). "
         f"Random 429s: {size['random_rows']} rows at C=64, 20% of attempts 429 with retryDelay 1.5 s, same attempts for "
         f"both clients (seed 1). Real limit: a token bucket of R requests/min with 1 s of burst; 429 share and rate "
@@ -73,13 +87,20 @@ def run(mode: str) -> Section:
         found[name] = _client(server, size["random_rows"], 64, *options)
     fixed, default = found["fixed"], found["default"]
     ratio = default["wall_s"] / fixed["wall_s"]
-    section.rows.append(Row(
-        "random 429s: wall time", round(default["wall_s"], 2), round(fixed["wall_s"], 2), "adaptive=False", "s",
-        goal="<= 1.2x", met=ratio <= 1.2,
-        note=f"{fmt(default['share_429'] * 100)}% of {default['requests']} attempts 429 (fixed: {fixed['requests']}); "
-             f"limiter at the end: rate {default['rate']}, background 429 share {default['floor']:.2f}, "
-             f"{default['cuts']} cuts, {default['undone']} undone",
-    ))
+    section.rows.append(
+        Row(
+            "random 429s: wall time",
+            round(default["wall_s"], 2),
+            round(fixed["wall_s"], 2),
+            "adaptive=False",
+            "s",
+            goal="<= 1.2x",
+            met=ratio <= 1.2,
+            note=f"{fmt(default['share_429'] * 100)}% of {default['requests']} attempts 429 (fixed: {fixed['requests']}); "
+            f"limiter at the end: rate {default['rate']}, background 429 share {default['floor']:.2f}, "
+            f"{default['cuts']} cuts, {default['undone']} undone",
+        )
+    )
     # A real limit: the default client not told it, against the same client told it.
     for cfg in size["limits"]:
         rpm, rows, c = cfg["rpm"], cfg["rows"], cfg["concurrency"]
@@ -90,20 +111,33 @@ def run(mode: str) -> Section:
             found[name] = _client(server, rows, c, *options)
         told, default = found["told"], found["default"]
         label = f"limit {rpm:,}/min, {rows:,} rows, C={c}"
-        section.rows.append(Row(
-            f"{label}: sustained rate", round(100 * default["served_per_s"] / rate, 1),
-            round(100 * told["served_per_s"] / rate, 1), f"told rpm={rpm}", "% of the limit",
-            goal=">= 90% of the limit", met=default["served_per_s"] >= 0.9 * rate,
-            ratio=default["served_per_s"] / told["served_per_s"],
-            note=f"{default['served_per_s']:.2f} vs {told['served_per_s']:.2f} requests/s; wall {default['wall_s']:.1f} s vs "
-                 f"{told['wall_s']:.1f} s; {default['cuts']} cuts, {default['undone']} undone",
-        ))
-        section.rows.append(Row(
-            f"{label}: attempts answered 429", round(100 * default["share_429"], 2),
-            round(100 * told["share_429"], 2), f"told rpm={rpm}", "%",
-            goal="<= 5%", met=default["share_429"] <= 0.05, ratio=None,
-            note=f"{round(default['share_429'] * default['requests'])} of {default['requests']} attempts",
-        ))
+        section.rows.append(
+            Row(
+                f"{label}: sustained rate",
+                round(100 * default["served_per_s"] / rate, 1),
+                round(100 * told["served_per_s"] / rate, 1),
+                f"told rpm={rpm}",
+                "% of the limit",
+                goal=">= 90% of the limit",
+                met=default["served_per_s"] >= 0.9 * rate,
+                ratio=default["served_per_s"] / told["served_per_s"],
+                note=f"{default['served_per_s']:.2f} vs {told['served_per_s']:.2f} requests/s; wall {default['wall_s']:.1f} s vs "
+                f"{told['wall_s']:.1f} s; {default['cuts']} cuts, {default['undone']} undone",
+            )
+        )
+        section.rows.append(
+            Row(
+                f"{label}: attempts answered 429",
+                round(100 * default["share_429"], 2),
+                round(100 * told["share_429"], 2),
+                f"told rpm={rpm}",
+                "%",
+                goal="<= 5%",
+                met=default["share_429"] <= 0.05,
+                ratio=None,
+                note=f"{round(default['share_429'] * default['requests'])} of {default['requests']} attempts",
+            )
+        )
     section.notes.append(
         "Before this change (issue 'Trust at the edges'): 88-98 s for the random-429 job against 6.6-7.7 s with "
         "adaptive=False (13-15x), and 34-39% of all attempts answered 429 against a 10 requests/s limit."
@@ -118,9 +152,10 @@ def worker(args: argparse.Namespace) -> None:
     import gemframe as gf
 
     options = dict(concurrency=args.concurrency, adaptive=not args.fixed, rpm=args.rpm, progress=False, timeout=30)
-    with tempfile.TemporaryDirectory() as cache, gf.Client(
-        "google", api_key="bench", base_url=args.url, cache_dir=cache, **options
-    ) as client:
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        gf.Client("google", api_key="bench", base_url=args.url, cache_dir=cache, **options) as client,
+    ):
         frame = pl.DataFrame({"prompt": [f"rate limit prompt {i}" for i in range(args.rows)]})
         start = time.perf_counter()
         out = frame.with_columns(reply=gf.generate("prompt", client=client)).unnest("reply")
@@ -128,7 +163,12 @@ def worker(args: argparse.Namespace) -> None:
         adaptive = client.executor.limiter.adaptive
         state = dict(rate=None, floor=0.0, cuts=0, undone=0)
         if adaptive is not None:
-            state = dict(rate=adaptive.rate and round(adaptive.rate, 1), floor=adaptive.floor, cuts=adaptive.cuts, undone=adaptive.undone)
+            state = dict(
+                rate=adaptive.rate and round(adaptive.rate, 1),
+                floor=adaptive.floor,
+                cuts=adaptive.cuts,
+                undone=adaptive.undone,
+            )
     emit(dict(wall_s=wall, errors=int(out["error"].is_not_null().sum()), **state))
 
 
@@ -147,8 +187,10 @@ def main() -> None:
         return
     section = run("quick" if args.quick else "default")
     for row in section.rows:
-        print(f"{row.metric}: {fmt(row.value)} {row.unit} (baseline {fmt(row.baseline)}, ratio {fmt(row.ratio)}, "
-              f"goal {row.goal}, met {fmt(row.met)}) {row.note}")
+        print(
+            f"{row.metric}: {fmt(row.value)} {row.unit} (baseline {fmt(row.baseline)}, ratio {fmt(row.ratio)}, "
+            f"goal {row.goal}, met {fmt(row.met)}) {row.note}"
+        )
 
 
 if __name__ == "__main__":

@@ -21,13 +21,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, Section, fmt, machine  # noqa: E402
+from _common import BENCH, Section, fmt, machine
 
 MODULES = ["overhead", "throughput", "cached", "memory", "images", "streaming", "http2", "rate_limits", "url_images"]
 TITLES = {
-    "overhead": "2. Client overhead", "throughput": "3. Latency-bound throughput", "cached": "4. Cached rerun",
-    "memory": "5. Streaming memory (`gemframe run`)", "images": "6. Images", "streaming": "7. Polars streaming engine",
-    "http2": "8. HTTP/2", "rate_limits": "9. Rate limits not told", "url_images": "10. Image URLs",
+    "overhead": "2. Client overhead",
+    "throughput": "3. Latency-bound throughput",
+    "cached": "4. Cached rerun",
+    "memory": "5. Streaming memory (`gemframe run`)",
+    "images": "6. Images",
+    "streaming": "7. Polars streaming engine",
+    "http2": "8. HTTP/2",
+    "rate_limits": "9. Rate limits not told",
+    "url_images": "10. Image URLs",
 }
 _MODULE_FILES = {"streaming": "polars_streaming"}
 
@@ -54,8 +60,15 @@ def render(sections: list[Section], mode: str, command: str, total_s: float, loa
         "goals are those of issue 6. The server is `bench/server.py` (a raw ASGI app under uvicorn, in its own "
         "process, on 127.0.0.1) answering a small generateContent JSON after a configurable latency.",
         "",
-        *(["**Quick sizes**: a smoke test that the suite runs; at these sizes start-up dominates and the goals "
-           "are not meaningful.", ""] if mode == "quick" else []),
+        *(
+            [
+                "**Quick sizes**: a smoke test that the suite runs; at these sizes start-up dominates and the goals "
+                "are not meaningful.",
+                "",
+            ]
+            if mode == "quick"
+            else []
+        ),
         "| machine | |",
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in info.items()),
@@ -107,16 +120,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test of the suite)")
-    size.add_argument("--full", action="store_true", help="the memory benchmark at 100k and 1M rows (~10 extra minutes)")
+    size.add_argument(
+        "--full", action="store_true", help="the memory benchmark at 100k and 1M rows (~10 extra minutes)"
+    )
     parser.add_argument("--only", nargs="+", choices=MODULES, help="run only these benchmarks")
-    parser.add_argument("--out", help="where to write the results (default: bench/RESULTS.md; "
-                        "bench/RESULTS_quick.md with --quick, so a smoke run never overwrites the real results)")
+    parser.add_argument(
+        "--out",
+        help="where to write the results (default: bench/RESULTS.md; "
+        "bench/RESULTS_quick.md with --quick, so a smoke run never overwrites the real results)",
+    )
     args = parser.parse_args()
     mode = "quick" if args.quick else "full" if args.full else "default"
     args.out = args.out or str(BENCH / ("RESULTS_quick.md" if args.quick else "RESULTS.md"))
-    command = "python bench/run_all.py" + "".join(
-        f" {a}" for a in sys.argv[1:]
-    )
+    command = "python bench/run_all.py" + "".join(f" {a}" for a in sys.argv[1:])
     start = time.perf_counter()
     load_start = _load()
     sections = []
@@ -124,8 +140,13 @@ def main() -> int:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         section = run_section(name, mode)
         sections.append(section)
-        status = "FAILED" if section.error else ", ".join(
-            f"{r.metric}: {fmt(r.value)} {r.unit}" + (f" ({fmt(r.ratio)}x)" if r.ratio is not None else "") for r in section.rows
+        status = (
+            "FAILED"
+            if section.error
+            else ", ".join(
+                f"{r.metric}: {fmt(r.value)} {r.unit}" + (f" ({fmt(r.ratio)}x)" if r.ratio is not None else "")
+                for r in section.rows
+            )
         )
         print(f"[bench] {name} done in {section.seconds:.0f}s: {status}", file=sys.stderr, flush=True)
         if section.error:

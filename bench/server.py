@@ -57,10 +57,17 @@ class BenchApp:
             await self._generate(receive, send)
         elif path == "/stats":
             s = self.stats
-            await _json(send, 200, {
-                "requests": s.requests, "bytes_in": s.bytes_in, "max_inflight": s.max_inflight,
-                "cpu_s": time.process_time(), "latency": self.latency,
-            })
+            await _json(
+                send,
+                200,
+                {
+                    "requests": s.requests,
+                    "bytes_in": s.bytes_in,
+                    "max_inflight": s.max_inflight,
+                    "cpu_s": time.process_time(),
+                    "latency": self.latency,
+                },
+            )
         elif method == "POST" and path == "/reset":
             self.stats = Stats()
             await _json(send, 200, {"ok": True})
@@ -91,14 +98,20 @@ class BenchApp:
             prompt = b""
             if start >= 0:  # prompts in the benchmarks have no escaped quotes
                 start += len(_TEXT_MARK)
-                prompt = body[start:body.find(b'"', start)]
+                prompt = body[start : body.find(b'"', start)]
             words = prompt.count(b" ") + 1
             answer = (
-                b'{"candidates":[{"content":{"role":"model","parts":[{"text":"echo: ' + prompt
+                b'{"candidates":[{"content":{"role":"model","parts":[{"text":"echo: '
+                + prompt
                 + b'"}]},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":'
-                + str(words).encode() + b',"candidatesTokenCount":' + str(words + 1).encode()
-                + b',"totalTokenCount":' + str(2 * words + 1).encode()
-                + b'},"modelVersion":"bench-server","responseId":"r' + str(stats.requests).encode() + b'"}'
+                + str(words).encode()
+                + b',"candidatesTokenCount":'
+                + str(words + 1).encode()
+                + b',"totalTokenCount":'
+                + str(2 * words + 1).encode()
+                + b'},"modelVersion":"bench-server","responseId":"r'
+                + str(stats.requests).encode()
+                + b'"}'
             )
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             await send({"type": "http.response.body", "body": answer})
@@ -120,8 +133,13 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args()
     uvicorn.run(
-        BenchApp(args.latency), host=args.host, port=args.port, access_log=False,
-        log_level="warning", backlog=4096, timeout_keep_alive=60,
+        BenchApp(args.latency),
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
+        timeout_keep_alive=60,
     )
 
 

@@ -26,7 +26,8 @@ def run(mode: str) -> Section:
     configs = SIZES.get(mode, SIZES["default"])
     latency = 0.05 if mode == "quick" else LATENCY
     section = Section(
-        "throughput", "3. Latency-bound throughput",
+        "throughput",
+        "3. Latency-bound throughput",
         f"server latency {latency * 1000:.0f} ms; efficiency = ideal wall (rows / concurrency x latency) / measured wall; "
         "one warm-up round first.",
     )
@@ -37,14 +38,28 @@ def run(mode: str) -> Section:
             for client in ("aiohttp", "httpx", "gemframe"):
                 rows = cfg["httpx_rows"] if client == "httpx" else cfg["rows"]
                 before = server.stats()
-                r = run_worker("clients.py", [
-                    "--client", client, "--url", server.url, "--rows", str(rows), "--concurrency", str(c),
-                    "--warmup", str(c),
-                ])
+                r = run_worker(
+                    "clients.py",
+                    [
+                        "--client",
+                        client,
+                        "--url",
+                        server.url,
+                        "--rows",
+                        str(rows),
+                        "--concurrency",
+                        str(c),
+                        "--warmup",
+                        str(c),
+                    ],
+                )
                 after = server.stats()
                 ideal = rows / c * latency
                 r.update(
-                    rows=rows, ideal=ideal, eff=ideal / r["wall_s"], max_inflight=after["max_inflight"],
+                    rows=rows,
+                    ideal=ideal,
+                    eff=ideal / r["wall_s"],
+                    max_inflight=after["max_inflight"],
                     server_cpu=after["cpu_s"] - before["cpu_s"],
                 )
                 server.reset()
@@ -54,16 +69,21 @@ def run(mode: str) -> Section:
             base = found["aiohttp"]
             for client, r in found.items():
                 is_gf = client == "gemframe"
-                section.rows.append(Row(
-                    f"C={c}, {r['rows']:,} rows: {client} efficiency", round(100 * r["eff"], 1),
-                    round(100 * base["eff"], 1), "raw aiohttp", "% of ideal",
-                    goal=f">= {cfg['goal']:.0%} of ideal" if is_gf else "",
-                    met=r["eff"] >= cfg["goal"] if is_gf else None,
-                    note=(
-                        f"wall {r['wall_s']:.2f}s vs ideal {r['ideal']:.2f}s; client CPU {1000 * r['cpu_s'] / r['rows']:.2f} ms/req; "
-                        f"server saw {r['max_inflight']} in flight, used {r['server_cpu']:.1f} CPU s"
-                    ),
-                ))
+                section.rows.append(
+                    Row(
+                        f"C={c}, {r['rows']:,} rows: {client} efficiency",
+                        round(100 * r["eff"], 1),
+                        round(100 * base["eff"], 1),
+                        "raw aiohttp",
+                        "% of ideal",
+                        goal=f">= {cfg['goal']:.0%} of ideal" if is_gf else "",
+                        met=r["eff"] >= cfg["goal"] if is_gf else None,
+                        note=(
+                            f"wall {r['wall_s']:.2f}s vs ideal {r['ideal']:.2f}s; client CPU {1000 * r['cpu_s'] / r['rows']:.2f} ms/req; "
+                            f"server saw {r['max_inflight']} in flight, used {r['server_cpu']:.1f} CPU s"
+                        ),
+                    )
+                )
     section.notes.append(
         "On this 2-core machine the server (another process, ~0.2 ms CPU per request) and the client "
         "share the cores: at C=256 and 200 ms that is 1,280 requests/s to answer and to send."

@@ -24,7 +24,7 @@ import time
 import urllib.request
 from typing import Any
 
-from _common import API_KEY, MODEL, PYTHON, BENCH, BenchServer, Row, Section, emit, free_port, run_worker, timed
+from _common import API_KEY, BENCH, MODEL, PYTHON, BenchServer, Row, Section, emit, free_port, run_worker, timed
 
 SIZES = {"quick": dict(rows=256), "default": dict(rows=2000)}
 CONCURRENCY = 64
@@ -68,8 +68,18 @@ class ImageServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [PYTHON, str(BENCH / "url_images.py"), "--serve", directory, "--port", str(self.port), "--latency", str(latency)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                PYTHON,
+                str(BENCH / "url_images.py"),
+                "--serve",
+                directory,
+                "--port",
+                str(self.port),
+                "--latency",
+                str(latency),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 20
         while True:
@@ -104,8 +114,14 @@ def worker(source: str, url: str, images: str, rows: int, cache: str) -> dict[st
     where = [f"{images}/{n}" if source == "urls" else os.path.join(images, n) for n in names]
     texts = [f"describe image row {i}" for i in range(rows)]
     client = gf.Client(
-        "google", api_key=API_KEY, base_url=url, model=MODEL, concurrency=CONCURRENCY, cache_dir=cache,
-        progress=False, allow_private_urls=True,  # the image server is on loopback
+        "google",
+        api_key=API_KEY,
+        base_url=url,
+        model=MODEL,
+        concurrency=CONCURRENCY,
+        cache_dir=cache,
+        progress=False,
+        allow_private_urls=True,  # the image server is on loopback
     )
     frame = pl.DataFrame({"prompt": texts, "image": where})
     with timed() as t:
@@ -142,7 +158,8 @@ def run(mode: str) -> Section:
 
     rows = SIZES.get(mode, SIZES["default"])["rows"]
     section = Section(
-        "url_images", "10. Image URLs",
+        "url_images",
+        "10. Image URLs",
         f"{rows:,} rows, each its own ~{IMAGE_BYTES // 1000} kB PNG; concurrency {CONCURRENCY}; generateContent "
         f"after {GENERATE_LATENCY * 1000:.0f} ms (bench/server.py); each download after {DOWNLOAD_LATENCY * 1000:.0f} ms "
         "(aiohttp image server in its own process); a fresh cache directory per job. Baseline: the same job "
@@ -156,39 +173,85 @@ def run(mode: str) -> Section:
             found = {}
             for source, where in (("files", directory), ("urls", images.url + "/img")):
                 server.reset()
-                found[source] = run_worker("url_images.py", [
-                    "--source", source, "--url", server.url, "--images", where, "--rows", str(rows),
-                    "--cache", os.path.join(tmp, f"cache-{source}"),
-                ])
+                found[source] = run_worker(
+                    "url_images.py",
+                    [
+                        "--source",
+                        source,
+                        "--url",
+                        server.url,
+                        "--images",
+                        where,
+                        "--rows",
+                        str(rows),
+                        "--cache",
+                        os.path.join(tmp, f"cache-{source}"),
+                    ],
+                )
                 found[source]["requests"] = server.stats()["requests"]
             downloads = images.stats()
             server.reset()
-            rerun = run_worker("url_images.py", [
-                "--source", "urls", "--url", server.url, "--images", images.url + "/img", "--rows", str(rows),
-                "--cache", os.path.join(tmp, "cache-urls"),
-            ])
-            rerun_requests, rerun_downloads = server.stats()["requests"], images.stats()["requests"] - downloads["requests"]
+            rerun = run_worker(
+                "url_images.py",
+                [
+                    "--source",
+                    "urls",
+                    "--url",
+                    server.url,
+                    "--images",
+                    images.url + "/img",
+                    "--rows",
+                    str(rows),
+                    "--cache",
+                    os.path.join(tmp, "cache-urls"),
+                ],
+            )
+            rerun_requests, rerun_downloads = (
+                server.stats()["requests"],
+                images.stats()["requests"] - downloads["requests"],
+            )
         finally:
             images.close()
     files, urls = found["files"], found["urls"]
     for name, r in (*found.items(), ("rerun", rerun)):
         if r["errors"] or r["wrong"]:
             section.notes.append(f"{name}: {r['errors']} errors, {r['wrong']} wrong answers of {rows} rows")
-    section.rows.append(Row(
-        f"{rows:,} distinct image URLs: wall time", round(urls["wall_s"], 2), round(files["wall_s"], 2), "local files",
-        "s", goal="<= 1.3x", met=urls["wall_s"] <= 1.3 * files["wall_s"],
-        note=f"{downloads['requests']:,} downloads, at most {downloads['max_inflight']} at once; "
-        f"{urls['requests']:,} generateContent requests (files: {files['requests']:,})",
-    ))
-    section.rows.append(Row(
-        f"{rows:,} distinct image URLs: peak RSS", urls["peak_rss_mb"], files["peak_rss_mb"], "local files",
-        "MiB", goal="<= 1.3x", met=urls["peak_rss_mb"] <= 1.3 * files["peak_rss_mb"],
-    ))
-    section.rows.append(Row(
-        "rerun of the URL job: downloads + requests", rerun_downloads + rerun_requests, 0, "none", "",
-        goal="0", met=rerun_downloads + rerun_requests == 0,
-        note=f"{rerun['cached']:,} of {rows:,} rows from the cache in {rerun['wall_s']:.2f} s",
-    ))
+    section.rows.append(
+        Row(
+            f"{rows:,} distinct image URLs: wall time",
+            round(urls["wall_s"], 2),
+            round(files["wall_s"], 2),
+            "local files",
+            "s",
+            goal="<= 1.3x",
+            met=urls["wall_s"] <= 1.3 * files["wall_s"],
+            note=f"{downloads['requests']:,} downloads, at most {downloads['max_inflight']} at once; "
+            f"{urls['requests']:,} generateContent requests (files: {files['requests']:,})",
+        )
+    )
+    section.rows.append(
+        Row(
+            f"{rows:,} distinct image URLs: peak RSS",
+            urls["peak_rss_mb"],
+            files["peak_rss_mb"],
+            "local files",
+            "MiB",
+            goal="<= 1.3x",
+            met=urls["peak_rss_mb"] <= 1.3 * files["peak_rss_mb"],
+        )
+    )
+    section.rows.append(
+        Row(
+            "rerun of the URL job: downloads + requests",
+            rerun_downloads + rerun_requests,
+            0,
+            "none",
+            "",
+            goal="0",
+            met=rerun_downloads + rerun_requests == 0,
+            note=f"{rerun['cached']:,} of {rows:,} rows from the cache in {rerun['wall_s']:.2f} s",
+        )
+    )
     return section
 
 

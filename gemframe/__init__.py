@@ -11,10 +11,17 @@ generate, estimate, manifest and run (``spec=``), and ``gf.show`` / ``gf.save_im
 keep generated images.
 """
 
-from ._polars import namespace as _namespace  # noqa: F401  (registers the .gemini namespaces)
+from ._accounting.estimate import Estimate, estimate
+from ._accounting.manifest import manifest, read_manifest
+from ._accounting.pricing import PRICES, PRICES_AS_OF, cost_expr
+from ._accounting.report import Report, report
 from ._core.cache import CacheMode, ResponseCache, cache_key, default_cache_dir
 from ._core.client import Client
+from ._core.payload import RequestBuilder, build_request, sniff_mime
 from ._core.progress import RowsFailedWarning
+from ._core.providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind, register_provider
+from ._core.response import REPLY_DTYPE, reply_dtype
+from ._core.spec import RequestSpec
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -26,42 +33,34 @@ from ._errors import (
     PermissionDeniedError,
     RowError,
 )
+from ._pipeline import run
+from ._polars import namespace as _namespace  # noqa: F401  (registers the .gemini namespaces)
 from ._polars.conversation import HISTORY_DTYPE, turns
 from ._polars.display import save_images, show
 from ._polars.expr import generate, request, send
-from ._core.payload import RequestBuilder, build_request, sniff_mime
-from ._core.spec import RequestSpec
-from ._core.providers import DEFAULT_MODEL, GoogleAI, Provider, Segmind, register_provider
-from .emulator.provider import EmulatorProvider  # registers the "emulator" provider
-from ._core.response import REPLY_DTYPE, reply_dtype
-from ._accounting.estimate import Estimate, estimate
-from ._accounting.pricing import PRICES, PRICES_AS_OF, cost_expr
-from ._accounting.manifest import manifest, read_manifest
-from ._pipeline import run
-from ._accounting.report import Report, report
 from ._version import __version__
+from .emulator.provider import EmulatorProvider  # registers the "emulator" provider
 
 __all__ = [
-    "__version__",
+    "DEFAULT_MODEL",
+    "HISTORY_DTYPE",
+    "PRICES",
+    "PRICES_AS_OF",
+    "REPLY_DTYPE",
     "APIError",
     "AuthenticationError",
     "CacheMode",
     "Client",
     "ConfigError",
-    "DEFAULT_MODEL",
     "EmulatorProvider",
     "Estimate",
     "GemframeError",
     "GoogleAI",
-    "HISTORY_DTYPE",
     "InputError",
     "InsufficientCreditsError",
     "NotFoundError",
     "PermissionDeniedError",
-    "PRICES",
-    "PRICES_AS_OF",
     "Provider",
-    "REPLY_DTYPE",
     "Report",
     "RequestBuilder",
     "RequestSpec",
@@ -69,6 +68,7 @@ __all__ = [
     "RowError",
     "RowsFailedWarning",
     "Segmind",
+    "__version__",
     "build_request",
     "cache_key",
     "cost_expr",

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ._core.cache import CacheMode, CacheWarning, ResponseCache, UrlStore, default_cache_dir, parse_when
-from ._errors import GemframeError, InputError
 from ._core.providers import DEFAULT_MODEL, PROVIDERS
+from ._errors import GemframeError, InputError
 
 if TYPE_CHECKING:
     from ._core.client import Client
@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
-        "run", help="answer every row of a parquet file, write a parquet of replies",
+        "run",
+        help="answer every row of a parquet file, write a parquet of replies",
         description="Read IN.parquet in batches, ask Gemini once per row (cached), and write "
         "OUT.parquet with the input columns plus the reply fields (text, finish_reason, tokens, "
         "images, error, ...). A killed run, rerun, resends only unanswered rows. Rows that fail "
@@ -71,56 +72,135 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--images", metavar="COL", help="column of image paths/URLs/bytes, or lists of them")
     run.add_argument("--system", metavar="TEXT", help="system instruction for every row")
     run.add_argument("--model", default=DEFAULT_MODEL, help=f"model id (default: {DEFAULT_MODEL})")
-    run.add_argument("--provider", choices=sorted(PROVIDERS), help="default: from the API key found in the environment, else emulator")
-    run.add_argument("--emulator", action="store_const", const="emulator", dest="provider", help="same as --provider emulator")
+    run.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        help="default: from the API key found in the environment, else emulator",
+    )
+    run.add_argument(
+        "--emulator", action="store_const", const="emulator", dest="provider", help="same as --provider emulator"
+    )
     run.add_argument("--base-url", metavar="URL", help="endpoint override (a proxy or a local server)")
-    run.add_argument("--config", type=_json_arg, metavar="JSON", help='generationConfig, e.g. \'{"temperature": 0}\'')
-    run.add_argument("--safety", type=_json_arg, metavar="JSON", help='safety thresholds, e.g. \'{"harassment": "block_none"}\'')
+    run.add_argument("--config", type=_json_arg, metavar="JSON", help="generationConfig, e.g. '{\"temperature\": 0}'")
+    run.add_argument(
+        "--safety", type=_json_arg, metavar="JSON", help='safety thresholds, e.g. \'{"harassment": "block_none"}\''
+    )
     run.add_argument("--concurrency", type=int, default=16, metavar="N", help="requests in flight (default: 16)")
-    run.add_argument("--rpm", type=float, metavar="N", help="at most N requests per minute (default: no fixed limit; 429s slow the run down)")
+    run.add_argument(
+        "--rpm",
+        type=float,
+        metavar="N",
+        help="at most N requests per minute (default: no fixed limit; 429s slow the run down)",
+    )
     run.add_argument("--tpm", type=float, metavar="N", help="at most N input tokens per minute (default: no limit)")
-    run.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout in seconds (default: 120)")
-    run.add_argument("--max-attempts", type=int, default=None, metavar="N", help="cap on attempts per row on transient errors (default: none; a row retries for up to 900 s)")
-    run.add_argument("--samples", type=int, default=1, metavar="N", help="N answers per row (rows get a 'sample' column 0..N-1, each cached separately)")
+    run.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="per-request timeout in seconds (default: 120)"
+    )
+    run.add_argument(
+        "--max-attempts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cap on attempts per row on transient errors (default: none; a row retries for up to 900 s)",
+    )
+    run.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N answers per row (rows get a 'sample' column 0..N-1, each cached separately)",
+    )
     run.add_argument("--manifest", metavar="PATH", help="also write the run manifest to this JSON file")
-    run.add_argument("--dry-run", action="store_true", help="send nothing: count rows, requests, cache hits, tokens and the estimated cost")
-    run.add_argument("--count-tokens", action="store_true", help="with --dry-run: count input tokens with the API's countTokens (exact) instead of locally")
-    run.add_argument("--output-tokens", type=float, metavar="N", help="with --dry-run: assume N output tokens per request")
-    run.add_argument("--prices", metavar="FILE.json", help="price overrides {model: {input, output[, cached_input, image, cache_storage]}} (USD per 1M tokens / per image / per 1M tokens an hour); default $GEMFRAME_PRICES")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="send nothing: count rows, requests, cache hits, tokens and the estimated cost",
+    )
+    run.add_argument(
+        "--count-tokens",
+        action="store_true",
+        help="with --dry-run: count input tokens with the API's countTokens (exact) instead of locally",
+    )
+    run.add_argument(
+        "--output-tokens", type=float, metavar="N", help="with --dry-run: assume N output tokens per request"
+    )
+    run.add_argument(
+        "--prices",
+        metavar="FILE.json",
+        help="price overrides {model: {input, output[, cached_input, image, cache_storage]}} (USD per 1M tokens / per image / per 1M tokens an hour); default $GEMFRAME_PRICES",
+    )
     run.add_argument("--cache", choices=[m.value for m in CacheMode], default="use", help="cache mode (default: use)")
-    run.add_argument("--cache-dir", metavar="DIR", help=f"cache directory (default: $GEMFRAME_CACHE_DIR or {default_cache_dir()})")
+    run.add_argument(
+        "--cache-dir", metavar="DIR", help=f"cache directory (default: $GEMFRAME_CACHE_DIR or {default_cache_dir()})"
+    )
     run.add_argument("--image-dir", metavar="DIR", help="write generated images here and store their paths")
-    run.add_argument("--prefix", metavar="P", help="name the reply fields P+field (e.g. r_text); by default a reply "
-                     "field named like an input column (text, images, error, ...) is written as reply_<field>, with a warning")
-    run.add_argument("--batch-rows", type=int, default=10_000, metavar="N", help="rows per batch read/written (default: 10000)")
+    run.add_argument(
+        "--prefix",
+        metavar="P",
+        help="name the reply fields P+field (e.g. r_text); by default a reply "
+        "field named like an input column (text, images, error, ...) is written as reply_<field>, with a warning",
+    )
+    run.add_argument(
+        "--batch-rows", type=int, default=10_000, metavar="N", help="rows per batch read/written (default: 10000)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--batch", action="store_true", help="use the provider's Batch Mode (half price, answered within a day); "
-                     "jobs are recorded in OUT.parquet.batch.json, so running the command again resumes them")
-    run.add_argument("--poll-interval", type=float, default=30.0, metavar="S", help="seconds between batch polls (default: 30)")
+    run.add_argument(
+        "--batch",
+        action="store_true",
+        help="use the provider's Batch Mode (half price, answered within a day); "
+        "jobs are recorded in OUT.parquet.batch.json, so running the command again resumes them",
+    )
+    run.add_argument(
+        "--poll-interval", type=float, default=30.0, metavar="S", help="seconds between batch polls (default: 30)"
+    )
 
     emulator = commands.add_parser("emulator", help="serve the offline Gemini emulator over HTTP")
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8080)
     emulator.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds added to each answer")
-    emulator.add_argument("--no-markers", action="store_true", help="treat test markers such as [emulator:status=500] or "
-                          "[emulator:sleep=S] in prompts as plain text (they make the emulator fail on purpose, for tests)")
+    emulator.add_argument(
+        "--no-markers",
+        action="store_true",
+        help="treat test markers such as [emulator:status=500] or "
+        "[emulator:sleep=S] in prompts as plain text (they make the emulator fail on purpose, for tests)",
+    )
 
     cache = commands.add_parser("cache", help="inspect, clear, export or import the answer cache")
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--cache-dir", metavar="DIR", help="cache directory (default: $GEMFRAME_CACHE_DIR or ~/.cache/gemframe)")
+    where.add_argument(
+        "--cache-dir", metavar="DIR", help="cache directory (default: $GEMFRAME_CACHE_DIR or ~/.cache/gemframe)"
+    )
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
     stats = actions.add_parser("stats", parents=[where], help="entries, size on disk, by model, oldest/newest")
     stats.add_argument("--json", action="store_true", help="as JSON")
     clear = actions.add_parser("clear", parents=[where], help="remove entries: all, or by model and/or age")
     clear.add_argument("--model", metavar="M", help="only this model's entries")
-    clear.add_argument("--older-than", metavar="WHEN", help="only entries stored before a date/time (2025-01-31, 2025-01-31T12:00Z) or older than an age (30d, 12h); image URLs fetched before it too")
-    export = actions.add_parser("export", parents=[where], help="write entries to a parquet file (key, model, created, format, response, prompt)")
+    clear.add_argument(
+        "--older-than",
+        metavar="WHEN",
+        help="only entries stored before a date/time (2025-01-31, 2025-01-31T12:00Z) or older than an age (30d, 12h); image URLs fetched before it too",
+    )
+    export = actions.add_parser(
+        "export",
+        parents=[where],
+        help="write entries to a parquet file (key, model, created, format, response, prompt)",
+    )
     export.add_argument("file", metavar="FILE.parquet")
     export.add_argument("--model", metavar="M", help="only this model's entries")
-    export.add_argument("--older-than", metavar="WHEN", help="only entries stored before this date/time or older than an age (30d)")
-    export.add_argument("--newer-than", metavar="WHEN", help="only entries stored since this date/time or within an age (7d: the last week's)")
-    export.add_argument("--urls", metavar="URLS.parquet", help="also write the image URL store (URLs with their images) to this file")
-    load = actions.add_parser("import", parents=[where], help="merge the entries of an exported parquet file into the cache")
+    export.add_argument(
+        "--older-than", metavar="WHEN", help="only entries stored before this date/time or older than an age (30d)"
+    )
+    export.add_argument(
+        "--newer-than",
+        metavar="WHEN",
+        help="only entries stored since this date/time or within an age (7d: the last week's)",
+    )
+    export.add_argument(
+        "--urls", metavar="URLS.parquet", help="also write the image URL store (URLs with their images) to this file"
+    )
+    load = actions.add_parser(
+        "import", parents=[where], help="merge the entries of an exported parquet file into the cache"
+    )
     load.add_argument("file", metavar="FILE.parquet")
     load.add_argument("--overwrite", action="store_true", help="replace entries already stored under the same key")
     load.add_argument("--urls", metavar="URLS.parquet", help="also merge an image URL store written by export --urls")
@@ -129,10 +209,13 @@ def _parser() -> argparse.ArgumentParser:
     manifest.add_argument("output", metavar="OUT.parquet")
 
     report = commands.add_parser(
-        "report", help="summarize a gemframe output: counts, errors, tokens, latency, cost; --html for charts",
+        "report",
+        help="summarize a gemframe output: counts, errors, tokens, latency, cost; --html for charts",
     )
     report.add_argument("output", metavar="OUT.parquet")
-    report.add_argument("--html", metavar="FILE.html", help="also write an HTML report (charts, sample replies, image thumbnails)")
+    report.add_argument(
+        "--html", metavar="FILE.html", help="also write an HTML report (charts, sample replies, image thumbnails)"
+    )
     report.add_argument("--samples", type=int, default=8, metavar="N", help="replies to show (default: 8)")
     report.add_argument("--prices", metavar="FILE.json", help="price overrides for the cost estimate")
     return parser
@@ -165,20 +248,37 @@ def _run(args: argparse.Namespace) -> int:
     # and the same for the run and its dry run.
     spec = RequestSpec(model=args.model, system=args.system, config=args.config, safety=args.safety)
     client = Client(
-        args.provider, base_url=args.base_url, model=args.model, concurrency=args.concurrency,
-        timeout=args.timeout, max_attempts=args.max_attempts, rpm=args.rpm, tpm=args.tpm,
-        cache=args.cache, cache_dir=args.cache_dir,
+        args.provider,
+        base_url=args.base_url,
+        model=args.model,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        max_attempts=args.max_attempts,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        cache=args.cache,
+        cache_dir=args.cache_dir,
     )
     try:
         if args.dry_run:
             return _dry_run(args, client, spec)
         with _run_warnings() as failures:
             manifest = run(
-                args.input, args.output, prompt=args.prompt, images=args.images, spec=spec,
-                client=client, image_dir=args.image_dir, batch_rows=args.batch_rows,
-                progress=not args.no_progress, mode="batch" if args.batch else "live",
-                poll_interval=args.poll_interval, samples=args.samples, prefix=args.prefix,
-                manifest_path=args.manifest, prices=args.prices,
+                args.input,
+                args.output,
+                prompt=args.prompt,
+                images=args.images,
+                spec=spec,
+                client=client,
+                image_dir=args.image_dir,
+                batch_rows=args.batch_rows,
+                progress=not args.no_progress,
+                mode="batch" if args.batch else "live",
+                poll_interval=args.poll_interval,
+                samples=args.samples,
+                prefix=args.prefix,
+                manifest_path=args.manifest,
+                prices=args.prices,
             )
     finally:
         client.close()
@@ -217,8 +317,15 @@ def _dry_run(args: argparse.Namespace, client: Client, spec: RequestSpec) -> int
     from ._accounting.estimate import estimate
 
     result = estimate(
-        args.input, args.prompt, images=args.images, spec=spec, client=client, samples=args.samples,
-        exact=args.count_tokens, output_tokens=args.output_tokens, prices=args.prices,
+        args.input,
+        args.prompt,
+        images=args.images,
+        spec=spec,
+        client=client,
+        samples=args.samples,
+        exact=args.count_tokens,
+        output_tokens=args.output_tokens,
+        prices=args.prices,
         batch=bool(getattr(args, "batch", False)),
     )
     print(result)
@@ -282,8 +389,10 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache, urls: UrlStore
             print(f"  {'model':<{width}}  {'entries':>9}  {'size':>10}  newest")
             for model, row in stats["by_model"].items():
                 print(f"  {model:<{width}}  {row['entries']:>9,}  {_size(row['bytes']):>10}  {row['newest']}")
-        print(f"{url_stats['urls']:,} image URLs ({url_stats['images']:,} images, {_size(url_stats['image_bytes'])}) "
-              f"in {url_stats['directory']}")
+        print(
+            f"{url_stats['urls']:,} image URLs ({url_stats['images']:,} images, {_size(url_stats['image_bytes'])}) "
+            f"in {url_stats['directory']}"
+        )
     elif args.action == "clear":
         removed = store.clear(model=args.model, before=args.older_than)
         forgotten = ""
@@ -302,13 +411,17 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache, urls: UrlStore
         if counts["refused"]:
             reasons = ", ".join(f"{n:,} {why}" for why, n in counts["refused_reasons"].items())
             refused = f"; refused {counts['refused']:,}: {reasons}"
-        print(f"imported {args.file} into {store.directory}: {counts['added']:,} added, "
-              f"{counts['replaced']:,} replaced, {counts['kept']:,} already present (kept){refused}")
+        print(
+            f"imported {args.file} into {store.directory}: {counts['added']:,} added, "
+            f"{counts['replaced']:,} replaced, {counts['kept']:,} already present (kept){refused}"
+        )
         if args.urls:
             counts = urls.import_(args.urls, overwrite=args.overwrite)
-            print(f"imported {args.urls}: {counts['added']:,} image URLs added, {counts['replaced']:,} replaced, "
-                  f"{counts['kept']:,} already present (kept), {counts['refused']:,} refused (not an http(s) URL "
-                  "with an image of at most 20 MB)")
+            print(
+                f"imported {args.urls}: {counts['added']:,} image URLs added, {counts['replaced']:,} replaced, "
+                f"{counts['kept']:,} already present (kept), {counts['refused']:,} refused (not an http(s) URL "
+                "with an image of at most 20 MB)"
+            )
     return 0
 
 
@@ -336,7 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gemframe`` command."""
     args = _parser().parse_args(argv)
     handler = {
-        "run": _run, "emulator": _emulator, "cache": _cache, "manifest": _manifest, "report": _report,
+        "run": _run,
+        "emulator": _emulator,
+        "cache": _cache,
+        "manifest": _manifest,
+        "report": _report,
     }[args.command]
     try:
         return handler(args)

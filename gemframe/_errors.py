@@ -31,7 +31,9 @@ class APIError(GemframeError):
     expression by calling the class with the message alone); the parts are attributes.
     """
 
-    def __init__(self, text: str, *, code: int | None = None, status: str = "", message: str = "", hint: str = "") -> None:
+    def __init__(
+        self, text: str, *, code: int | None = None, status: str = "", message: str = "", hint: str = ""
+    ) -> None:
         super().__init__(text)
         self.code = code
         self.status = status

@@ -19,18 +19,17 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
-from ._files import AtomicFile
+from ._accounting.manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
+from ._accounting.pricing import Prices
 from ._core.batch import BatchJobs
 from ._core.cache import CacheMode
 from ._core.client import Client, default_client
-from ._errors import APIError, ConfigError, InputError
-from ._accounting.pricing import Prices
-from ._polars.expr import generate, reply_columns
-from ._accounting.manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
-from ._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from ._core.progress import Progress
 from ._core.response import reply_dtype
-
+from ._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
+from ._errors import APIError, ConfigError, InputError
+from ._files import AtomicFile
+from ._polars.expr import generate, reply_columns
 
 __all__ = ["MANIFEST_KEY", "read_manifest", "run"]
 
@@ -112,20 +111,26 @@ def run(
         store = client.cache if client.cache_mode is not CacheMode.OFF else None
         BatchJobs(client.provider, client.executor, store, model, batch["batch_state"], poll_interval, bar).wait()
         if client.cache_mode is not CacheMode.OFF:  # answers the jobs stored: paid in this run
-            paid.update(json.loads(e["response"]).get("responseId") for e in client.cache.entries(model=model, after=started))
+            paid.update(
+                json.loads(e["response"]).get("responseId") for e in client.cache.entries(model=model, after=started)
+            )
     tally = Tally(paid)  # counts each request once per run, however many record batches it is in
     partial = AtomicFile(output)  # an exclusive temp file, renamed when complete (see _files)
     writer: pq.ParquetWriter | None = None
     try:
-        batches = source.iter_batches(batch_size=batch_rows) if source.metadata.num_rows else [
-            source.schema_arrow.empty_table()
-        ]
+        batches = (
+            source.iter_batches(batch_size=batch_rows)
+            if source.metadata.num_rows
+            else [source.schema_arrow.empty_table()]
+        )
         for batch in batches:
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
             answered = _answer(frame, exprs, tally, spec.sample)
             if renamed:
-                answered = answered.with_columns(pl.col("reply").struct.rename_fields([renamed.get(f, f) for f in fields]))
+                answered = answered.with_columns(
+                    pl.col("reply").struct.rename_fields([renamed.get(f, f) for f in fields])
+                )
             table = answered.unnest("reply").to_arrow()
             if writer is None:
                 writer = pq.ParquetWriter(partial.file, table.schema)
@@ -133,7 +138,11 @@ def run(
         finished = time.time()
         manifest = {
             **describe(
-                client=client, spec=spec, prompt=prompt, images=images, samples=samples,
+                client=client,
+                spec=spec,
+                prompt=prompt,
+                images=images,
+                samples=samples,
                 cache_mode=(cache or client.cache_mode.value),
             ),
             **({"reply_columns": renamed} if renamed else {}),

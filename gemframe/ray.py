@@ -61,11 +61,11 @@ except ImportError as exc:
 
 from ._core.cache import CacheMode
 from ._core.client import Client
-from ._polars.expr import IntoExpr, generate as _generate
-from ._core.spec import ASK, Ask, RequestSpec, Unpack, asks, request_spec
 from ._core.providers import DEFAULT_MODEL, resolve_provider
+from ._core.spec import ASK, Ask, RequestSpec, Unpack, asks, request_spec
 from ._errors import ConfigError
-
+from ._polars.expr import IntoExpr
+from ._polars.expr import generate as _generate
 
 __all__ = ["GeminiBatch", "Secret", "generate", "share"]
 
@@ -184,12 +184,16 @@ class GeminiBatch:
             self.client.provider.check_key()  # fail at actor start, not on the first batch
         if self.client.cache_mode is not CacheMode.OFF:
             _ = self.client.cache  # open it now: one handle, no race between batches
-        self.columns = list(dict.fromkeys(
-            _root_names(prompt) + _root_names(images) + _root_names(history)
-        ))
+        self.columns = list(dict.fromkeys(_root_names(prompt) + _root_names(images) + _root_names(history)))
         self.expr = _generate(
-            prompt, images=images, history=history, spec=spec, client=self.client,
-            progress=False, image_dir=image_dir, raw=raw,
+            prompt,
+            images=images,
+            history=history,
+            spec=spec,
+            client=self.client,
+            progress=False,
+            image_dir=image_dir,
+            raw=raw,
         ).alias(output)
 
     def __repr__(self) -> str:
@@ -311,12 +315,23 @@ def generate(
     if placement_timeout is not None:
         _check_placement(num_actors, num_cpus, placement_timeout, map_batches_options)
     kwargs = dict(
-        prompt=prompt, images=images, history=history, spec=spec,
+        prompt=prompt,
+        images=images,
+        history=history,
+        spec=spec,
         provider=_provider_name(provider),
-        api_key=Secret(api_key) if api_key is not None else None, base_url=base_url,
-        concurrency=concurrency, rpm=rpm, tpm=tpm, num_actors=num_actors, cache=cache,
+        api_key=Secret(api_key) if api_key is not None else None,
+        base_url=base_url,
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        num_actors=num_actors,
+        cache=cache,
         cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
-        image_dir=image_dir, raw=raw, output=output, unnest=unnest,
+        image_dir=image_dir,
+        raw=raw,
+        output=output,
+        unnest=unnest,
         client_options=client_options,
     )
     options: dict[str, Any] = dict(

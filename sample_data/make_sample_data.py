@@ -33,7 +33,9 @@ def make_images() -> None:
 
     image, draw = _canvas(size=(160, 100), color="white")
     for i, height in enumerate((30, 55, 80, 45)):
-        draw.rectangle((20 + i * 32, 95 - height, 42 + i * 32, 95), fill=("#264653", "#2a9d8f", "#e9c46a", "#e76f51")[i])
+        draw.rectangle(
+            (20 + i * 32, 95 - height, 42 + i * 32, 95), fill=("#264653", "#2a9d8f", "#e9c46a", "#e76f51")[i]
+        )
     image.save(IMAGES / "bar_chart.webp", quality=80)
 
     image, draw = _canvas(size=(180, 60), color="#1d3557")

@@ -44,7 +44,11 @@ def answer(body: dict) -> dict:
     tokens = max(1, len(json.dumps(body)) // 4)
     return {
         "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
-        "usageMetadata": {"promptTokenCount": tokens, "candidatesTokenCount": len(text) // 4 + 1, "totalTokenCount": tokens + len(text) // 4 + 1},
+        "usageMetadata": {
+            "promptTokenCount": tokens,
+            "candidatesTokenCount": len(text) // 4 + 1,
+            "totalTokenCount": tokens + len(text) // 4 + 1,
+        },
         "modelVersion": "fault-server",
     }
 
@@ -62,9 +66,20 @@ class FaultServer:
     shared quota or an overload does) instead of a ``Retry-After`` header.
     """
 
-    def __init__(self, *, seed: int = 0, fault_rate: float = 0.0, faults=FAULTS, fail_first: int = 0,
-                 rpm: float | None = None, latency: float = 0.0, retry_after: str = "0", require_key: str | None = None,
-                 revoke_after: int | None = None, retry_delay: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        fault_rate: float = 0.0,
+        faults=FAULTS,
+        fail_first: int = 0,
+        rpm: float | None = None,
+        latency: float = 0.0,
+        retry_after: str = "0",
+        require_key: str | None = None,
+        revoke_after: int | None = None,
+        retry_delay: str | None = None,
+    ) -> None:
         self.seed, self.fault_rate, self.faults, self.fail_first = seed, fault_rate, tuple(faults), fail_first
         self.rpm, self.latency, self.retry_after, self.require_key = rpm, latency, retry_after, require_key
         self.revoke_after = revoke_after
@@ -142,7 +157,9 @@ class FaultServer:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
-                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+                headers = {
+                    k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 if not await self._respond(headers, body, writer):
                     return
@@ -166,17 +183,49 @@ class FaultServer:
                 await asyncio.sleep(self.latency)
             if self.require_key is not None and headers.get("x-goog-api-key") != self.require_key:
                 stats.statuses["400"] += 1
-                self._send(writer, 400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT",
-                                                   "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}})
+                self._send(
+                    writer,
+                    400,
+                    {
+                        "error": {
+                            "code": 400,
+                            "message": "API key not valid. Please pass a valid API key.",
+                            "status": "INVALID_ARGUMENT",
+                            "details": [
+                                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+                            ],
+                        }
+                    },
+                )
                 return True
             if self.revoke_after is not None and stats.statuses["200"] >= self.revoke_after:
                 stats.statuses["401"] += 1
-                self._send(writer, 401, {"error": {"code": 401, "message": "API key expired. Please renew the API key.", "status": "UNAUTHENTICATED"}})
+                self._send(
+                    writer,
+                    401,
+                    {
+                        "error": {
+                            "code": 401,
+                            "message": "API key expired. Please renew the API key.",
+                            "status": "UNAUTHENTICATED",
+                        }
+                    },
+                )
                 return True
             if self._throttled():
                 stats.statuses["429"] += 1
-                self._send(writer, 429, {"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).", "status": "RESOURCE_EXHAUSTED",
-                                                   "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.05s"}]}})
+                self._send(
+                    writer,
+                    429,
+                    {
+                        "error": {
+                            "code": 429,
+                            "message": "Resource has been exhausted (e.g. check quota).",
+                            "status": "RESOURCE_EXHAUSTED",
+                            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.05s"}],
+                        }
+                    },
+                )
                 return True
             fault = self._fault(digest, stats.attempts[digest])
             if fault is not None:
@@ -196,7 +245,9 @@ class FaultServer:
             writer.transport.abort()
             return False
         if fault == "truncated":
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"candidates\": [")
+            writer.write(
+                b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{"candidates": ['
+            )
             writer.transport.close()
             return False
         if fault == "malformed":
@@ -206,19 +257,32 @@ class FaultServer:
             self._send_raw(writer, 500, b"<html><body>Internal Server Error</body></html>", "text/html")
             return True
         code = int(fault)
-        status = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "BAD_GATEWAY", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}[code]
+        status = {
+            429: "RESOURCE_EXHAUSTED",
+            500: "INTERNAL",
+            502: "BAD_GATEWAY",
+            503: "UNAVAILABLE",
+            504: "DEADLINE_EXCEEDED",
+        }[code]
         extra = {"retry-after": self.retry_after} if code in (429, 503) else {}
         error = {"code": code, "message": f"injected {code}", "status": status}
         if code == 429 and self.retry_delay is not None:
-            extra, error["details"] = {}, [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": self.retry_delay}]
+            extra, error["details"] = (
+                {},
+                [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": self.retry_delay}],
+            )
         self._send(writer, code, {"error": error}, extra)
         return True
 
-    def _send(self, writer: asyncio.StreamWriter, code: int, payload: dict, extra: dict[str, str] | None = None) -> None:
+    def _send(
+        self, writer: asyncio.StreamWriter, code: int, payload: dict, extra: dict[str, str] | None = None
+    ) -> None:
         self._send_raw(writer, code, json.dumps(payload).encode(), "application/json", extra)
 
     @staticmethod
-    def _send_raw(writer: asyncio.StreamWriter, code: int, data: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
+    def _send_raw(
+        writer: asyncio.StreamWriter, code: int, data: bytes, ctype: str, extra: dict[str, str] | None = None
+    ) -> None:
         head = [f"HTTP/1.1 {code} X", f"content-type: {ctype}", f"content-length: {len(data)}"]
         head += [f"{k}: {v}" for k, v in (extra or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)

@@ -93,14 +93,34 @@ def test_cli_batch_killed_mid_poll_resumes_without_resubmitting(served_emulator,
     server = served_emulator(batch_polls=10_000)
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pl.DataFrame({"id": range(200), "prompt": [f"cli batch {i}" for i in range(200)]}).write_parquet(src)
-    command = [sys.executable, "-m", "gemframe", "run", str(src), str(dst), "--provider", "google",
-               "--base-url", server.url, "--cache-dir", str(tmp_path / "cache"), "--no-progress",
-               "--batch", "--poll-interval", "0.05", "--batch-rows", "64"]
+    command = [
+        sys.executable,
+        "-m",
+        "gemframe",
+        "run",
+        str(src),
+        str(dst),
+        "--provider",
+        "google",
+        "--base-url",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        "--batch",
+        "--poll-interval",
+        "0.05",
+        "--batch-rows",
+        "64",
+    ]
     env = {**os.environ, "GEMINI_API_KEY": "k"}
     job = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     jobs = server.emulator.batches.jobs
-    while not (sum(len(j.requests) for j in jobs.values()) == 200 and max(j.polls for j in jobs.values()) >= 6) and time.monotonic() < deadline:
+    while (
+        not (sum(len(j.requests) for j in jobs.values()) == 200 and max(j.polls for j in jobs.values()) >= 6)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.02)
     job.send_signal(signal.SIGKILL)  # killed while polling
     job.wait()
@@ -156,9 +176,26 @@ def test_cli_batch_with_cache_off_exits_nonzero_before_any_job(served_emulator, 
     server = served_emulator()
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pl.DataFrame({"prompt": ["a", "b"]}).write_parquet(src)
-    command = [sys.executable, "-m", "gemframe", "run", str(src), str(dst), "--provider", "emulator",
-               "--base-url", server.url, "--cache-dir", str(tmp_path / "cache"), "--no-progress",
-               "--batch", "--cache", "off", "--poll-interval", "0.01"]
+    command = [
+        sys.executable,
+        "-m",
+        "gemframe",
+        "run",
+        str(src),
+        str(dst),
+        "--provider",
+        "emulator",
+        "--base-url",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        "--batch",
+        "--cache",
+        "off",
+        "--poll-interval",
+        "0.01",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and not dst.exists()
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("gemframe: error: batch mode needs the cache")
@@ -204,8 +241,9 @@ def test_a_job_the_server_no_longer_has_names_the_state_file_to_delete(tmp_path)
     emulator = Emulator()
     with _client(emulator, cache) as client:
         for _ in range(2):  # the rerun does not poll again: the job is recorded as gone
-            out = frame.select(gf.generate("prompt", client=client, mode="batch", batch_state=str(state),
-                                           poll_interval=0.01)).unnest("reply")
+            out = frame.select(
+                gf.generate("prompt", client=client, mode="batch", batch_state=str(state), poll_interval=0.01)
+            ).unnest("reply")
             errors = out["error"]
             assert (errors.struct.field("status") == "BATCH_GONE").all()
             message = errors.struct.field("message")[0]
@@ -213,8 +251,9 @@ def test_a_job_the_server_no_longer_has_names_the_state_file_to_delete(tmp_path)
             assert "not found" in message and "in-process emulator end with the process" in message
         assert emulator.batches.creates == 0
         state.unlink()
-        again = frame.select(gf.generate("prompt", client=client, mode="batch", batch_state=str(state),
-                                         poll_interval=0.01)).unnest("reply")
+        again = frame.select(
+            gf.generate("prompt", client=client, mode="batch", batch_state=str(state), poll_interval=0.01)
+        ).unnest("reply")
     assert again["error"].is_null().all() and emulator.batches.creates == 1
 
 
@@ -234,12 +273,18 @@ def test_a_job_deleted_on_the_server_is_a_row_error_naming_the_state_file(served
 def test_an_unreadable_state_file_is_named(cache_dir, tmp_path):
     state = tmp_path / "jobs.json"
     state.write_text("{not json")
-    with _client(Emulator(), cache_dir) as client, pytest.raises(gf.ConfigError, match=rf"{state} is not a readable batch state file.*delete it"):
+    with (
+        _client(Emulator(), cache_dir) as client,
+        pytest.raises(gf.ConfigError, match=rf"{state} is not a readable batch state file.*delete it"),
+    ):
         _batch(FRAME, client, batch_state=str(state))
 
 
 def test_a_misspelt_model_in_batch_mode_is_refused_before_any_job(cache_dir):
     emulator = Emulator()
-    with _client(emulator, cache_dir) as client, pytest.raises(gf.NotFoundError, match="Did you mean 'gemini-2.5-flash'"):
+    with (
+        _client(emulator, cache_dir) as client,
+        pytest.raises(gf.NotFoundError, match="Did you mean 'gemini-2.5-flash'"),
+    ):
         _batch(FRAME, client, model="gemini-2.5-flsh")
     assert emulator.batches.creates == 0

@@ -38,7 +38,10 @@ def test_bench_quick_runs_and_reports(repo_root, tmp_path, name):
     out = tmp_path / "RESULTS.md"
     result = subprocess.run(
         [sys.executable, str(repo_root / "bench" / "run_all.py"), "--quick", "--only", name, "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=repo_root,
     )
     assert result.returncode == 0, result.stderr[-2000:]  # non-zero: the benchmark failed to run
     report = out.read_text()

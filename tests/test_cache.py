@@ -20,38 +20,69 @@ def test_key_is_canonical_and_separates_what_matters():
     a = gf.cache_key(_body(), provider="google", model="m")
     reordered = {"generationConfig": {"temperature": 0}, "contents": _body()["contents"]}
     assert gf.cache_key(reordered, provider="google", model="m") == a
-    assert len({
-        a,
-        gf.cache_key(_body("other"), provider="google", model="m"),
-        gf.cache_key(_body(), provider="segmind", model="m"),
-        gf.cache_key(_body(), provider="google", model="m2"),
-        gf.cache_key(_body(), provider="google", model="m", sample=1),
-    }) == 5
+    assert (
+        len(
+            {
+                a,
+                gf.cache_key(_body("other"), provider="google", model="m"),
+                gf.cache_key(_body(), provider="segmind", model="m"),
+                gf.cache_key(_body(), provider="google", model="m2"),
+                gf.cache_key(_body(), provider="google", model="m", sample=1),
+            }
+        )
+        == 5
+    )
 
 
 def test_images_enter_the_key_by_content():
     one, two = b"\x89PNG\r\n\x1a\n one", b"\x89PNG\r\n\x1a\n two"
-    assert gf.cache_key(_body(image=one), provider="p", model="m") == gf.cache_key(_body(image=one), provider="p", model="m")
-    assert gf.cache_key(_body(image=one), provider="p", model="m") != gf.cache_key(_body(image=two), provider="p", model="m")
+    assert gf.cache_key(_body(image=one), provider="p", model="m") == gf.cache_key(
+        _body(image=one), provider="p", model="m"
+    )
+    assert gf.cache_key(_body(image=one), provider="p", model="m") != gf.cache_key(
+        _body(image=two), provider="p", model="m"
+    )
 
 
 # Keys written by earlier releases must keep hitting: these were computed with the original
 # definition (sha256 of json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)).
 PINNED_KEYS = {
-    "99c8880d703f91dfc238120138cda1517be69d0d0d0e4cb562fac14b2d80b0d3":
-        {"contents": [{"role": "user", "parts": [{"text": 'Describe a cat in 3 words. \u00dcn\u00efcode \u2192 \u2713 "quoted"\n\t\x01'}]}]},
+    "99c8880d703f91dfc238120138cda1517be69d0d0d0e4cb562fac14b2d80b0d3": {
+        "contents": [
+            {
+                "role": "user",
+                "parts": [{"text": 'Describe a cat in 3 words. \u00dcn\u00efcode \u2192 \u2713 "quoted"\n\t\x01'}],
+            }
+        ]
+    },
     # floats json spells with an exponent, a negative zero
-    "31c0c9e2b636fa07128dc856e81d39bbe3dfafd9664e79ed21be50067947a360":
-        {"contents": [{"role": "user", "parts": [{"text": "x"}]}], "generationConfig": {
-            "temperature": 0.7, "topP": 1e-05, "presencePenalty": 1e16, "topK": 40, "frequencyPenalty": -0.0}},
+    "31c0c9e2b636fa07128dc856e81d39bbe3dfafd9664e79ed21be50067947a360": {
+        "contents": [{"role": "user", "parts": [{"text": "x"}]}],
+        "generationConfig": {
+            "temperature": 0.7,
+            "topP": 1e-05,
+            "presencePenalty": 1e16,
+            "topK": 40,
+            "frequencyPenalty": -0.0,
+        },
+    },
     # an int beyond 64 bits
-    "95e3856bc6a15b42e49fe2fd6acce2db5bbad2649909e40d8251595d7d98808e":
-        {"contents": [{"role": "user", "parts": [{"text": "x"}]}], "generationConfig": {"seed": 2**70}},
-    "126aa3d2a9eed406daeb357ca22589946c1800b738d13ca1bbff1e7e715d7bda":
-        {"contents": [{"role": "user", "parts": [{"text": "edit"}, {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]}],
-         "systemInstruction": {"parts": [{"text": "sys"}]}},
-    "c32e010fe63e175650251b3759dce7b64130441a8cf71916c700fd2df094daa4":
-        {"contents": [{"role": "user", "parts": [{"text": "[:1e5, 0.00001]"}]}]},
+    "95e3856bc6a15b42e49fe2fd6acce2db5bbad2649909e40d8251595d7d98808e": {
+        "contents": [{"role": "user", "parts": [{"text": "x"}]}],
+        "generationConfig": {"seed": 2**70},
+    },
+    "126aa3d2a9eed406daeb357ca22589946c1800b738d13ca1bbff1e7e715d7bda": {
+        "contents": [
+            {
+                "role": "user",
+                "parts": [{"text": "edit"}, {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}],
+            }
+        ],
+        "systemInstruction": {"parts": [{"text": "sys"}]},
+    },
+    "c32e010fe63e175650251b3759dce7b64130441a8cf71916c700fd2df094daa4": {
+        "contents": [{"role": "user", "parts": [{"text": "[:1e5, 0.00001]"}]}]
+    },
 }
 
 
@@ -143,7 +174,12 @@ def test_export_import_round_trip_keeps_bytes_and_dates(tmp_path):
     assert frame.filter(pl.col("key") == K2)["response"][0] == A2
     other = ResponseCache(tmp_path / "other")
     assert other.import_(tmp_path / "all.parquet") == {
-        "added": 3, "replaced": 0, "kept": 0, "refused": 0, "refused_reasons": {}}
+        "added": 3,
+        "replaced": 0,
+        "kept": 0,
+        "refused": 0,
+        "refused_reasons": {},
+    }
     assert other.get_many([K1, K2, K3]) == cache.get_many([K1, K2, K3])
     assert other.stats()["oldest"] == cache.stats()["oldest"]  # the answers keep their dates
 
@@ -154,17 +190,27 @@ def test_import_merges_and_keeps_local_answers_unless_overwrite(tmp_path):
     mine = ResponseCache(tmp_path / "mine")
     mine.set_many([(K1, "m1", _answer("mine")), (K9, "m1", _answer("only mine"))])
     assert mine.import_(tmp_path / "all.parquet") == {
-        "added": 2, "replaced": 0, "kept": 1, "refused": 0, "refused_reasons": {}}
+        "added": 2,
+        "replaced": 0,
+        "kept": 1,
+        "refused": 0,
+        "refused_reasons": {},
+    }
     assert mine.get_many([K1, K9]) == {K1: _answer("mine"), K9: _answer("only mine")} and len(mine) == 4
     assert mine.import_(tmp_path / "all.parquet", overwrite=True)["replaced"] == 3
     assert mine.get_many([K1]) == {K1: A1}
 
 
 def test_import_of_old_answers_then_clear_older_than(tmp_path):
-    old = pl.DataFrame({
-        "key": ["%064x" % 7], "model": ["m"], "created": [datetime(2020, 1, 1, tzinfo=timezone.utc)],
-        "format": [1], "response": [A3],
-    })
+    old = pl.DataFrame(
+        {
+            "key": ["%064x" % 7],
+            "model": ["m"],
+            "created": [datetime(2020, 1, 1, tzinfo=timezone.utc)],
+            "format": [1],
+            "response": [A3],
+        }
+    )
     old.write_parquet(tmp_path / "old.parquet")
     cache = _filled(tmp_path)
     cache.import_(tmp_path / "old.parquet")
@@ -176,7 +222,9 @@ def test_import_refuses_other_files(tmp_path):
     pl.DataFrame({"a": [1]}).write_parquet(tmp_path / "x.parquet")
     with pytest.raises(ValueError, match="not a gemframe cache export"):
         ResponseCache(tmp_path / "c").import_(tmp_path / "x.parquet")
-    pl.DataFrame({"key": ["k"], "model": ["m"], "created": [0], "format": [99], "response": [b"{}"]}).write_parquet(tmp_path / "f.parquet")
+    pl.DataFrame({"key": ["k"], "model": ["m"], "created": [0], "format": [99], "response": [b"{}"]}).write_parquet(
+        tmp_path / "f.parquet"
+    )
     with pytest.raises(ValueError, match="format 99"):
         ResponseCache(tmp_path / "c").import_(tmp_path / "f.parquet")
 
@@ -196,13 +244,13 @@ def test_contains_many_does_not_read_values(tmp_path):
 
 # -- trust at the edges: the cache directory is hostile ground ----------------------------------
 
-import os  # noqa: E402
-import pickle  # noqa: E402
-import sqlite3  # noqa: E402
-import stat  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import warnings  # noqa: E402
+import os
+import pickle
+import sqlite3
+import stat
+import subprocess
+import sys
+import warnings
 
 ENTRY = b'{"format": 1, "model": "m", "created": 0}\n'  # the header gemframe writes before an answer
 
@@ -340,7 +388,9 @@ def test_planted_file_names_never_read_or_delete_outside_the_cache(tmp_path):
     _plant_escapes(cache_dir, victims)
     result = subprocess.run(
         [sys.executable, "-m", "gemframe", "cache", "clear", "--cache-dir", str(cache_dir)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0 and "removed 4 entries" in result.stdout, result.stderr
     assert all(v.read_bytes().startswith(ENTRY) for v in victims)
@@ -388,20 +438,31 @@ def test_import_refuses_rows_that_are_not_digest_keys_with_answers(tmp_path, cap
         ("%064x" % 11, b'{"candidates": [{"content": {"parts": [{"text": 5}]}}]}'),
         ("%064x" % 12, b"[1, 2]"),
     ]
-    pl.DataFrame({
-        "key": [k for k, _ in rows], "model": ["m"] * len(rows),
-        "created": [datetime(2024, 1, 1, tzinfo=timezone.utc)] * len(rows),
-        "format": [1] * len(rows), "response": [a for _, a in rows],
-    }).write_parquet(tmp_path / "mixed.parquet")
+    pl.DataFrame(
+        {
+            "key": [k for k, _ in rows],
+            "model": ["m"] * len(rows),
+            "created": [datetime(2024, 1, 1, tzinfo=timezone.utc)] * len(rows),
+            "format": [1] * len(rows),
+            "response": [a for _, a in rows],
+        }
+    ).write_parquet(tmp_path / "mixed.parquet")
     cache = ResponseCache(tmp_path / "c")
     counts = cache.import_(tmp_path / "mixed.parquet")
-    assert counts == {"added": 3, "replaced": 0, "kept": 0, "refused": 4, "refused_reasons": {
-        "not a generateContent answer": 3, "key is not a sha256 digest": 1}}
+    assert counts == {
+        "added": 3,
+        "replaced": 0,
+        "kept": 0,
+        "refused": 4,
+        "refused_reasons": {"not a generateContent answer": 3, "key is not a sha256 digest": 1},
+    }
     assert len(cache) == 3 and cache.get_many(k for k, _ in rows) == good
     cache.close()
     assert main(["cache", "import", str(tmp_path / "mixed.parquet"), "--cache-dir", str(tmp_path / "other")]) == 0
-    assert ("3 added, 0 replaced, 0 already present (kept); refused 4: 3 not a generateContent answer, "
-            "1 key is not a sha256 digest") in capsys.readouterr().out
+    assert (
+        "3 added, 0 replaced, 0 already present (kept); refused 4: 3 not a generateContent answer, "
+        "1 key is not a sha256 digest"
+    ) in capsys.readouterr().out
 
 
 def test_malformed_cached_answer_is_that_rows_error(client, emulator, cache_dir):
@@ -412,7 +473,12 @@ def test_malformed_cached_answer_is_that_rows_error(client, emulator, cache_dir)
     keys = _keys_in(cache_dir)
     _plant(cache_dir, keys[0], mode=1, value=ENTRY + b"not json")
     _plant(cache_dir, keys[1], mode=1, value=ENTRY + b'{"candidates": [{"content": {"parts": [{"text": 5}]}}]}')
-    _plant(cache_dir, keys[2], mode=1, value=ENTRY + b'{"candidates": [{"content": {"parts": [{"inlineData": {"data": "AAAAA"}}]}}]}')
+    _plant(
+        cache_dir,
+        keys[2],
+        mode=1,
+        value=ENTRY + b'{"candidates": [{"content": {"parts": [{"inlineData": {"data": "AAAAA"}}]}}]}',
+    )
     for _ in range(2):  # every later run too
         out = frame.with_columns(reply=gf.generate("prompt", client=client)).unnest("reply")
         errors = out["error"].to_list()
@@ -469,10 +535,15 @@ OLD_KEYS = ["%064x" % n for n in (1, 2)]
 
 def _old_export(path):
     """An export as gemframe wrote it before it kept prompts: no prompt column, answers of 2020."""
-    pl.DataFrame({
-        "key": OLD_KEYS, "model": ["gemini-old"] * 2, "format": [1] * 2, "response": [A1, A3],
-        "created": [datetime(2020, 1, 1, tzinfo=timezone.utc)] * 2,
-    }).write_parquet(path)
+    pl.DataFrame(
+        {
+            "key": OLD_KEYS,
+            "model": ["gemini-old"] * 2,
+            "format": [1] * 2,
+            "response": [A1, A3],
+            "created": [datetime(2020, 1, 1, tzinfo=timezone.utc)] * 2,
+        }
+    ).write_parquet(path)
     return path
 
 
@@ -485,14 +556,18 @@ def test_cache_export_by_age_and_model_carries_prompts(client, cache_dir, tmp_pa
     talk = pl.DataFrame({"p1": ["draw a cat"], "p2": ["now make it blue"]})
     talk = talk.with_columns(r1=gf.generate("p1", client=client))
     talk.with_columns(r2=gf.generate("p2", history=gf.turns("p1", "r1"), client=client))
-    assert _cli("cache", "import", str(_old_export(tmp_path / "old.parquet")), "--cache-dir", str(cache_dir)).returncode == 0
+    assert (
+        _cli("cache", "import", str(_old_export(tmp_path / "old.parquet")), "--cache-dir", str(cache_dir)).returncode
+        == 0
+    )
 
     new, old = tmp_path / "new.parquet", tmp_path / "old-only.parquet"
     result = _cli("cache", "export", str(new), "--newer-than", "1d", "--cache-dir", str(cache_dir))
     assert result.returncode == 0 and result.stdout.startswith("exported 5 entries"), result
     exported = pl.read_parquet(new)
     assert sorted(exported["prompt"]) == sorted(
-        ["a red fox", "a blue whale\nin the sea", "x" * 2000, "draw a cat", "now make it blue"])
+        ["a red fox", "a blue whale\nin the sea", "x" * 2000, "draw a cat", "now make it blue"]
+    )
     assert set(exported["key"]).isdisjoint(OLD_KEYS)
 
     result = _cli("cache", "export", str(old), "--older-than", "1d", "--cache-dir", str(cache_dir))
@@ -515,8 +590,14 @@ def test_export_with_prompts_imports_and_round_trips(client, emulator, cache_dir
 
     other = gf.ResponseCache(tmp_path / "other")
     assert other.import_(first) == {"added": 4, "replaced": 0, "kept": 0, "refused": 0, "refused_reasons": {}}
-    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=other.directory, cache="read", progress=False) as reader:
-        out = _prompts("a red fox", "a blue whale").with_columns(reply=gf.generate("prompt", client=reader)).unnest("reply")
+    with gf.Client(
+        gf.EmulatorProvider(app=emulator), cache_dir=other.directory, cache="read", progress=False
+    ) as reader:
+        out = (
+            _prompts("a red fox", "a blue whale")
+            .with_columns(reply=gf.generate("prompt", client=reader))
+            .unnest("reply")
+        )
     assert out["error"].null_count() == 2 and out["cached"].all() and emulator.stats.requests == 2
 
     second = tmp_path / "second.parquet"
@@ -525,6 +606,8 @@ def test_export_with_prompts_imports_and_round_trips(client, emulator, cache_dir
 
 
 def test_import_refuses_a_prompt_that_is_not_text(tmp_path):
-    pl.read_parquet(_old_export(tmp_path / "old.parquet")).with_columns(prompt=pl.lit(7)).write_parquet(tmp_path / "bad.parquet")
+    pl.read_parquet(_old_export(tmp_path / "old.parquet")).with_columns(prompt=pl.lit(7)).write_parquet(
+        tmp_path / "bad.parquet"
+    )
     counts = gf.ResponseCache(tmp_path / "c").import_(tmp_path / "bad.parquet")
     assert counts["refused"] == 2 and counts["refused_reasons"] == {"prompt is not text": 2}

@@ -38,10 +38,23 @@ def installed(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("venv")
     venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=True).create(home)
     python = home / "bin" / "python"
-    command = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-               "--no-deps", "--no-build-isolation", "--no-input", "-e", str(ROOT)]
-    done = subprocess.run(command, env=_without_pythonpath(), capture_output=True, text=True,
-                          timeout=VENV_TIMEOUT, check=False)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(python),
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-input",
+        "-e",
+        str(ROOT),
+    ]
+    done = subprocess.run(
+        command, env=_without_pythonpath(), capture_output=True, text=True, timeout=VENV_TIMEOUT, check=False
+    )
     assert done.returncode == 0, done.stderr
     return home
 
@@ -54,9 +67,15 @@ def test_editable_install_wins_over_the_folder_holding_the_clone(installed, tmp_
     (parent / "gemframe").mkdir(parents=True)
     (parent / "gemframe" / "README.md").write_text("a clone of the repository\n")
     probe = "import gemframe; print(gemframe.__file__); print(gemframe.Client.__name__)"
-    done = subprocess.run([str(installed / "bin" / "python"), "-c", probe], cwd=parent,
-                          env=_without_pythonpath(), capture_output=True, text=True, timeout=60,
-                          check=False)
+    done = subprocess.run(
+        [str(installed / "bin" / "python"), "-c", probe],
+        cwd=parent,
+        env=_without_pythonpath(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     where, name = done.stdout.split()
     assert Path(where) == ROOT / "gemframe" / "__init__.py" and name == "Client"
@@ -68,9 +87,15 @@ def test_install_brings_the_emulator_server(installed):
     emulator`` serves with, must be among them without an extra. Then the installed command
     serves the emulator."""
     probe = "import importlib.metadata as m; print('\\n'.join(m.requires('gemframe')))"
-    done = subprocess.run([str(installed / "bin" / "python"), "-c", probe], cwd=installed,
-                          env=_without_pythonpath(), capture_output=True, text=True, timeout=60,
-                          check=False)
+    done = subprocess.run(
+        [str(installed / "bin" / "python"), "-c", probe],
+        cwd=installed,
+        env=_without_pythonpath(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     unconditional = [r for r in done.stdout.splitlines() if ";" not in r]
     assert any(re.match(r"uvicorn\b", r) for r in unconditional), unconditional
@@ -80,8 +105,12 @@ def test_install_brings_the_emulator_server(installed):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([str(installed / "bin" / "gemframe"), "emulator", "--port", str(port)],
-                              env=_without_pythonpath(), stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [str(installed / "bin" / "gemframe"), "emulator", "--port", str(port)],
+        env=_without_pythonpath(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}/v1beta/models/gemini-2.5-flash:generateContent"
         body = {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
@@ -102,8 +131,14 @@ def test_install_brings_the_emulator_server(installed):
 
 
 def _gemframe(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gemframe", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "gemframe", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _one_line_error(done: subprocess.CompletedProcess) -> str:
@@ -129,8 +164,12 @@ def test_missing_or_foreign_input_is_one_line_not_a_traceback(tmp_path):
     missing = str(tmp_path / "missing.parquet")
     out = str(tmp_path / "out.parquet")
 
-    for args in (("run", missing, out, "--emulator"), ("run", missing, out, "--emulator", "--dry-run"),
-                 ("report", missing), ("manifest", missing)):
+    for args in (
+        ("run", missing, out, "--emulator"),
+        ("run", missing, out, "--emulator", "--dry-run"),
+        ("report", missing),
+        ("manifest", missing),
+    ):
         assert "missing.parquet: no such file" in _one_line_error(_gemframe(*args))
     assert "no reply fields" in _one_line_error(_gemframe("report", str(plain)))
     assert "has no gemframe manifest" in _one_line_error(_gemframe("manifest", str(plain)))
@@ -159,10 +198,25 @@ def test_rpm_paces_the_run_at_the_server(tmp_path):
     app = _Arrivals()
     served = ServedEmulator(app)
     try:
-        done = _gemframe("run", str(source), str(tmp_path / "out.parquet"), "--provider", "google",
-                         "--base-url", served.url, "--cache-dir", str(tmp_path / "cache"),
-                         "--rpm", str(rpm), "--tpm", "4000000", "--no-progress",
-                         "--concurrency", "16", GEMINI_API_KEY="test-key")
+        done = _gemframe(
+            "run",
+            str(source),
+            str(tmp_path / "out.parquet"),
+            "--provider",
+            "google",
+            "--base-url",
+            served.url,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--rpm",
+            str(rpm),
+            "--tpm",
+            "4000000",
+            "--no-progress",
+            "--concurrency",
+            "16",
+            GEMINI_API_KEY="test-key",
+        )
     finally:
         served.stop()
     assert done.returncode == 0, done.stderr

@@ -27,7 +27,9 @@ def _three_turns(df: pl.DataFrame, **kw) -> pl.DataFrame:
 
 @pytest.fixture
 def frame():
-    return pl.DataFrame({"p1": ["A red fox in the snow", "A lighthouse"], "p2": "Make it night", "p3": "Add a full moon"})
+    return pl.DataFrame(
+        {"p1": ["A red fox in the snow", "A lighthouse"], "p2": "Make it night", "p3": "Add a full moon"}
+    )
 
 
 def test_three_turns_send_both_earlier_turns_with_their_signatures(client, emulator, frame):
@@ -146,6 +148,9 @@ def test_history_must_be_a_list_of_turns(client, emulator):
     out = bad_role.with_columns(reply=gf.generate("prompt", history="history", client=client))
     assert "use 'user' or 'model'" in out["reply"][0]["error"]["message"]
     assert emulator.stats.requests == 0
-    assert pl.DataFrame({"p": ["a"], "r": [None]}, schema={"p": pl.String, "r": gf.REPLY_DTYPE}).with_columns(
-        h=gf.turns("p", "r")
-    ).schema["h"] == gf.HISTORY_DTYPE
+    assert (
+        pl.DataFrame({"p": ["a"], "r": [None]}, schema={"p": pl.String, "r": gf.REPLY_DTYPE})
+        .with_columns(h=gf.turns("p", "r"))
+        .schema["h"]
+        == gf.HISTORY_DTYPE
+    )

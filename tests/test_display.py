@@ -89,10 +89,14 @@ def test_image_files_never_write_through_a_planted_symlink(replies, client, tmp_
         (tmp_path / directory).mkdir()
         for name in names:
             (tmp_path / directory / f"{name}.{os.getpid()}.tmp").symlink_to(victim)
-    files = replies.with_columns(reply=gf.generate("prompt", config=IMAGES, image_dir=str(tmp_path / "generated"), client=client))
+    files = replies.with_columns(
+        reply=gf.generate("prompt", config=IMAGES, image_dir=str(tmp_path / "generated"), client=client)
+    )
     saved = gf.save_images(replies["reply"], tmp_path / "saved")
     assert victim.read_bytes() == b"precious"
-    written = [i["path"] for r in files["reply"].to_list() for i in r["images"]] + [p for ps in saved.to_list() for p in ps]
+    written = [i["path"] for r in files["reply"].to_list() for i in r["images"]] + [
+        p for ps in saved.to_list() for p in ps
+    ]
     assert sorted(Path(p).name for p in written) == sorted(names * 2)
     assert all(not Path(p).is_symlink() and Path(p).read_bytes().startswith(b"\x89PNG") for p in written)
 
@@ -106,7 +110,9 @@ def test_show_and_save_images_embed_only_images(tmp_path, image_bytes):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     png = image_bytes("PNG", (10, 10))
-    values = pl.Series("images", [str(notes), str(fifo), "/dev/zero", str(tmp_path), png, b"<svg onload=alert(1)>"], dtype=pl.Object)
+    values = pl.Series(
+        "images", [str(notes), str(fifo), "/dev/zero", str(tmp_path), png, b"<svg onload=alert(1)>"], dtype=pl.Object
+    )
     markup = gf.show(pl.Series("images", [[v] for v in values.to_list()], dtype=pl.Object), n=10).data
     srcs = _srcs(markup)
     assert srcs == [f"data:image/png;base64,{base64.b64encode(png).decode()}"]

@@ -46,7 +46,7 @@ class _Images:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            def do_GET(self):
                 with server.lock:
                     server.requests[self.path] += 1
                     server.in_flight += 1
@@ -120,8 +120,9 @@ def images():
 
 
 def _client(emulator, cache_dir, **options):
-    return gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False,
-                     allow_private_urls=True, **options)
+    return gf.Client(
+        gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False, allow_private_urls=True, **options
+    )
 
 
 def _errors(frame):
@@ -166,10 +167,12 @@ def test_the_same_image_from_a_url_or_a_file_is_one_cached_answer(images, emulat
     (tmp_path / "3.png").write_bytes(_png(3))
     with _client(emulator, cache_dir) as client:
         pl.DataFrame({"prompt": ["describe"], "img": [str(tmp_path / "3.png")]}).with_columns(
-            reply=gf.generate("prompt", images="img", client=client))
+            reply=gf.generate("prompt", images="img", client=client)
+        )
         emulator.reset_stats()
         out = pl.DataFrame({"prompt": ["describe"], "img": server.urls(4)[3:]}).with_columns(
-            reply=gf.generate("prompt", images="img", client=client))
+            reply=gf.generate("prompt", images="img", client=client)
+        )
     assert out["reply"][0]["cached"] and emulator.stats.requests == 0
 
 
@@ -222,7 +225,9 @@ def test_cache_off_keeps_nothing(images, emulator, cache_dir):
 
 
 def _gemframe(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "gemframe", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gemframe", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_cache_commands_cover_the_url_store(images, emulator, cache_dir, tmp_path):
@@ -238,12 +243,20 @@ def test_cache_commands_cover_the_url_store(images, emulator, cache_dir, tmp_pat
     text = _gemframe("cache", "stats", "--cache-dir", str(cache_dir)).stdout
     assert "3 image URLs (3 images" in text
 
-    exported = _gemframe("cache", "export", str(tmp_path / "a.parquet"), "--urls", str(tmp_path / "u.parquet"),
-                         "--cache-dir", str(cache_dir))
+    exported = _gemframe(
+        "cache",
+        "export",
+        str(tmp_path / "a.parquet"),
+        "--urls",
+        str(tmp_path / "u.parquet"),
+        "--cache-dir",
+        str(cache_dir),
+    )
     assert exported.returncode == 0 and "exported 3 image URLs" in exported.stdout, exported.stderr
     other = tmp_path / "other-cache"
-    imported = _gemframe("cache", "import", str(tmp_path / "a.parquet"), "--urls", str(tmp_path / "u.parquet"),
-                         "--cache-dir", str(other))
+    imported = _gemframe(
+        "cache", "import", str(tmp_path / "a.parquet"), "--urls", str(tmp_path / "u.parquet"), "--cache-dir", str(other)
+    )
     assert imported.returncode == 0 and "3 image URLs added" in imported.stdout, imported.stderr
     server.stop()  # the imported cache replays the URL dataset on its own
     with _client(emulator, other, cache="read") as client:

@@ -69,16 +69,12 @@ def parts(response: httpx.Response, candidate: int = 0) -> list[dict]:
 
 
 def text(response: httpx.Response, candidate: int = 0) -> str:
-    return "".join(
-        p["text"] for p in parts(response, candidate) if "text" in p and not p.get("thought")
-    )
+    return "".join(p["text"] for p in parts(response, candidate) if "text" in p and not p.get("thought"))
 
 
 def png_parts(response: httpx.Response) -> list[Image.Image]:
     return [
-        Image.open(io.BytesIO(base64.b64decode(p["inlineData"]["data"])))
-        for p in parts(response)
-        if "inlineData" in p
+        Image.open(io.BytesIO(base64.b64decode(p["inlineData"]["data"]))) for p in parts(response) if "inlineData" in p
     ]
 
 
@@ -143,9 +139,7 @@ def test_describes_pdf_and_rejects_other_bytes():
 
 def test_system_instruction_and_history():
     body = {
-        "systemInstruction": {
-            "parts": [{"text": "You are a terse assistant who answers in French."}]
-        },
+        "systemInstruction": {"parts": [{"text": "You are a terse assistant who answers in French."}]},
         "contents": [
             {"role": "user", "parts": [{"text": "Hi"}]},
             {"role": "model", "parts": [{"text": "Bonjour! How can I help you today, my friend?"}]},
@@ -238,9 +232,7 @@ def test_json_mode_follows_json_schema():
             "kind": {"anyOf": [{"const": "fixed"}, {"type": "integer"}]},
             "when": {"type": "string", "format": "date"},
         },
-        "$defs": {
-            "item": {"type": "object", "properties": {"qty": {"type": "integer", "maximum": 5}}}
-        },
+        "$defs": {"item": {"type": "object", "properties": {"qty": {"type": "integer", "maximum": 5}}}},
     }
     config = {"responseMimeType": "application/json", "responseJsonSchema": schema}
     value = json.loads(text(post(Emulator(), ask("Order list", **config))))
@@ -262,9 +254,7 @@ def test_candidate_count():
     assert [c["index"] for c in candidates] == [0, 1, 2]
     assert text(r, 0) == 'Emulated reply to: "Name a colour".'
     assert text(r, 2) == 'Emulated reply to: "Name a colour". [candidate 2]'
-    assert r.json()["usageMetadata"]["candidatesTokenCount"] == sum(
-        -(-len(text(r, i)) // 4) for i in range(3)
-    )
+    assert r.json()["usageMetadata"]["candidatesTokenCount"] == sum(-(-len(text(r, i)) // 4) for i in range(3))
 
 
 def test_thoughts_part():
@@ -307,9 +297,7 @@ def test_image_generation_from_prompt():
 
 def test_image_edit_differs_from_input_and_from_generation():
     source = image_bytes("PNG", (120, 80), (30, 120, 200))
-    edit = png_parts(
-        post(Emulator(), ask("Add a hat", inline(source), responseModalities=["IMAGE"]))
-    )[0]
+    edit = png_parts(post(Emulator(), ask("Add a hat", inline(source), responseModalities=["IMAGE"])))[0]
     drawn = png_parts(post(Emulator(), ask("Add a hat", responseModalities=["IMAGE"])))[0]
     original = Image.open(io.BytesIO(source)).convert("RGB")
     assert edit.width == 256 and edit.tobytes() != drawn.tobytes()
@@ -345,7 +333,9 @@ def test_every_image_part_is_signed_and_must_come_back_signed():
 
     assert post(emu, follow_up(answer)).status_code == 200
     google_error(
-        post(emu, follow_up([answer[0], image])), 400, "INVALID_ARGUMENT",
+        post(emu, follow_up([answer[0], image])),
+        400,
+        "INVALID_ARGUMENT",
         "Image part is missing a thought_signature in content position 2, part position 2",
     )
     skip = {**image, "thoughtSignature": "skip_thought_signature_validator"}
@@ -423,8 +413,7 @@ def blob(data: str, mime: str = "image/png") -> dict:
 
 SAY_X = {"text": "x"}
 BASE64_ERROR = (
-    "Invalid value at 'contents[0].parts[1].inline_data.data' (TYPE_BYTES), "
-    'Base64 decoding failed for "@@not'
+    "Invalid value at 'contents[0].parts[1].inline_data.data' (TYPE_BYTES), Base64 decoding failed for \"@@not"
 )
 OBJECT_WITH_EXTRA = {
     "type": "OBJECT",
@@ -543,13 +532,9 @@ def test_segmind_api_key():
     assert missing.status_code == 401
     assert missing.json() == {"error": "Missing Authorization or x-api-key in header"}
     wrong = post(emu, body, url=SEGMIND, headers={"x-api-key": "nope"})
-    assert wrong.status_code == 401 and wrong.json()["error"].startswith(
-        "Unauthorized. API key is invalid"
-    )
+    assert wrong.status_code == 401 and wrong.json()["error"].startswith("Unauthorized. API key is invalid")
     assert post(emu, body, url=SEGMIND, headers={"x-api-key": "sekret"}).status_code == 200
-    assert (
-        post(emu, body, url=SEGMIND, headers={"authorization": "Bearer sekret"}).status_code == 200
-    )
+    assert post(emu, body, url=SEGMIND, headers={"authorization": "Bearer sekret"}).status_code == 200
 
 
 # --- Segmind ---------------------------------------------------------------------------------
@@ -567,9 +552,7 @@ def test_segmind_unwraps_messages_like_google():
     }
     via_segmind, via_google = post(Emulator(), segmind, url=SEGMIND), post(Emulator(), google)
     assert text(via_segmind) == text(via_google)
-    assert "Image 1: PNG 64x48." in text(via_segmind) and "(system: You are a helpful" in text(
-        via_segmind
-    )
+    assert "Image 1: PNG 64x48." in text(via_segmind) and "(system: You are a helpful" in text(via_segmind)
     assert via_segmind.json()["usageMetadata"] == via_google.json()["usageMetadata"]
 
 
@@ -617,9 +600,7 @@ def test_fail_first_with_retry_after():
 def test_fail_first_429_carries_retry_info():
     emu = Emulator(fail_first=1, fail_status=429, retry_after=2)
     error = google_error(post(emu, ask("x")), 429, "RESOURCE_EXHAUSTED", "exhausted")
-    assert error["details"] == [
-        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}
-    ]
+    assert error["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}]
     segmind = post(emu, {"messages": ask("x")}, url=SEGMIND)
     assert segmind.status_code == 429 and isinstance(segmind.json()["error"], str)
     assert segmind.headers["retry-after"] == "2" and "x-rate-limit-reset-at-utc" in segmind.headers
@@ -631,9 +612,7 @@ def test_stats_count_requests_bodies_and_concurrency():
 
     async def burst() -> list[httpx.Response]:
         async with client(emu) as c:
-            return await asyncio.gather(
-                *(c.post(GENERATE, json=ask(f"q{i % 3}")) for i in range(6))
-            )
+            return await asyncio.gather(*(c.post(GENERATE, json=ask(f"q{i % 3}")) for i in range(6)))
 
     assert all(r.status_code == 200 for r in asyncio.run(burst()))
     # Concurrent, not serial: all six were in flight at once (max_in_flight below), which a
@@ -662,16 +641,12 @@ def test_count_tokens_matches_usage():
     body = ask("Count these tokens please", inline(image_bytes()))
     body["systemInstruction"] = {"parts": [{"text": "Be nice"}]}
     usage = post(emu, body).json()["usageMetadata"]
-    wrapped = post(
-        emu, {"generateContentRequest": {"model": "models/gemini-2.5-flash", **body}}, url=COUNT
-    )
+    wrapped = post(emu, {"generateContentRequest": {"model": "models/gemini-2.5-flash", **body}}, url=COUNT)
     assert wrapped.json()["totalTokens"] == usage["promptTokenCount"]
     bare = post(emu, {"contents": body["contents"]}, url=COUNT).json()
     assert bare["totalTokens"] == usage["promptTokenCount"] - 2  # without the system instruction
     assert emu.stats.requests == 1  # countTokens is not a generate call
-    google_error(
-        post(emu, {"contents": []}, url=COUNT), 400, "INVALID_ARGUMENT", "contents is not specified"
-    )
+    google_error(post(emu, {"contents": []}, url=COUNT), 400, "INVALID_ARGUMENT", "contents is not specified")
 
 
 # --- TCP -------------------------------------------------------------------------------------
@@ -741,12 +716,15 @@ def test_declared_oversized_body_is_refused_unread(served_emulator):
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
         sock.sendall(
             f"POST {GENERATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {50 * LIMIT}\r\n\r\n".encode() + b'{"contents": [' + b" " * 65536
+            f"Content-Length: {50 * LIMIT}\r\n\r\n".encode()
+            + b'{"contents": ['
+            + b" " * 65536
         )  # 64 KiB of a declared 1 GiB: a server that reads the body first never answers
         status, body = _http_response(sock)
     assert status == 413
     assert json.loads(body)["error"] == {
-        "code": 413, "status": "INVALID_ARGUMENT",
+        "code": 413,
+        "status": "INVALID_ARGUMENT",
         "message": "Request payload size exceeds the limit: 20971520 bytes.",
     }
     assert server.emulator.stats.requests == 1 and not server.emulator.stats.by_body
@@ -942,7 +920,9 @@ def test_the_emulator_imports_nothing_of_the_client_side(repo_root):
     import ast
 
     modules = sorted((repo_root / "gemframe" / "emulator").glob("*.py"))
-    assert {"app.py", "answers.py", "validation.py", "render.py", "batch.py", "provider.py"} <= {p.name for p in modules}
+    assert {"app.py", "answers.py", "validation.py", "render.py", "batch.py", "provider.py"} <= {
+        p.name for p in modules
+    }
     reaching_out = []
     for path in modules:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -966,13 +946,30 @@ def test_a_model_no_gemini_model_has_is_the_real_apis_404():
             "Call ListModels to see the list of available models and their supported methods."
         )
     batch = {"batch": {"input_config": {"requests": {"requests": [{"request": ask("x")}]}}}}
-    google_error(post(emu, batch, url="/v1beta/models/gemini-2.5-flsh:batchGenerateContent"), 404, "NOT_FOUND", "gemini-2.5-flsh is not found")
+    google_error(
+        post(emu, batch, url="/v1beta/models/gemini-2.5-flsh:batchGenerateContent"),
+        404,
+        "NOT_FOUND",
+        "gemini-2.5-flsh is not found",
+    )
     assert emu.batches.creates == 0
-    for model in ("gemini-2.5-flash", "gemini-2.5-flash-preview-05-20", "gemini-2.0-flash-001", "gemini-flash-latest",
-                  "gemini-2.0-flash-preview-image-generation", "gemini-2.5-flash-image-preview", "emulator-small"):
+    for model in (
+        "gemini-2.5-flash",
+        "gemini-2.5-flash-preview-05-20",
+        "gemini-2.0-flash-001",
+        "gemini-flash-latest",
+        "gemini-2.0-flash-preview-image-generation",
+        "gemini-2.5-flash-image-preview",
+        "emulator-small",
+    ):
         assert post(emu, ask("x"), url=f"/v1beta/models/{model}:generateContent").status_code == 200, model
-    assert post(Emulator(models=None), ask("x"), url="/v1beta/models/gemini-2.5-flsh:generateContent").status_code == 200
-    assert post(Emulator(models=["my-model"]), ask("x"), url="/v1beta/models/my-model-001:generateContent").status_code == 200
+    assert (
+        post(Emulator(models=None), ask("x"), url="/v1beta/models/gemini-2.5-flsh:generateContent").status_code == 200
+    )
+    assert (
+        post(Emulator(models=["my-model"]), ask("x"), url="/v1beta/models/my-model-001:generateContent").status_code
+        == 200
+    )
 
 
 def test_a_misspelt_model_fails_the_call_once_with_a_did_you_mean(tmp_path):
@@ -982,7 +979,9 @@ def test_a_misspelt_model_fails_the_call_once_with_a_did_you_mean(tmp_path):
 
     emu = Emulator()
     frame = pl.DataFrame({"prompt": ["a", "b", "c"]})
-    with gf.Client(gf.EmulatorProvider(app=emu), model="gemini-2.5-flsh", cache_dir=str(tmp_path), progress=False, concurrency=1) as client:
+    with gf.Client(
+        gf.EmulatorProvider(app=emu), model="gemini-2.5-flsh", cache_dir=str(tmp_path), progress=False, concurrency=1
+    ) as client:
         with pytest.raises(gf.NotFoundError) as caught:
             frame.with_columns(gf.generate("prompt", client=client))
     text = str(caught.value)
@@ -998,8 +997,11 @@ UPLOAD = "/upload/v1beta/files"
 
 def start_upload(c: httpx.AsyncClient, size: int | None, mime: str = "image/png"):
     """Start a resumable upload (a coroutine: await it)."""
-    sent = {"X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
-            "X-Goog-Upload-Header-Content-Type": mime}
+    sent = {
+        "X-Goog-Upload-Protocol": "resumable",
+        "X-Goog-Upload-Command": "start",
+        "X-Goog-Upload-Header-Content-Type": mime,
+    }
     if size is not None:
         sent["X-Goog-Upload-Header-Content-Length"] = str(size)
     return c.post(UPLOAD, json={"file": {"displayName": "d"}}, headers=sent)
@@ -1065,7 +1067,12 @@ def test_upload_size_limits_refuse_bytes_before_holding_them():
     google_error(seen["declared too big"], 413, "INVALID_ARGUMENT", "File size exceeds the limit: 1000 bytes.")
     assert seen["stored"].json()["file"]["sizeBytes"] == "900"
     google_error(seen["no room left"], 413, "INVALID_ARGUMENT", "Files storage limit exceeded: at most 1500 bytes")
-    google_error(seen["past declared"], 400, "INVALID_ARGUMENT", "exceeds the declared X-Goog-Upload-Header-Content-Length of 10 bytes")
+    google_error(
+        seen["past declared"],
+        400,
+        "INVALID_ARGUMENT",
+        "exceeds the declared X-Goog-Upload-Header-Content-Length of 10 bytes",
+    )
     google_error(seen["past total"], 413, "INVALID_ARGUMENT", "Files storage limit exceeded")
     assert not emu.files.sessions and emu.files._used() == 900
 
@@ -1073,15 +1080,21 @@ def test_upload_size_limits_refuse_bytes_before_holding_them():
 def test_an_upload_chunk_over_the_limit_is_refused_unread(served_emulator):
     """A chunk declaring more than the session may take: 413 at once, its bytes never sent."""
     server = served_emulator(file_max_bytes=1 << 20)
-    start = httpx.post(f"{server.url}{UPLOAD}", json={}, headers={
-        "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
-        "X-Goog-Upload-Header-Content-Type": "video/mp4",
-    })
+    start = httpx.post(
+        f"{server.url}{UPLOAD}",
+        json={},
+        headers={
+            "X-Goog-Upload-Protocol": "resumable",
+            "X-Goog-Upload-Command": "start",
+            "X-Goog-Upload-Header-Content-Type": "video/mp4",
+        },
+    )
     path = start.headers["x-goog-upload-url"].removeprefix(server.url)
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Goog-Upload-Command: upload, finalize\r\n"
-            f"X-Goog-Upload-Offset: 0\r\nContent-Length: {1 << 30}\r\n\r\n".encode() + b"\0" * 65536
+            f"X-Goog-Upload-Offset: 0\r\nContent-Length: {1 << 30}\r\n\r\n".encode()
+            + b"\0" * 65536
         )  # 64 KiB of a declared 1 GiB: a server that reads it first never answers
         status, body = _http_response(sock)
     assert status == 413 and b"File size exceeds the limit: 1048576 bytes." in body
@@ -1090,7 +1103,12 @@ def test_an_upload_chunk_over_the_limit_is_refused_unread(served_emulator):
 
 def test_file_data_naming_a_missing_file_is_the_apis_403_and_other_uris_stay_flat():
     emu = Emulator()
-    missing = {"fileData": {"mimeType": "image/png", "fileUri": "https://generativelanguage.googleapis.com/v1beta/files/abc123"}}
+    missing = {
+        "fileData": {
+            "mimeType": "image/png",
+            "fileUri": "https://generativelanguage.googleapis.com/v1beta/files/abc123",
+        }
+    }
     error = google_error(post(emu, ask("x", missing)), 403, "PERMISSION_DENIED", "")
     assert error["message"] == "You do not have permission to access the File abc123 or it may not exist."
     youtube = {"fileData": {"mimeType": "video/mp4", "fileUri": "https://www.youtube.com/watch?v=9hE5-98ZeCg"}}
@@ -1105,39 +1123,79 @@ def test_cached_content_errors_and_counts():
 
     async def go() -> dict[str, httpx.Response]:
         async with client(emu) as c:
-            seen = {"both expiries": await c.post("/v1beta/cachedContents", json={
-                "model": "models/gemini-2.5-flash", "contents": contents, "ttl": "60s",
-                "expireTime": "2030-01-01T00:00:00Z"})}
-            seen["bad ttl"] = await c.post("/v1beta/cachedContents", json={
-                "model": "models/gemini-2.5-flash", "contents": contents, "ttl": "an hour"})
-            seen["unknown model"] = await c.post("/v1beta/cachedContents", json={
-                "model": "models/gemini-2.5-flsh", "contents": contents})
-            made = await c.post("/v1beta/cachedContents", json={
-                "model": "models/gemini-2.5-flash", "contents": contents, "expireTime": "2099-01-01T00:00:00.5Z"})
+            seen = {
+                "both expiries": await c.post(
+                    "/v1beta/cachedContents",
+                    json={
+                        "model": "models/gemini-2.5-flash",
+                        "contents": contents,
+                        "ttl": "60s",
+                        "expireTime": "2030-01-01T00:00:00Z",
+                    },
+                )
+            }
+            seen["bad ttl"] = await c.post(
+                "/v1beta/cachedContents",
+                json={"model": "models/gemini-2.5-flash", "contents": contents, "ttl": "an hour"},
+            )
+            seen["unknown model"] = await c.post(
+                "/v1beta/cachedContents", json={"model": "models/gemini-2.5-flsh", "contents": contents}
+            )
+            made = await c.post(
+                "/v1beta/cachedContents",
+                json={"model": "models/gemini-2.5-flash", "contents": contents, "expireTime": "2099-01-01T00:00:00.5Z"},
+            )
             name = made.json()["name"]
             seen["made"] = made
             seen["patch model"] = await c.patch(f"/v1beta/{name}", json={"model": "models/gemini-2.5-pro"})
-            seen["with system"] = await c.post(GENERATE, json={
-                **ask("q"), "cachedContent": name, "systemInstruction": {"parts": [{"text": "s"}]}})
-            seen["other model"] = await c.post("/v1beta/models/gemini-2.0-flash:generateContent", json={
-                **ask("q"), "cachedContent": name})
+            seen["with system"] = await c.post(
+                GENERATE, json={**ask("q"), "cachedContent": name, "systemInstruction": {"parts": [{"text": "s"}]}}
+            )
+            seen["other model"] = await c.post(
+                "/v1beta/models/gemini-2.0-flash:generateContent", json={**ask("q"), "cachedContent": name}
+            )
             seen["missing"] = await c.post(GENERATE, json={**ask("q"), "cachedContent": "cachedContents/nope"})
-            seen["count"] = await c.post(COUNT, json={"generateContentRequest": {
-                "model": "models/gemini-2.5-flash", **ask("q"), "cachedContent": name}})
+            seen["count"] = await c.post(
+                COUNT,
+                json={
+                    "generateContentRequest": {"model": "models/gemini-2.5-flash", **ask("q"), "cachedContent": name}
+                },
+            )
             return seen
 
     seen = asyncio.run(go())
     google_error(seen["both expiries"], 400, "INVALID_ARGUMENT", "only one of ttl and expire_time")
-    google_error(seen["bad ttl"], 400, "INVALID_ARGUMENT", "Invalid value at 'cached_content.ttl' (type.googleapis.com/google.protobuf.Duration)")
-    google_error(seen["unknown model"], 404, "NOT_FOUND", "models/gemini-2.5-flsh is not found for API version v1beta, or is not supported for createCachedContent")
+    google_error(
+        seen["bad ttl"],
+        400,
+        "INVALID_ARGUMENT",
+        "Invalid value at 'cached_content.ttl' (type.googleapis.com/google.protobuf.Duration)",
+    )
+    google_error(
+        seen["unknown model"],
+        404,
+        "NOT_FOUND",
+        "models/gemini-2.5-flsh is not found for API version v1beta, or is not supported for createCachedContent",
+    )
     assert seen["made"].json()["expireTime"] == "2099-01-01T00:00:00.500000Z"
     assert seen["made"].json()["usageMetadata"] == {"totalTokenCount": 50}
     google_error(seen["patch model"], 400, "INVALID_ARGUMENT", "Only the expiration (ttl or expire_time)")
-    google_error(seen["with system"], 400, "INVALID_ARGUMENT", "CachedContent can not be used with GenerateContent request setting system_instruction, tools or tool_config.")
-    google_error(seen["other model"], 400, "INVALID_ARGUMENT", "Model used by GenerateContent request (models/gemini-2.0-flash) and CachedContent (models/gemini-2.5-flash) has to be the same.")
+    google_error(
+        seen["with system"],
+        400,
+        "INVALID_ARGUMENT",
+        "CachedContent can not be used with GenerateContent request setting system_instruction, tools or tool_config.",
+    )
+    google_error(
+        seen["other model"],
+        400,
+        "INVALID_ARGUMENT",
+        "Model used by GenerateContent request (models/gemini-2.0-flash) and CachedContent (models/gemini-2.5-flash) has to be the same.",
+    )
     google_error(seen["missing"], 403, "PERMISSION_DENIED", "CachedContent not found (or permission denied)")
     assert seen["count"].json() == {
-        "totalTokens": 51, "cachedContentTokenCount": 50,
+        "totalTokens": 51,
+        "cachedContentTokenCount": 50,
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 51}],
     }
 
@@ -1159,8 +1217,11 @@ def test_a_finished_batch_carries_its_output_in_the_batch_resource_and_the_respo
     output = operation["metadata"]["output"]["inlinedResponses"]["inlinedResponses"]
     assert output == operation["response"]["inlinedResponses"]["inlinedResponses"]
     assert output[0]["response"]["candidates"][0]["content"]["parts"][0]["text"] == 'Emulated reply to: "a".'
-    assert output[1] == {"error": {  # a per-request error keeps its own status
-        "code": 403, "status": "PERMISSION_DENIED",
-        "message": "You do not have permission to access the File gone or it may not exist.",
-    }}
+    assert output[1] == {
+        "error": {  # a per-request error keeps its own status
+            "code": 403,
+            "status": "PERMISSION_DENIED",
+            "message": "You do not have permission to access the File gone or it may not exist.",
+        }
+    }
     assert operation["metadata"]["endTime"] >= operation["metadata"]["createTime"]

@@ -48,7 +48,11 @@ def test_files_upload_get_list_generate_and_delete(sdk, image_bytes):
     png = upload(client, image_bytes("PNG", (40, 30)), "image/png", "square")
     pdf = upload(client, PDF_2_PAGES, "application/pdf", "two pages")
     assert png.name.startswith("files/") and png.state == types.FileState.ACTIVE
-    assert (png.mime_type, png.size_bytes, png.display_name) == ("image/png", len(image_bytes("PNG", (40, 30))), "square")
+    assert (png.mime_type, png.size_bytes, png.display_name) == (
+        "image/png",
+        len(image_bytes("PNG", (40, 30))),
+        "square",
+    )
     assert png.uri == f"{server.url}/v1/{png.name}"
     assert png.expiration_time - png.create_time == datetime.timedelta(hours=48)
     assert png.sha256_hash and png.source == types.FileSource.UPLOADED
@@ -58,11 +62,14 @@ def test_files_upload_get_list_generate_and_delete(sdk, image_bytes):
     listed = [f.name for f in client.files.list(config={"page_size": 1})]  # two pages of one
     assert listed == [png.name, pdf.name]
 
-    reply = client.models.generate_content(model="gemini-2.5-flash", contents=[
-        types.Part.from_uri(file_uri=png.uri, mime_type=png.mime_type),
-        types.Part.from_uri(file_uri=pdf.uri, mime_type=pdf.mime_type),
-        "Describe both.",
-    ])
+    reply = client.models.generate_content(
+        model="gemini-2.5-flash",
+        contents=[
+            types.Part.from_uri(file_uri=png.uri, mime_type=png.mime_type),
+            types.Part.from_uri(file_uri=pdf.uri, mime_type=pdf.mime_type),
+            "Describe both.",
+        ],
+    )
     # Counted and described as the same bytes sent inline would be: 258 per image, per page.
     assert "Image 1: PNG 40x30." in reply.text and "Document 1: PDF" in reply.text
     details = {d.modality.value: d.token_count for d in reply.usage_metadata.prompt_tokens_details}
@@ -73,9 +80,13 @@ def test_files_upload_get_list_generate_and_delete(sdk, image_bytes):
         client.files.get(name=png.name)
     assert gone.value.code == 403 and "may not exist" in gone.value.message
     with pytest.raises(errors.ClientError) as used:
-        client.models.generate_content(model="gemini-2.5-flash", contents=[
-            types.Part.from_uri(file_uri=png.uri, mime_type="image/png"), "Again.",
-        ])
+        client.models.generate_content(
+            model="gemini-2.5-flash",
+            contents=[
+                types.Part.from_uri(file_uri=png.uri, mime_type="image/png"),
+                "Again.",
+            ],
+        )
     assert used.value.code == 403 and used.value.status == "PERMISSION_DENIED"
     assert [f.name for f in client.files.list()] == [pdf.name]
 
@@ -113,9 +124,15 @@ def test_a_file_expires_48_hours_after_upload(sdk, image_bytes):
 def test_caches_create_get_list_update_delete_and_generate(sdk):
     client, _, clock = sdk()
     document = "word " * 5000  # 25,000 characters: 6,250 tokens
-    cache = client.caches.create(model="gemini-2.5-flash", config=types.CreateCachedContentConfig(
-        contents=[document], system_instruction="Be terse.", ttl="300s", display_name="manual",
-    ))
+    cache = client.caches.create(
+        model="gemini-2.5-flash",
+        config=types.CreateCachedContentConfig(
+            contents=[document],
+            system_instruction="Be terse.",
+            ttl="300s",
+            display_name="manual",
+        ),
+    )
     assert cache.name.startswith("cachedContents/") and cache.model == "models/gemini-2.5-flash"
     assert cache.usage_metadata.total_token_count == 6250 + 3  # contents and system instruction
     assert (cache.expire_time - cache.create_time).total_seconds() == 300
@@ -126,7 +143,8 @@ def test_caches_create_get_list_update_delete_and_generate(sdk):
     assert (updated.expire_time - cache.create_time).total_seconds() == 700
 
     reply = client.models.generate_content(
-        model="gemini-2.5-flash", contents="Summarise it.",
+        model="gemini-2.5-flash",
+        contents="Summarise it.",
         config=types.GenerateContentConfig(cached_content=cache.name),
     )
     usage = reply.usage_metadata
@@ -150,18 +168,21 @@ def test_a_cache_under_the_models_minimum_is_refused_and_one_past_its_ttl_is_gon
     assert (cache.expire_time - cache.create_time).total_seconds() == 3600  # the default TTL
     clock.now += 3600
     with pytest.raises(errors.ClientError) as expired:
-        client.models.generate_content(
-            model="gemini-2.5-flash", contents="Hi.", config={"cached_content": cache.name}
-        )
+        client.models.generate_content(model="gemini-2.5-flash", contents="Hi.", config={"cached_content": cache.name})
     assert expired.value.code == 403 and "CachedContent not found" in expired.value.message
 
 
 def test_a_cache_holds_uploaded_files(sdk, image_bytes):
     client, _, _ = sdk(cache_min_tokens=100)
     file = upload(client, PDF_2_PAGES, "application/pdf", "doc")
-    cache = client.caches.create(model="gemini-2.5-flash", config={"contents": [
-        types.Content(role="user", parts=[types.Part.from_uri(file_uri=file.uri, mime_type="application/pdf")]),
-    ]})
+    cache = client.caches.create(
+        model="gemini-2.5-flash",
+        config={
+            "contents": [
+                types.Content(role="user", parts=[types.Part.from_uri(file_uri=file.uri, mime_type="application/pdf")]),
+            ]
+        },
+    )
     assert cache.usage_metadata.total_token_count == 2 * 258
     reply = client.models.generate_content(
         model="gemini-2.5-flash", contents="What is in it?", config={"cached_content": cache.name}
@@ -172,10 +193,13 @@ def test_a_cache_holds_uploaded_files(sdk, image_bytes):
 
 def test_batches_get_shows_the_results_of_a_succeeded_job(sdk):
     client, _, _ = sdk(batch_polls=2)
-    job = client.batches.create(model="gemini-2.5-flash", src=[
-        {"contents": [{"role": "user", "parts": [{"text": "first"}]}]},
-        {"contents": [{"role": "user", "parts": [{"text": "second"}]}]},
-    ])
+    job = client.batches.create(
+        model="gemini-2.5-flash",
+        src=[
+            {"contents": [{"role": "user", "parts": [{"text": "first"}]}]},
+            {"contents": [{"role": "user", "parts": [{"text": "second"}]}]},
+        ],
+    )
     assert job.state == types.JobState.JOB_STATE_PENDING and job.dest is None
     polls = [client.batches.get(name=job.name) for _ in range(2)]  # it ends on the second poll
     assert polls[0].state == types.JobState.JOB_STATE_RUNNING and polls[0].dest is None

@@ -46,7 +46,9 @@ def test_after_a_first_try_the_estimate_counts_hits_and_uses_the_observed_output
 
 
 def test_duplicates_samples_and_invalid_rows(client, emulator, tmp_path):
-    df = pl.DataFrame({"prompt": ["a", "a", "b", None, "c"], "image": [None, None, None, None, str(tmp_path / "nope.png")]})
+    df = pl.DataFrame(
+        {"prompt": ["a", "a", "b", None, "c"], "image": [None, None, None, None, str(tmp_path / "nope.png")]}
+    )
     est = gf.estimate(df, images="image", client=client, samples=3)
     assert (est.rows, est.rows_without_prompt, est.invalid_rows) == (5, 1, 1)
     assert (est.requests, est.distinct_requests, est.to_send) == (9, 6, 6)
@@ -77,7 +79,9 @@ def test_exact_over_http_with_the_google_dialect(served_emulator, sample_input, 
 
 
 def test_exact_on_segmind_falls_back_to_local(cache_dir, sample_input):
-    with gf.Client("segmind", api_key="k", base_url="http://127.0.0.1:9", cache_dir=str(cache_dir), progress=False) as c:
+    with gf.Client(
+        "segmind", api_key="k", base_url="http://127.0.0.1:9", cache_dir=str(cache_dir), progress=False
+    ) as c:
         est = gf.estimate(sample_input, images="image_path", client=c, exact=True)
     assert est.token_method == "local" and "no countTokens" in est.notes[0]
 
@@ -98,11 +102,23 @@ def test_local_estimate_counts_a_pdf_by_its_pages_as_the_api_does(client, emulat
 
 
 def _google_at(server, cache_dir):
-    return gf.Client("google", api_key="k", base_url=server.url, cache_dir=str(cache_dir), progress=False, max_attempts=2, backoff=0.01)
+    return gf.Client(
+        "google",
+        api_key="k",
+        base_url=server.url,
+        cache_dir=str(cache_dir),
+        progress=False,
+        max_attempts=2,
+        backoff=0.01,
+    )
 
 
-@pytest.mark.parametrize("fault, why", [("reset", "CONNECTION_ERROR"), ("malformed", "a countTokens answer without a token count")])
-def test_exact_falls_back_to_local_when_count_tokens_gets_no_usable_answer(fault_server, cache_dir, sample_input, fault, why):
+@pytest.mark.parametrize(
+    "fault, why", [("reset", "CONNECTION_ERROR"), ("malformed", "a countTokens answer without a token count")]
+)
+def test_exact_falls_back_to_local_when_count_tokens_gets_no_usable_answer(
+    fault_server, cache_dir, sample_input, fault, why
+):
     # A connection reset (the executor's TransportFailure) or an HTML 200 must not escape
     # gf.estimate as a non-gemframe exception: those requests are counted locally, with a note.
     server = fault_server(fail_first=1000, faults=(fault,))
@@ -118,7 +134,9 @@ def test_estimate_splits_thinking_and_prices_batch_mode_at_the_batch_rate(client
     """After a try with thinking on, the estimate counts the thinking part of the output and
     prices it at the output rate; ``mode="batch"`` (as gf.run takes it) halves every part."""
     df = pl.read_parquet(sample_input)
-    kw = dict(images="image_path", config={**IMAGE_CONFIG, "thinking_config": {"include_thoughts": True}}, client=client)
+    kw = dict(
+        images="image_path", config={**IMAGE_CONFIG, "thinking_config": {"include_thoughts": True}}, client=client
+    )
     tried = df.head(4).with_columns(reply=gf.generate("prompt", **kw)).unnest("reply")
     live, batch = gf.estimate(df, **kw), gf.estimate(df, mode="batch", **kw)
     assert live.thoughts_per_request == pytest.approx(tried["thoughts_tokens"].mean())
@@ -145,7 +163,9 @@ def test_output_assumption_order(client, sample_input):
 def test_count_tokens_rule():
     body = {
         "systemInstruction": {"parts": [{"text": "abcde"}]},  # 2
-        "contents": [{"role": "user", "parts": [{"text": "abcd"}, {"inlineData": {"mimeType": "image/png", "data": "x"}}]}],
+        "contents": [
+            {"role": "user", "parts": [{"text": "abcd"}, {"inlineData": {"mimeType": "image/png", "data": "x"}}]}
+        ],
     }
     assert count_tokens(body) == 2 + 1 + 258
 
@@ -154,11 +174,29 @@ def test_cli_dry_run_sends_nothing_and_writes_nothing(served_emulator, sample_in
     server = served_emulator()
     out = tmp_path / "o.parquet"
     prices = tmp_path / "p.json"
-    prices.write_text(json.dumps({"gemini-2.0-flash-preview-image-generation": {"input": 1000, "output": 0, "image": 0}}))
-    code = main([
-        "run", str(sample_input), str(out), "--images", "image_path", "--emulator", "--base-url", server.url,
-        "--cache-dir", str(tmp_path / "c"), "--dry-run", "--samples", "2", "--count-tokens", "--prices", str(prices),
-    ])
+    prices.write_text(
+        json.dumps({"gemini-2.0-flash-preview-image-generation": {"input": 1000, "output": 0, "image": 0}})
+    )
+    code = main(
+        [
+            "run",
+            str(sample_input),
+            str(out),
+            "--images",
+            "image_path",
+            "--emulator",
+            "--base-url",
+            server.url,
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--dry-run",
+            "--samples",
+            "2",
+            "--count-tokens",
+            "--prices",
+            str(prices),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0 and not out.exists() and server.emulator.stats.requests == 0
     assert "requests                  22" in printed.out and "exact, from the API's countTokens" in printed.out

@@ -6,8 +6,8 @@ import queue
 import orjson
 
 import gemframe as gf
-from gemframe.emulator import Emulator
 from gemframe._core.executor import Executor
+from gemframe.emulator import Emulator
 
 
 def _two_callers(prompt: str, latency: float):
@@ -15,8 +15,11 @@ def _two_callers(prompt: str, latency: float):
     that have both asked for the same request."""
     emulator = Emulator(latency=latency)
     executor = Executor(gf.EmulatorProvider(app=emulator), concurrency=4)
-    request = (prompt, gf.EmulatorProvider().url("gemini-2.0-flash"),
-               orjson.dumps({"contents": [{"role": "user", "parts": [{"text": prompt}]}]}))
+    request = (
+        prompt,
+        gf.EmulatorProvider().url("gemini-2.0-flash"),
+        orjson.dumps({"contents": [{"role": "user", "parts": [{"text": prompt}]}]}),
+    )
     first, second = queue.SimpleQueue(), queue.SimpleQueue()
     executor.submit_many([request], first)
     executor.submit_many([request], second)

@@ -29,9 +29,7 @@ def test_generate_text_and_images(client, emulator, png_path):
 
 
 def test_lists_of_images_and_bytes(client, image_bytes):
-    df = pl.DataFrame(
-        {"prompt": ["compare"], "images": [[image_bytes("PNG", (10, 10)), image_bytes("JPEG", (20, 5))]]}
-    )
+    df = pl.DataFrame({"prompt": ["compare"], "images": [[image_bytes("PNG", (10, 10)), image_bytes("JPEG", (20, 5))]]})
     text = _text(df.with_columns(reply=gf.generate("prompt", images="images", client=client)))[0]
     assert "Image 1: PNG 10x10" in text and "Image 2: JPEG 20x5" in text
 
@@ -139,8 +137,11 @@ def test_a_row_that_breaks_while_being_built_is_its_error_and_the_call_goes_on(c
     assert len(errors) == 1 and errors[0]["status"] == "INVALID_INPUT" and errors[0]["message"].startswith("row 280: ")
     assert out["text"].is_not_null().sum() == rows - 1 and emulator.stats.requests == rows - 1
     images = pl.Series([{"mime_type": "image/png", "data": "bm90IGJhc2U2NA"}, None])  # padding cut off
-    out = pl.DataFrame({"prompt": ["x", "y"], "img": images}).with_columns(
-        reply=gf.generate("prompt", images="img", client=client)).unnest("reply")
+    out = (
+        pl.DataFrame({"prompt": ["x", "y"], "img": images})
+        .with_columns(reply=gf.generate("prompt", images="img", client=client))
+        .unnest("reply")
+    )
     assert out["error"][0]["status"] == "INVALID_INPUT" and out["error"][0]["message"].startswith("row 0: ")
     assert out["error"][1] is None and emulator.stats.requests == rows
 
@@ -180,10 +181,15 @@ def test_fatal_errors_stop_the_run_with_a_clear_message(cache_dir):
 
 def test_config_system_and_safety_reach_the_server(client):
     df = pl.DataFrame({"prompt": ["tell me a long story about many things"]})
-    out = df.with_columns(reply=gf.generate(
-        "prompt", client=client, system="Be terse.", config={"max_output_tokens": 3},
-        safety={"harassment": "block_only_high"},
-    )).unnest("reply")
+    out = df.with_columns(
+        reply=gf.generate(
+            "prompt",
+            client=client,
+            system="Be terse.",
+            config={"max_output_tokens": 3},
+            safety={"harassment": "block_only_high"},
+        )
+    ).unnest("reply")
     assert out["finish_reason"][0] == "MAX_TOKENS" and len(out["text"][0]) <= 12
 
 
@@ -217,7 +223,9 @@ def test_request_then_send(client, emulator, png_path):
     assert body["systemInstruction"] == {"parts": [{"text": "sys"}]} and requests["request"][1] is None
     assert emulator.stats.requests == 0
     sent = requests.with_columns(reply=gf.send("request", client=client))
-    direct = df.with_columns(reply=gf.generate("prompt", images="img", system="sys", config={"temperature": 0}, client=client))
+    direct = df.with_columns(
+        reply=gf.generate("prompt", images="img", system="sys", config={"temperature": 0}, client=client)
+    )
     assert _text(sent) == _text(direct) and emulator.stats.requests == 1  # same request, same cache key
     broken = pl.DataFrame({"request": ["{not json"]}).with_columns(reply=gf.send("request", client=client))
     assert "not JSON" in broken["reply"][0]["error"]["message"]
@@ -259,7 +267,10 @@ def test_client_may_be_a_provider_name(monkeypatch):
     assert first["model_version"][0].startswith("emulator") and first["cached"].to_list() == [False]
     assert again["cached"].to_list() == [True]
     client_module._named_clients["emulator"].close()
-    with pytest.raises(TypeError, match=r"client must be a gf.Client or a provider name, not Emulator; build one with gf.Client\(\.\.\.\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"client must be a gf.Client or a provider name, not Emulator; build one with gf.Client\(\.\.\.\)",
+    ):
         gf.generate("prompt", client=Emulator())
     with pytest.raises(ValueError, match=r"'gemini-2.5-flash' is a model id: pass it as model='gemini-2.5-flash'"):
         gf.generate("prompt", client="gemini-2.5-flash")
@@ -269,13 +280,19 @@ def test_client_may_be_a_provider_name(monkeypatch):
 
 def test_a_string_that_is_no_column_says_what_it_was_taken_for(client, emulator):
     frame = pl.DataFrame({"prompt": ["a"], "img": [None]}, schema={"prompt": pl.String, "img": pl.String})
-    with pytest.raises(gf.InputError, match=r"prompt='Describe this' was taken for a column name, but the frame "
-                                             r"has no such column; .* pass pl.lit\('Describe this'\)"):
+    with pytest.raises(
+        gf.InputError,
+        match=r"prompt='Describe this' was taken for a column name, but the frame "
+        r"has no such column; .* pass pl.lit\('Describe this'\)",
+    ):
         frame.with_columns(gf.generate("Describe this", client=client))
     lazy = frame.lazy().with_columns(gf.generate("prompt", images="photo.jpg", client=client))
     assert lazy.collect_schema()["reply"] == gf.reply_dtype()  # the schema is still known up front
-    with pytest.raises(gf.InputError, match=r"images='photo.jpg' was taken for a column name, .* "
-                                             r"pass pathlib.Path\('photo.jpg'\) \(a file\) or pl.lit\('photo.jpg'\)"):
+    with pytest.raises(
+        gf.InputError,
+        match=r"images='photo.jpg' was taken for a column name, .* "
+        r"pass pathlib.Path\('photo.jpg'\) \(a file\) or pl.lit\('photo.jpg'\)",
+    ):
         lazy.collect()
     with pytest.raises(gf.InputError, match="history='turns' was taken for a column name"):
         frame.with_columns(gf.request("prompt", history="turns"))
@@ -287,10 +304,14 @@ def test_a_string_that_is_no_column_says_what_it_was_taken_for(client, emulator)
 def test_unnest_renames_the_reply_fields_that_input_columns_already_name(client, emulator):
     """Input columns named text, images and error used to make ``unnest=True`` raise polars'
     DuplicateError; the colliding reply fields are now reply_text, ... with a warning naming them."""
-    df = pl.DataFrame({"prompt": ["one", "two"], "text": ["mine", "also mine"],
-                       "images": ["a.png", None], "error": [None, "old"]})
-    with pytest.warns(UserWarning, match=r"input columns \['error', 'images', 'text'\] .* "
-                      r"\['reply_error', 'reply_images', 'reply_text'\]"):
+    df = pl.DataFrame(
+        {"prompt": ["one", "two"], "text": ["mine", "also mine"], "images": ["a.png", None], "error": [None, "old"]}
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"input columns \['error', 'images', 'text'\] .* "
+        r"\['reply_error', 'reply_images', 'reply_text'\]",
+    ):
         out = df.gemini.generate("prompt", client=client, unnest=True)
     assert out.columns[:4] == df.columns and out.select(df.columns).equals(df)  # the inputs untouched
     assert {"reply_text", "reply_images", "reply_error", "finish_reason", "cached"} <= set(out.columns)

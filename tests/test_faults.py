@@ -13,15 +13,17 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe.emulator import Emulator
 from gemframe._pipeline import read_manifest, run
+from gemframe.emulator import Emulator
 
 KEY = "sk-live-DO-NOT-LEAK-1234567890abcdef"
 
 
 def _client(server, cache_dir, **options):
     options = {"concurrency": 32, "backoff": 0.02, "timeout": 5, "progress": False, **options}
-    return gf.Client("google", api_key=options.pop("api_key", KEY), base_url=server.url, cache_dir=str(cache_dir), **options)
+    return gf.Client(
+        "google", api_key=options.pop("api_key", KEY), base_url=server.url, cache_dir=str(cache_dir), **options
+    )
 
 
 def _ask(client, n, prefix="row"):
@@ -45,13 +47,17 @@ def test_fault_matrix_loses_nothing_and_pays_once(fault_server, cache_dir):
     faults = stats.requests - rows
     assert faults > 250 and len({k for k in stats.statuses if k != "200"}) == 9  # every fault kind seen
     assert out["attempts"].sum() == stats.requests and out["attempts"].max() >= 6
-    print(f"fault matrix: {rows} rows answered, {faults} faults retried, most attempts {out['attempts'].max()}, "
-          f"duplicates 0, statuses {dict(stats.statuses)}")
+    print(
+        f"fault matrix: {rows} rows answered, {faults} faults retried, most attempts {out['attempts'].max()}, "
+        f"duplicates 0, statuses {dict(stats.statuses)}"
+    )
 
 
 def test_retry_after_is_honoured(cache_dir):
     slow_down = Emulator(fail_first=1, fail_status=503, retry_after=1)
-    with gf.Client(gf.EmulatorProvider(app=slow_down), cache_dir=str(cache_dir), backoff=0.01, progress=False) as client:
+    with gf.Client(
+        gf.EmulatorProvider(app=slow_down), cache_dir=str(cache_dir), backoff=0.01, progress=False
+    ) as client:
         out = _ask(client, 2)
     assert out["attempts"].to_list() == [2, 2] and out["error"].is_null().all()
     assert (out["latency_ms"] >= 1000).all()  # waited as told, not its own 10 ms back-off
@@ -63,7 +69,11 @@ def test_client_errors_are_not_retried(fault_server, cache_dir):
         _ask(client, 100)
     assert server.stats.requests == 1  # slow start: a cold job sends one request first, not a window of 16
     with gf.Client(gf.EmulatorProvider(app=Emulator()), cache_dir=str(cache_dir), progress=False) as client:
-        out = pl.DataFrame({"prompt": ["[emulator:status=400] bad"]}).with_columns(reply=gf.generate("prompt", client=client)).unnest("reply")
+        out = (
+            pl.DataFrame({"prompt": ["[emulator:status=400] bad"]})
+            .with_columns(reply=gf.generate("prompt", client=client))
+            .unnest("reply")
+        )
     assert out["attempts"][0] == 1 and out["error"][0]["code"] == 400
 
 
@@ -136,8 +146,10 @@ def test_cold_start_under_a_low_limit_draws_few_429s(fault_server, cache_dir):
     stats = server.stats
     share_429 = stats.statuses["429"] / stats.requests
     throughput = 400 / (stats.last_success - stats.times[0]) * 60 / limit
-    print(f"cold start: {stats.statuses['429']} of {stats.requests} attempts answered 429 ({share_429:.1%}), "
-          f"{throughput:.0%} of the limit")
+    print(
+        f"cold start: {stats.statuses['429']} of {stats.requests} attempts answered 429 ({share_429:.1%}), "
+        f"{throughput:.0%} of the limit"
+    )
     assert out["error"].is_null().all()
     assert share_429 <= 0.05 and throughput >= 0.90
 
@@ -312,8 +324,19 @@ def test_an_app_exception_is_that_rows_error_and_the_call_goes_on(cache_dir):
 def test_an_answer_that_cannot_be_read_is_that_rows_error(cache_dir, tmp_path):
     """A 200 answer whose image data is not base64 fails its row, not the call."""
     emulator = Emulator()
-    broken = json.dumps({"candidates": [{"finishReason": "STOP", "content": {"role": "model", "parts": [
-        {"inlineData": {"mimeType": "image/png", "data": "not*base64"}}]}}]}).encode()
+    broken = json.dumps(
+        {
+            "candidates": [
+                {
+                    "finishReason": "STOP",
+                    "content": {
+                        "role": "model",
+                        "parts": [{"inlineData": {"mimeType": "image/png", "data": "not*base64"}}],
+                    },
+                }
+            ]
+        }
+    ).encode()
 
     async def app(scope, receive, send):
         messages, body = await _read_request(receive)
@@ -324,7 +347,9 @@ def test_an_answer_that_cannot_be_read_is_that_rows_error(cache_dir, tmp_path):
 
     with gf.Client(gf.EmulatorProvider(app=app), cache_dir=str(cache_dir), progress=False) as client:
         frame = pl.DataFrame({"prompt": ["fine", "broken", "fine too"]})
-        out = frame.with_columns(reply=gf.generate("prompt", client=client, image_dir=str(tmp_path / "img"))).unnest("reply")
+        out = frame.with_columns(reply=gf.generate("prompt", client=client, image_dir=str(tmp_path / "img"))).unnest(
+            "reply"
+        )
     assert out["error"].struct.field("status").to_list() == [None, "MALFORMED_RESPONSE", None]
     assert out["error"][1]["message"].startswith("could not read the answer: binascii.Error: ")
     assert out["text"][0].startswith("Emulated reply") and out["text"][2].startswith("Emulated reply")
@@ -333,16 +358,46 @@ def test_an_answer_that_cannot_be_read_is_that_rows_error(cache_dir, tmp_path):
 def test_bad_input_gives_clear_errors_and_the_job_goes_on(client, emulator, tmp_path, image_bytes):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "big.png").write_bytes(image_bytes("PNG") + os.urandom(21 * 2**20))
-    frame = pl.DataFrame({
-        "prompt": ["fine", "missing", "text file", "huge", "[emulator:safety] x", "[emulator:recitation] y",
-                   "[emulator:block] z", "[emulator:empty] w", "é" * 50_000],
-        "image": [None, str(tmp_path / "nope.png"), str(tmp_path / "notes.txt"), str(tmp_path / "big.png"),
-                  None, None, None, None, None],
-    })
+    frame = pl.DataFrame(
+        {
+            "prompt": [
+                "fine",
+                "missing",
+                "text file",
+                "huge",
+                "[emulator:safety] x",
+                "[emulator:recitation] y",
+                "[emulator:block] z",
+                "[emulator:empty] w",
+                "é" * 50_000,
+            ],
+            "image": [
+                None,
+                str(tmp_path / "nope.png"),
+                str(tmp_path / "notes.txt"),
+                str(tmp_path / "big.png"),
+                None,
+                None,
+                None,
+                None,
+                None,
+            ],
+        }
+    )
     out = frame.with_columns(reply=gf.generate("prompt", images="image", client=client)).unnest("reply")
     status = out["error"].struct.field("status").to_list()
     messages = out["error"].struct.field("message").to_list()
-    assert status == [None, "INVALID_INPUT", "INVALID_INPUT", "INVALID_INPUT", "SAFETY", "RECITATION", "BLOCKED", "NO_CANDIDATES", None]
+    assert status == [
+        None,
+        "INVALID_INPUT",
+        "INVALID_INPUT",
+        "INVALID_INPUT",
+        "SAFETY",
+        "RECITATION",
+        "BLOCKED",
+        "NO_CANDIDATES",
+        None,
+    ]
     assert "row 1" in messages[1] and "nope.png" in messages[1]
     assert "is not a PNG, JPEG" in messages[2] and "20 MB" in messages[3]
     assert out["block_reason"][6] == "SAFETY" and out["finish_reason"][4] == "SAFETY"
@@ -376,8 +431,12 @@ def test_the_key_never_leaks(fault_server, tmp_path, caplog, capsys):
     # small (inside the database) or large (in a file of its own).
     planted = tmp_path / "planted"
     with gf.ResponseCache(planted) as cache:
-        cache.set_many([("0" * 64, "m", f'{{"text": "{KEY}"}}'.encode()),
-                        ("1" * 64, "m", f'{{"text": "{KEY}"}}'.encode() + b" " * 2**20)])
+        cache.set_many(
+            [
+                ("0" * 64, "m", f'{{"text": "{KEY}"}}'.encode()),
+                ("1" * 64, "m", f'{{"text": "{KEY}"}}'.encode() + b" " * 2**20),
+            ]
+        )
     found = _where_in_cache(planted, KEY)
     assert "entry 000000" in found and "entry 111111" in found
     assert any(place.endswith(".val") for place in found) and any(".db" in place for place in found)
@@ -404,8 +463,22 @@ def _run_cli(src, dst, server, cache_dir, *extra):
     import sys
 
     env = {**os.environ, "GEMINI_API_KEY": KEY}
-    command = [sys.executable, "-m", "gemframe", "run", str(src), str(dst), "--provider", "google",
-               "--base-url", server.url, "--cache-dir", str(cache_dir), "--no-progress", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "gemframe",
+        "run",
+        str(src),
+        str(dst),
+        "--provider",
+        "google",
+        "--base-url",
+        server.url,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        *extra,
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -469,14 +542,30 @@ def test_credentials_in_base_url_are_never_shown(fault_server, served_emulator, 
     server = fault_server(seed=3, fault_rate=0.3)  # faults, so "retrying <url>" lines are logged
     base = f"http://user:{password}@127.0.0.1:{server.port}"
     caplog.set_level(logging.DEBUG)
-    with gf.Client("google", api_key=KEY, base_url=base, cache_dir=str(tmp_path / "c1"), backoff=0.02, max_attempts=10, progress=False) as client:
+    with gf.Client(
+        "google",
+        api_key=KEY,
+        base_url=base,
+        cache_dir=str(tmp_path / "c1"),
+        backoff=0.02,
+        max_attempts=10,
+        progress=False,
+    ) as client:
         _ask(client, 30)
         texts = [repr(client), repr(client.provider), repr(client.executor)]
     assert any("retrying" in r.message for r in caplog.records)
-    assert server.seen_headers[0]["authorization"] == "Basic " + base64.b64encode(f"user:{password}".encode()).decode()  # really used
+    assert (
+        server.seen_headers[0]["authorization"] == "Basic " + base64.b64encode(f"user:{password}".encode()).decode()
+    )  # really used
     emulator = served_emulator()
-    with gf.Client("google", api_key=KEY, base_url=f"http://user:{password}@127.0.0.1:{emulator.port}", model="no-such-model",
-                   cache_dir=str(tmp_path / "c2"), progress=False) as client:
+    with gf.Client(
+        "google",
+        api_key=KEY,
+        base_url=f"http://user:{password}@127.0.0.1:{emulator.port}",
+        model="no-such-model",
+        cache_dir=str(tmp_path / "c2"),
+        progress=False,
+    ) as client:
         with pytest.raises(gf.NotFoundError, match=r"base URL \(http://\*\*\*@127\.0\.0\.1") as error:
             _ask(client, 2)
     texts += [str(error.value), repr(error.value), caplog.text]
@@ -486,8 +575,20 @@ def test_credentials_in_base_url_are_never_shown(fault_server, served_emulator, 
     gemframe = [sys.executable, "-m", "gemframe"]
     env = {**os.environ, "GEMINI_API_KEY": KEY}
     commands = [
-        ["run", str(src), str(dst), "--provider", "google", "--base-url", base, "--cache-dir", str(tmp_path / "c3"),
-         "--no-progress", "--manifest", str(tmp_path / "manifest.json")],
+        [
+            "run",
+            str(src),
+            str(dst),
+            "--provider",
+            "google",
+            "--base-url",
+            base,
+            "--cache-dir",
+            str(tmp_path / "c3"),
+            "--no-progress",
+            "--manifest",
+            str(tmp_path / "manifest.json"),
+        ],
         ["manifest", str(dst)],
         ["report", str(dst), "--html", str(tmp_path / "report.html")],
     ]

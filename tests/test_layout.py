@@ -101,7 +101,7 @@ def test_no_import_loop():
             if target == module:
                 continue
             if seen.get(target) == 1:
-                loop = path[path.index(target):] + [target]
+                loop = path[path.index(target) :] + [target]
                 pytest.fail("import loop: " + " -> ".join(loop))
             if target not in seen:
                 visit(target, [*path, target])

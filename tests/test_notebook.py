@@ -44,7 +44,9 @@ def test_notebook_executes(repo_root, tmp_path, monkeypatch, name):
     # notebook on another worker, may be writing there).
     (tmp_path / "notebooks").mkdir()
     shutil.copytree(repo_root / "sample_data", tmp_path / "sample_data")
-    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path / "notebooks")}}
+    ).execute()
     assert (tmp_path / "out").is_dir()  # it ran (and wrote) in the copy
     for run in (notebook, saved):  # as executed now, and as saved (images visible without running it)
         outputs = [o for cell in run.cells if cell.cell_type == "code" for o in cell.outputs]

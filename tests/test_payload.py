@@ -66,7 +66,12 @@ def test_full_body_is_exact(tmp_path):
             }
         ],
         "systemInstruction": {"parts": [{"text": "You are a helpful assistant."}]},
-        "generationConfig": {"temperature": 0, "maxOutputTokens": 64, "responseModalities": ["TEXT", "IMAGE"], "seed": 7},
+        "generationConfig": {
+            "temperature": 0,
+            "maxOutputTokens": 64,
+            "responseModalities": ["TEXT", "IMAGE"],
+            "seed": 7,
+        },
         "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
     }
 
@@ -114,8 +119,15 @@ def test_bad_images_name_the_problem(tmp_path):
 
 
 def test_config_snake_and_camel_and_unknown_key():
-    builder = RequestBuilder(config={"topP": 0.5, "top_k": 3, "stop_sequences": "END", "thinking_config": {"include_thoughts": True}})
-    assert builder.config == {"topP": 0.5, "topK": 3, "stopSequences": ["END"], "thinkingConfig": {"includeThoughts": True}}
+    builder = RequestBuilder(
+        config={"topP": 0.5, "top_k": 3, "stop_sequences": "END", "thinking_config": {"include_thoughts": True}}
+    )
+    assert builder.config == {
+        "topP": 0.5,
+        "topK": 3,
+        "stopSequences": ["END"],
+        "thinkingConfig": {"includeThoughts": True},
+    }
     with pytest.raises(gf.ConfigError, match="Did you mean 'temperature'"):
         RequestBuilder(config={"temprature": 0})
 
@@ -137,11 +149,16 @@ def test_non_string_prompt_is_an_input_error():
 def test_request_json_is_the_body_as_compact_json_with_images_spliced_in():
     image = base64.b64encode(bytes(range(256)) * 600).decode()  # ~200 kB of base64: spliced
     body = {
-        "contents": [{"role": "user", "parts": [
-            {"text": 'quotes " and \\ and \x01 and é'},
-            {"inlineData": {"mimeType": "image/png", "data": image}},
-            {"inlineData": {"mimeType": "image/png", "data": image[::-1]}},
-        ]}],
+        "contents": [
+            {
+                "role": "user",
+                "parts": [
+                    {"text": 'quotes " and \\ and \x01 and é'},
+                    {"inlineData": {"mimeType": "image/png", "data": image}},
+                    {"inlineData": {"mimeType": "image/png", "data": image[::-1]}},
+                ],
+            }
+        ],
         "generationConfig": {"temperature": 0.5, "long": "\x02" + 'x"' * 40_000},  # long, escaped
     }
     encoded = request_json(body)
@@ -171,7 +188,7 @@ class _ImageServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            def do_GET(self):
                 server.requested.append(self.path)
                 server.hosts.append(self.headers.get("Host"))
                 status, headers, body = server.routes[self.path]
@@ -255,8 +272,9 @@ def test_loopback_image_urls_need_the_client_opt_in(image_server, emulator, cach
     assert "127.0.0.1 is a loopback address" in message and "allow_private_urls=True" in message
     assert _errors(refused)[1] is None  # the other row is answered
     assert server.requested == [] and emulator.stats.requests == 1  # nothing was fetched
-    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False,
-                   allow_private_urls=True) as client:
+    with gf.Client(
+        gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False, allow_private_urls=True
+    ) as client:
         allowed = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
     assert _errors(allowed) == [None, None] and "Image 1: PNG 8x6" in allowed["reply"][0]["text"]
     assert server.requested == ["/fox.png"]
@@ -281,8 +299,9 @@ def test_the_checked_address_is_the_one_connected_to(image_server, emulator, cac
     server = image_server({"/fox.png": (200, {}, _image_bytes("PNG"))})
     port = server.url.rsplit(":", 1)[1]
     df = pl.DataFrame({"prompt": ["describe"], "img": [f"http://images.test:{port}/fox.png"]})
-    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False,
-                   allow_private_urls=True) as client:
+    with gf.Client(
+        gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False, allow_private_urls=True
+    ) as client:
         out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
     assert _errors(out) == [None] and "Image 1: PNG 8x6" in out["reply"][0]["text"]
     assert server.hosts == [f"images.test:{port}"]
@@ -297,19 +316,24 @@ def test_redirects_are_checked_at_every_hop(image_server, client, emulator, monk
     real = payload._refusal
     monkeypatch.setattr(payload, "_refusal", lambda address: None if str(address) == "127.0.0.1" else real(address))
     png = _image_bytes("PNG")
-    server = image_server({
-        "/fox.png": (200, {}, png),
-        "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
-        "/to-metadata-name": (301, {"Location": "http://metadata.google.internal/computeMetadata/v1/"}, b""),
-        "/to-loopback": (307, {"Location": "http://[::1]:1/fox.png"}, b""),
-        "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
-        "/relative": (302, {"Location": "/fox.png"}, b""),
-    })
+    server = image_server(
+        {
+            "/fox.png": (200, {}, png),
+            "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
+            "/to-metadata-name": (301, {"Location": "http://metadata.google.internal/computeMetadata/v1/"}, b""),
+            "/to-loopback": (307, {"Location": "http://[::1]:1/fox.png"}, b""),
+            "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
+            "/relative": (302, {"Location": "/fox.png"}, b""),
+        }
+    )
     paths = ["/to-metadata", "/to-metadata-name", "/to-loopback", "/to-file", "/relative", "/fox.png"]
     df = pl.DataFrame({"prompt": [f"p{i}" for i in range(len(paths))], "img": [server.url + p for p in paths]})
     out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
     errors = _errors(out)
-    assert "redirected to 'http://169.254.169.254/latest/meta-data/'" in errors[0] and "a cloud metadata address" in errors[0]
+    assert (
+        "redirected to 'http://169.254.169.254/latest/meta-data/'" in errors[0]
+        and "a cloud metadata address" in errors[0]
+    )
     assert "metadata.google.internal is a cloud metadata host" in errors[1]
     assert "::1 is a loopback address" in errors[2]
     assert "only http and https URLs are fetched, not file:" in errors[3]
@@ -321,13 +345,16 @@ def test_redirects_are_checked_at_every_hop(image_server, client, emulator, monk
 
 def test_url_downloads_stop_at_the_inline_limit(image_server, emulator, cache_dir):
     total = 64 * 2**20
-    server = image_server({
-        "/endless.png": (200, {}, total),  # chunked: no size given up front
-        "/declared.png": (200, {"Content-Length": str(total)}, total),
-    })
+    server = image_server(
+        {
+            "/endless.png": (200, {}, total),  # chunked: no size given up front
+            "/declared.png": (200, {"Content-Length": str(total)}, total),
+        }
+    )
     df = pl.DataFrame({"prompt": ["a", "b"], "img": [f"{server.url}/endless.png", f"{server.url}/declared.png"]})
-    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False,
-                   allow_private_urls=True) as client:
+    with gf.Client(
+        gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False, allow_private_urls=True
+    ) as client:
         out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
     errors = _errors(out)
     assert all("is larger than 20 MB, the most the API takes inline" in e for e in errors), errors
@@ -358,11 +385,16 @@ def test_odd_paths_and_bad_structs_are_row_errors(client, emulator, tmp_path):
 
 def test_bad_base64_in_an_image_struct_is_a_row_error(client, emulator):
     good = base64.b64encode(_image_bytes("JPEG")).decode()
-    structs = pl.DataFrame({
-        "prompt": ["a", "b", "c"],
-        "img": [{"mime_type": "image/jpeg", "data": good}, {"mime_type": "image/png", "data": "%%not base64"},
-                {"mime_type": "image/png", "data": "aGVsbG8=\n"}],
-    })
+    structs = pl.DataFrame(
+        {
+            "prompt": ["a", "b", "c"],
+            "img": [
+                {"mime_type": "image/jpeg", "data": good},
+                {"mime_type": "image/png", "data": "%%not base64"},
+                {"mime_type": "image/png", "data": "aGVsbG8=\n"},
+            ],
+        }
+    )
     errors = _errors(structs.with_columns(reply=gf.generate("prompt", images="img", client=client)))
     assert errors[0] is None
     assert errors[1] == "row 1: image struct data is text but not valid base64; pass the image bytes"
@@ -372,8 +404,11 @@ def test_bad_base64_in_an_image_struct_is_a_row_error(client, emulator):
 
 def test_an_invalid_response_modality_is_one_config_error_before_anything_is_sent(client, emulator):
     frame = pl.DataFrame({"prompt": ["a", "b"]})
-    with pytest.raises(gf.ConfigError, match=r"unknown response modality 'IMAGES' in response_modalities\. "
-                                              r"Did you mean 'IMAGE'\? Valid values: AUDIO, IMAGE, TEXT\."):
+    with pytest.raises(
+        gf.ConfigError,
+        match=r"unknown response modality 'IMAGES' in response_modalities\. "
+        r"Did you mean 'IMAGE'\? Valid values: AUDIO, IMAGE, TEXT\.",
+    ):
         frame.with_columns(gf.generate("prompt", client=client, config={"response_modalities": ["IMAGES"]}))
     with pytest.raises(gf.ConfigError, match="responseModalities must be a list"):
         gf.generate("prompt", client=client, config={"responseModalities": 3})

@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe._cli import main
-from gemframe.emulator import Emulator
 from gemframe._accounting.pricing import cost
+from gemframe._cli import main
 from gemframe._pipeline import read_manifest, run
+from gemframe.emulator import Emulator
 
 
 def test_run_writes_inputs_plus_reply_fields_and_manifest(client, emulator, sample_input, tmp_path):
@@ -74,11 +74,25 @@ def test_a_row_that_cannot_be_built_is_its_error_in_the_output(client, emulator,
 
 def test_cli_run_end_to_end(sample_input, tmp_path, capsys):
     out = tmp_path / "cli.parquet"
-    code = main([
-        "run", str(sample_input), str(out), "--prompt", "prompt", "--images", "image_path",
-        "--emulator", "--concurrency", "4", "--cache-dir", str(tmp_path / "c"), "--no-progress",
-        "--config", '{"temperature": 0}',
-    ])
+    code = main(
+        [
+            "run",
+            str(sample_input),
+            str(out),
+            "--prompt",
+            "prompt",
+            "--images",
+            "image_path",
+            "--emulator",
+            "--concurrency",
+            "4",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--no-progress",
+            "--config",
+            '{"temperature": 0}',
+        ]
+    )
     assert code == 0 and "wrote" in capsys.readouterr().err
     frame = pl.read_parquet(out)
     assert frame.height == 12 and frame["model_version"].drop_nulls().str.starts_with("emulator").all()
@@ -86,7 +100,17 @@ def test_cli_run_end_to_end(sample_input, tmp_path, capsys):
 
 
 def test_cli_reports_errors_without_traceback(sample_input, tmp_path, capsys):
-    code = main(["run", str(sample_input), str(tmp_path / "o.parquet"), "--emulator", "--config", '{"temprature": 1}', "--no-progress"])
+    code = main(
+        [
+            "run",
+            str(sample_input),
+            str(tmp_path / "o.parquet"),
+            "--emulator",
+            "--config",
+            '{"temprature": 1}',
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "Did you mean 'temperature'" in capsys.readouterr().err
 
 
@@ -116,16 +140,19 @@ def test_cli_cache_stats_and_clear(client, sample_input, tmp_path, capsys, cache
     assert "not a date" in capsys.readouterr().err
 
 
-
 def test_input_columns_named_like_reply_fields_get_prefixed_reply_columns(client, emulator, tmp_path, capsys):
     """Input columns text, images and error used to make gemframe run refuse the file ("would
     collide with the reply fields; rename them first"): the reply's become reply_text, ... with
     a warning, or every reply field gets --prefix."""
     src = tmp_path / "in.parquet"
-    source = pl.DataFrame({"prompt": ["one", "two"], "text": ["t1", "t2"], "images": [None, "x.png"], "error": ["e", None]})
+    source = pl.DataFrame(
+        {"prompt": ["one", "two"], "text": ["t1", "t2"], "images": [None, "x.png"], "error": ["e", None]}
+    )
     source.write_parquet(src)
     cache = str(tmp_path / "c")
-    assert main(["run", str(src), str(tmp_path / "a.parquet"), "--emulator", "--cache-dir", cache, "--no-progress"]) == 0
+    assert (
+        main(["run", str(src), str(tmp_path / "a.parquet"), "--emulator", "--cache-dir", cache, "--no-progress"]) == 0
+    )
     err = capsys.readouterr().err
     assert "gemframe: warning: input columns ['error', 'images', 'text'] have the names of reply fields" in err
     assert "['reply_error', 'reply_images', 'reply_text']" in err and "--prefix" in err
@@ -139,8 +166,22 @@ def test_input_columns_named_like_reply_fields_get_prefixed_reply_columns(client
     assert main(["report", str(tmp_path / "a.parquet")]) == 0  # the report reads the renamed reply fields
     assert "2 answered · 0 errors" in capsys.readouterr().out
     # --prefix names every reply field; no warning.
-    assert main(["run", str(src), str(tmp_path / "b.parquet"), "--emulator", "--cache-dir", cache, "--no-progress",
-                 "--prefix", "gemini_"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(src),
+                str(tmp_path / "b.parquet"),
+                "--emulator",
+                "--cache-dir",
+                cache,
+                "--no-progress",
+                "--prefix",
+                "gemini_",
+            ]
+        )
+        == 0
+    )
     assert "warning" not in capsys.readouterr().err
     b = pl.read_parquet(tmp_path / "b.parquet")
     assert b.columns == [*source.columns, *(f"gemini_{f}" for f in gf.REPLY_DTYPE.to_schema())]
@@ -159,8 +200,16 @@ def test_input_columns_named_like_reply_fields_get_prefixed_reply_columns(client
 def test_manifest_records_tokens_cache_and_cost_and_round_trips(client, emulator, sample_input, tmp_path, capsys):
     out, sidecar = tmp_path / "o.parquet", tmp_path / "o.manifest.json"
     config = {"temperature": 0, "response_modalities": ["TEXT", "IMAGE"]}
-    first = run(str(sample_input), str(out), images="image_path", system="Be brief.", config=config,
-                client=client, progress=False, manifest_path=str(sidecar))
+    first = run(
+        str(sample_input),
+        str(out),
+        images="image_path",
+        system="Be brief.",
+        config=config,
+        client=client,
+        progress=False,
+        manifest_path=str(sidecar),
+    )
     assert first == read_manifest(str(out)) == json.loads(sidecar.read_text()) == gf.read_manifest(sidecar)
     frame = pl.read_parquet(out)
     assert first["gemframe"] == gf.__version__ and first["system"] == "Be brief."
@@ -177,8 +226,15 @@ def test_manifest_records_tokens_cache_and_cost_and_round_trips(client, emulator
     )["usd"]
     assert first["cost"]["this_run"] == first["cost"]["all_rows"] == expected > 0
     # A rerun pays nothing: the tokens are all still there, none of them paid.
-    second = run(str(sample_input), str(tmp_path / "b.parquet"), images="image_path", system="Be brief.",
-                 config=config, client=client, progress=False)
+    second = run(
+        str(sample_input),
+        str(tmp_path / "b.parquet"),
+        images="image_path",
+        system="Be brief.",
+        config=config,
+        client=client,
+        progress=False,
+    )
     assert (second["cache_hits"], second["cache_misses"], second["requests_sent"]) == (11, 0, 0)
     assert second["tokens"]["input"] == tokens["input"] and second["tokens"]["input_paid"] == 0
     assert second["cost"]["this_run"] == 0 and second["cost"]["all_rows"] == expected
@@ -210,7 +266,9 @@ def test_manifest_for_expressions(client, emulator, sample_input):
     assert m["tokens"]["input"] == out["reply"].struct.field("prompt_tokens").sum()
     assert gf.manifest(out["reply"], client=client)["cache_misses"] == 11  # a reply column works too
     unnested = gf.manifest(out.unnest("reply"), client=client)  # and so do the unnested fields
-    assert {k: unnested[k] for k in ("rows", "rows_without_prompt", "tokens")} == {k: m[k] for k in ("rows", "rows_without_prompt", "tokens")}
+    assert {k: unnested[k] for k in ("rows", "rows_without_prompt", "tokens")} == {
+        k: m[k] for k in ("rows", "rows_without_prompt", "tokens")
+    }
     # Stored the way the docs say, it reads back like a gemframe run's.
     path = sample_input.parent / "expr.parquet"
     out.write_parquet(path, metadata={"gemframe": json.dumps(m)})
@@ -222,11 +280,22 @@ def test_manifest_for_expressions(client, emulator, sample_input):
 REPLY_RUN_FIELDS = ["cached", "attempts", "latency_ms"]  # how this run got each answer
 
 
-def test_cli_replay_reproduces_the_output_without_key_or_network(served_emulator, sample_input, tmp_path, monkeypatch, capsys):
+def test_cli_replay_reproduces_the_output_without_key_or_network(
+    served_emulator, sample_input, tmp_path, monkeypatch, capsys
+):
     server = served_emulator()
     cache = str(tmp_path / "cache")
-    common = ["--images", "image_path", "--provider", "google", "--cache-dir", cache, "--no-progress",
-              "--config", '{"response_modalities": ["TEXT", "IMAGE"], "seed": 3}']
+    common = [
+        "--images",
+        "image_path",
+        "--provider",
+        "google",
+        "--cache-dir",
+        cache,
+        "--no-progress",
+        "--config",
+        '{"response_modalities": ["TEXT", "IMAGE"], "seed": 3}',
+    ]
     monkeypatch.setenv("GEMINI_API_KEY", "a-key")
     first, cached, replay = (tmp_path / f"{n}.parquet" for n in ("first", "cached", "replay"))
     assert main(["run", str(sample_input), str(first), "--base-url", server.url, *common]) == 0
@@ -234,23 +303,69 @@ def test_cli_replay_reproduces_the_output_without_key_or_network(served_emulator
     sent = server.emulator.stats.requests
     assert sent == 11
     monkeypatch.delenv("GEMINI_API_KEY")  # no key, and nothing listens at the base URL
-    assert main(["run", str(sample_input), str(replay), "--base-url", "http://127.0.0.1:9", "--cache", "read",
-                 "--manifest", str(tmp_path / "replay.json"), *common]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(sample_input),
+                str(replay),
+                "--base-url",
+                "http://127.0.0.1:9",
+                "--cache",
+                "read",
+                "--manifest",
+                str(tmp_path / "replay.json"),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert server.emulator.stats.requests == sent
     a, b, c = (pl.read_parquet(p) for p in (first, cached, replay))
     assert c.equals(b)  # every column, images included, identical to the earlier cached run
     assert c.drop(REPLY_RUN_FIELDS).equals(a.drop(REPLY_RUN_FIELDS))  # and the answers to the first run's
     assert c["images"].list.len().sum() == 11
     ma, mc = read_manifest(str(first)), read_manifest(str(replay))
-    differ = {"started", "finished", "wall_seconds", "output", "base_url", "cache_mode",
-              "cache_hits", "cache_misses", "requests_sent", "tokens", "images_generated_paid", "cost"}
+    differ = {
+        "started",
+        "finished",
+        "wall_seconds",
+        "output",
+        "base_url",
+        "cache_mode",
+        "cache_hits",
+        "cache_misses",
+        "requests_sent",
+        "tokens",
+        "images_generated_paid",
+        "cost",
+    }
     assert {k: v for k, v in ma.items() if k not in differ} == {k: v for k, v in mc.items() if k not in differ}
     assert (mc["cache_hits"], mc["requests_sent"], mc["cache_mode"]) == (11, 0, "read")
     assert mc["tokens"]["input"] == ma["tokens"]["input"] and mc["cost"]["all_rows"] == ma["cost"]["this_run"]
     # A row that was never answered is a clear per-row error; the others still replay.
     extra = tmp_path / "extra.parquet"
-    pl.concat([pl.read_parquet(sample_input), pl.DataFrame({"id": [99], "task": ["new"], "prompt": ["A new question"], "image_path": [None]})]).write_parquet(extra)
-    assert main(["run", str(extra), str(tmp_path / "extra_out.parquet"), "--base-url", "http://127.0.0.1:9", "--cache", "read", *common]) == 0
+    pl.concat(
+        [
+            pl.read_parquet(sample_input),
+            pl.DataFrame({"id": [99], "task": ["new"], "prompt": ["A new question"], "image_path": [None]}),
+        ]
+    ).write_parquet(extra)
+    assert (
+        main(
+            [
+                "run",
+                str(extra),
+                str(tmp_path / "extra_out.parquet"),
+                "--base-url",
+                "http://127.0.0.1:9",
+                "--cache",
+                "read",
+                *common,
+            ]
+        )
+        == 0
+    )
     d = pl.read_parquet(tmp_path / "extra_out.parquet")
     assert d.head(12).drop("id").equals(b.drop("id"))
     error = d["error"][12]
@@ -278,7 +393,9 @@ def test_cli_export_clear_import_replay_sends_nothing(served_emulator, sample_in
     a, b = pl.read_parquet(tmp_path / "a.parquet"), pl.read_parquet(tmp_path / "b.parquet")
     assert b.drop(REPLY_RUN_FIELDS).equals(a.drop(REPLY_RUN_FIELDS))
     # The Python API: a fresh cache gets the archive and replays it.
-    with gf.Client("emulator", base_url=server.url, cache_dir=str(tmp_path / "fresh"), cache="read", progress=False) as c:
+    with gf.Client(
+        "emulator", base_url=server.url, cache_dir=str(tmp_path / "fresh"), cache="read", progress=False
+    ) as c:
         c.cache.import_(archive)
         replayed = gf.run(str(sample_input), str(tmp_path / "d.parquet"), images="image_path", client=c, progress=False)
     assert replayed["cache_hits"] == 11 and server.emulator.stats.requests == sent
@@ -296,8 +413,23 @@ def test_cli_samples_writes_n_rows_per_input_and_reruns_from_cache(client, emula
     assert manifest["samples"] == 3 and manifest["requests_sent"] == emulator.stats.requests == 33
     assert len(client.cache) == 33  # one cache entry per (row, sample)
     client.close()
-    code = main(["run", str(sample_input), str(tmp_path / "s2.parquet"), "--images", "image_path", "--emulator",
-                 "--cache-dir", str(cache_dir), "--samples", "3", "--no-progress", "--cache", "read"])
+    code = main(
+        [
+            "run",
+            str(sample_input),
+            str(tmp_path / "s2.parquet"),
+            "--images",
+            "image_path",
+            "--emulator",
+            "--cache-dir",
+            str(cache_dir),
+            "--samples",
+            "3",
+            "--no-progress",
+            "--cache",
+            "read",
+        ]
+    )
     again = pl.read_parquet(tmp_path / "s2.parquet")
     assert code == 0 and again.drop(REPLY_RUN_FIELDS).equals(frame.drop(REPLY_RUN_FIELDS))
     assert again["cached"].drop_nulls().all() and read_manifest(str(tmp_path / "s2.parquet"))["cache_hits"] == 33
@@ -315,10 +447,26 @@ def test_batch_mode_manifest_counts_the_jobs_answers_as_paid(sample_input, tmp_p
     manifest still counts them as this run's requests, priced at the Batch Mode discount."""
     emulator = Emulator(batch_polls=1)
     with gf.Client("emulator", app=emulator, cache_dir=str(tmp_path / "c"), progress=False) as c:
-        first = run(str(sample_input), str(tmp_path / "a.parquet"), images="image_path", client=c,
-                    progress=False, mode="batch", poll_interval=0.01, samples=2)
-        again = run(str(sample_input), str(tmp_path / "b.parquet"), images="image_path", client=c,
-                    progress=False, mode="batch", poll_interval=0.01, samples=2)
+        first = run(
+            str(sample_input),
+            str(tmp_path / "a.parquet"),
+            images="image_path",
+            client=c,
+            progress=False,
+            mode="batch",
+            poll_interval=0.01,
+            samples=2,
+        )
+        again = run(
+            str(sample_input),
+            str(tmp_path / "b.parquet"),
+            images="image_path",
+            client=c,
+            progress=False,
+            mode="batch",
+            poll_interval=0.01,
+            samples=2,
+        )
     assert emulator.stats.requests == 0  # nothing went to generateContent
     assert (first["cache_hits"], first["requests_sent"], first["errors"]) == (0, 22, {})
     assert first["tokens"]["input_paid"] == first["tokens"]["input"] > 0
@@ -339,8 +487,22 @@ def test_batch_mode_counts_each_distinct_request_once_per_run(served_emulator, t
     pl.DataFrame({"prompt": prompts}).write_parquet(src)
     common = ["--emulator", "--base-url", server.url, "--no-progress", "--batch-rows", "10"]
     batch_out, live_out = tmp_path / "batch.parquet", tmp_path / "live.parquet"
-    assert main(["run", str(src), str(batch_out), *common, "--cache-dir", str(tmp_path / "c1"),
-                 "--batch", "--poll-interval", "0.01"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(src),
+                str(batch_out),
+                *common,
+                "--cache-dir",
+                str(tmp_path / "c1"),
+                "--batch",
+                "--poll-interval",
+                "0.01",
+            ]
+        )
+        == 0
+    )
     in_jobs = sum(len(job.requests) for job in server.emulator.batches.jobs.values())
     assert (in_jobs, server.emulator.stats.requests) == (50, 0)
     assert main(["run", str(src), str(live_out), *common, "--cache-dir", str(tmp_path / "c2")]) == 0
@@ -372,14 +534,28 @@ def test_planted_symlinks_at_temp_names_are_not_followed(sample_input, tmp_path)
     victim.write_text("precious")
     out, sidecar, batch_out = tmp_path / "out.parquet", tmp_path / "manifest.json", tmp_path / "b.parquet"
     export = tmp_path / "answers.parquet"
-    links = [_plant(f"{p}{suffix}", victim) for p, suffix in [
-        (out, ".partial"), (sidecar, ".partial"), (batch_out, ".batch.json.tmp"), (export, ".partial"),
-    ]]
+    links = [
+        _plant(f"{p}{suffix}", victim)
+        for p, suffix in [
+            (out, ".partial"),
+            (sidecar, ".partial"),
+            (batch_out, ".batch.json.tmp"),
+            (export, ".partial"),
+        ]
+    ]
     cache = str(tmp_path / "cache")
     common = ["--images", "image_path", "--emulator", "--cache-dir", cache, "--no-progress"]
     assert main(["run", str(sample_input), str(out), *common, "--manifest", str(sidecar)]) == 0
     with gf.Client("emulator", app=Emulator(batch_polls=1), cache_dir=str(tmp_path / "c2"), progress=False) as c:
-        run(str(sample_input), str(batch_out), images="image_path", client=c, progress=False, mode="batch", poll_interval=0.01)
+        run(
+            str(sample_input),
+            str(batch_out),
+            images="image_path",
+            client=c,
+            progress=False,
+            mode="batch",
+            poll_interval=0.01,
+        )
     assert main(["cache", "export", str(export), "--cache-dir", cache]) == 0
     assert victim.read_bytes() == b"precious"
     assert all(os.path.islink(link) for link in links)  # left alone, not written through

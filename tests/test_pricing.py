@@ -27,8 +27,12 @@ def test_price_table_prefix_override_env_and_batch(tmp_path, monkeypatch):
     half = cost("gemini-2.5-flash", input_tokens=1_000_000, output_tokens=1_000_000, batch=True)
     assert half["usd"] == pytest.approx(one["usd"] * BATCH_DISCOUNT)
     # Without a per-image price an image is 1290 output tokens.
-    assert cost("gemini-2.0-flash", input_tokens=0, output_tokens=0, images=1)["usd"] == pytest.approx(1290 * 0.40 / 1e6)
-    assert cost("gemini-2.0-flash-preview-image-generation", input_tokens=0, output_tokens=0, images=2)["usd"] == pytest.approx(0.078)
+    assert cost("gemini-2.0-flash", input_tokens=0, output_tokens=0, images=1)["usd"] == pytest.approx(
+        1290 * 0.40 / 1e6
+    )
+    assert cost("gemini-2.0-flash-preview-image-generation", input_tokens=0, output_tokens=0, images=2)[
+        "usd"
+    ] == pytest.approx(0.078)
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"my-model": {"input": 1, "output": 2}, "gemini-2.5-flash": {"input": 9}}))
     monkeypatch.setenv("GEMFRAME_PRICES", str(path))
@@ -46,16 +50,29 @@ def test_price_table_prefix_override_env_and_batch(tmp_path, monkeypatch):
 def test_the_parts_of_a_cost_at_the_tables_rates():
     """Cached input at the context-cache read rate, thinking at the output rate, images per
     image, Batch Mode at half of every part; storage per 1M tokens per hour."""
-    c = cost("gemini-2.5-flash", input_tokens=3_000_000, cached_input_tokens=1_000_000,
-             output_tokens=2_000_000, thoughts_tokens=500_000)
+    c = cost(
+        "gemini-2.5-flash",
+        input_tokens=3_000_000,
+        cached_input_tokens=1_000_000,
+        output_tokens=2_000_000,
+        thoughts_tokens=500_000,
+    )
     assert (c["input_usd"], c["cached_input_usd"]) == (pytest.approx(2 * 0.30), pytest.approx(0.075))
     assert (c["output_usd"], c["thinking_usd"]) == (pytest.approx(1.5 * 2.50), pytest.approx(0.5 * 2.50))
     assert c["usd"] == pytest.approx(0.60 + 0.075 + 3.75 + 1.25)
-    half = cost("gemini-2.5-flash", input_tokens=3_000_000, cached_input_tokens=1_000_000,
-                output_tokens=2_000_000, thoughts_tokens=500_000, batch=True)
+    half = cost(
+        "gemini-2.5-flash",
+        input_tokens=3_000_000,
+        cached_input_tokens=1_000_000,
+        output_tokens=2_000_000,
+        thoughts_tokens=500_000,
+        batch=True,
+    )
     assert half["usd"] == pytest.approx(c["usd"] * BATCH_DISCOUNT) and half["cached_input_usd"] == pytest.approx(0.0375)
     # A model without a cached rate prices cached input as input.
-    assert cost("gemini-2.0-flash-lite", input_tokens=10**6, cached_input_tokens=10**6, output_tokens=0)["usd"] == pytest.approx(0.075)
+    assert cost("gemini-2.0-flash-lite", input_tokens=10**6, cached_input_tokens=10**6, output_tokens=0)[
+        "usd"
+    ] == pytest.approx(0.075)
     assert storage_cost("gemini-2.5-pro", 2_000_000, 3) == pytest.approx(2 * 3 * 4.50)
     assert storage_cost("gemini-2.0-flash-lite", 10**6, 1) is None and storage_cost("gpt-4", 1, 1) is None
 
@@ -119,19 +136,36 @@ def test_manifest_cost_matches_a_hand_computation_from_the_reply_columns(tmp_pat
     gemframe's cache, a duplicate row and a failed row: the manifest's cost is what the test
     computes from the output's reply columns at the table's rates, part by part."""
     emulator = Emulator()
-    prompts = ["A red fox", "A boat at dawn", "Two kites", "A lighthouse", "A lighthouse",
-               "Rain on a window [emulator:status=400]", "A long mountain road", "An owl"]
+    prompts = [
+        "A red fox",
+        "A boat at dawn",
+        "Two kites",
+        "A lighthouse",
+        "A lighthouse",
+        "Rain on a window [emulator:status=400]",
+        "A long mountain road",
+        "An owl",
+    ]
     src, tried = tmp_path / "in.parquet", tmp_path / "try.parquet"
     pl.DataFrame({"prompt": prompts}).write_parquet(src)
     pl.DataFrame({"prompt": prompts[:3]}).write_parquet(tried)
     config = {"response_modalities": ["TEXT", "IMAGE"], "thinking_config": {"include_thoughts": True}}
     model, prices = gf.DEFAULT_MODEL, {gf.DEFAULT_MODEL: {"cached_input": CACHED}}
     assert gf.PRICES[model] == {"input": IN, "output": OUT, "image": IMAGE}
-    with gf.Client(gf.EmulatorProvider(app=ImplicitCaching(emulator)), cache_dir=str(tmp_path / "c"), progress=False) as client:
+    with gf.Client(
+        gf.EmulatorProvider(app=ImplicitCaching(emulator)), cache_dir=str(tmp_path / "c"), progress=False
+    ) as client:
         gf.run(str(tried), str(tmp_path / "try_out.parquet"), config=config, client=client, progress=False)
         with pytest.warns(gf.RowsFailedWarning):
-            m = gf.run(str(src), str(tmp_path / "out.parquet"), config=config, client=client, progress=False,
-                       prices=prices, batch_rows=3)
+            m = gf.run(
+                str(src),
+                str(tmp_path / "out.parquet"),
+                config=config,
+                client=client,
+                progress=False,
+                prices=prices,
+                batch_rows=3,
+            )
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert (m["cache_hits"], m["requests_sent"], m["errors"]) == (3, 4, {"INVALID_ARGUMENT": 1})
     assert emulator.stats.requests == 3 + 4  # the tried rows, then 3 answers and the failing row (a 400: once)
@@ -145,7 +179,9 @@ def test_manifest_cost_matches_a_hand_computation_from_the_reply_columns(tmp_pat
     assert cost["all_rows"] == pytest.approx(sum(all_rows.values()), rel=1e-9)
     assert cost["this_run_split"] == pytest.approx(this_run, rel=1e-9)
     assert cost["all_rows_split"] == pytest.approx(all_rows, rel=1e-9)
-    assert m["tokens"]["cached_input_paid"] == sum(r["cached_content_tokens"] for r in paid if r["cached_content_tokens"])
+    assert m["tokens"]["cached_input_paid"] == sum(
+        r["cached_content_tokens"] for r in paid if r["cached_content_tokens"]
+    )
     # gf.cost_expr reads the same columns by the same rule: the figure is reproducible.
     rows = out.filter(~pl.col("cached")).unique("response_id", keep="first")
     assert rows.select(gf.cost_expr(model, prices=prices).sum()).item() == pytest.approx(cost["this_run"], rel=1e-9)
@@ -160,23 +196,51 @@ def test_batch_run_is_priced_at_the_batch_rate_by_hand_too(tmp_path, capsys):
     emulator = Emulator(batch_polls=1)
     src, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pl.DataFrame({"prompt": ["A red fox", "A boat", "A red fox", "An owl"]}).write_parquet(src)
-    common = ["--emulator", "--cache-dir", str(tmp_path / "c"), "--no-progress", "--config",
-              '{"response_modalities": ["TEXT", "IMAGE"]}']
+    common = [
+        "--emulator",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--no-progress",
+        "--config",
+        '{"response_modalities": ["TEXT", "IMAGE"]}',
+    ]
     prices = tmp_path / "p.json"
     prices.write_text(json.dumps({gf.DEFAULT_MODEL: {"cached_input": CACHED}}))
     with gf.Client("emulator", app=emulator, cache_dir=str(tmp_path / "c"), progress=False) as client:
-        m = gf.run(str(src), str(out), config={"response_modalities": ["TEXT", "IMAGE"]}, client=client,
-                   progress=False, mode="batch", poll_interval=0.01, prices=str(prices), batch_rows=2)
+        m = gf.run(
+            str(src),
+            str(out),
+            config={"response_modalities": ["TEXT", "IMAGE"]},
+            client=client,
+            progress=False,
+            mode="batch",
+            poll_interval=0.01,
+            prices=str(prices),
+            batch_rows=2,
+        )
     rows = pl.read_parquet(out).unique("response_id", keep="first").to_dicts()
     assert m["requests_sent"] == len(rows) == 3
     assert m["cost"]["this_run"] == pytest.approx(sum(_by_hand(rows).values()) / 2, rel=1e-9)
-    assert main(["run", str(src), str(tmp_path / "x.parquet"), *common, "--dry-run", "--batch",
-                 "--output-tokens", "100", "--cache", "off"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(src),
+                str(tmp_path / "x.parquet"),
+                *common,
+                "--dry-run",
+                "--batch",
+                "--output-tokens",
+                "100",
+                "--cache",
+                "off",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Batch Mode rate" in printed and "priced at 50% of the standard price" in printed
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"${m['cost']['this_run']:,.4f} this run" in printed and "Batch Mode rate" in printed
     assert "images $0.0585" in printed  # 3 images at $0.039, half price
-
-

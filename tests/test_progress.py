@@ -69,13 +69,27 @@ def test_client_send_warns_once(client):
 
 
 def _gemframe(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "gemframe", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gemframe", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_ends_with_the_failure_summary_and_exit_0(tmp_path):
-    pl.DataFrame({"prompt": ["describe it"] * 4, "image": ["images/house.jpg"] * 4}).write_parquet(tmp_path / "in.parquet")
-    done = _gemframe("run", "in.parquet", "out.parquet", "--images", "image", "--emulator",
-                     "--cache-dir", str(tmp_path / "cache"), "--no-progress", cwd=tmp_path)
+    pl.DataFrame({"prompt": ["describe it"] * 4, "image": ["images/house.jpg"] * 4}).write_parquet(
+        tmp_path / "in.parquet"
+    )
+    done = _gemframe(
+        "run",
+        "in.parquet",
+        "out.parquet",
+        "--images",
+        "image",
+        "--emulator",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        cwd=tmp_path,
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 0, done.stderr
     assert lines[-1] == f"gemframe: warning: {FAILED_4}"
@@ -89,8 +103,13 @@ def _on_terminal(args, cwd, columns=80):
     fcntl, pty, struct, termios = (pytest.importorskip(m) for m in ("fcntl", "pty", "struct", "termios"))
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "gemframe", *args], cwd=cwd, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=slave)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gemframe", *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+    )
     os.close(slave)
     out = b""
     while True:  # until the child closes the terminal (EIO on Linux)
@@ -109,14 +128,29 @@ def _on_terminal(args, cwd, columns=80):
 def test_cli_bar_at_80_columns_keeps_the_figures_and_counts_only_rows_sent(tmp_path):
     prompts = [f"Describe item number {i} in a few sentences" for i in range(400)] + [None]
     pl.DataFrame({"prompt": prompts}).write_parquet(tmp_path / "in.parquet")
-    lines = _on_terminal(["run", "in.parquet", "out.parquet", "--emulator", "--cache-dir", str(tmp_path / "cache"),
-                          "--manifest", "m.json", "--batch-rows", "100"], tmp_path)
+    lines = _on_terminal(
+        [
+            "run",
+            "in.parquet",
+            "out.parquet",
+            "--emulator",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--manifest",
+            "m.json",
+            "--batch-rows",
+            "100",
+        ],
+        tmp_path,
+    )
     bars = [line for line in lines if line.startswith("gemframe") and re.search(r"\d+/\d+", line)]
     last = bars[-1]
     manifest = gf.read_manifest(str(tmp_path / "out.parquet"))
     tokens = manifest["tokens"]["input_paid"] + manifest["tokens"]["output_paid"]
     assert len(last) <= 80
-    assert re.search(r"^gemframe: 400/400 \[\d\d:\d\d<00:00, [\d.,]+k? rows/s, hits 0, err 0, tok ([\d,]+)\]", last), last
+    assert re.search(r"^gemframe: 400/400 \[\d\d:\d\d<00:00, [\d.,]+k? rows/s, hits 0, err 0, tok ([\d,]+)\]", last), (
+        last
+    )
     assert f"tok {tokens:,}]" in last and tokens > 10_000  # the true total, not cut off
     assert all("/400 " in bar for bar in bars)  # the null-prompt row is not in the total (was 401)
 
@@ -168,6 +202,8 @@ import polars as pl, gemframe as gf
 with gf.Client("emulator", cache_dir=sys.argv[1], progress=True) as client:
     pl.DataFrame({"prompt": ["hi"]}).with_columns(reply=gf.generate("prompt", client=client))
 """
-    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "cache")], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr and "gemframe prompt: 1/1" in done.stderr

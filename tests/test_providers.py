@@ -92,12 +92,32 @@ def test_key_never_in_repr():
 @pytest.mark.parametrize(
     "status, body, error, fatal",
     [
-        (400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT",
-                         "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}},
-         "INVALID_ARGUMENT", gf.AuthenticationError),
+        (
+            400,
+            {
+                "error": {
+                    "code": 400,
+                    "message": "API key not valid. Please pass a valid API key.",
+                    "status": "INVALID_ARGUMENT",
+                    "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}],
+                }
+            },
+            "INVALID_ARGUMENT",
+            gf.AuthenticationError,
+        ),
         (400, {"error": {"code": 400, "message": "bad field", "status": "INVALID_ARGUMENT"}}, "INVALID_ARGUMENT", None),
-        (403, {"error": {"code": 403, "message": "denied", "status": "PERMISSION_DENIED"}}, "PERMISSION_DENIED", gf.PermissionDeniedError),
-        (404, {"error": {"code": 404, "message": "models/x is not found", "status": "NOT_FOUND"}}, "NOT_FOUND", gf.NotFoundError),
+        (
+            403,
+            {"error": {"code": 403, "message": "denied", "status": "PERMISSION_DENIED"}},
+            "PERMISSION_DENIED",
+            gf.PermissionDeniedError,
+        ),
+        (
+            404,
+            {"error": {"code": 404, "message": "models/x is not found", "status": "NOT_FOUND"}},
+            "NOT_FOUND",
+            gf.NotFoundError,
+        ),
         (503, {"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}, "UNAVAILABLE", None),
         (502, b"<html>Bad Gateway</html>", "BAD_GATEWAY", None),
     ],
@@ -110,8 +130,14 @@ def test_google_error_mapping(status, body, error, fatal):
 
 
 def test_google_retry_delay_from_retry_info_and_header():
-    body = {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED",
-                      "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "17s"}]}}
+    body = {
+        "error": {
+            "code": 429,
+            "message": "quota",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "17s"}],
+        }
+    }
     failure = gf.GoogleAI(api_key=KEY).failure(_response(429, body))
     assert failure.retryable and failure.retry_after == 17.0 and failure.fatal is None
     header = gf.GoogleAI(api_key=KEY).failure(_response(429, {"error": {"code": 429}}, {"Retry-After": "3"}))
@@ -124,7 +150,12 @@ def test_google_retry_delay_from_retry_info_and_header():
         (401, {"error": "Missing Authorization or x-api-key in header"}, gf.AuthenticationError, "UNAUTHENTICATED"),
         (403, {"error": "Team not permitted"}, gf.PermissionDeniedError, "PERMISSION_DENIED"),
         (404, {"error": "Model not found"}, gf.NotFoundError, "NOT_FOUND"),
-        (406, {"error": "Insufficient credits. Balance 0.01, cost 0.04"}, gf.InsufficientCreditsError, "INSUFFICIENT_CREDITS"),
+        (
+            406,
+            {"error": "Insufficient credits. Balance 0.01, cost 0.04"},
+            gf.InsufficientCreditsError,
+            "INSUFFICIENT_CREDITS",
+        ),
         (406, {"error": "Content-Type must be application/json"}, gf.APIError, "NOT_ACCEPTABLE"),
         (410, {"error": "This model has been retired"}, gf.NotFoundError, "GONE"),
         (405, b"<!DOCTYPE html><html><body>Method Not Allowed</body></html>", gf.APIError, "METHOD_NOT_ALLOWED"),
@@ -141,7 +172,9 @@ def test_segmind_error_mapping(status, body, fatal, status_name):
 
 def test_segmind_rate_limit_reset_header():
     reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30))
-    failure = gf.Segmind(api_key=KEY).failure(_response(429, {"error": "Too many requests"}, {"x-rate-limit-reset-at-utc": reset}))
+    failure = gf.Segmind(api_key=KEY).failure(
+        _response(429, {"error": "Too many requests"}, {"x-rate-limit-reset-at-utc": reset})
+    )
     assert failure.retryable and 25 <= failure.retry_after <= 31
 
 
@@ -152,7 +185,9 @@ def test_parse_retry_after_forms():
 
 
 def test_api_error_message_has_hint_not_key():
-    failure = gf.GoogleAI(api_key=KEY).failure(_response(401, {"error": {"code": 401, "message": "bad", "status": "UNAUTHENTICATED"}}))
+    failure = gf.GoogleAI(api_key=KEY).failure(
+        _response(401, {"error": {"code": 401, "message": "bad", "status": "UNAUTHENTICATED"}})
+    )
     text = str(failure.as_api_error())
     assert "GEMINI_API_KEY" in text and KEY not in text
 
@@ -182,9 +217,13 @@ def test_a_key_over_plain_http_warns_once_per_client_naming_the_host(fault_serve
     caplog.set_level(logging.WARNING, logger="gemframe")
 
     def ask(provider, base_url, n=3):
-        with gf.Client(provider, api_key=KEY, base_url=base_url, cache="off", cache_dir=str(cache_dir), progress=False) as c:
+        with gf.Client(
+            provider, api_key=KEY, base_url=base_url, cache="off", cache_dir=str(cache_dir), progress=False
+        ) as c:
             for _ in range(2):  # two calls, one warning
-                out = pl.DataFrame({"prompt": [f"p{i}" for i in range(n)]}).with_columns(reply=gf.generate("prompt", client=c))
+                out = pl.DataFrame({"prompt": [f"p{i}" for i in range(n)]}).with_columns(
+                    reply=gf.generate("prompt", client=c)
+                )
                 assert out["reply"].struct.field("error").is_null().all()
 
     def warnings():
@@ -192,10 +231,12 @@ def test_a_key_over_plain_http_warns_once_per_client_naming_the_host(fault_serve
 
     try:
         ask("google", "http://api.example.test")
-        assert warnings() == [(
-            "sending the API key over plain http:// to api.example.test: anyone on the network path can read it; "
-            "use an https:// base_url (only loopback hosts are exempt)"
-        )]
+        assert warnings() == [
+            (
+                "sending the API key over plain http:// to api.example.test: anyone on the network path can read it; "
+                "use an https:// base_url (only loopback hosts are exempt)"
+            )
+        ]
         ask("segmind", "http://user:pw@seg.example.test:8080")
         assert len(warnings()) == 2 and "to seg.example.test:" in warnings()[1]
         assert proxy.stats.requests == 12  # the requests really went out (through the proxy)
@@ -247,7 +288,10 @@ def _gateway_class():
             return f"{self.base_url}/v1/{model}"
 
         def headers(self):
-            return {"content-type": "application/json", **({"authorization": f"Bearer {self.secret}"} if self.secret else {})}
+            return {
+                "content-type": "application/json",
+                **({"authorization": f"Bearer {self.secret}"} if self.secret else {}),
+            }
 
         def wrap(self, body):
             return {"messages": body}
@@ -255,7 +299,9 @@ def _gateway_class():
         def failure(self, response):
             message = str((json.loads(response.content) or {}).get("error", ""))
             fatal = gf.AuthenticationError if response.status_code == 401 else None
-            return Failure(response.status_code, "GATEWAY", message, response.status_code in RETRYABLE_STATUS, fatal=fatal)
+            return Failure(
+                response.status_code, "GATEWAY", message, response.status_code in RETRYABLE_STATUS, fatal=fatal
+            )
 
     return Gateway
 
@@ -294,7 +340,9 @@ def test_capabilities_are_declared_not_detected(registry, served_emulator, cache
     with gf.Client("toy-plain-google", api_key=KEY, base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
         frame = pl.DataFrame({"prompt": ["a", "b"]})
         assert frame.with_columns(reply=gf.generate("prompt", client=c)).unnest("reply")["error"].is_null().all()
-        with pytest.raises(gf.ConfigError, match="batch mode needs the google or emulator provider, not 'toy-plain-google'"):
+        with pytest.raises(
+            gf.ConfigError, match="batch mode needs the google or emulator provider, not 'toy-plain-google'"
+        ):
             frame.with_columns(reply=gf.generate("prompt", client=c, mode="batch", cache="off"))
         est = gf.estimate(sample_input, client=c, exact=True)
         assert est.token_method == "local" and "no countTokens" in est.notes[0]
@@ -319,9 +367,13 @@ def test_registration_checks_the_declaration(registry):
     with pytest.raises(TypeError, match="abstract"):
         NoFailure()  # an ABC: not even usable unregistered
     with pytest.raises(TypeError, match="declares 'batch' but has no batch_url, operation_url, batches_url"):
-        register_provider(type("Boasting", (_gateway_class(),), {"name": "toy-boast", "capabilities": frozenset({"batch"})}))
+        register_provider(
+            type("Boasting", (_gateway_class(),), {"name": "toy-boast", "capabilities": frozenset({"batch"})})
+        )
     with pytest.raises(ValueError, match="unknown capabilities \\['streaming'\\]"):
-        register_provider(type("Odd", (_gateway_class(),), {"name": "toy-odd", "capabilities": frozenset({"streaming"})}))
+        register_provider(
+            type("Odd", (_gateway_class(),), {"name": "toy-odd", "capabilities": frozenset({"streaming"})})
+        )
     with pytest.raises(ValueError, match="'google' is already registered by gemframe._core.providers.GoogleAI"):
         register_provider(type("Impostor", (_gateway_class(),), {"name": "google"}))
     assert list(registry) == ["google", "segmind", "emulator"]
@@ -330,8 +382,10 @@ def test_registration_checks_the_declaration(registry):
 def test_core_never_imports_the_emulator(repo_root):
     """The emulator is a test oracle the core reaches only through the registry: importing the
     core loads neither its app nor starlette (tests/test_layout.py checks every import statically)."""
-    code = ("import sys, gemframe._core.providers, gemframe._core.client, gemframe._core.executor, gemframe._core.batch, gemframe._accounting.estimate; "
-            "print(sorted(m for m in sys.modules if m.startswith(('gemframe.emulator', 'starlette', 'PIL', 'uvicorn')))); "
-            "print(list(gemframe._core.providers.PROVIDERS))")
+    code = (
+        "import sys, gemframe._core.providers, gemframe._core.client, gemframe._core.executor, gemframe._core.batch, gemframe._accounting.estimate; "
+        "print(sorted(m for m in sys.modules if m.startswith(('gemframe.emulator', 'starlette', 'PIL', 'uvicorn')))); "
+        "print(list(gemframe._core.providers.PROVIDERS))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["['gemframe.emulator', 'gemframe.emulator.provider']", "['google', 'segmind', 'emulator']"]

@@ -16,11 +16,11 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pa = pytest.importorskip("pyarrow")
 
-import gemframe as gf  # noqa: E402
-import gemframe.ray as gray  # noqa: E402
-from gemframe.emulator import Emulator  # noqa: E402
+import gemframe as gf
+import gemframe.ray as gray
+from gemframe.emulator import Emulator
 
-from .conftest import ServedEmulator  # noqa: E402
+from .conftest import ServedEmulator
 
 # A hung Ray must not hang CI: the thread method ends the run even inside a blocking call.
 # One local Ray of two CPUs on the machine at a time: the "ray" group (tests/conftest.py).
@@ -69,11 +69,14 @@ def _requests(app: RecordingApp) -> int:
 
 def _frame(rows: int, image: bytes | None = None) -> pl.DataFrame:
     """Prompts with repeats, a null prompt, and an image on every 7th row."""
-    return pl.DataFrame({
-        "id": range(rows),
-        "prompt": [None if i == 5 else f"question {i % (rows - 20)}" for i in range(rows)],
-        "image": [image if image is not None and i % 7 == 0 else None for i in range(rows)],
-    }, schema={"id": pl.Int64, "prompt": pl.String, "image": pl.Binary})
+    return pl.DataFrame(
+        {
+            "id": range(rows),
+            "prompt": [None if i == 5 else f"question {i % (rows - 20)}" for i in range(rows)],
+            "image": [image if image is not None and i % 7 == 0 else None for i in range(rows)],
+        },
+        schema={"id": pl.Int64, "prompt": pl.String, "image": pl.Binary},
+    )
 
 
 def _dataset(frame: pl.DataFrame, block: int):
@@ -95,14 +98,23 @@ def test_same_answers_as_polars_and_rerun_from_cache(ray_local, server, tmp_path
     frame = _frame(300, image_bytes("PNG", (16, 12), "teal"))
     options = dict(images="image", system="Be terse.", config={"temperature": 0})
 
-    with gf.Client("google", api_key=KEY, base_url=served.url, cache_dir=str(tmp_path / "polars"),
-                   progress=False) as client:
+    with gf.Client(
+        "google", api_key=KEY, base_url=served.url, cache_dir=str(tmp_path / "polars"), progress=False
+    ) as client:
         expected = frame.with_columns(reply=gf.generate("prompt", client=client, **options))
 
     before = _requests(app)
     out = gray.generate(
-        _dataset(frame, 30), "prompt", provider="google", api_key=KEY, base_url=served.url,
-        cache_dir=str(tmp_path / "ray"), num_actors=2, batch_size=32, num_cpus=0.5, **options,
+        _dataset(frame, 30),
+        "prompt",
+        provider="google",
+        api_key=KEY,
+        base_url=served.url,
+        cache_dir=str(tmp_path / "ray"),
+        num_actors=2,
+        batch_size=32,
+        num_cpus=0.5,
+        **options,
     )
     first = _collect(out)
     sent = _requests(app) - before
@@ -120,10 +132,21 @@ def test_same_answers_as_polars_and_rerun_from_cache(ray_local, server, tmp_path
     # the actors as it is): the same requests, so nothing reaches the server.
     before = _requests(app)
     spec = gf.RequestSpec(system="Be terse.", config={"temperature": 0})
-    again = _collect(gray.generate(
-        _dataset(frame, 30), "prompt", images="image", spec=spec, provider="google", api_key=KEY,
-        base_url=served.url, cache_dir=str(tmp_path / "ray"), num_actors=2, batch_size=32, num_cpus=0.5,
-    ))
+    again = _collect(
+        gray.generate(
+            _dataset(frame, 30),
+            "prompt",
+            images="image",
+            spec=spec,
+            provider="google",
+            api_key=KEY,
+            base_url=served.url,
+            cache_dir=str(tmp_path / "ray"),
+            num_actors=2,
+            batch_size=32,
+            num_cpus=0.5,
+        )
+    )
     assert _requests(app) == before
     assert again["reply"].struct.field("cached").drop_nulls().all()
     assert_frame_equal(_answers(again), _answers(expected))
@@ -134,10 +157,20 @@ def test_global_rate_limit_holds_at_the_server(ray_local, server, tmp_path):
     rpm, rows, per_second = 2400, 200, 40  # 40 requests/s for the cluster, 20 per actor
     frame = pl.DataFrame({"id": range(rows), "prompt": [f"paced {i}" for i in range(rows)]})
     start = len(app.arrivals)
-    out = _collect(gray.generate(
-        _dataset(frame, 20), "prompt", provider="google", api_key=KEY, base_url=served.url,
-        cache_dir=str(tmp_path / "cache"), rpm=rpm, num_actors=2, batch_size=20, num_cpus=0.5,
-    ))
+    out = _collect(
+        gray.generate(
+            _dataset(frame, 20),
+            "prompt",
+            provider="google",
+            api_key=KEY,
+            base_url=served.url,
+            cache_dir=str(tmp_path / "cache"),
+            rpm=rpm,
+            num_actors=2,
+            batch_size=20,
+            num_cpus=0.5,
+        )
+    )
     assert out["reply"].struct.field("error").is_null().all()
     arrivals = sorted(app.arrivals[start:])
     assert len(arrivals) == rows
@@ -151,8 +184,14 @@ def test_unnest_and_the_key_stays_hidden(ray_local, server, tmp_path):
     served, app = server
     frame = pl.DataFrame({"id": range(40), "q": [f"short {i}" for i in range(40)]})
     out = gray.generate(
-        _dataset(frame, 10), pl.col("q").str.to_uppercase(), provider="google", api_key=KEY,
-        base_url=served.url, cache_dir=str(tmp_path / "cache"), unnest=True, num_cpus=0.5,
+        _dataset(frame, 10),
+        pl.col("q").str.to_uppercase(),
+        provider="google",
+        api_key=KEY,
+        base_url=served.url,
+        cache_dir=str(tmp_path / "cache"),
+        unnest=True,
+        num_cpus=0.5,
     )
     got = _collect(out)
     assert got.columns[:2] == ["id", "q"] and "text" in got.columns and "reply" not in got.columns
@@ -165,8 +204,15 @@ def test_callable_class_alone(server, tmp_path):
     """GeminiBatch works on a plain Arrow table (what map_batches hands it), with a share."""
     served, app = server
     batch = gray.GeminiBatch(
-        "prompt", provider="google", api_key=gray.Secret(KEY), base_url=served.url,
-        cache_dir=str(tmp_path / "cache"), concurrency=8, rpm=600, tpm=60_000, num_actors=4,
+        "prompt",
+        provider="google",
+        api_key=gray.Secret(KEY),
+        base_url=served.url,
+        cache_dir=str(tmp_path / "cache"),
+        concurrency=8,
+        rpm=600,
+        tpm=60_000,
+        num_actors=4,
         output="answer",
     )
     try:
@@ -179,7 +225,10 @@ def test_callable_class_alone(server, tmp_path):
         assert result.column_names == ["prompt", "extra", "answer"]
         assert result.schema.field("extra").type == pa.int8()
         assert pl.from_arrow(result)["answer"].struct.field("text").to_list() == [
-            'Emulated reply to: "a".', None, 'Emulated reply to: "b".']
+            'Emulated reply to: "a".',
+            None,
+            'Emulated reply to: "b".',
+        ]
         calls = []
         send = batch.client.send
         batch.client.send = lambda rows, **kw: calls.append(1) or send(rows, **kw)
@@ -218,14 +267,21 @@ def test_eight_actors_fit_a_two_cpu_machine(ray_local, server, tmp_path):
     for part in range(16):  # a block per file: two per actor
         frame.slice(part * 10, 10).write_parquet(source / f"part-{part:02}.parquet")
     before = _requests(app)
-    out = _collect(gray.generate(
-        ray.data.read_parquet(str(source), override_num_blocks=16), "prompt", provider="google",
-        api_key=KEY, base_url=served.url, cache_dir=str(tmp_path / "cache"), num_actors=8,
-        concurrency=16, batch_size=10,
-    ))
+    out = _collect(
+        gray.generate(
+            ray.data.read_parquet(str(source), override_num_blocks=16),
+            "prompt",
+            provider="google",
+            api_key=KEY,
+            base_url=served.url,
+            cache_dir=str(tmp_path / "cache"),
+            num_actors=8,
+            concurrency=16,
+            batch_size=10,
+        )
+    )
     assert out["id"].to_list() == list(range(rows))
-    assert out["reply"].struct.field("text").to_list() == [
-        f'Emulated reply to: "eight {i}".' for i in range(rows)]
+    assert out["reply"].struct.field("text").to_list() == [f'Emulated reply to: "eight {i}".' for i in range(rows)]
     assert _requests(app) - before == rows
 
 
@@ -237,9 +293,17 @@ def test_a_pool_the_cluster_cannot_hold_fails_with_the_fix(ray_local, server, tm
     before = _requests(app)
     start = time.monotonic()
     with pytest.raises(gf.ConfigError) as error:
-        gray.generate(dataset, "prompt", provider="google", api_key=KEY, base_url=served.url,
-                      cache_dir=str(tmp_path / "cache"), num_actors=2, num_cpus=1.5,
-                      placement_timeout=2)
+        gray.generate(
+            dataset,
+            "prompt",
+            provider="google",
+            api_key=KEY,
+            base_url=served.url,
+            cache_dir=str(tmp_path / "cache"),
+            num_actors=2,
+            num_cpus=1.5,
+            placement_timeout=2,
+        )
     assert time.monotonic() - start < 30
     message = str(error.value)
     assert "could not place num_actors=2" in message and "it has 2 CPUs" in message

@@ -71,7 +71,7 @@ def readme_blocks(text: str) -> list[Block]:
         while end < len(lines) and lines[end].strip() != "```":
             end += 1
         assert end < len(lines), f"README.md:{n + 1}: the block is never closed"
-        body = [code[len(indent):] if code.startswith(indent) else code.lstrip() for code in lines[n + 1:end]]
+        body = [code[len(indent) :] if code.startswith(indent) else code.lstrip() for code in lines[n + 1 : end]]
         code = "\n".join(body) + "\n"
         before = next((lines[k] for k in range(n - 1, -1, -1) if lines[k].strip()), "")
         not_run = _NOT_RUN.match(before)
@@ -118,7 +118,9 @@ def _drive(blocks_file: str) -> int:
         print(f"--- {where} at {time.monotonic() - started:.1f} s", flush=True)
         if block.info in SHELL:
             done = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", without_installs(block.code)], stderr=subprocess.PIPE, text=True,
+                ["bash", "-euo", "pipefail", "-c", without_installs(block.code)],
+                stderr=subprocess.PIPE,
+                text=True,
             )
             print(done.stderr, end="", flush=True)
             if done.returncode or "rows failed" in done.stderr:
@@ -167,16 +169,24 @@ def test_readme_blocks_run(tmp_path):
     blocks_file = tmp_path / "blocks.json"
     blocks_file.write_text(json.dumps([asdict(b) for b in runs]))
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER", "GEMFRAME_PRICES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER", "GEMFRAME_PRICES")
+    }
     env.update(
         GEMFRAME_CACHE_DIR=str(tmp_path / "cache"),
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
     )
     done = subprocess.run(
-        [sys.executable, __file__, blocks_file], cwd=work, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=230,
+        [sys.executable, __file__, blocks_file],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=230,
     )
     print("\n".join(line for line in done.stdout.splitlines() if line.startswith(("---", "ALL"))))  # -s: timings
     assert done.returncode == 0 and "ALL BLOCKS RAN" in done.stdout, done.stdout[-6000:]

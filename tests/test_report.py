@@ -9,23 +9,33 @@ import polars as pl
 import pytest
 
 import gemframe as gf
-from gemframe._cli import main
 from gemframe._accounting.report import svg_hbars, svg_histogram
+from gemframe._cli import main
 
 
 @pytest.fixture
 def mixed_output(client, sample_input, tmp_path):
     """sample_data plus rows that fail: a safety finish, a 400 and a blocked prompt."""
     frame = pl.read_parquet(sample_input)
-    bad = pl.DataFrame({
-        "id": [20, 21, 22], "task": ["bad"] * 3, "image_path": [None] * 3,
-        "prompt": ["unsafe [emulator:safety]", "broken [emulator:status=400]", "blocked [emulator:block]"],
-    })
+    bad = pl.DataFrame(
+        {
+            "id": [20, 21, 22],
+            "task": ["bad"] * 3,
+            "image_path": [None] * 3,
+            "prompt": ["unsafe [emulator:safety]", "broken [emulator:status=400]", "blocked [emulator:block]"],
+        }
+    )
     src = tmp_path / "mixed.parquet"
     pl.concat([frame, bad.select(frame.columns)]).write_parquet(src)
     out = tmp_path / "mixed_out.parquet"
-    gf.run(str(src), str(out), images="image_path", config={"response_modalities": ["TEXT", "IMAGE"]},
-           client=client, progress=False)
+    gf.run(
+        str(src),
+        str(out),
+        images="image_path",
+        config={"response_modalities": ["TEXT", "IMAGE"]},
+        client=client,
+        progress=False,
+    )
     return out
 
 
@@ -95,7 +105,11 @@ def test_report_of_a_frame_and_of_a_cached_rerun(client, sample_input, tmp_path)
     assert "no requests sent" in rep.text and rep.data["cost"]["this_run"] == 0
     assert rep._repr_html_().startswith("<div class='gfreport'>")  # shows inline in a notebook
     assert gf.report(first).data["cost"] is None  # no model given, no manifest: no price
-    paths = df.with_columns(reply=gf.generate("prompt", config={"response_modalities": ["IMAGE"]}, image_dir=str(tmp_path / "img"), client=client))
+    paths = df.with_columns(
+        reply=gf.generate(
+            "prompt", config={"response_modalities": ["IMAGE"]}, image_dir=str(tmp_path / "img"), client=client
+        )
+    )
     assert gf.report(paths, thumbnails=3).data["thumbnails"] == 3  # thumbnails from image files
 
 
@@ -123,7 +137,11 @@ def test_thumbnails_only_from_regular_image_files(client, tmp_path):
     file are skipped; the report still shows the real image."""
 
     df = pl.DataFrame({"prompt": ["A fox", "A boat", "A kite"]})
-    out = df.with_columns(reply=gf.generate("prompt", config={"response_modalities": ["IMAGE"]}, image_dir=str(tmp_path / "img"), client=client))
+    out = df.with_columns(
+        reply=gf.generate(
+            "prompt", config={"response_modalities": ["IMAGE"]}, image_dir=str(tmp_path / "img"), client=client
+        )
+    )
     paths = [r["images"][0]["path"] for r in out["reply"].to_list()]
     os.unlink(paths[0])
     os.mkfifo(paths[0])

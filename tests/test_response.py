@@ -14,23 +14,41 @@ def _decode(response, **kw):
 
 
 def test_text_joins_non_thought_parts_and_images_skip_thoughts():
-    record = _decode({
-        "candidates": [{
-            "content": {"role": "model", "parts": [
-                {"text": "thinking...", "thought": True},
-                {"text": "Hello, "},
-                {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}},
-                {"inlineData": {"mimeType": "image/png", "data": "AAAA"}, "thought": True},
-                {"text": "world"},
-            ]},
-            "finishReason": "STOP",
-        }],
-        "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 5, "totalTokenCount": 12, "thoughtsTokenCount": 4},
-        "modelVersion": "gemini-x", "responseId": "abc",
-    })
+    record = _decode(
+        {
+            "candidates": [
+                {
+                    "content": {
+                        "role": "model",
+                        "parts": [
+                            {"text": "thinking...", "thought": True},
+                            {"text": "Hello, "},
+                            {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}},
+                            {"inlineData": {"mimeType": "image/png", "data": "AAAA"}, "thought": True},
+                            {"text": "world"},
+                        ],
+                    },
+                    "finishReason": "STOP",
+                }
+            ],
+            "usageMetadata": {
+                "promptTokenCount": 3,
+                "candidatesTokenCount": 5,
+                "totalTokenCount": 12,
+                "thoughtsTokenCount": 4,
+            },
+            "modelVersion": "gemini-x",
+            "responseId": "abc",
+        }
+    )
     assert record["text"] == "Hello, world" and record["thoughts"] == "thinking..."
     assert record["images"] == [{"mime_type": "image/png", "data": PNG}]
-    assert (record["prompt_tokens"], record["candidates_tokens"], record["total_tokens"], record["thoughts_tokens"]) == (3, 5, 12, 4)
+    assert (
+        record["prompt_tokens"],
+        record["candidates_tokens"],
+        record["total_tokens"],
+        record["thoughts_tokens"],
+    ) == (3, 5, 12, 4)
     assert record["error"] is None and record["model_version"] == "gemini-x"
 
 
@@ -46,7 +64,11 @@ def test_blocked_and_empty_answers_say_why():
 
 
 def test_images_to_files(tmp_path):
-    response = {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}}]}}]}
+    response = {
+        "candidates": [
+            {"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}}]}}
+        ]
+    }
     first = _decode(response, image_dir=str(tmp_path))
     again = _decode(response, image_dir=str(tmp_path))
     path = first["images"][0]["path"]
@@ -69,7 +91,11 @@ def _column(records, dtype=gf.REPLY_DTYPE, schema=None, chunk=None, arrow_after=
 
 
 def test_series_has_the_declared_dtype():
-    records = [_decode({"candidates": [{"content": {"parts": [{"text": "x"}]}}]}), None, failed(gf.RowError(503, "UNAVAILABLE", "busy"), attempts=5)]
+    records = [
+        _decode({"candidates": [{"content": {"parts": [{"text": "x"}]}}]}),
+        None,
+        failed(gf.RowError(503, "UNAVAILABLE", "busy"), attempts=5),
+    ]
     series = _column(records).finish()
     assert series.name == "reply" and series.dtype == gf.REPLY_DTYPE
     assert series.is_null().to_list() == [False, True, False]
@@ -110,13 +136,23 @@ def test_arrow_chunks_hold_exactly_what_polars_would_build(tmp_path):
     itself builds it from the same records: images, layout, errors, nulls, raw JSON, paths."""
     image = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}, "thoughtSignature": "sig"}
     answers = [
-        {"candidates": [{"content": {"parts": [{"text": "a"}, image]}, "finishReason": "STOP"}],
-         "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 9}, "modelVersion": "m", "responseId": "r"},
+        {
+            "candidates": [{"content": {"parts": [{"text": "a"}, image]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 9},
+            "modelVersion": "m",
+            "responseId": "r",
+        },
         {"promptFeedback": {"blockReason": "SAFETY"}},
         {"candidates": [{"content": {"parts": [{"text": "t", "thought": True}]}, "finishReason": "SAFETY"}]},
     ]
-    for dtype, kw in ((gf.REPLY_DTYPE, {}), (gf.reply_dtype(raw=True), {}), (gf.reply_dtype(image_files=True), {"image_dir": str(tmp_path)})):
-        records = [_decode(a, **kw) for a in answers] + [failed(gf.RowError(429, "RESOURCE_EXHAUSTED", "slow down"), attempts=3)]
+    for dtype, kw in (
+        (gf.REPLY_DTYPE, {}),
+        (gf.reply_dtype(raw=True), {}),
+        (gf.reply_dtype(image_files=True), {"image_dir": str(tmp_path)}),
+    ):
+        records = [_decode(a, **kw) for a in answers] + [
+            failed(gf.RowError(429, "RESOURCE_EXHAUSTED", "slow down"), attempts=3)
+        ]
         if "raw" in dtype.to_schema():
             records = [{**r, "raw": f"json {i}"} for i, r in enumerate(records)]
         expected = pl.Series("reply", records, dtype=dtype)

@@ -5,7 +5,7 @@ do not parse or do not fit become row errors."""
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Literal, Optional, TypedDict
+from typing import Literal, TypedDict
 
 import polars as pl
 import pytest
@@ -30,7 +30,7 @@ class Caption:
     mood: Literal["calm", "busy", "eerie"]
     colors: list[str]
     items: list[Item]
-    confidence: Optional[float] = None
+    confidence: float | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -45,14 +45,16 @@ class Review(TypedDict):
     summary: NotRequired[str]
 
 
-CAPTION_DTYPE = pl.Struct({
-    "subject": pl.String,
-    "mood": pl.Enum(["calm", "busy", "eerie"]),
-    "colors": pl.List(pl.String),
-    "items": pl.List(pl.Struct({"name": pl.String, "count": pl.Int64})),
-    "confidence": pl.Float64,
-    "tags": pl.List(pl.String),
-})
+CAPTION_DTYPE = pl.Struct(
+    {
+        "subject": pl.String,
+        "mood": pl.Enum(["calm", "busy", "eerie"]),
+        "colors": pl.List(pl.String),
+        "items": pl.List(pl.Struct({"name": pl.String, "count": pl.Int64})),
+        "confidence": pl.Float64,
+        "tags": pl.List(pl.String),
+    }
+)
 
 
 def _body(**options) -> dict:
@@ -97,7 +99,12 @@ def test_polars_dtype_and_typeddict_schemas(client):
     schema = _body(response_schema=dtype)["generationConfig"]["responseSchema"]
     assert schema["required"] == ["label", "legs", "scores"]
     assert schema["properties"]["legs"] == {"type": "INTEGER", "minimum": 0}
-    assert schema["properties"]["scores"] == {"type": "ARRAY", "items": {"type": "NUMBER"}, "minItems": 3, "maxItems": 3}
+    assert schema["properties"]["scores"] == {
+        "type": "ARRAY",
+        "items": {"type": "NUMBER"},
+        "minItems": 3,
+        "maxItems": 3,
+    }
     out = pl.DataFrame({"prompt": ["an animal"]}).with_columns(
         a=gf.generate("prompt", response_schema=dtype, client=client),
         b=gf.generate("prompt", response_schema=Review, client=client),
@@ -126,7 +133,9 @@ def test_json_schema_dict_goes_as_response_json_schema(client):
     }
     config = _body(response_schema=schema)["generationConfig"]
     assert config == {"responseMimeType": "application/json", "responseJsonSchema": schema}
-    out = pl.DataFrame({"prompt": ["a film"]}).with_columns(reply=gf.generate("prompt", response_schema=schema, client=client))
+    out = pl.DataFrame({"prompt": ["a film"]}).with_columns(
+        reply=gf.generate("prompt", response_schema=schema, client=client)
+    )
     assert out.schema["reply"].to_schema()["parsed"] == pl.Struct(
         {"title": pl.String, "year": pl.Int64, "genres": pl.List(pl.Enum(["drama", "comedy"]))}
     )
@@ -139,9 +148,14 @@ def test_json_schema_dict_goes_as_response_json_schema(client):
 
 def test_a_reply_that_does_not_parse_is_a_row_error(client, emulator):
     df = pl.DataFrame({"prompt": ["A lighthouse at dusk, described at length", "Short"]})
-    out = df.with_columns(reply=gf.generate(
-        "prompt", response_schema=Caption, config={"max_output_tokens": 8}, client=client,
-    )).unnest("reply")
+    out = df.with_columns(
+        reply=gf.generate(
+            "prompt",
+            response_schema=Caption,
+            config={"max_output_tokens": 8},
+            client=client,
+        )
+    ).unnest("reply")
     assert out["finish_reason"].to_list() == ["MAX_TOKENS", "MAX_TOKENS"]  # the JSON was cut short
     assert out["error"].struct.field("status").to_list() == ["PARSE_ERROR", "PARSE_ERROR"]
     assert "maxOutputTokens" in out["error"][0]["message"] and "not JSON" in out["error"][0]["message"]

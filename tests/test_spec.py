@@ -37,7 +37,9 @@ class ReadCounter(Mapping):
         return self.data.items()
 
 
-def test_a_bad_spec_fails_when_it_is_made_before_anything_is_read_or_sent(client, emulator, sample_input, tmp_path, capsys):
+def test_a_bad_spec_fails_when_it_is_made_before_anything_is_read_or_sent(
+    client, emulator, sample_input, tmp_path, capsys
+):
     with pytest.raises(gf.ConfigError, match="Did you mean 'temperature'"):
         gf.RequestSpec(config={"temprature": 0})
     with pytest.raises(gf.ConfigError, match="sample must be an integer >= 0"):
@@ -62,8 +64,22 @@ def test_a_bad_spec_fails_when_it_is_made_before_anything_is_read_or_sent(client
         gf.generate("prompt", mode="bulk", client=client)  # how to run: also checked up front
     with pytest.raises(TypeError, match="did you mean 'system'"):
         gf.generate("prompt", sytem="x", client=client)
-    assert main(["run", str(sample_input), str(tmp_path / "c.parquet"), "--emulator", "--no-progress",
-                 "--cache-dir", str(tmp_path / "c"), "--config", '{"temprature": 0}']) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(sample_input),
+                str(tmp_path / "c.parquet"),
+                "--emulator",
+                "--no-progress",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--config",
+                '{"temprature": 0}',
+            ]
+        )
+        == 2
+    )
     assert "Did you mean 'temperature'" in capsys.readouterr().err
     assert emulator.stats.requests == 0 and not (tmp_path / "o.parquet").exists()
     assert not (tmp_path / "c.parquet").exists()
@@ -90,19 +106,28 @@ def test_one_spec_asks_generate_request_estimate_manifest_and_run_the_same(clien
     assert again["reply"].struct.field("cached").drop_nulls().all()
     # request + send with the spec: its body and its sample, so the same key.
     sent = df.with_columns(request=gf.request("prompt", images="image_path", spec=spec)).with_columns(
-        reply=gf.send("request", spec=spec, client=client))
+        reply=gf.send("request", spec=spec, client=client)
+    )
     assert sent["reply"].struct.field("cached").drop_nulls().all()
     assert emulator.stats.requests == 11
 
     m = gf.manifest(out, spec=spec, client=client, images="image_path")
-    manifest = gf.run(str(sample_input), str(tmp_path / "o.parquet"), images="image_path", spec=spec,
-                      client=client, progress=False)
+    manifest = gf.run(
+        str(sample_input), str(tmp_path / "o.parquet"), images="image_path", spec=spec, client=client, progress=False
+    )
     assert (manifest["cache_hits"], manifest["requests_sent"]) == (11, 0) and emulator.stats.requests == 11
     described = ("model", "system", "config", "safety", "sample")
-    assert {k: m[k] for k in described} == {k: manifest[k] for k in described} == {
-        "model": gf.DEFAULT_MODEL, "system": "Be brief.", "config": {"temperature": 0},
-        "safety": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_ONLY_HIGH"}], "sample": 2,
-    }
+    assert (
+        {k: m[k] for k in described}
+        == {k: manifest[k] for k in described}
+        == {
+            "model": gf.DEFAULT_MODEL,
+            "system": "Be brief.",
+            "config": {"temperature": 0},
+            "safety": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_ONLY_HIGH"}],
+            "sample": 2,
+        }
+    )
     # Keywords with spec= replace its fields: another sample is another request.
     other = df.head(2).with_columns(reply=gf.generate("prompt", spec=spec, sample=3, client=client))
     assert not other["reply"].struct.field("cached").any() and emulator.stats.requests == 13
@@ -112,8 +137,16 @@ def test_the_options_are_read_and_checked_once_per_call(client, emulator, sample
     """gf.run with 3 samples and a manifest: the config is read once (it was read by a
     builder, by each of the 3 expressions and by the manifest: 5 times)."""
     config = ReadCounter({"temperature": 0})
-    manifest = gf.run(str(sample_input), str(tmp_path / "o.parquet"), images="image_path", config=config,
-                      samples=3, client=client, progress=False, manifest_path=str(tmp_path / "m.json"))
+    manifest = gf.run(
+        str(sample_input),
+        str(tmp_path / "o.parquet"),
+        images="image_path",
+        config=config,
+        samples=3,
+        client=client,
+        progress=False,
+        manifest_path=str(tmp_path / "m.json"),
+    )
     assert manifest["requests_sent"] == emulator.stats.requests == 33 and manifest["config"] == {"temperature": 0}
     assert config.reads == 1
     # An expression reads it when it is made, never per batch (here 4 streamed batches).
@@ -128,8 +161,16 @@ def test_the_options_are_read_and_checked_once_per_call(client, emulator, sample
 def test_the_faces_show_and_type_the_options():
     """help()/inspect list the options (declared once, in RequestSpec) in every face."""
     options = ["model", "system", "config", "safety", "response_schema", "sample"]
-    faces = [gf.generate, gf.request, gf.estimate, gf.manifest, gf.run,
-             pl.col("p").gemini.generate, pl.DataFrame().gemini.generate, pl.LazyFrame().gemini.generate]
+    faces = [
+        gf.generate,
+        gf.request,
+        gf.estimate,
+        gf.manifest,
+        gf.run,
+        pl.col("p").gemini.generate,
+        pl.DataFrame().gemini.generate,
+        pl.LazyFrame().gemini.generate,
+    ]
     for face in faces:
         params = inspect.signature(face).parameters
         assert all(name in params for name in options) and "spec" in params, face

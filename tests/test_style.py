@@ -27,17 +27,23 @@ def test_one_atomic_write_helper():
     # The cache's _create_database only links a new, empty database into place (never over one).
     allowed = {"_files.py", "_core/cache/disk.py"}
     found = [
-        (name, node) for name, tree in _client_modules() if name not in allowed
+        (name, node)
+        for name, tree in _client_modules()
+        if name not in allowed
         for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and node.attr in ("replace", "rename", "mkstemp", "NamedTemporaryFile")
-        and isinstance(node.value, ast.Name) and node.value.id in ("os", "tempfile")
+        if isinstance(node, ast.Attribute)
+        and node.attr in ("replace", "rename", "mkstemp", "NamedTemporaryFile")
+        and isinstance(node.value, ast.Name)
+        and node.value.id in ("os", "tempfile")
     ]
     assert not found, f"write files with gemframe._files.atomic_write / AtomicFile: {_where(found)}"
 
 
 def test_one_clip():
     found = [
-        (name, node) for name, tree in _client_modules() if name != "_errors.py"
+        (name, node)
+        for name, tree in _client_modules()
+        if name != "_errors.py"
         for node in ast.walk(tree)
         if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") in ("clip", "truncate", "shorten")
     ]
@@ -48,7 +54,9 @@ def test_one_token_rule():
     # 258 tokens per image or page is the token rule's (gemframe/_core/tokens.py).
     allowed = {"_core/tokens.py"}
     found = [
-        (name, node) for name, tree in _client_modules() if name not in allowed
+        (name, node)
+        for name, tree in _client_modules()
+        if name not in allowed
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and type(node.value) is int and node.value == 258
     ]
@@ -59,7 +67,9 @@ def test_executor_calls_are_caught_by_its_own_error():
     # Executor.call raises TransportFailure; an httpx.HTTPError never reaches its callers. Only
     # payload.py downloads image URLs with httpx itself (not through the executor).
     found = [
-        (name, node) for name, tree in _client_modules() if name != "_core/payload.py"
+        (name, node)
+        for name, tree in _client_modules()
+        if name != "_core/payload.py"
         for node in ast.walk(tree)
         if isinstance(node, ast.Attribute) and node.attr == "HTTPError"
     ]

@@ -9,7 +9,9 @@ import gemframe as gf
 
 def test_google_dialect_over_tcp(served_emulator, cache_dir):
     server = served_emulator(api_key="secret-key", latency=0.01)
-    with gf.Client("google", api_key="secret-key", base_url=server.url, cache_dir=str(cache_dir), concurrency=8, progress=False) as c:
+    with gf.Client(
+        "google", api_key="secret-key", base_url=server.url, cache_dir=str(cache_dir), concurrency=8, progress=False
+    ) as c:
         out = pl.DataFrame({"prompt": [f"q{i}" for i in range(40)]}).with_columns(reply=gf.generate("prompt", client=c))
     assert out["reply"].struct.field("error").is_null().all()
     assert out["reply"].struct.field("text").str.contains("q").all()
@@ -19,9 +21,11 @@ def test_google_dialect_over_tcp(served_emulator, cache_dir):
 def test_segmind_dialect_over_tcp(served_emulator, cache_dir, png_path):
     server = served_emulator(api_key="seg-key")
     with gf.Client("segmind", api_key="seg-key", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
-        out = pl.DataFrame({"prompt": ["What's in this image?"], "img": [str(png_path)]}).with_columns(
-            reply=gf.generate("prompt", images="img", system="You are a helpful assistant.", client=c)
-        ).unnest("reply")
+        out = (
+            pl.DataFrame({"prompt": ["What's in this image?"], "img": [str(png_path)]})
+            .with_columns(reply=gf.generate("prompt", images="img", system="You are a helpful assistant.", client=c))
+            .unnest("reply")
+        )
     assert out["error"][0] is None and "PNG 40x30" in out["text"][0] and "system" in out["text"][0]
 
 
@@ -37,7 +41,9 @@ def test_bad_key_over_tcp_stops_the_run(served_emulator, cache_dir, provider, er
 
 def test_unknown_model_is_not_found(served_emulator, cache_dir):
     server = served_emulator()
-    with gf.Client("google", api_key="k", base_url=server.url, model="no-such-model", cache_dir=str(cache_dir), progress=False) as c:
+    with gf.Client(
+        "google", api_key="k", base_url=server.url, model="no-such-model", cache_dir=str(cache_dir), progress=False
+    ) as c:
         with pytest.raises(gf.NotFoundError, match="Check the model name"):
             pl.DataFrame({"prompt": ["x"]}).with_columns(reply=gf.generate("prompt", client=c))
 
@@ -48,17 +54,34 @@ def test_connection_refused_is_a_row_error_after_retries(cache_dir):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with gf.Client("google", api_key="k", base_url=f"http://127.0.0.1:{port}", max_attempts=2, cache_dir=str(cache_dir), progress=False) as c:
+    with gf.Client(
+        "google",
+        api_key="k",
+        base_url=f"http://127.0.0.1:{port}",
+        max_attempts=2,
+        cache_dir=str(cache_dir),
+        progress=False,
+    ) as c:
         out = pl.DataFrame({"prompt": ["x"]}).with_columns(reply=gf.generate("prompt", client=c)).unnest("reply")
     assert out["error"][0]["status"] == "CONNECTION_ERROR" and out["attempts"][0] == 2
 
 
 def test_slow_answer_times_out_per_request(served_emulator, cache_dir):
     server = served_emulator()
-    with gf.Client("google", api_key="k", base_url=server.url, timeout=0.3, max_attempts=2, cache_dir=str(cache_dir), progress=False) as c:
-        out = pl.DataFrame({"prompt": ["[emulator:sleep=2] slow", "fast"]}).with_columns(
-            reply=gf.generate("prompt", client=c)
-        ).unnest("reply")
+    with gf.Client(
+        "google",
+        api_key="k",
+        base_url=server.url,
+        timeout=0.3,
+        max_attempts=2,
+        cache_dir=str(cache_dir),
+        progress=False,
+    ) as c:
+        out = (
+            pl.DataFrame({"prompt": ["[emulator:sleep=2] slow", "fast"]})
+            .with_columns(reply=gf.generate("prompt", client=c))
+            .unnest("reply")
+        )
     assert out["error"][0]["status"] == "TIMEOUT" and out["attempts"][0] == 2
     assert out["error"][1] is None
 
@@ -113,7 +136,9 @@ def test_a_redirect_is_never_followed(provider, status, fault_server, redirect_s
     frame = pl.DataFrame({"prompt": [f"q{i}" for i in range(20)]})
     seen_before = 0
     for _ in range(2):  # the rerun goes to the base URL again: nothing was cached
-        with gf.Client(provider, api_key="redirect-key", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+        with gf.Client(
+            provider, api_key="redirect-key", base_url=server.url, cache_dir=str(cache_dir), progress=False
+        ) as c:
             with pytest.raises(gf.APIError) as info:
                 frame.with_columns(reply=gf.generate("prompt", client=c))
         text = str(info.value)
@@ -129,7 +154,9 @@ def test_control_calls_never_follow_a_redirect(fault_server, redirect_server, ca
     other = fault_server()
     server = redirect_server(308, f"{other.url}/v1beta/batches")
     frame = pl.DataFrame({"prompt": ["a", "b"]})
-    with gf.Client("google", api_key="redirect-key", base_url=server.url, cache_dir=str(cache_dir), progress=False) as c:
+    with gf.Client(
+        "google", api_key="redirect-key", base_url=server.url, cache_dir=str(cache_dir), progress=False
+    ) as c:
         with pytest.raises(gf.APIError, match="308 REDIRECT.*/v1beta/batches"):
             gf.estimate(frame, "prompt", client=c, exact=True)
         with pytest.raises(gf.APIError, match="308 REDIRECT.*/v1beta/batches"):

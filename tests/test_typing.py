@@ -24,7 +24,11 @@ def _mypy(*args: str, cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [sys.executable, "-m", "mypy", "--cache-dir", str(cache_dir), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -39,7 +43,8 @@ def test_public_api_hints_reach_a_users_script(tmp_path: Path) -> None:
     """A script using the public API type-checks; the same calls with a wrong type are errors
     naming gemframe's parameters, so the hints are really read (not an untyped Any)."""
     good = tmp_path / "good.py"
-    good.write_text(textwrap.dedent("""
+    good.write_text(
+        textwrap.dedent("""
         import polars as pl
         import gemframe as gf
 
@@ -48,15 +53,18 @@ def test_public_api_hints_reach_a_users_script(tmp_path: Path) -> None:
         out: pl.DataFrame = frame.with_columns(reply=gf.generate(pl.col("prompt"), client=client, cache="off"))
         error: gf.RowError | None = None
         cache = gf.ResponseCache(str(gf.default_cache_dir()))
-    """))
+    """)
+    )
     bad = tmp_path / "bad.py"
-    bad.write_text(textwrap.dedent("""
+    bad.write_text(
+        textwrap.dedent("""
         import polars as pl
         import gemframe as gf
 
         client = gf.Client("emulator", concurrency="four")
         reply = gf.generate(pl.col("prompt"), client="emulator")
-    """))
+    """)
+    )
     ok = _mypy("--strict", "--no-incremental", str(good), cwd=tmp_path, cache_dir=tmp_path / "cache")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     wrong = _mypy("--no-incremental", str(bad), cwd=tmp_path, cache_dir=tmp_path / "cache")

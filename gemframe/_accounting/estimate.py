@@ -31,9 +31,9 @@ from .._core.cache import CacheMode, cache_key
 from .._core.client import Client, default_client
 from .._core.http import TransportFailure
 from .._core.providers import CountTokensCapable
+from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from .._core.tokens import count_tokens
 from .._errors import InputError, clip
-from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from .pricing import BATCH_DISCOUNT, IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, PRICES_ENV, Prices, cost
 
 DEFAULT_OUTPUT_TOKENS = 400  # per request, when nothing better is known
@@ -92,7 +92,8 @@ class Estimate:
         }.get(self.token_method, self.token_method)
         lines = [
             f"gemframe estimate: {self.model} on {self.provider} (cache: {self.cache_mode}"
-            + (f", {self.samples} samples per row" if self.samples > 1 else "") + ")",
+            + (f", {self.samples} samples per row" if self.samples > 1 else "")
+            + ")",
             f"  rows            {self.rows:>12,}  ({self.rows_without_prompt:,} without prompt or images, {self.invalid_rows:,} invalid)",
             f"  requests        {self.requests:>12,}  ({self.distinct_requests:,} distinct)",
             f"  cache hits      {self.cache_hits:>12,}",
@@ -105,7 +106,9 @@ class Estimate:
             f"  output tokens   {self.output_tokens:>12,}  ({self.output_tokens_per_request:,.0f} a request: {self.output_basis})",
         ]
         if self.thoughts_tokens:
-            lines.append(f"    of which thinking {self.thoughts_tokens:>8,}  ({self.thoughts_per_request:,.0f} a request)")
+            lines.append(
+                f"    of which thinking {self.thoughts_tokens:>8,}  ({self.thoughts_per_request:,.0f} a request)"
+            )
         if self.images:
             lines.append(f"  images out      {self.images:>12,}  ({self.images_per_request:g} a request)")
         if self.cost is None:
@@ -261,7 +264,9 @@ def estimate(
                 client.provider.check_key()
             counter = _Counter(client, model)
         else:
-            result.notes.append(f"{client.provider.name} has no countTokens endpoint: input tokens are a local estimate")
+            result.notes.append(
+                f"{client.provider.name} has no countTokens endpoint: input tokens are a local estimate"
+            )
     seen: set[bytes] = set()
     observed: list[tuple[int, int, int]] = []
     first_invalid = ""
@@ -322,15 +327,22 @@ def estimate(
     result.images = round(result.images_per_request * result.to_send)
     result.batch = batch
     result.cost = cost(
-        model, input_tokens=result.input_tokens, output_tokens=result.output_tokens,
-        thoughts_tokens=result.thoughts_tokens, images=result.images, prices=prices, batch=batch,
+        model,
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        thoughts_tokens=result.thoughts_tokens,
+        images=result.images,
+        prices=prices,
+        batch=batch,
     )
     if batch:
         result.notes.append(f"Batch Mode: priced at {BATCH_DISCOUNT:.0%} of the standard price")
     return result
 
 
-def _assume_output(result: Estimate, config: Mapping[str, Any], observed: list[tuple[int, int, int]], given: float | None) -> None:
+def _assume_output(
+    result: Estimate, config: Mapping[str, Any], observed: list[tuple[int, int, int]], given: float | None
+) -> None:
     wants_image = "IMAGE" in [str(m).upper() for m in config.get("responseModalities") or ()]
     if given is not None:
         result.output_tokens_per_request, result.output_basis = float(given), "as given"

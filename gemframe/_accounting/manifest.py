@@ -39,8 +39,17 @@ MANIFEST_KEY = b"gemframe"
 MANIFEST_FORMAT = 2
 
 _TALLY_FIELDS = (
-    "cached", "attempts", "error", "finish_reason", "prompt_tokens", "candidates_tokens",
-    "thoughts_tokens", "cached_content_tokens", "images", "response_id", "latency_ms",
+    "cached",
+    "attempts",
+    "error",
+    "finish_reason",
+    "prompt_tokens",
+    "candidates_tokens",
+    "thoughts_tokens",
+    "cached_content_tokens",
+    "images",
+    "response_id",
+    "latency_ms",
 )
 
 
@@ -123,11 +132,14 @@ class Tally:
         self.sent += fresh.height
         for suffix, part in (("", frame), ("_paid", fresh)):
             sums = part.select(
-                pl.col("prompt_tokens", "candidates_tokens", "thoughts_tokens", "cached_content_tokens").cast(pl.Int64).sum(),
+                pl.col("prompt_tokens", "candidates_tokens", "thoughts_tokens", "cached_content_tokens")
+                .cast(pl.Int64)
+                .sum(),
                 **{f"priced_{k}": e.sum() for k, e in _usage().items()},
             ).row(0, named=True)
             prompt, candidates, thoughts, cached = (
-                int(sums[k] or 0) for k in ("prompt_tokens", "candidates_tokens", "thoughts_tokens", "cached_content_tokens")
+                int(sums[k] or 0)
+                for k in ("prompt_tokens", "candidates_tokens", "thoughts_tokens", "cached_content_tokens")
             )
             self.tokens[f"input{suffix}"] += prompt
             self.tokens[f"cached_input{suffix}"] += cached
@@ -142,8 +154,16 @@ class Tally:
         Mode discount)."""
         t = self.tokens
         tokens = {
-            k: int(t[k]) for k in (
-                "input", "cached_input", "output", "thoughts", "input_paid", "cached_input_paid", "output_paid", "thoughts_paid",
+            k: int(t[k])
+            for k in (
+                "input",
+                "cached_input",
+                "output",
+                "thoughts",
+                "input_paid",
+                "cached_input_paid",
+                "output_paid",
+                "thoughts_paid",
             )
         }
         out = {
@@ -166,8 +186,11 @@ class Tally:
 def _usage() -> dict[str, pl.Expr]:
     """The priced quantities of each row of a tally's frame (see `pricing.usage_exprs`)."""
     return usage_exprs(
-        pl.col("prompt_tokens"), pl.col("cached_content_tokens"), pl.col("candidates_tokens"),
-        pl.col("thoughts_tokens"), pl.col("n_images"),
+        pl.col("prompt_tokens"),
+        pl.col("cached_content_tokens"),
+        pl.col("candidates_tokens"),
+        pl.col("thoughts_tokens"),
+        pl.col("n_images"),
     )
 
 
@@ -176,8 +199,12 @@ def _cost(model: str, priced: Mapping[str, int], prices: Prices | None, batch: b
         price_usage(model, {k: priced[f"{k}{suffix}"] for k in PARTS}, prices, batch) for suffix in ("_paid", "")
     )
     if paid is None or everything is None:
-        return {"currency": "USD", "this_run": None, "all_rows": None,
-                "note": f"no price for model {model!r}: pass prices= or set ${PRICES_ENV}"}
+        return {
+            "currency": "USD",
+            "this_run": None,
+            "all_rows": None,
+            "note": f"no price for model {model!r}: pass prices= or set ${PRICES_ENV}",
+        }
     return {
         "currency": "USD",
         "this_run": paid["usd"],  # the answers received (paid for) in this run
@@ -188,8 +215,8 @@ def _cost(model: str, priced: Mapping[str, int], prices: Prices | None, batch: b
         "prices": paid["prices"],
         "batch_discount": batch,
         "basis": f"estimated from actual usageMetadata at list prices as of {PRICES_AS_OF} "
-                 "(USD per 1M input, cached input and output tokens, thinking billed as output, "
-                 "per generated image; no context-cache storage: gemframe creates no context cache)",
+        "(USD per 1M input, cached input and output tokens, thinking billed as output, "
+        "per generated image; no context-cache storage: gemframe creates no context cache)",
     }
 
 
@@ -262,7 +289,11 @@ def manifest(
     tally = Tally()
     tally.add(reply_struct(data, reply))
     out = describe(
-        client=client, spec=spec, prompt=prompt, images=images, samples=samples,
+        client=client,
+        spec=spec,
+        prompt=prompt,
+        images=images,
+        samples=samples,
         cache_mode=cache or client.cache_mode.value,
     )
     if input is not None:

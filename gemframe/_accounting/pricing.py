@@ -228,8 +228,11 @@ def cost_expr(
         raise InputError(f"no price for model {model!r}: pass prices= or set ${PRICES_ENV}")
     field: Callable[[str], pl.Expr] = (lambda f: pl.col(reply).struct.field(f)) if reply else pl.col
     usage = usage_exprs(
-        field("prompt_tokens"), field("cached_content_tokens"), field("candidates_tokens"),
-        field("thoughts_tokens"), field("images").list.len(),
+        field("prompt_tokens"),
+        field("cached_content_tokens"),
+        field("candidates_tokens"),
+        field("thoughts_tokens"),
+        field("images").list.len(),
     )
     parts = _usd(found[1], usage, batch)
     total = pl.sum_horizontal(*parts.values())

@@ -23,16 +23,26 @@ from typing import Any
 
 import polars as pl
 
-from .._files import atomic_write
 from .._core.http import redact_url
-from .._errors import InputError, clip
-from .pricing import PARTS, Prices
-from .manifest import Tally, read_manifest, reply_struct
 from .._core.payload import read_image
+from .._errors import InputError, clip
+from .._files import atomic_write
+from .manifest import Tally, read_manifest, reply_struct
+from .pricing import PARTS, Prices
 
 _STATS_COLUMNS = (
-    "cached", "attempts", "error", "finish_reason", "prompt_tokens", "candidates_tokens",
-    "thoughts_tokens", "cached_content_tokens", "total_tokens", "images", "response_id", "latency_ms",
+    "cached",
+    "attempts",
+    "error",
+    "finish_reason",
+    "prompt_tokens",
+    "candidates_tokens",
+    "thoughts_tokens",
+    "cached_content_tokens",
+    "total_tokens",
+    "images",
+    "response_id",
+    "latency_ms",
 )
 _THUMB = 160
 _THUMB_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
@@ -48,8 +58,12 @@ def _percentiles(values: Sequence[float]) -> dict[str, Any]:
         return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 1)
 
     return {
-        "count": len(ordered), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99),
-        "max": round(ordered[-1], 1), "mean": round(sum(ordered) / len(ordered), 1),
+        "count": len(ordered),
+        "p50": at(0.50),
+        "p90": at(0.90),
+        "p99": at(0.99),
+        "max": round(ordered[-1], 1),
+        "mean": round(sum(ordered) / len(ordered), 1),
     }
 
 
@@ -140,8 +154,14 @@ def report(
         paid = {k: manifest["cost"].get(k) for k in ("this_run", "this_run_split")}  # older manifests: no split
         counts["cost"] = {**counts["cost"], **paid}
     answered_rows = stats.filter(pl.col("cached").is_not_null())
-    fresh = answered_rows.filter(~pl.col("cached") & (pl.col("attempts").fill_null(0) > 0)) if "attempts" in present else answered_rows.clear()
-    latency = fresh.filter(pl.col("latency_ms").is_not_null())["latency_ms"].to_list() if "latency_ms" in present else []
+    fresh = (
+        answered_rows.filter(~pl.col("cached") & (pl.col("attempts").fill_null(0) > 0))
+        if "attempts" in present
+        else answered_rows.clear()
+    )
+    latency = (
+        fresh.filter(pl.col("latency_ms").is_not_null())["latency_ms"].to_list() if "latency_ms" in present else []
+    )
     ok = answered_rows.filter(pl.col("error").is_null())
     prompt = prompt or manifest.get("prompt_column") or ("prompt" if "prompt" in schema else None)
     if prompt is not None and prompt not in schema:
@@ -166,8 +186,12 @@ def report(
         "manifest": manifest or None,
     }
     histograms = {
-        "input tokens per answer": [v for v in ok["prompt_tokens"].to_list() if v is not None] if "prompt_tokens" in present else [],
-        "output tokens per answer": [v for v in ok["candidates_tokens"].to_list() if v is not None] if "candidates_tokens" in present else [],
+        "input tokens per answer": [v for v in ok["prompt_tokens"].to_list() if v is not None]
+        if "prompt_tokens" in present
+        else [],
+        "output tokens per answer": [v for v in ok["candidates_tokens"].to_list() if v is not None]
+        if "candidates_tokens" in present
+        else [],
     }
     replies = _sample_replies(lazy, schema, prompt, samples)
     images = _thumbnails(lazy, schema, prompt, thumbnails, os.path.dirname(os.path.abspath(path)) if path else None)
@@ -202,7 +226,9 @@ def _sample_replies(lazy: pl.LazyFrame, schema: Mapping[str, Any], prompt: str |
     return shown
 
 
-def _thumbnails(lazy: pl.LazyFrame, schema: Mapping[str, Any], prompt: str | None, n: int, base: str | None) -> list[dict[str, str]]:
+def _thumbnails(
+    lazy: pl.LazyFrame, schema: Mapping[str, Any], prompt: str | None, n: int, base: str | None
+) -> list[dict[str, str]]:
     images_type = schema.get("images")
     if n <= 0 or not isinstance(images_type, pl.List):
         return []
@@ -305,10 +331,7 @@ def _bar_lines(counts: Mapping[str, int], width: int = 30) -> list[str]:
         return ["    (none)"]
     top = max(counts.values())
     label = max(len(k) for k in counts)
-    return [
-        f"    {k:<{label}}  {'█' * max(1, round(width * v / top)):<{width}}  {v:,}"
-        for k, v in counts.items()
-    ]
+    return [f"    {k:<{label}}  {'█' * max(1, round(width * v / top)):<{width}}  {v:,}" for k, v in counts.items()]
 
 
 def _text(data: Mapping[str, Any], replies: pl.DataFrame, prompt: str | None) -> str:
@@ -347,14 +370,20 @@ def _text(data: Mapping[str, Any], replies: pl.DataFrame, prompt: str | None) ->
             f"max {lat['max']:g}  ({_n(lat['count'])} requests)"
         )
     else:
-        lines.append("  latency ms    no requests sent" + (" (every answer came from the cache)" if data["cache_hits"] else ""))
+        lines.append(
+            "  latency ms    no requests sent" + (" (every answer came from the cache)" if data["cache_hits"] else "")
+        )
     lines += ["", "  finish reasons", *_bar_lines(data["finish_reasons"])]
     lines += ["", "  errors by status", *_bar_lines(data["errors"])]
     if replies.height:
         lines += ["", "  sample replies"]
         for row in replies.to_dicts():
             ask = clip(row.get(prompt), 40) if prompt else ""
-            said = clip(row.get("text"), 70) if row.get("text") is not None else clip(f"[{row.get('error') or 'no text'}]", 70)
+            said = (
+                clip(row.get("text"), 70)
+                if row.get("text") is not None
+                else clip(f"[{row.get('error') or 'no text'}]", 70)
+            )
             tag = row.get("finish_reason") or ("error" if row.get("error") else "")
             sample = f" #{row['sample']}" if "sample" in row else ""
             lines.append(f"    {ask + sample:<44} → {said}  ({tag})" if prompt else f"    {said}  ({tag})")
@@ -391,11 +420,14 @@ def svg_hbars(counts: Mapping[str, int], title: str, color: str = _PALETTE["ok"]
     return (
         f'<figure class="chart"><figcaption>{_e(title)}</figcaption>'
         f'<svg role="img" aria-label="{_e(title)}" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
-        + "".join(rows) + "</svg></figure>"
+        + "".join(rows)
+        + "</svg></figure>"
     )
 
 
-def svg_histogram(values: Sequence[float], title: str, unit: str = "", bins: int = 20, color: str = _PALETTE["hist"]) -> str:
+def svg_histogram(
+    values: Sequence[float], title: str, unit: str = "", bins: int = 20, color: str = _PALETTE["hist"]
+) -> str:
     """A histogram of values as inline SVG (equal-width bins from min to max)."""
     if not values:
         return f'<figure class="chart"><figcaption>{_e(title)}</figcaption><p class="none">no data</p></figure>'
@@ -429,7 +461,9 @@ def svg_histogram(values: Sequence[float], title: str, unit: str = "", bins: int
     return (
         f'<figure class="chart"><figcaption>{_e(title)} <span class="muted">({len(values):,} values)</span></figcaption>'
         f'<svg role="img" aria-label="{_e(title)}" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
-        + "".join(rects) + axis + "</svg></figure>"
+        + "".join(rects)
+        + axis
+        + "</svg></figure>"
     )
 
 
@@ -486,10 +520,12 @@ def _fragment(
     if replies.height:
         cols = replies.columns
         rows = "".join(
-            "<tr>" + "".join(
+            "<tr>"
+            + "".join(
                 f'<td class="{"reply" if c == "text" else ""}">{_e(clip(r[c], 600) if c == "text" else ("" if r[c] is None else r[c]))}</td>'
                 for c in cols
-            ) + "</tr>"
+            )
+            + "</tr>"
             for r in replies.to_dicts()
         )
         table = f"<h2>Sample replies</h2><table><tr>{''.join(f'<th>{_e(c)}</th>' for c in cols)}</tr>{rows}</table>"
@@ -506,15 +542,20 @@ def _fragment(
         )
     thumbs = ""
     if images:
-        thumbs = '<h2>Generated images</h2><div class="thumbs">' + "".join(
-            f'<figure><img src="{i["src"]}" alt="{_e(clip(i["caption"], 80))}"><figcaption>{_e(clip(i["caption"], 80))}</figcaption></figure>'
-            for i in images
-        ) + "</div>"
+        thumbs = (
+            '<h2>Generated images</h2><div class="thumbs">'
+            + "".join(
+                f'<figure><img src="{i["src"]}" alt="{_e(clip(i["caption"], 80))}"><figcaption>{_e(clip(i["caption"], 80))}</figcaption></figure>'
+                for i in images
+            )
+            + "</div>"
+        )
     manifest = ""
     if data.get("manifest"):
         manifest = (
             "<h2>Manifest</h2><details><summary>what produced this output</summary><pre>"
-            + _e(json.dumps(data["manifest"], indent=2, ensure_ascii=False)) + "</pre></details>"
+            + _e(json.dumps(data["manifest"], indent=2, ensure_ascii=False))
+            + "</pre></details>"
         )
     subtitle = "<br>".join(_e(line) for line in _headline(data))
     return (

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from .._files import atomic_write
 from .._errors import ConfigError, RowError
+from .._files import atomic_write
 from .providers import providers_with
 
 if TYPE_CHECKING:
@@ -113,8 +113,12 @@ class BatchJobs:
             ) from None
 
     def _save(self) -> None:
-        state = {"format": STATE_FORMAT, "provider": self.provider.name, "model": self.model,
-                 "jobs": [asdict(job) for job in self.jobs]}
+        state = {
+            "format": STATE_FORMAT,
+            "provider": self.provider.name,
+            "model": self.model,
+            "jobs": [asdict(job) for job in self.jobs],
+        }
         with atomic_write(self.path, "w", encoding="utf-8") as f:  # never through a planted symlink
             json.dump(state, f)
 
@@ -144,12 +148,20 @@ class BatchJobs:
                 answers[key] = found[key]
             elif key in pending:
                 job = pending[key]
-                answers[key] = RowError(None, "BATCH_PENDING", f"batch job {job.name} is {job.state}; run again to collect it (state: {self.path})")
+                answers[key] = RowError(
+                    None,
+                    "BATCH_PENDING",
+                    f"batch job {job.name} is {job.state}; run again to collect it (state: {self.path})",
+                )
             else:
-                answers[key] = RowError(None, "BATCH_LOST", (
-                    f"answered by a batch job but no longer in the cache; delete {self.path} "
-                    "to submit this row again"
-                ))
+                answers[key] = RowError(
+                    None,
+                    "BATCH_LOST",
+                    (
+                        f"answered by a batch job but no longer in the cache; delete {self.path} "
+                        "to submit this row again"
+                    ),
+                )
         return answers
 
     def wait(self) -> None:
@@ -160,16 +172,29 @@ class BatchJobs:
         todo = [job for job in self.jobs if job.name is None]
         if not todo:
             return
-        existing = {op.get("metadata", {}).get("displayName"): op.get("name") for op in self._call("GET", self.batch_api.batches_url()).get("operations", [])}
+        existing = {
+            op.get("metadata", {}).get("displayName"): op.get("name")
+            for op in self._call("GET", self.batch_api.batches_url()).get("operations", [])
+        }
         for job in todo:
             if job.display_name in existing:  # created before a crash: adopt it
                 job.name = existing[job.display_name]
             else:
                 missing = [k for k in job.keys if k not in contents]
                 if missing:
-                    raise ConfigError(f"{self.path}: an unsubmitted job lists rows this call does not have; delete the state file")
-                requests = b",".join(b'{"request":' + contents[k] + b',"metadata":{"key":"' + k.encode() + b'"}}' for k in job.keys)
-                body = b'{"batch":{"display_name":"' + job.display_name.encode() + b'","input_config":{"requests":{"requests":[' + requests + b"]}}}}"
+                    raise ConfigError(
+                        f"{self.path}: an unsubmitted job lists rows this call does not have; delete the state file"
+                    )
+                requests = b",".join(
+                    b'{"request":' + contents[k] + b',"metadata":{"key":"' + k.encode() + b'"}}' for k in job.keys
+                )
+                body = (
+                    b'{"batch":{"display_name":"'
+                    + job.display_name.encode()
+                    + b'","input_config":{"requests":{"requests":['
+                    + requests
+                    + b"]}}}}"
+                )
                 job.name = self._call("POST", self.batch_api.batch_url(self.model), body)["name"]
             job.state = "BATCH_STATE_PENDING"
             self._save()
@@ -190,7 +215,10 @@ class BatchJobs:
                     self._collect(job, operation)
                 self._save()
             open_jobs = [job for job in self.jobs if not job.collected]
-            self.progress.status(batch=", ".join(sorted({j.state.removeprefix("BATCH_STATE_").lower() for j in open_jobs})) or "done", jobs=f"{len(self.jobs) - len(open_jobs)}/{len(self.jobs)}")
+            self.progress.status(
+                batch=", ".join(sorted({j.state.removeprefix("BATCH_STATE_").lower() for j in open_jobs})) or "done",
+                jobs=f"{len(self.jobs) - len(open_jobs)}/{len(self.jobs)}",
+            )
             if not open_jobs or not wait:
                 return
             time.sleep(self.poll_interval)
@@ -208,7 +236,9 @@ class BatchJobs:
                     entries.append((key, self.model, json.dumps(item["response"], separators=(",", ":")).encode()))
                 else:
                     error = item.get("error") or {"message": "missing from the job's results"}
-                    job.errors[key] = asdict(RowError(error.get("code"), error.get("status") or "BATCH_ERROR", error.get("message", "")))
+                    job.errors[key] = asdict(
+                        RowError(error.get("code"), error.get("status") or "BATCH_ERROR", error.get("message", ""))
+                    )
             if self.cache is not None:
                 self.cache.set_many(entries)
             else:  # cache='off': kept for this call (which waits for it: see Client.send)
@@ -230,10 +260,14 @@ class BatchJobs:
                 " Jobs of the in-process emulator end with the process that submitted them; to "
                 "collect from another process, serve one (`gemframe emulator`) and pass its base_url."
             )
-        error = RowError(404, "BATCH_GONE", (
-            f"batch job {job.name} is gone ({message.strip() or '404 NOT_FOUND'}); its answers "
-            f"cannot be collected.{where} Delete {self.path} to submit these rows again."
-        ))
+        error = RowError(
+            404,
+            "BATCH_GONE",
+            (
+                f"batch job {job.name} is gone ({message.strip() or '404 NOT_FOUND'}); its answers "
+                f"cannot be collected.{where} Delete {self.path} to submit these rows again."
+            ),
+        )
         job.state = "GONE"
         job.errors = {key: asdict(error) for key in job.keys}
         job.collected = True

@@ -22,9 +22,9 @@ from typing import Any, cast
 import orjson
 import polars as pl
 
+from .._errors import ConfigError, InputError, RowError, exception_text
 from .batch import BatchJobs, default_state_path
 from .cache import CacheMode, KnownDigest, ResponseCache, UrlRecord, UrlStore, answer_problem, cache_key, prompt_text
-from .._errors import ConfigError, InputError, RowError, exception_text
 from .executor import Executor, Outcome, RetryPolicy, background_loop
 from .limits import RateLimiter
 from .payload import INLINE_LIMIT, Fetched, _sniffed, request_json, url_images, with_url_images
@@ -147,9 +147,7 @@ class Client:
         if isinstance(provider, Provider):
             self.provider = provider
         else:
-            self.provider = resolve_provider(
-                provider, api_key=api_key, base_url=base_url, **provider_options
-            )
+            self.provider = resolve_provider(provider, api_key=api_key, base_url=base_url, **provider_options)
         self.model = model
         self.cache_mode = CacheMode(cache)
         self.progress = progress
@@ -249,7 +247,8 @@ class Client:
             enabled = self.progress if progress is None else progress
             progress = Progress(total, enabled, model, owned=True)
         dtype = reply_dtype(
-            image_files=image_dir is not None, raw=raw,
+            image_files=image_dir is not None,
+            raw=raw,
             parsed=response_schema.dtype if response_schema is not None else None,
         )
         run = _Run(
@@ -349,7 +348,9 @@ class _Run:
         path, poll_interval, wait = self.batch_options
         every_key = [*self.done, *self.batch_bodies]  # the whole call, hits included
         path = path or default_state_path(self.client.cache.directory, self.model, every_key)
-        jobs = BatchJobs(self.provider, self.client.executor, self.cache, self.model, path, poll_interval, self.progress)
+        jobs = BatchJobs(
+            self.provider, self.client.executor, self.cache, self.model, path, poll_interval, self.progress
+        )
         for key, answer in jobs.resolve(self.batch_bodies, wait).items():
             if isinstance(answer, RowError):
                 self._answer(key, failed(answer))
@@ -371,7 +372,7 @@ class _Run:
         urls = _distinct_urls(batch)
         new = [url for url in urls if url not in self.images and url not in self.fetching]
         for start in range(0, len(batch), _URL_CHUNK):  # each chunk lets go of its URLs when admitted
-            self.image_users.update(_distinct_urls(batch[start:start + _URL_CHUNK]))
+            self.image_users.update(_distinct_urls(batch[start : start + _URL_CHUNK]))
         if not new:
             return urls
         store = self._url_store()
@@ -383,8 +384,11 @@ class _Run:
             if record is not None and not revalidate:
                 self.images[url] = record
             elif self.mode is CacheMode.READ:
-                self.images[url] = ("CACHE_MISS", f"image URL {url!r} is not in the URL store and cache='read' "
-                                    "fetches nothing; use cache='use' to fetch it")
+                self.images[url] = (
+                    "CACHE_MISS",
+                    f"image URL {url!r} is not in the URL store and cache='read' "
+                    "fetches nothing; use cache='use' to fetch it",
+                )
             else:
                 fetch.append((url, record and record.etag, record and record.last_modified))
         if fetch:
@@ -462,8 +466,10 @@ class _Run:
                 if isinstance(inline, KnownDigest) and "data" not in inline:
                     encoded = self._url_store().encoded(inline.digest)
                     if encoded is None:
-                        return (f"the stored image {inline.digest} is missing or damaged in "
-                                f"{self._url_store().directory}; cache='refresh' fetches the URL again")
+                        return (
+                            f"the stored image {inline.digest} is missing or damaged in "
+                            f"{self._url_store().directory}; cache='refresh' fetches the URL again"
+                        )
                     inline["data"] = encoded
         return None
 
@@ -472,7 +478,7 @@ class _Run:
         `_URL_CHUNK` rows at a time, as their images arrive)."""
         if urls:
             for i in range(0, len(batch), _URL_CHUNK):
-                self._admit(self._with_images(batch[i:i + _URL_CHUNK], len(self.column)))
+                self._admit(self._with_images(batch[i : i + _URL_CHUNK], len(self.column)))
             return
         start = len(self.column)
         self.column.add_rows(len(batch))
@@ -487,9 +493,13 @@ class _Run:
             try:
                 key = cache_key(item, provider=self.provider.name, model=self.model, sample=self.sample)
             except Exception as exc:  # a body `Client.send` was given that is not JSON data
-                answer, record = self.column.add_answer(failed(RowError(
-                    None, "INVALID_INPUT", f"row {row}: the request is not JSON data: {exception_text(exc)}"
-                )))
+                answer, record = self.column.add_answer(
+                    failed(
+                        RowError(
+                            None, "INVALID_INPUT", f"row {row}: the request is not JSON data: {exception_text(exc)}"
+                        )
+                    )
+                )
                 self._answer_row(row, answer, record)
                 continue
             if key in self.done:
@@ -507,10 +517,16 @@ class _Run:
         outgoing: list[tuple[str, str, bytes]] = []  # submitted together: one loop wake-up
         for key, (body, size) in fresh.items():
             if self.mode is CacheMode.READ:
-                self._answer(key, failed(RowError(
-                    None, "CACHE_MISS",
-                    "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
-                )))
+                self._answer(
+                    key,
+                    failed(
+                        RowError(
+                            None,
+                            "CACHE_MISS",
+                            "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
+                        )
+                    ),
+                )
                 continue
             problem = self._fill_images(body) if size else None
             if problem is not None:
@@ -520,17 +536,29 @@ class _Run:
             try:
                 content = encode(self.provider.wrap(body))
             except Exception as exc:  # e.g. gf.send with an integer beyond 64 bits: no JSON encoder here writes it
-                self._answer(key, failed(RowError(
-                    None, "INVALID_INPUT",
-                    f"row {self.waiting[key][0]}: the request cannot be encoded: {exception_text(exc)}",
-                )))
+                self._answer(
+                    key,
+                    failed(
+                        RowError(
+                            None,
+                            "INVALID_INPUT",
+                            f"row {self.waiting[key][0]}: the request cannot be encoded: {exception_text(exc)}",
+                        )
+                    ),
+                )
                 continue
             if len(content) > INLINE_LIMIT:
-                self._answer(key, failed(RowError(
-                    None, "INVALID_INPUT",
-                    f"row {self.waiting[key][0]}: the request is {len(content) / 2**20:.1f} MB; the API takes "
-                    f"about {INLINE_LIMIT // 2**20} MB inline per request: send smaller or fewer images",
-                )))
+                self._answer(
+                    key,
+                    failed(
+                        RowError(
+                            None,
+                            "INVALID_INPUT",
+                            f"row {self.waiting[key][0]}: the request is {len(content) / 2**20:.1f} MB; the API takes "
+                            f"about {INLINE_LIMIT // 2**20} MB inline per request: send smaller or fewer images",
+                        )
+                    ),
+                )
                 continue
             if self.batch_options is not None:
                 self.batch_bodies[key] = content
@@ -562,11 +590,14 @@ class _Run:
             problem = str(exc)
         except Exception as exc:  # not the answer's fault (image_dir not writable): as for a fresh one
             return self._unreadable(exc, 0, 0.0)
-        return failed(RowError(
-            None, "CACHE_CORRUPT",
-            f"row {self.waiting[key][0]}: the cached answer (key {key}) is not a generateContent "
-            f"answer ({problem}); cache='refresh' fetches it again and replaces it",
-        ))
+        return failed(
+            RowError(
+                None,
+                "CACHE_CORRUPT",
+                f"row {self.waiting[key][0]}: the cached answer (key {key}) is not a generateContent "
+                f"answer ({problem}); cache='refresh' fetches it again and replaces it",
+            )
+        )
 
     def _full(self) -> bool:
         """Whether to wait before sending more: a window of requests is out, or every
@@ -611,14 +642,18 @@ class _Run:
         else:
             self._answer(key, self._decode(outcome.response, outcome.raw, False, outcome.attempts, outcome.latency_ms))
 
-    def _decode(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float | None) -> dict[str, Any]:
+    def _decode(
+        self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float | None
+    ) -> dict[str, Any]:
         """The reply of an answer, or its row's error when it cannot be read."""
         try:
             return self._record(response, raw, cached, attempts, latency_ms)
         except Exception as exc:  # one answer we cannot read (bad image data, image_dir not writable)
             return self._unreadable(exc, attempts, latency_ms)
 
-    def _record(self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float | None) -> dict[str, Any]:
+    def _record(
+        self, response: dict[str, Any], raw: bytes | None, cached: bool, attempts: int, latency_ms: float | None
+    ) -> dict[str, Any]:
         record = decode(response, cached=cached, attempts=attempts, latency_ms=latency_ms, image_dir=self.image_dir)
         if self.raw:
             record["raw"] = raw.decode("utf-8") if raw is not None else json.dumps(response)
@@ -628,7 +663,8 @@ class _Run:
     def _unreadable(exc: Exception, attempts: int, latency_ms: float | None) -> dict[str, Any]:
         return failed(
             RowError(200, "MALFORMED_RESPONSE", f"could not read the answer: {exception_text(exc)}"),
-            attempts=attempts, latency_ms=latency_ms,
+            attempts=attempts,
+            latency_ms=latency_ms,
         )
 
     def _answer(self, key: str, record: dict[str, Any]) -> None:

@@ -25,12 +25,12 @@ from typing import Any
 
 import orjson
 
-from .http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
 from .._errors import RowError, exception_text
+from .http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
 from .limits import RateLimiter, Window
-from .tokens import count_tokens
 from .payload import Fetched, UrlFetcher
 from .providers import RETRYABLE_STATUS, Failure, Provider
+from .tokens import count_tokens
 
 logger = logging.getLogger("gemframe")
 
@@ -96,7 +96,9 @@ class RetryPolicy:
         return self.max_attempts is not None and attempt >= self.max_attempts
 
 
-_CALL_ATTEMPTS = 5  # a control call (batch create/poll, countTokens) with no cap set: fail in seconds, not at the deadline
+_CALL_ATTEMPTS = (
+    5  # a control call (batch create/poll, countTokens) with no cap set: fail in seconds, not at the deadline
+)
 
 
 def _finished(waiting: dict[str, Any], done: queue.SimpleQueue[Any], key: str, task: asyncio.Task[Outcome]) -> None:
@@ -147,7 +149,9 @@ class Executor:
     def __repr__(self) -> str:
         return f"Executor({self.provider!r}, concurrency={self.concurrency})"
 
-    def submit_many(self, items: list[tuple[str, str, bytes]], done: queue.SimpleQueue[tuple[str, asyncio.Task[Outcome]]]) -> None:
+    def submit_many(
+        self, items: list[tuple[str, str, bytes]], done: queue.SimpleQueue[tuple[str, asyncio.Task[Outcome]]]
+    ) -> None:
         """Send (key, url, body) requests from any thread, waking the loop once for all of them;
         each finished one is put on ``done`` as (key, task). Identical keys in flight share one
         request. `cancel` stops the ones still running."""
@@ -269,15 +273,27 @@ class Executor:
                 break
             delay = self.retry.delay(attempt, retry_after)
             if time.perf_counter() - start + delay > self.retry.deadline:
-                error = RowError(error.code, error.status, f"{error.message} (gave up: retry deadline {self.retry.deadline:g}s)")  # type: ignore[union-attr]  # every way here set error
+                error = RowError(
+                    error.code, error.status, f"{error.message} (gave up: retry deadline {self.retry.deadline:g}s)"
+                )  # type: ignore[union-attr]  # every way here set error
                 break
-            logger.debug("retrying %s after %s %s (attempt %d) in %.2fs", redact_url(url), error.code or "", error.status, attempt, delay)  # type: ignore[union-attr]  # as above
+            logger.debug(
+                "retrying %s after %s %s (attempt %d) in %.2fs",
+                redact_url(url),
+                error.code or "",
+                error.status,
+                attempt,
+                delay,
+            )  # type: ignore[union-attr]  # as above
             await asyncio.sleep(delay)
         return Outcome(None, None, error, failure, attempt, (time.perf_counter() - start) * 1000)
 
     def download_many(
-        self, items: list[tuple[str, str | None, str | None]], allow_private_urls: bool,
-        then: Any, done: queue.SimpleQueue[tuple[str, asyncio.Task[Any]]],
+        self,
+        items: list[tuple[str, str | None, str | None]],
+        allow_private_urls: bool,
+        then: Any,
+        done: queue.SimpleQueue[tuple[str, asyncio.Task[Any]]],
     ) -> None:
         """Fetch image URLs (url, etag, last_modified) on the loop, from any thread, waking it
         once: at most ``download_concurrency`` at a time beside the generation requests, over
@@ -288,19 +304,29 @@ class Executor:
         with the same ``done`` stops what is left."""
         self._use_loop().call_soon_threadsafe(self._start_downloads, items, allow_private_urls, then, done)
 
-    def _start_downloads(self, items: list[tuple[str, str | None, str | None]], allow_private_urls: bool, then: Any, done: queue.SimpleQueue[Any]) -> None:
+    def _start_downloads(
+        self,
+        items: list[tuple[str, str | None, str | None]],
+        allow_private_urls: bool,
+        then: Any,
+        done: queue.SimpleQueue[Any],
+    ) -> None:
         waiting = self._waiting.setdefault(id(done), {})
         for url, etag, last_modified in items:
             task = asyncio.ensure_future(self._download(url, etag, last_modified, allow_private_urls, then))
             waiting[url] = _Shared(task, waiters=1)
             task.add_done_callback(functools.partial(_finished, waiting, done, url))
 
-    async def _download(self, url: str, etag: str | None, last_modified: str | None, allow_private_urls: bool, then: Any) -> Any:
+    async def _download(
+        self, url: str, etag: str | None, last_modified: str | None, allow_private_urls: bool, then: Any
+    ) -> Any:
         fetcher = self._fetchers.get(allow_private_urls)
         if fetcher is None:
             fetcher = self._fetchers[allow_private_urls] = UrlFetcher(
-                allow_private_urls, concurrency=self.download_concurrency,
-                attempts=self.retry.max_attempts or _CALL_ATTEMPTS, delay=self.retry.delay,  # a bounded count, as control calls
+                allow_private_urls,
+                concurrency=self.download_concurrency,
+                attempts=self.retry.max_attempts or _CALL_ATTEMPTS,
+                delay=self.retry.delay,  # a bounded count, as control calls
             )
             weakref.finalize(self, _close_session, self._loop, fetcher)  # type: ignore[arg-type]  # _use_loop set _loop first
         fetched: Fetched = await fetcher.fetch(url, etag, last_modified)

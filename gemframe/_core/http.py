@@ -99,9 +99,7 @@ class AiohttpSession:
         parts = urlsplit(url)
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
         with _failures(self._timeout, asyncio.TimeoutError, aiohttp.ClientError):
-            async with self._session.request(
-                method, url, data=content, proxy=proxy, allow_redirects=False
-            ) as response:
+            async with self._session.request(method, url, data=content, proxy=proxy, allow_redirects=False) as response:
                 return Reply(response.status, response.headers, await response.read())
 
     async def aclose(self) -> None:
@@ -115,7 +113,9 @@ class HttpxSession:
 
     def __init__(self, transport: httpx.AsyncBaseTransport, headers: dict[str, str], timeout: float) -> None:
         self._client = httpx.AsyncClient(
-            transport=transport, headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            transport=transport,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
             follow_redirects=False,
         )
         self._timeout = timeout

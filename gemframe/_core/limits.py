@@ -226,8 +226,15 @@ class AdaptiveRate:
             over = over or verdict == "higher"
             if verdict == "wait":
                 return  # no cut while one is being judged: it would muddle the verdict
-            logger.debug("rate %s: 429 share %d/%d after the cut vs %.2f of %d before: %s", self.rate and round(self.rate, 1),
-                         self._throttled, self._count, self._trial[1], self._trial[2], verdict)
+            logger.debug(
+                "rate %s: 429 share %d/%d after the cut vs %.2f of %d before: %s",
+                self.rate and round(self.rate, 1),
+                self._throttled,
+                self._count,
+                self._trial[1],
+                self._trial[2],
+                verdict,
+            )
             if verdict == "same" and self._trial[3]:
                 verdict = "higher"  # a limit (see _cut): not yet cut enough
             elif verdict == "same":  # slowing down did not lower the share: not the cure
@@ -297,7 +304,7 @@ class AdaptiveRate:
         else:
             # Accepted lately: sent per second over the recent answers' send times, times the
             # share accepted, +0.5 (never zero).
-            recent = list(answers)[-2 * self.min_answers:]
+            recent = list(answers)[-2 * self.min_answers :]
             sent = [s for s, _ in recent]
             span = max(max(sent) - min(sent), 0.01)
             accepted = (len(recent) - 1) / span * (sum(not t for _, t in recent) + 0.5) / len(recent)
@@ -313,8 +320,15 @@ class AdaptiveRate:
         self.cuts += 1
         self._learning = False
         rate = max(self.min_rate, self.decrease * min(accepted, sending or accepted))
-        logger.debug("429s %d of %d answers: send rate cut from %s to %.1f/s (accepted %.1f/s, sending %.1f/s)", throttled,
-                     len(answers), self.rate and round(self.rate, 1), rate, accepted, sending)
+        logger.debug(
+            "429s %d of %d answers: send rate cut from %s to %.1f/s (accepted %.1f/s, sending %.1f/s)",
+            throttled,
+            len(answers),
+            self.rate and round(self.rate, 1),
+            rate,
+            accepted,
+            sending,
+        )
         self._set(rate)
         self._next_send += 1.0 / self.rate  # type: ignore[operator]  # what was sent just before spent the server's allowance (mypy cannot see that _set(rate) made self.rate a float)
 

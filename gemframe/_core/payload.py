@@ -39,10 +39,25 @@ if TYPE_CHECKING:
 # The generationConfig fields of the v1beta API, camelCase.
 GENERATION_CONFIG_KEYS = frozenset(
     {
-        "stopSequences", "responseMimeType", "responseSchema", "responseJsonSchema",
-        "responseModalities", "candidateCount", "maxOutputTokens", "temperature", "topP", "topK",
-        "seed", "presencePenalty", "frequencyPenalty", "responseLogprobs", "logprobs",
-        "thinkingConfig", "imageConfig", "mediaResolution", "speechConfig",
+        "stopSequences",
+        "responseMimeType",
+        "responseSchema",
+        "responseJsonSchema",
+        "responseModalities",
+        "candidateCount",
+        "maxOutputTokens",
+        "temperature",
+        "topP",
+        "topK",
+        "seed",
+        "presencePenalty",
+        "frequencyPenalty",
+        "responseLogprobs",
+        "logprobs",
+        "thinkingConfig",
+        "imageConfig",
+        "mediaResolution",
+        "speechConfig",
     }
 )
 # generationConfig.responseModalities values (the API's Modality enum, less UNSPECIFIED).
@@ -52,15 +67,21 @@ _NESTED_CONFIGS = frozenset({"thinkingConfig", "imageConfig", "speechConfig"})
 
 HARM_CATEGORIES = frozenset(
     {
-        "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH",
-        "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_DANGEROUS_CONTENT",
+        "HARM_CATEGORY_HARASSMENT",
+        "HARM_CATEGORY_HATE_SPEECH",
+        "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+        "HARM_CATEGORY_DANGEROUS_CONTENT",
         "HARM_CATEGORY_CIVIC_INTEGRITY",
     }
 )
 HARM_THRESHOLDS = frozenset(
     {
-        "HARM_BLOCK_THRESHOLD_UNSPECIFIED", "BLOCK_LOW_AND_ABOVE", "BLOCK_MEDIUM_AND_ABOVE",
-        "BLOCK_ONLY_HIGH", "BLOCK_NONE", "OFF",
+        "HARM_BLOCK_THRESHOLD_UNSPECIFIED",
+        "BLOCK_LOW_AND_ABOVE",
+        "BLOCK_MEDIUM_AND_ABOVE",
+        "BLOCK_ONLY_HIGH",
+        "BLOCK_NONE",
+        "OFF",
     }
 )
 
@@ -105,8 +126,7 @@ def normalize_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
             close = difflib.get_close_matches(name, sorted(GENERATION_CONFIG_KEYS), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"unknown generation config key {key!r}.{hint} "
-                f"Valid keys: {', '.join(sorted(GENERATION_CONFIG_KEYS))}."
+                f"unknown generation config key {key!r}.{hint} Valid keys: {', '.join(sorted(GENERATION_CONFIG_KEYS))}."
             )
         if value is None:
             continue
@@ -166,8 +186,7 @@ def normalize_safety(
             pairs = [(s["category"], s["threshold"]) for s in safety]
         except (KeyError, TypeError) as exc:
             raise ConfigError(
-                "safety settings must be {category: threshold} or a list of "
-                "{'category': ..., 'threshold': ...} dicts"
+                "safety settings must be {category: threshold} or a list of {'category': ..., 'threshold': ...} dicts"
             ) from exc
     return [
         {
@@ -222,8 +241,7 @@ def read_image(image: Any, *, allow_private_urls: bool = False) -> tuple[bytes, 
             return _sniffed(_download(text, allow_private_urls), f"image URL {text!r}")
         return _sniffed(_read_file(text), f"image file {text!r}")
     raise InputError(
-        f"unsupported image value of type {type(image).__name__}; "
-        "use a path, URL, bytes, or a list of them"
+        f"unsupported image value of type {type(image).__name__}; use a path, URL, bytes, or a list of them"
     )
 
 
@@ -231,8 +249,7 @@ def _sniffed(data: bytes, origin: str) -> tuple[bytes, str]:
     mime = sniff_mime(data)
     if mime is None:  # say what it is not; its bytes may be anything (a key file): never quoted
         raise InputError(
-            f"{origin} is not a {SUPPORTED_MIME} file ({len(data)} bytes); "
-            "pass image bytes or a path/URL of an image"
+            f"{origin} is not a {SUPPORTED_MIME} file ({len(data)} bytes); pass image bytes or a path/URL of an image"
         )
     return data, mime
 
@@ -253,8 +270,7 @@ def _read_file(path: str) -> bytes:
             raise InputError(f"image file {path!r} is a directory; pass the path of an image file")
         if not stat.S_ISREG(info.st_mode):
             raise InputError(
-                f"image file {path!r} is not a regular file (a FIFO, device or socket); "
-                "pass the path of an image file"
+                f"image file {path!r} is not a regular file (a FIFO, device or socket); pass the path of an image file"
             )
         _check_size(info.st_size, f"image file {path!r}")
         # Non-blocking, and checked again once open: the path may have been swapped meanwhile.
@@ -385,13 +401,20 @@ class UrlFetcher:
     checked before the request; that check is all that can be done there."""
 
     def __init__(
-        self, allow_private_urls: bool = False, *, concurrency: int = 32, attempts: int = 3,
-        delay: Any = None, timeout: float = _URL_TIMEOUT,
+        self,
+        allow_private_urls: bool = False,
+        *,
+        concurrency: int = 32,
+        attempts: int = 3,
+        delay: Any = None,
+        timeout: float = _URL_TIMEOUT,
     ) -> None:
         self.allow_private_urls = allow_private_urls
         self.concurrency = concurrency
         self.attempts = max(1, attempts)
-        self.delay = delay or (lambda attempt, retry_after: retry_after if retry_after is not None else 0.25 * 2 ** (attempt - 1))
+        self.delay = delay or (
+            lambda attempt, retry_after: retry_after if retry_after is not None else 0.25 * 2 ** (attempt - 1)
+        )
         self.timeout = timeout
         self._sessions: dict[bool, Any] = {}  # proxied? -> aiohttp session, opened on the loop on first use
         self._slots: Any = None
@@ -406,7 +429,8 @@ class UrlFetcher:
                 resolver=None if proxied else _CheckedResolver(self.allow_private_urls),  # type: ignore[arg-type]
             )
             session = self._sessions[proxied] = aiohttp.ClientSession(
-                connector=connector, trust_env=False,
+                connector=connector,
+                trust_env=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
             )
         return session
@@ -475,7 +499,10 @@ class UrlFetcher:
                 if proxy is not None:
                     await _CheckedResolver(self.allow_private_urls).resolve(target.raw_host or "", target.port or 0)
                 async with self._session(proxy is not None).get(
-                    target, headers=headers, proxy=proxy, allow_redirects=False,
+                    target,
+                    headers=headers,
+                    proxy=proxy,
+                    allow_redirects=False,
                 ) as response:
                     status = response.status
                     if status in _REDIRECTS and "Location" in response.headers:
@@ -485,7 +512,9 @@ class UrlFetcher:
                         return Fetched(None, etag, last_modified)
                     if status in _TRANSIENT_STATUS:
                         wait = response.headers.get("Retry-After", "")
-                        raise _Transient(f"could not download {where}: HTTP {status}", float(wait) if wait.isdigit() else None)
+                        raise _Transient(
+                            f"could not download {where}: HTTP {status}", float(wait) if wait.isdigit() else None
+                        )
                     if status >= 400:
                         raise InputError(f"could not download {where}: HTTP {status}")
                     if response.content_length is not None:
@@ -497,7 +526,9 @@ class UrlFetcher:
                             response.close()  # hang up: the rest is never read
                         _check_size(size, where)  # stops reading past the limit
                         chunks.append(chunk)
-                    return Fetched(b"".join(chunks), response.headers.get("ETag"), response.headers.get("Last-Modified"))
+                    return Fetched(
+                        b"".join(chunks), response.headers.get("ETag"), response.headers.get("Last-Modified")
+                    )
             except (InputError, _Transient):
                 raise
             except _Unfetchable as exc:  # through a proxy: checked above
@@ -586,11 +617,15 @@ def with_url_images(body: dict[str, Any], inline_for: Any) -> dict[str, Any]:
     for content in body["contents"]:
         parts = content.get("parts") or ()
         if any(isinstance(part.get("inlineData"), UrlImage) for part in parts):
-            content = {**content, "parts": [
-                {**part, "inlineData": inline_for(part["inlineData"].url)}
-                if isinstance(part.get("inlineData"), UrlImage) else part
-                for part in parts
-            ]}
+            content = {
+                **content,
+                "parts": [
+                    {**part, "inlineData": inline_for(part["inlineData"].url)}
+                    if isinstance(part.get("inlineData"), UrlImage)
+                    else part
+                    for part in parts
+                ],
+            }
         contents.append(content)
     return {**body, "contents": contents}
 
@@ -620,7 +655,9 @@ def inline_data(image: Any, *, allow_private_urls: bool = False, defer_urls: boo
 _TURN_ROLES = ("user", "model")
 
 
-def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool = False, defer_urls: bool = False) -> dict[str, Any] | None:
+def _history_part(
+    part: Mapping[str, Any], where: str, allow_private_urls: bool = False, defer_urls: bool = False
+) -> dict[str, Any] | None:
     """One history part (``text`` or an image as ``data``/``path``, maybe a signature)."""
     text, data, path = part.get("text"), part.get("data"), part.get("path")
     signature = part.get("thought_signature", part.get("thoughtSignature"))
@@ -632,7 +669,11 @@ def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool 
             raise InputError(f"{where}: text must be a string, got {type(text).__name__}")
         out = {"text": text}
     elif data is not None or path is not None:
-        out = {"inlineData": inline_data(data if data is not None else path, allow_private_urls=allow_private_urls, defer_urls=defer_urls)}
+        out = {
+            "inlineData": inline_data(
+                data if data is not None else path, allow_private_urls=allow_private_urls, defer_urls=defer_urls
+            )
+        }
     elif signature is not None:
         out = {"text": ""}  # a signature-only part, as Gemini sometimes ends a turn
     else:
@@ -642,7 +683,9 @@ def _history_part(part: Mapping[str, Any], where: str, allow_private_urls: bool 
     return out
 
 
-def history_contents(history: Any, *, allow_private_urls: bool = False, defer_urls: bool = False) -> list[dict[str, Any]]:
+def history_contents(
+    history: Any, *, allow_private_urls: bool = False, defer_urls: bool = False
+) -> list[dict[str, Any]]:
     """``contents`` entries for a row's history: a list of turns, each ``{"role", "parts"}``
     (parts as in `gemframe._polars.conversation.HISTORY_DTYPE`) or ``{"role", "text", "images"}``."""
     if history is None:
@@ -682,7 +725,11 @@ def image_parts(images: Any, *, allow_private_urls: bool = False, defer_urls: bo
     if images is None:
         return []
     if isinstance(images, (list, tuple)):
-        return [{"inlineData": inline_data(img, allow_private_urls=allow_private_urls, defer_urls=defer_urls)} for img in images if img is not None]
+        return [
+            {"inlineData": inline_data(img, allow_private_urls=allow_private_urls, defer_urls=defer_urls)}
+            for img in images
+            if img is not None
+        ]
     return [{"inlineData": inline_data(images, allow_private_urls=allow_private_urls, defer_urls=defer_urls)}]
 
 
@@ -745,7 +792,12 @@ class RequestBuilder:
         self._shared = shared
 
     def build(
-        self, prompt: str | None, images: Any = None, history: Any = None, *, allow_private_urls: bool = False,
+        self,
+        prompt: str | None,
+        images: Any = None,
+        history: Any = None,
+        *,
+        allow_private_urls: bool = False,
         defer_urls: bool = False,
     ) -> dict[str, Any] | None:
         """The request body for one row (its history first), or None for a row with neither

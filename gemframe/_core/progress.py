@@ -62,7 +62,8 @@ def _bar_class() -> type:
         return text_bar
     try:
         import ipywidgets  # noqa: F401
-        from tqdm.notebook import IProgress, tqdm as widget_bar
+        from tqdm.notebook import IProgress
+        from tqdm.notebook import tqdm as widget_bar
     except ImportError:
         return text_bar
     return widget_bar if IProgress is not None else text_bar
@@ -159,7 +160,12 @@ class Progress:
             shown = self._bar.format_dict
             rate = shown.get("rate") or (shown["n"] / shown["elapsed"] if shown["elapsed"] else None)
         rate = _rate(rate)
-        fields = {"hits": _figure(self.cached), "err": _figure(self.errors), "tok": _figure(self.tokens), **self._status}
+        fields = {
+            "hits": _figure(self.cached),
+            "err": _figure(self.errors),
+            "tok": _figure(self.tokens),
+            **self._status,
+        }
         return ", ".join([rate, *(f"{k} {v}" for k, v in fields.items())])
 
     def status(self, **fields: str) -> None:
@@ -207,7 +213,9 @@ _bursts: dict[Hashable, tuple[float, set[str]]] = {}  # key -> (last call's end,
 
 
 @contextmanager
-def job(key: Hashable, total: int | None, enabled: bool, model: str | None = None, label: str = "") -> Iterator[Progress]:
+def job(
+    key: Hashable, total: int | None, enabled: bool, model: str | None = None, label: str = ""
+) -> Iterator[Progress]:
     """The `Progress` of ``key``'s job, for one call of it. Calls with the same key that run
     at the same time (one expression over the streaming engine's morsels, on several threads)
     share one bar, whose total grows as each joins; the last to leave closes it, which warns

@@ -59,7 +59,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .http import redact_url
 from .._errors import (
     APIError,
     AuthenticationError,
@@ -68,18 +67,30 @@ from .._errors import (
     PermissionDeniedError,
     clip,
 )
+from .http import redact_url
 
 DEFAULT_MODEL = "gemini-2.0-flash-preview-image-generation"
 
 # Gemini model ids, for the "did you mean" of a 404 (the API's own message names no alternative).
 # Not a gate: any id is sent as given, so a model released after this list works.
 KNOWN_MODELS = (
-    "gemini-3-pro-preview", "gemini-3-pro-image-preview",
-    "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-flash-image",
-    "gemini-2.5-flash-image-preview", "gemini-flash-latest", "gemini-flash-lite-latest",
-    "gemini-pro-latest", "gemini-2.0-flash", "gemini-2.0-flash-lite",
-    "gemini-2.0-flash-preview-image-generation", "gemini-2.0-flash-exp-image-generation",
-    "gemini-1.5-pro", "gemini-1.5-flash", "gemini-1.5-flash-8b",
+    "gemini-3-pro-preview",
+    "gemini-3-pro-image-preview",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash",
+    "gemini-2.5-flash-lite",
+    "gemini-2.5-flash-image",
+    "gemini-2.5-flash-image-preview",
+    "gemini-flash-latest",
+    "gemini-flash-lite-latest",
+    "gemini-pro-latest",
+    "gemini-2.0-flash",
+    "gemini-2.0-flash-lite",
+    "gemini-2.0-flash-preview-image-generation",
+    "gemini-2.0-flash-exp-image-generation",
+    "gemini-1.5-pro",
+    "gemini-1.5-flash",
+    "gemini-1.5-flash-8b",
 )
 _NOT_FOUND_MODEL = re.compile(r"models/([\w.-]+) is not found")
 
@@ -92,14 +103,25 @@ def did_you_mean(message: str) -> str:
     close = difflib.get_close_matches(found.group(1), KNOWN_MODELS, n=1, cutoff=0.8)
     return f"Did you mean {close[0]!r}? " if close and close[0] != found.group(1) else ""
 
+
 # Statuses worth another attempt: rate limits, timeouts and server-side trouble.
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 _GOOGLE_STATUS = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED", 406: "NOT_ACCEPTABLE", 408: "DEADLINE_EXCEEDED", 409: "ABORTED",
-    410: "GONE", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "BAD_GATEWAY",
-    503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    406: "NOT_ACCEPTABLE",
+    408: "DEADLINE_EXCEEDED",
+    409: "ABORTED",
+    410: "GONE",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    502: "BAD_GATEWAY",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 
 
@@ -265,7 +287,8 @@ class Provider(ABC):
             self._warned_hosts.add(host)
             logging.getLogger("gemframe").warning(
                 "sending the API key over plain http:// to %s: anyone on the network path can read "
-                "it; use an https:// base_url (only loopback hosts are exempt)", host,
+                "it; use an https:// base_url (only loopback hosts are exempt)",
+                host,
             )
 
     def _key_from_env(self) -> str | None:
@@ -285,7 +308,9 @@ class Provider(ABC):
         if self.key_required and not self._api_key:
             env = " or ".join(self.key_env)
             raise AuthenticationError.from_answer(
-                None, "UNAUTHENTICATED", f"no API key for provider {self.name!r}",
+                None,
+                "UNAUTHENTICATED",
+                f"no API key for provider {self.name!r}",
                 f"Set {env}, pass api_key= to gf.Client, or use provider='emulator' to run offline.",
             )
 
@@ -348,15 +373,12 @@ def register_provider(cls: type[Provider]) -> type[Provider]:
     unknown = set(cls.capabilities) - set(CAPABILITIES)
     if unknown:
         raise ValueError(
-            f"provider {name!r} declares unknown capabilities {sorted(unknown)}; "
-            f"known: {', '.join(CAPABILITIES)}"
+            f"provider {name!r} declares unknown capabilities {sorted(unknown)}; known: {', '.join(CAPABILITIES)}"
         )
     for capability in sorted(cls.capabilities):
         missing = [m for m in CAPABILITIES[capability] if not callable(getattr(cls, m, None))]
         if missing:
-            raise TypeError(
-                f"provider {name!r} declares {capability!r} but has no {', '.join(missing)}"
-            )
+            raise TypeError(f"provider {name!r} declares {capability!r} but has no {', '.join(missing)}")
     held = PROVIDERS.get(name)
     if held is not None and _qualified(held) != _qualified(cls):  # the same class re-imported is fine
         raise ValueError(f"provider name {name!r} is already registered by {_qualified(held)}")
@@ -427,7 +449,10 @@ class GoogleAI(Provider):
             else:
                 fatal, hint = AuthenticationError, self._key_hint()
         elif code in (404, 410):
-            fatal, hint = NotFoundError, f"{did_you_mean(message)}Check the model name and base URL ({self.display_base_url})."
+            fatal, hint = (
+                NotFoundError,
+                f"{did_you_mean(message)}Check the model name and base URL ({self.display_base_url}).",
+            )
         elif code == 405:
             fatal, hint = APIError, f"Check the base URL ({self.display_base_url})."
         return Failure(code, status, message, code in RETRYABLE_STATUS, retry_after, fatal, hint)
@@ -540,7 +565,8 @@ def resolve_provider(provider: str | Provider | None, **options: Any) -> Provide
             names = f"{', '.join(others)} or {last}" if others else last
             logging.getLogger("gemframe").warning(
                 "no %s set: answering with the offline emulator (its replies say model_version "
-                "'emulator-...'); pass provider= to choose", names,
+                "'emulator-...'); pass provider= to choose",
+                names,
             )
     try:
         cls = PROVIDERS[provider.lower()]
@@ -550,7 +576,5 @@ def resolve_provider(provider: str | Provider | None, **options: Any) -> Provide
         else:
             close = difflib.get_close_matches(str(provider).lower(), list(PROVIDERS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}{hint}"
-        ) from None
+        raise ValueError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}{hint}") from None
     return cls(**options)

@@ -19,8 +19,8 @@ from typing import Any, cast
 
 import polars as pl
 
-from .._files import atomic_write
 from .._errors import RowError
+from .._files import atomic_write
 from .schema import ResponseSchema, SchemaMismatch
 
 ERROR_DTYPE = pl.Struct({"code": pl.Int32, "status": pl.String, "message": pl.String})
@@ -34,9 +34,7 @@ _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "i
 _OK_FINISH = {None, "STOP", "MAX_TOKENS", "FINISH_REASON_UNSPECIFIED"}
 
 
-def reply_dtype(
-    *, image_files: bool = False, raw: bool = False, parsed: pl.DataType | None = None
-) -> pl.Struct:
+def reply_dtype(*, image_files: bool = False, raw: bool = False, parsed: pl.DataType | None = None) -> pl.Struct:
     """The reply struct. ``image_files``: images as file paths, not bytes; ``raw``: keep JSON;
     ``parsed``: the dtype of the structured-output value (a ``parsed`` field after ``text``)."""
     fields: dict[str, pl.DataType] = {"text": pl.String()}

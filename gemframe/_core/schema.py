@@ -124,8 +124,14 @@ def _is_polars(spec: Any) -> bool:
 
 
 _INT_BOUNDS: dict[type[pl.DataType], int] = {
-    pl.Int8: 8, pl.Int16: 16, pl.Int32: 32, pl.Int64: 64,
-    pl.UInt8: 8, pl.UInt16: 16, pl.UInt32: 32, pl.UInt64: 64,
+    pl.Int8: 8,
+    pl.Int16: 16,
+    pl.Int32: 32,
+    pl.Int64: 64,
+    pl.UInt8: 8,
+    pl.UInt16: 16,
+    pl.UInt32: 32,
+    pl.UInt64: 64,
 }
 
 
@@ -144,7 +150,13 @@ def _from_polars(dtype: pl.DataType) -> _Node:
     if isinstance(dtype, pl.List):
         return _Node("array", items=_from_polars(_dtype_instance(dtype.inner)), dtype=dtype)
     if isinstance(dtype, pl.Array):
-        return _Node("array", items=_from_polars(_dtype_instance(dtype.inner)), min_items=dtype.size, max_items=dtype.size, dtype=dtype)
+        return _Node(
+            "array",
+            items=_from_polars(_dtype_instance(dtype.inner)),
+            min_items=dtype.size,
+            max_items=dtype.size,
+            dtype=dtype,
+        )
     if isinstance(dtype, pl.Enum):
         return _Node("enum", choices=tuple(dtype.categories.to_list()), dtype=dtype)
     if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Categorical):
@@ -181,10 +193,12 @@ def _from_python(tp: Any, seen: tuple[Any, ...]) -> _Node:
         if not args or not all(isinstance(a, str) for a in args):
             raise ConfigError(f"{tp}: a Literal in a response schema must list strings (Gemini enums are strings)")
         return _Node("enum", choices=tuple(dict.fromkeys(args)))
-    if origin in (list, tuple, set, frozenset) or origin in (Sequence, typing.Sequence, typing.List):
+    if origin in (list, tuple, set, frozenset) or origin in (Sequence, typing.Sequence, list):
         if origin is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
             if len(set(args)) != 1:
-                raise ConfigError(f"cannot use {tp} in a response schema; a tuple must be tuple[T, ...] or hold one type")
+                raise ConfigError(
+                    f"cannot use {tp} in a response schema; a tuple must be tuple[T, ...] or hold one type"
+                )
             return _Node("array", items=_from_python(args[0], seen), min_items=len(args), max_items=len(args))
         if not args:
             raise ConfigError(f"give the item type of {tp} in a response schema, e.g. list[str]")
@@ -212,13 +226,13 @@ def _from_python(tp: Any, seen: tuple[Any, ...]) -> _Node:
             hints = typing.get_type_hints(tp)
         except NameError as exc:
             raise ConfigError(
-                f"cannot resolve the field types of {tp.__name__} ({exc}); define the types it "
-                "uses at module level"
+                f"cannot resolve the field types of {tp.__name__} ({exc}); define the types it uses at module level"
             ) from None
         if dataclasses.is_dataclass(tp):
             names = [f.name for f in dataclasses.fields(tp)]
             required = {
-                f.name for f in dataclasses.fields(tp)
+                f.name
+                for f in dataclasses.fields(tp)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             }
         else:
@@ -297,7 +311,9 @@ def _from_json_schema(schema: Any, root: Mapping[str, Any], depth: int) -> _Node
         items = _key(schema, "items")
         min_items, max_items = _key(schema, "minItems"), _key(schema, "maxItems")
         return _Node(
-            "array", nullable, items=_from_json_schema(items, root, depth + 1) if items is not None else _Node("json", True),
+            "array",
+            nullable,
+            items=_from_json_schema(items, root, depth + 1) if items is not None else _Node("json", True),
             min_items=int(min_items) if isinstance(min_items, (int, str)) else None,
             max_items=int(max_items) if isinstance(max_items, (int, str)) else None,
         )

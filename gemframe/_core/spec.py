@@ -179,7 +179,8 @@ def asks(function: F) -> F:
     params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     params += [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-        for f in fields(RequestSpec) if f.init
+        for f in fields(RequestSpec)
+        if f.init
     ]
     function.__signature__ = signature.replace(parameters=params + rest)  # type: ignore[attr-defined]
     return function

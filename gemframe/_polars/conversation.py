@@ -30,17 +30,19 @@ from typing import Any, Union
 
 import polars as pl
 
+from .._core.payload import sniff_mime
 from .._errors import InputError
 from .expr import _image_expr
-from .._core.payload import sniff_mime
 
-PART_DTYPE = pl.Struct({
-    "text": pl.String,
-    "mime_type": pl.String,
-    "data": pl.Binary,
-    "path": pl.String,
-    "thought_signature": pl.String,
-})
+PART_DTYPE = pl.Struct(
+    {
+        "text": pl.String,
+        "mime_type": pl.String,
+        "data": pl.Binary,
+        "path": pl.String,
+        "thought_signature": pl.String,
+    }
+)
 TURN_DTYPE = pl.Struct({"role": pl.String, "parts": pl.List(PART_DTYPE)})
 HISTORY_DTYPE = pl.List(TURN_DTYPE)
 """``list<struct<role: str, parts: list<struct<text, mime_type, data: binary, path, thought_signature>>>>``."""
@@ -48,8 +50,14 @@ HISTORY_DTYPE = pl.List(TURN_DTYPE)
 IntoExpr = Union[str, pl.Expr]
 
 
-def _part(text: str | None = None, *, mime_type: str | None = None, data: bytes | None = None,
-          path: str | None = None, thought_signature: str | None = None) -> dict[str, Any]:
+def _part(
+    text: str | None = None,
+    *,
+    mime_type: str | None = None,
+    data: bytes | None = None,
+    path: str | None = None,
+    thought_signature: str | None = None,
+) -> dict[str, Any]:
     return {"text": text, "mime_type": mime_type, "data": data, "path": path, "thought_signature": thought_signature}
 
 
@@ -89,7 +97,7 @@ def model_turn(reply: Mapping[str, Any] | None) -> dict[str, Any]:
     images = list(reply.get("images") or [])
     layout = reply.get("parts")
     if layout is None:  # a reply without the layout (older data): text first, then images
-        layout = ([{"kind": "text", "length": len(text)}] if reply.get("text") is not None else [])
+        layout = [{"kind": "text", "length": len(text)}] if reply.get("text") is not None else []
         layout += [{"kind": "image"}] * len(images)
     parts, offset, image = [], 0, 0
     for item in layout:
@@ -100,7 +108,7 @@ def model_turn(reply: Mapping[str, Any] | None) -> dict[str, Any]:
             image += 1
         else:
             length = item.get("length") or 0
-            parts.append(_part(text[offset:offset + length], thought_signature=signature))
+            parts.append(_part(text[offset : offset + length], thought_signature=signature))
             offset += length
     return {"role": "model", "parts": parts}
 

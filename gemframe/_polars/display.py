@@ -7,13 +7,13 @@ import base64
 import html
 import os
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import polars as pl
 
-from .._errors import InputError, clip
 from .._core.payload import _URL_SCHEME, read_image
 from .._core.response import save_image
+from .._errors import InputError, clip
 
 __all__ = ["save_images", "show"]
 
@@ -164,9 +164,7 @@ def _save_cell(value: Any, directory: str, row: int) -> list[str] | None:
     return paths
 
 
-def save_images(
-    images: pl.Series | pl.Expr | str, directory: str | os.PathLike
-) -> Union[pl.Series, pl.Expr]:
+def save_images(images: pl.Series | pl.Expr | str, directory: str | os.PathLike) -> pl.Series | pl.Expr:
     """Write every image of a reply column (or a column of image lists / images) to
     ``directory`` as files named by their content hash; returns their paths as a
     ``list[str]`` column named ``image_paths`` (null for a null reply). Given a Series, returns a Series; given a
@@ -176,7 +174,9 @@ def save_images(
     dtype = pl.List(pl.String)
 
     def run(series: pl.Series) -> pl.Series:
-        return pl.Series("paths", [_save_cell(v, directory, row) for row, v in enumerate(series.to_list())], dtype=dtype)
+        return pl.Series(
+            "paths", [_save_cell(v, directory, row) for row, v in enumerate(series.to_list())], dtype=dtype
+        )
 
     if isinstance(images, pl.Series):
         return run(images).alias("image_paths")

@@ -20,17 +20,18 @@ import polars.selectors as cs
 
 from .._core.cache import CacheMode
 from .._core.client import Client, Row, default_client, named_client
-from .._errors import InputError, RowError, exception_text
 from .._core.payload import RequestBuilder
 from .._core.progress import Progress, job
 from .._core.response import reply_dtype
 from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
+from .._errors import InputError, RowError, exception_text
 
 if TYPE_CHECKING:
     from polars.datatypes import DataTypeClass
 
 IntoExpr = Union[str, pl.Expr]
 """A column name or an expression, as polars functions accept."""
+
 
 def _to_expr(value: IntoExpr) -> pl.Expr:
     return pl.col(value) if isinstance(value, str) else value
@@ -57,7 +58,9 @@ def _is_image(dtype: pl.DataType) -> bool:
 
 
 def _is_history(dtype: pl.DataType) -> bool:
-    return dtype == pl.Null or (isinstance(dtype, pl.List) and (dtype.inner == pl.Null or isinstance(dtype.inner, pl.Struct)))
+    return dtype == pl.Null or (
+        isinstance(dtype, pl.List) and (dtype.inner == pl.Null or isinstance(dtype.inner, pl.Struct))
+    )
 
 
 def _check_columns(prompts: pl.Series, images: pl.Series | None, history: pl.Series | None = None) -> None:
@@ -91,8 +94,7 @@ def _not_a_column(argument: str, name: str) -> str:
     if argument == "prompt":
         fix = f"to send this text as the prompt of every row, pass pl.lit({name!r})"
     elif argument == "images":
-        fix = (f"for one image for every row, pass pathlib.Path({name!r}) (a file) or "
-               f"pl.lit({name!r}) (a path or URL)")
+        fix = f"for one image for every row, pass pathlib.Path({name!r}) (a file) or pl.lit({name!r}) (a path or URL)"
     else:
         fix = "pass the name of a column of turns (see gf.turns)"
     return f"{argument}={name!r} was taken for a column name, but the frame has no such column; {fix}"
@@ -139,7 +141,11 @@ class _Inputs:
 
 
 def _rows(
-    builder: RequestBuilder, prompts: list[Any], images: list[Any], histories: list[Any], allow_private_urls: bool = False,
+    builder: RequestBuilder,
+    prompts: list[Any],
+    images: list[Any],
+    histories: list[Any],
+    allow_private_urls: bool = False,
     defer_urls: bool = False,
 ) -> Iterator[Row]:
     """Each row's request body, or its error: whatever goes wrong while building one row (bad
@@ -235,8 +241,16 @@ def generate(
         with _job_progress(run, sender, spec.model, progress, total, columns[0].name) as bar:
             return sender.send(
                 _rows(spec.builder, prompts, image_list, histories, sender.allow_private_urls, defer_urls=True),
-                total=total, spec=spec, cache=cache, progress=bar, image_dir=image_dir, raw=raw,
-                mode=mode, batch_state=batch_state, poll_interval=poll_interval, wait=wait,
+                total=total,
+                spec=spec,
+                cache=cache,
+                progress=bar,
+                image_dir=image_dir,
+                raw=raw,
+                mode=mode,
+                batch_state=batch_state,
+                poll_interval=poll_interval,
+                wait=wait,
             )
 
     return pl.map_batches(inputs.exprs, run, return_dtype=dtype, is_elementwise=True).alias("reply")
@@ -283,8 +297,12 @@ def _parsed(requests: list[str | None]) -> Iterator[Row]:
         if not (isinstance(body, dict) and body.get("contents")):
             yield RowError(None, "INVALID_INPUT", f"row {row}: request has no 'contents'")
         elif not _well_formed(body["contents"]):
-            yield RowError(None, "INVALID_INPUT", f"row {row}: request 'contents' must be a list of "
-                           "turns, each an object whose 'parts' is a list of objects")
+            yield RowError(
+                None,
+                "INVALID_INPUT",
+                f"row {row}: request 'contents' must be a list of "
+                "turns, each an object whose 'parts' is a list of objects",
+            )
         else:
             yield body
 
@@ -293,7 +311,8 @@ def _well_formed(contents: Any) -> bool:
     """Whether ``contents`` has the shape the client walks (for image sizes, cache keys): a body
     of another shape is its row's error here, not an exception that ends the call later."""
     return isinstance(contents, list) and all(
-        isinstance(turn, dict) and isinstance(turn.get("parts") or [], list)
+        isinstance(turn, dict)
+        and isinstance(turn.get("parts") or [], list)
         and all(isinstance(part, dict) for part in turn.get("parts") or ())
         for turn in contents
     )
@@ -336,8 +355,13 @@ def send(
         total = len(column) - column.null_count()
         with _job_progress(run, sender, spec.model, progress, total, column.name) as bar:
             return sender.send(
-                _parsed(column.to_list()), total=total, spec=spec,
-                cache=cache, progress=bar, image_dir=image_dir, raw=raw,
+                _parsed(column.to_list()),
+                total=total,
+                spec=spec,
+                cache=cache,
+                progress=bar,
+                image_dir=image_dir,
+                raw=raw,
             )
 
     return _to_expr(requests).map_batches(run, return_dtype=dtype, is_elementwise=True).alias("reply")
@@ -347,7 +371,9 @@ class ColumnNameWarning(UserWarning):
     """Reply fields were renamed because input columns have their names."""
 
 
-def reply_columns(fields: Sequence[str], columns: Collection[str], prefix: str | None, reply: str = "reply") -> dict[str, str]:
+def reply_columns(
+    fields: Sequence[str], columns: Collection[str], prefix: str | None, reply: str = "reply"
+) -> dict[str, str]:
     """The new names of the reply fields that must not keep theirs beside ``columns`` (the input
     columns) when the reply is unnested: polars refuses two columns of one name
     (``DuplicateError``). With ``prefix`` given, every field gets it; without, only the fields
@@ -370,6 +396,7 @@ def reply_columns(fields: Sequence[str], columns: Collection[str], prefix: str |
             f"input columns {sorted(renamed)} have the names of reply fields, so those reply fields "
             f"are the columns {[renamed[f] for f in sorted(renamed)]}; choose their names with "
             "prefix= (gemframe run --prefix)",
-            ColumnNameWarning, stacklevel=3,
+            ColumnNameWarning,
+            stacklevel=3,
         )
     return renamed

@@ -21,7 +21,6 @@ from .._core.progress import Progress
 from .._core.spec import Ask, RequestSpec, Unpack, asks
 from . import expr as _expr
 
-
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -95,9 +94,20 @@ class _GeminiFrame(Generic[Frame]):
         renamed columns; ``prefix="r_"`` prefixes every reply field instead (no warning).
         """
         reply = _expr.generate(
-            prompt, images=images, history=history, spec=spec, client=client, cache=cache,
-            progress=progress, image_dir=image_dir, raw=raw, mode=mode, batch_state=batch_state,
-            poll_interval=poll_interval, wait=wait, **ask,
+            prompt,
+            images=images,
+            history=history,
+            spec=spec,
+            client=client,
+            cache=cache,
+            progress=progress,
+            image_dir=image_dir,
+            raw=raw,
+            mode=mode,
+            batch_state=batch_state,
+            poll_interval=poll_interval,
+            wait=wait,
+            **ask,
         ).alias(name)
         if not unnest:
             return cast(Frame, self._frame.with_columns(reply))

@@ -54,9 +54,7 @@ def build_reply(req: GenRequest, model: str, digest: str) -> dict[str, Any]:
     elif "empty" in markers:
         head = {"candidates": []}
     elif "safety" in markers:
-        head = {"candidates": [
-            {"finishReason": "SAFETY", "index": 0, "safetyRatings": _ratings()}
-        ]}
+        head = {"candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": _ratings()}]}
     elif "recitation" in markers:
         head = {"candidates": [{"finishReason": "RECITATION", "index": 0, "safetyRatings": []}]}
     else:
@@ -73,10 +71,7 @@ def build_reply(req: GenRequest, model: str, digest: str) -> dict[str, Any]:
 def _ratings() -> list[dict[str, Any]]:
     """Ratings of a blocked answer: dangerous content HIGH, the rest NEGLIGIBLE."""
     high, low = {"probability": "HIGH", "blocked": True}, {"probability": "NEGLIGIBLE"}
-    return [
-        {"category": c, **(high if c == "HARM_CATEGORY_DANGEROUS_CONTENT" else low)}
-        for c in RATED_CATEGORIES
-    ]
+    return [{"category": c, **(high if c == "HARM_CATEGORY_DANGEROUS_CONTENT" else low)} for c in RATED_CATEGORIES]
 
 
 def _usage(prompt: dict[str, int], tally: _Tally, cached: dict[str, int]) -> dict[str, Any]:
@@ -256,7 +251,8 @@ class _Faker:
         order = _keyword(schema, "property_ordering", list) or list(properties)
         return {
             name: self.value(properties[name], f"{path}.{name}", name, depth + 1)
-            for name in order if isinstance(name, str) and name in properties
+            for name in order
+            if isinstance(name, str) and name in properties
         }
 
     def _array(self, schema: dict, path: str, label: str, depth: int) -> list[Any]:
@@ -267,9 +263,7 @@ class _Faker:
         if max_items is not None:
             count = min(count, max_items)
         items = _keyword(schema, "items", dict) or {}
-        return [
-            self.value(items, f"{path}[{i}]", f"{label} {i + 1}", depth + 1) for i in range(count)
-        ]
+        return [self.value(items, f"{path}[{i}]", f"{label} {i + 1}", depth + 1) for i in range(count)]
 
     def _bounds(self, schema: dict) -> tuple[float, float]:
         low = _keyword(schema, "minimum", (int, float))

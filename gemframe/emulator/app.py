@@ -67,9 +67,7 @@ class Stats:
         }
 
 
-def _json_response(
-    payload: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
+def _json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """Compact JSON, so identical answers are identical bytes."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return Response(body, status_code=status, headers=headers, media_type="application/json")
@@ -82,10 +80,12 @@ def _retry_headers(err: ErrorAnswer) -> dict[str, str]:
 def _google_error(err: ErrorAnswer) -> Response:
     details = list(err.details)
     if err.code == 429 and err.retry_after is not None:
-        details.append({
-            "@type": "type.googleapis.com/google.rpc.RetryInfo",
-            "retryDelay": f"{err.retry_after:g}s",
-        })
+        details.append(
+            {
+                "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                "retryDelay": f"{err.retry_after:g}s",
+            }
+        )
     status = err.status or STATUS_NAMES.get(err.code, "UNKNOWN")
     error: dict[str, Any] = {"code": err.code, "message": err.message, "status": status}
     if details:
@@ -105,9 +105,7 @@ def _too_large() -> ErrorAnswer:
     return ErrorAnswer(413, f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
 
 
-async def _read_body(
-    request: Request, limit: int = MAX_BODY_BYTES, too_large: ErrorAnswer | None = None
-) -> bytes:
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES, too_large: ErrorAnswer | None = None) -> bytes:
     """The request body, or a 413 (``too_large``) before more than ``limit`` bytes of it are held.
 
     A declared Content-Length over the limit is refused before a byte of the body is read; a
@@ -138,9 +136,13 @@ def _version(request: Request) -> str:
 
 def _upload_status(status: str, received: int) -> Response:
     """An upload session's answer between chunks: its status and the bytes it holds."""
-    return Response(status_code=200, headers={
-        "x-goog-upload-status": status, "x-goog-upload-size-received": str(received),
-    })
+    return Response(
+        status_code=200,
+        headers={
+            "x-goog-upload-status": status,
+            "x-goog-upload-size-received": str(received),
+        },
+    )
 
 
 def _bearer(value: str | None) -> str | None:
@@ -207,9 +209,7 @@ class Emulator:
         self.clock = clock
         self.stats = Stats()
         # The stores read the clock through the emulator, so a test may swap ``emu.clock``.
-        self.files = FileStore(
-            lambda: self.clock(), file_max_bytes, files_total_bytes, file_polls, file_outcome
-        )
+        self.files = FileStore(lambda: self.clock(), file_max_bytes, files_total_bytes, file_polls, file_outcome)
         self.caches = CacheStore(lambda: self.clock(), cache_min_tokens)
         self.batches = BatchStore(self._answer_batched, keep=batch_keep)
         self.batches.polls, self.batches.outcome, self.batches.fail_every = batch_polls, batch_outcome, batch_fail_every
@@ -227,17 +227,20 @@ class Emulator:
                 Route(f"/{v}/files/{{file_id}}", self._file, methods=["GET", "DELETE"]),
                 Route(f"/{v}/cachedContents", self._caches, methods=["GET", "POST"]),
                 Route(
-                    f"/{v}/cachedContents/{{cache_id}}", self._cache,
+                    f"/{v}/cachedContents/{{cache_id}}",
+                    self._cache,
                     methods=["GET", "PATCH", "DELETE"],
                 ),
             )
         ]
-        self._app = Starlette(routes=[
-            *google,
-            Route("/v1/{slug}", self._segmind, methods=["POST"]),
-            Route("/emulator/stats", self._stats, methods=["GET"]),
-            Route("/emulator/reset", self._reset, methods=["POST"]),
-        ])
+        self._app = Starlette(
+            routes=[
+                *google,
+                Route("/v1/{slug}", self._segmind, methods=["POST"]),
+                Route("/emulator/stats", self._stats, methods=["GET"]),
+                Route("/emulator/reset", self._reset, methods=["POST"]),
+            ]
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)
@@ -347,36 +350,32 @@ class Emulator:
             )
         except ErrorAnswer as err:
             return _google_error(err)
-        url = (
-            f"{request.base_url}upload/{_version(request)}/files?upload_id={session_id}"
-            "&upload_protocol=resumable"
+        url = f"{request.base_url}upload/{_version(request)}/files?upload_id={session_id}&upload_protocol=resumable"
+        return Response(
+            status_code=200,
+            headers={
+                "x-goog-upload-url": url,
+                "x-goog-upload-control-url": url,
+                "x-goog-upload-status": "active",
+                "x-goog-upload-chunk-granularity": str(CHUNK_GRANULARITY),
+            },
         )
-        return Response(status_code=200, headers={
-            "x-goog-upload-url": url, "x-goog-upload-control-url": url,
-            "x-goog-upload-status": "active",
-            "x-goog-upload-chunk-granularity": str(CHUNK_GRANULARITY),
-        })
 
     async def _upload_chunk(self, request: Request, session_id: str) -> Response:
         """``upload`` (bytes at ``X-Goog-Upload-Offset``), ``finalize`` or ``query``. Every
         answer says ``X-Goog-Upload-Status``; an error is ``final`` and ends the session."""
-        commands = {
-            c.strip() for c in request.headers.get("x-goog-upload-command", "").lower().split(",")
-        } - {""}
+        commands = {c.strip() for c in request.headers.get("x-goog-upload-command", "").lower().split(",")} - {""}
         try:
             session = self.files.session(session_id)
             if commands == {"query"}:
                 return _upload_status("active", session.received)
             if not commands or not commands <= {"upload", "finalize"}:
-                raise _invalid(
-                    "X-Goog-Upload-Command must be upload, finalize, 'upload, finalize' or query."
-                )
+                raise _invalid("X-Goog-Upload-Command must be upload, finalize, 'upload, finalize' or query.")
             if "upload" in commands:
                 offset = request.headers.get("x-goog-upload-offset", "").strip()
                 if offset != str(session.received):
                     raise _invalid(
-                        f"Invalid X-Goog-Upload-Offset {offset!r}: the session has received "
-                        f"{session.received} bytes."
+                        f"Invalid X-Goog-Upload-Offset {offset!r}: the session has received {session.received} bytes."
                     )
                 space, too_much = self.files.room(session)
                 self.files.append(session, await _read_body(request, space, too_much))
@@ -496,9 +495,7 @@ class Emulator:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    def _admit_google(
-        self, request: Request, raw: bytes, model: str, action: str
-    ) -> dict[str, Any]:
+    def _admit_google(self, request: Request, raw: bytes, model: str, action: str) -> dict[str, Any]:
         """Google's checks before the body: key, model; then the JSON object. (Size is checked
         while reading it: `_read_body`.)"""
         self._check_key(request)

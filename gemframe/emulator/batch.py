@@ -59,9 +59,7 @@ class _Job:
 class BatchStore:
     """Jobs of one emulator; ``answer(model, request) -> response or raise`` does the work."""
 
-    def __init__(
-        self, answer: Callable[[str, dict[str, Any]], dict[str, Any]], keep: int = 100
-    ) -> None:
+    def __init__(self, answer: Callable[[str, dict[str, Any]], dict[str, Any]], keep: int = 100) -> None:
         self.answer = answer
         self.jobs: dict[str, _Job] = {}
         self.keep = keep  # finished jobs kept; older finished jobs are deleted
@@ -131,7 +129,15 @@ class BatchStore:
             return
         for i, item in enumerate(job.requests, 1):
             if self.fail_every and i % self.fail_every == 0:
-                job.output.append({"error": {"code": 500, "message": "Internal error while processing this request.", "status": "INTERNAL"}})
+                job.output.append(
+                    {
+                        "error": {
+                            "code": 500,
+                            "message": "Internal error while processing this request.",
+                            "status": "INTERNAL",
+                        }
+                    }
+                )
                 continue
             try:
                 job.output.append({"response": self.answer(job.model, item["request"])})
@@ -140,7 +146,9 @@ class BatchStore:
                 # The error's own canonical status: a missing uploaded file or cache is 403
                 # PERMISSION_DENIED, a file not yet ACTIVE 400 FAILED_PRECONDITION.
                 status = getattr(err, "status", None) or STATUS_NAMES.get(code, "INTERNAL")
-                job.output.append({"error": {"code": code, "message": getattr(err, "message", str(err)), "status": status}})
+                job.output.append(
+                    {"error": {"code": code, "message": getattr(err, "message", str(err)), "status": status}}
+                )
 
     def _operation(self, job: _Job) -> dict[str, Any]:
         done = job.state in FINAL
@@ -152,9 +160,14 @@ class BatchStore:
         else:
             stats["pendingRequestCount"] = str(len(job.requests))
         metadata: dict[str, Any] = {
-            "@type": BATCH_TYPE, "model": f"models/{job.model}", "displayName": job.display_name,
-            "createTime": job.created, "updateTime": _now(), "batchStats": stats,
-            "state": job.state, "name": job.name,
+            "@type": BATCH_TYPE,
+            "model": f"models/{job.model}",
+            "displayName": job.display_name,
+            "createTime": job.created,
+            "updateTime": _now(),
+            "batchStats": stats,
+            "state": job.state,
+            "name": job.name,
         }
         if job.ended:
             metadata["endTime"] = job.ended
@@ -169,5 +182,8 @@ class BatchStore:
                 metadata["output"] = output
                 operation["response"] = {"@type": OUTPUT_TYPE, **output}
             else:
-                operation["error"] = {"code": 4 if job.state == "BATCH_STATE_EXPIRED" else 13, "message": f"Batch ended in {job.state}."}
+                operation["error"] = {
+                    "code": 4 if job.state == "BATCH_STATE_EXPIRED" else 13,
+                    "message": f"Batch ended in {job.state}.",
+                }
         return operation

@@ -44,10 +44,18 @@ PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 # of inline images, kept): past either, creating one more is a 429 until some expire.
 MAX_CACHES = 1000
 CACHES_TOTAL_BYTES = 256 * 1024 * 1024
-CACHE_FIELDS = frozenset({
-    "model", "contents", "system_instruction", "tools", "tool_config", "ttl", "expire_time",
-    "display_name",
-})
+CACHE_FIELDS = frozenset(
+    {
+        "model",
+        "contents",
+        "system_instruction",
+        "tools",
+        "tool_config",
+        "ttl",
+        "expire_time",
+        "display_name",
+    }
+)
 UPDATE_FIELDS = frozenset({"name", "ttl", "expire_time"})
 NOT_FOUND = "CachedContent not found (or permission denied)"
 CONFLICT = (
@@ -87,7 +95,10 @@ class CacheStore:
         self.lock = threading.RLock()  # batch jobs read caches from worker threads
 
     def create(
-        self, body: dict[str, Any], size: int, check_model: Callable[[str], None],
+        self,
+        body: dict[str, Any],
+        size: int,
+        check_model: Callable[[str], None],
         resolve: Callable[[GenRequest], GenRequest],
     ) -> dict[str, Any]:
         """A new cache from a CachedContent body of ``size`` bytes; ``check_model`` raises for
@@ -109,27 +120,35 @@ class CacheStore:
         counts = prompt_tokens(resolved)
         total, minimum = sum(counts.values()), self.min_tokens or min_cache_tokens(model)
         if total < minimum:
-            raise _invalid(
-                f"Cached content is too small. total_token_count={total}, "
-                f"min_total_token_count={minimum}"
-            )
+            raise _invalid(f"Cached content is too small. total_token_count={total}, min_total_token_count={minimum}")
         now = self.clock()
         expires = self._expiry(fields, now, default=DEFAULT_TTL)
         with self.lock:
             self._purge()
             held = sum(c.size for c in self.caches.values())
             if len(self.caches) >= MAX_CACHES or held + size > CACHES_TOTAL_BYTES:
-                raise ErrorAnswer(429, (
-                    f"Quota exceeded: at most {MAX_CACHES} cached contents of "
-                    f"{CACHES_TOTAL_BYTES} request bytes in all at once; delete caches or let "
-                    "them expire."
-                ))
+                raise ErrorAnswer(
+                    429,
+                    (
+                        f"Quota exceeded: at most {MAX_CACHES} cached contents of "
+                        f"{CACHES_TOTAL_BYTES} request bytes in all at once; delete caches or let "
+                        "them expire."
+                    ),
+                )
             self.created += 1
             digest = hashlib.sha256(f"{now}|{total}|{self.created}".encode()).hexdigest()
             name = f"cachedContents/{digest[:10]}{self.created:04d}"
             stored = StoredCache(
-                name, model, str(fields.get("display_name") or ""), resolved.system,
-                resolved.turns, counts, size, now, now, expires,
+                name,
+                model,
+                str(fields.get("display_name") or ""),
+                resolved.system,
+                resolved.turns,
+                counts,
+                size,
+                now,
+                now,
+                expires,
             )
             self.caches[name] = stored
             return self.resource(stored)
@@ -175,12 +194,14 @@ class CacheStore:
         out: dict[str, Any] = {"name": stored.name, "model": stored.model}
         if stored.display_name:
             out["displayName"] = stored.display_name
-        out.update({
-            "createTime": rfc3339(stored.created),
-            "updateTime": rfc3339(stored.updated),
-            "expireTime": rfc3339(stored.expires),
-            "usageMetadata": {"totalTokenCount": sum(stored.tokens.values())},
-        })
+        out.update(
+            {
+                "createTime": rfc3339(stored.created),
+                "updateTime": rfc3339(stored.updated),
+                "expireTime": rfc3339(stored.expires),
+                "usageMetadata": {"totalTokenCount": sum(stored.tokens.values())},
+            }
+        )
         return out
 
     def apply(self, req: GenRequest, body: dict[str, Any], model: str) -> GenRequest:
@@ -202,7 +223,9 @@ class CacheStore:
                 f"({stored.model}) has to be the same."
             )
         return replace(
-            req, system=stored.system, turns=stored.turns + req.turns,
+            req,
+            system=stored.system,
+            turns=stored.turns + req.turns,
             cached=tuple(stored.tokens.items()),
         )
 

@@ -66,14 +66,13 @@ FILE_FIELDS = frozenset({"name", "display_name", "mime_type", "size_bytes"})
 
 def missing(file_id: str) -> ErrorAnswer:
     """The API's answer for a file that does not exist (any more), or is not the caller's."""
-    return ErrorAnswer(
-        403, f"You do not have permission to access the File {file_id} or it may not exist."
-    )
+    return ErrorAnswer(403, f"You do not have permission to access the File {file_id} or it may not exist.")
 
 
 def not_active(file_id: str) -> ErrorAnswer:
     return ErrorAnswer(
-        400, f"The File {file_id} is not in an ACTIVE state and usage is not allowed.",
+        400,
+        f"The File {file_id} is not in an ACTIVE state and usage is not allowed.",
         status="FAILED_PRECONDITION",
     )
 
@@ -84,7 +83,8 @@ def file_too_large(limit: int) -> ErrorAnswer:
 
 def storage_full(limit: int) -> ErrorAnswer:
     return ErrorAnswer(
-        413, f"Files storage limit exceeded: at most {limit} bytes of files may be stored at "
+        413,
+        f"Files storage limit exceeded: at most {limit} bytes of files may be stored at "
         "once. Delete files (or let them expire) and upload again.",
     )
 
@@ -135,8 +135,12 @@ class FileStore:
     """Uploaded files of one emulator, on an injectable clock (``clock()`` -> epoch seconds)."""
 
     def __init__(
-        self, clock: Callable[[], float], max_bytes: int = FILE_MAX_BYTES,
-        total_bytes: int = FILES_TOTAL_BYTES, polls: int = 0, outcome: str = "ACTIVE",
+        self,
+        clock: Callable[[], float],
+        max_bytes: int = FILE_MAX_BYTES,
+        total_bytes: int = FILES_TOTAL_BYTES,
+        polls: int = 0,
+        outcome: str = "ACTIVE",
     ) -> None:
         self.clock = clock
         self.max_bytes = max_bytes
@@ -213,10 +217,15 @@ class FileStore:
                 (self.total_bytes - self._used(), storage_full(self.total_bytes)),
             ]
             if session.declared is not None:
-                limits.append((session.declared - session.received, _invalid(
-                    f"Upload exceeds the declared X-Goog-Upload-Header-Content-Length of "
-                    f"{session.declared} bytes."
-                )))
+                limits.append(
+                    (
+                        session.declared - session.received,
+                        _invalid(
+                            f"Upload exceeds the declared X-Goog-Upload-Header-Content-Length of "
+                            f"{session.declared} bytes."
+                        ),
+                    )
+                )
             space, error = min(limits, key=lambda item: item[0])
             return max(space, 0), error
 
@@ -245,8 +254,14 @@ class FileStore:
                 name = self._new_name(digest)
             self.uploads += 1
             stored = StoredFile(
-                name, session.display_name, session.mime, len(data), digest, self.clock(),
-                f"{base_url}{name}", file_media(data, session.mime),
+                name,
+                session.display_name,
+                session.mime,
+                len(data),
+                digest,
+                self.clock(),
+                f"{base_url}{name}",
+                file_media(data, session.mime),
             )
             self.files[name] = stored
             return self.resource(stored)
@@ -291,17 +306,19 @@ class FileStore:
         if stored.display_name:
             out["displayName"] = stored.display_name
         created = rfc3339(stored.created)
-        out.update({
-            "mimeType": stored.mime,
-            "sizeBytes": str(stored.size),
-            "createTime": created,
-            "updateTime": created,
-            "expirationTime": rfc3339(stored.created + FILE_TTL),
-            "sha256Hash": base64.b64encode(stored.sha256.encode()).decode(),
-            "uri": stored.uri,
-            "state": self.state(stored),
-            "source": "UPLOADED",
-        })
+        out.update(
+            {
+                "mimeType": stored.mime,
+                "sizeBytes": str(stored.size),
+                "createTime": created,
+                "updateTime": created,
+                "expirationTime": rfc3339(stored.created + FILE_TTL),
+                "sha256Hash": base64.b64encode(stored.sha256.encode()).decode(),
+                "uri": stored.uri,
+                "state": self.state(stored),
+                "source": "UPLOADED",
+            }
+        )
         if out["state"] == "FAILED":
             out["error"] = {"code": 400, "message": "The file could not be processed."}
         return out

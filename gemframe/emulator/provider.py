@@ -28,9 +28,7 @@ class EmulatorProvider(GoogleAI):
     key_required = False
     capabilities = frozenset({"batch", "count_tokens"})  # the emulator answers both APIs
 
-    def __init__(
-        self, api_key: str | None = None, base_url: str | None = None, app: Any = None
-    ) -> None:
+    def __init__(self, api_key: str | None = None, base_url: str | None = None, app: Any = None) -> None:
         super().__init__(api_key, base_url)
         self.app = app
 

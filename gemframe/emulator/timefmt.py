@@ -7,9 +7,7 @@ from datetime import datetime, timezone
 
 from .validation import _bad_value
 
-TIMESTAMP = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})"
-)
+TIMESTAMP = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})")
 DURATION = re.compile(r"(\d{1,12})(?:\.(\d{1,9}))?s")
 
 

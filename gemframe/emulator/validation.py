@@ -30,9 +30,17 @@ MAX_BODY_BYTES = 20 * 1024 * 1024
 ECHO_CHARS = 20
 
 STATUS_NAMES = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-    409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
-    501: "NOT_IMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
     # A body over the limit: the real API's message and canonical status for it, under HTTP's
     # 413 because the emulator refuses it unread (see _read_body).
     413: "INVALID_ARGUMENT",
@@ -52,12 +60,14 @@ UNREGISTERED_CALLER = (
     "Please use API Key or other form of API consumer identity to call this API."
 )
 INVALID_KEY = "API key not valid. Please pass a valid API key."
-INVALID_KEY_DETAILS = [{
-    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-    "reason": "API_KEY_INVALID",
-    "domain": "googleapis.com",
-    "metadata": {"service": "generativelanguage.googleapis.com"},
-}]
+INVALID_KEY_DETAILS = [
+    {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "API_KEY_INVALID",
+        "domain": "googleapis.com",
+        "metadata": {"service": "generativelanguage.googleapis.com"},
+    }
+]
 UNPROCESSABLE_IMAGE = (
     "Unable to process input image. Please retry or report in "
     "https://developers.generativeai.google/guide/troubleshooting"
@@ -67,15 +77,33 @@ UNPROCESSABLE_IMAGE = (
 # ``-latest``, ``-preview...``, ``-exp...`` (``gemini-2.5-flash-preview-05-20``,
 # ``gemini-2.0-flash-001``, ``gemini-exp-1206``). Any other name is a 404 NOT_FOUND, as a typo
 # (``gemini-2.5-flsh``) is at the real API; ``emulator...`` names are the emulator's own.
-GEMINI_MODELS = frozenset({
-    "gemini-3-pro", "gemini-3-pro-image",
-    "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-flash-image",
-    "gemini-2.5-flash-native-audio", "gemini-2.5-computer-use", "gemini-live-2.5-flash",
-    "gemini-2.0-flash", "gemini-2.0-flash-lite", "gemini-2.0-flash-live", "gemini-2.0-flash-thinking",
-    "gemini-2.0-pro",
-    "gemini-1.5-pro", "gemini-1.5-flash", "gemini-1.5-flash-8b", "gemini-1.0-pro",
-    "gemini-pro", "gemini-pro-vision", "gemini-flash", "gemini-flash-lite", "gemini-exp",
-})
+GEMINI_MODELS = frozenset(
+    {
+        "gemini-3-pro",
+        "gemini-3-pro-image",
+        "gemini-2.5-pro",
+        "gemini-2.5-flash",
+        "gemini-2.5-flash-lite",
+        "gemini-2.5-flash-image",
+        "gemini-2.5-flash-native-audio",
+        "gemini-2.5-computer-use",
+        "gemini-live-2.5-flash",
+        "gemini-2.0-flash",
+        "gemini-2.0-flash-lite",
+        "gemini-2.0-flash-live",
+        "gemini-2.0-flash-thinking",
+        "gemini-2.0-pro",
+        "gemini-1.5-pro",
+        "gemini-1.5-flash",
+        "gemini-1.5-flash-8b",
+        "gemini-1.0-pro",
+        "gemini-pro",
+        "gemini-pro-vision",
+        "gemini-flash",
+        "gemini-flash-lite",
+        "gemini-exp",
+    }
+)
 _MODEL_VERSION = r"(?:-(?:\d{3,4}|latest)|-(?:preview|exp)(?:-[\w.]+)*)?"
 
 
@@ -96,25 +124,56 @@ def model_not_found(model: str, action: str, version: str = "v1beta") -> str:
     )
 
 
-REQUEST_FIELDS = frozenset({
-    "contents", "system_instruction", "generation_config", "safety_settings", "tools",
-    "tool_config", "cached_content",
-})
+REQUEST_FIELDS = frozenset(
+    {
+        "contents",
+        "system_instruction",
+        "generation_config",
+        "safety_settings",
+        "tools",
+        "tool_config",
+        "cached_content",
+    }
+)
 COUNT_TOKENS_FIELDS = frozenset({"contents", "generate_content_request"})
 CONTENT_FIELDS = frozenset({"role", "parts"})
-DATA_FIELDS = frozenset({
-    "text", "inline_data", "file_data", "function_call", "function_response",
-    "executable_code", "code_execution_result",
-})
+DATA_FIELDS = frozenset(
+    {
+        "text",
+        "inline_data",
+        "file_data",
+        "function_call",
+        "function_response",
+        "executable_code",
+        "code_execution_result",
+    }
+)
 PART_FIELDS = DATA_FIELDS | {"thought", "thought_signature", "video_metadata"}
 BLOB_FIELDS = frozenset({"mime_type", "data"})
 FILE_FIELDS = frozenset({"mime_type", "file_uri"})
-CONFIG_FIELDS = frozenset({
-    "stop_sequences", "response_mime_type", "response_schema", "response_json_schema",
-    "response_modalities", "candidate_count", "max_output_tokens", "temperature", "top_p",
-    "top_k", "seed", "presence_penalty", "frequency_penalty", "response_logprobs", "logprobs",
-    "thinking_config", "image_config", "media_resolution", "speech_config",
-})
+CONFIG_FIELDS = frozenset(
+    {
+        "stop_sequences",
+        "response_mime_type",
+        "response_schema",
+        "response_json_schema",
+        "response_modalities",
+        "candidate_count",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_logprobs",
+        "logprobs",
+        "thinking_config",
+        "image_config",
+        "media_resolution",
+        "speech_config",
+    }
+)
 INT_CONFIG = ("candidate_count", "max_output_tokens", "top_k", "seed", "logprobs")
 FLOAT_CONFIG = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 THINKING_FIELDS = frozenset({"include_thoughts", "thinking_budget", "thinking_level"})
@@ -122,25 +181,68 @@ IMAGE_CONFIG_FIELDS = frozenset({"aspect_ratio", "image_size"})
 ASPECT_RATIOS = frozenset({"1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"})
 RESPONSE_MIME_TYPES = ("text/plain", "application/json", "text/x.enum")
 MODALITIES = frozenset({"TEXT", "IMAGE", "AUDIO"})
-SCHEMA_FIELDS = frozenset({
-    "type", "format", "title", "description", "nullable", "enum", "max_items", "min_items",
-    "properties", "required", "min_properties", "max_properties", "min_length", "max_length",
-    "pattern", "example", "any_of", "property_ordering", "default", "items", "minimum", "maximum",
-})
-SCHEMA_TYPES = frozenset({
-    "TYPE_UNSPECIFIED", "STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "OBJECT", "NULL",
-})
+SCHEMA_FIELDS = frozenset(
+    {
+        "type",
+        "format",
+        "title",
+        "description",
+        "nullable",
+        "enum",
+        "max_items",
+        "min_items",
+        "properties",
+        "required",
+        "min_properties",
+        "max_properties",
+        "min_length",
+        "max_length",
+        "pattern",
+        "example",
+        "any_of",
+        "property_ordering",
+        "default",
+        "items",
+        "minimum",
+        "maximum",
+    }
+)
+SCHEMA_TYPES = frozenset(
+    {
+        "TYPE_UNSPECIFIED",
+        "STRING",
+        "NUMBER",
+        "INTEGER",
+        "BOOLEAN",
+        "ARRAY",
+        "OBJECT",
+        "NULL",
+    }
+)
 SAFETY_FIELDS = frozenset({"category", "threshold"})
-HARM_CATEGORIES = frozenset({
-    "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT",
-    "HARM_CATEGORY_DANGEROUS_CONTENT", "HARM_CATEGORY_CIVIC_INTEGRITY",
-})
-HARM_THRESHOLDS = frozenset({
-    "HARM_BLOCK_THRESHOLD_UNSPECIFIED", "BLOCK_LOW_AND_ABOVE", "BLOCK_MEDIUM_AND_ABOVE",
-    "BLOCK_ONLY_HIGH", "BLOCK_NONE", "OFF",
-})
+HARM_CATEGORIES = frozenset(
+    {
+        "HARM_CATEGORY_HARASSMENT",
+        "HARM_CATEGORY_HATE_SPEECH",
+        "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+        "HARM_CATEGORY_DANGEROUS_CONTENT",
+        "HARM_CATEGORY_CIVIC_INTEGRITY",
+    }
+)
+HARM_THRESHOLDS = frozenset(
+    {
+        "HARM_BLOCK_THRESHOLD_UNSPECIFIED",
+        "BLOCK_LOW_AND_ABOVE",
+        "BLOCK_MEDIUM_AND_ABOVE",
+        "BLOCK_ONLY_HIGH",
+        "BLOCK_NONE",
+        "OFF",
+    }
+)
 RATED_CATEGORIES = (
-    "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_HARASSMENT",
+    "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+    "HARM_CATEGORY_HATE_SPEECH",
+    "HARM_CATEGORY_HARASSMENT",
     "HARM_CATEGORY_DANGEROUS_CONTENT",
 )
 ENUM_PROTO = "type.googleapis.com/google.ai.generativelanguage.v1beta"
@@ -159,8 +261,12 @@ class ErrorAnswer(Exception):
     """An error answer; each route renders it in its own dialect's envelope."""
 
     def __init__(
-        self, code: int, message: str, details: list[dict] | None = None,
-        retry_after: float | None = None, status: str | None = None,
+        self,
+        code: int,
+        message: str,
+        details: list[dict] | None = None,
+        retry_after: float | None = None,
+        status: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -322,9 +428,7 @@ def _fields(value: Any, allowed: frozenset[str], where: str) -> dict[str, Any]:
         name = _snake(key)
         if name not in allowed or key not in (name, _camel(name)):
             at = f" at '{where}'" if where else ""
-            raise _invalid(
-                f'Invalid JSON payload received. Unknown name "{key}"{at}: Cannot find field.'
-            )
+            raise _invalid(f'Invalid JSON payload received. Unknown name "{key}"{at}: Cannot find field.')
         out[name] = item
     return out
 
@@ -336,9 +440,7 @@ def load_body(raw: bytes) -> dict[str, Any]:
     except ValueError as exc:
         raise _invalid(f"Invalid JSON payload received. Unexpected token: {exc}.") from None
     if not isinstance(body, dict):
-        raise _invalid(
-            'Invalid JSON payload received. Unknown name "": Root element must be a message.'
-        )
+        raise _invalid('Invalid JSON payload received. Unknown name "": Root element must be a message.')
     return body
 
 
@@ -382,9 +484,7 @@ def _parse_turn(value: Any, where: str) -> Turn:
         raise _invalid("Please use a valid role: user, model.")
     parts = fields.get("parts")
     if not parts:
-        raise _invalid(
-            f"* GenerateContentRequest.{where}.parts: contents.parts must not be empty.\n"
-        )
+        raise _invalid(f"* GenerateContentRequest.{where}.parts: contents.parts must not be empty.\n")
     if not isinstance(parts, list):
         raise _bad_value(f"{where}.parts", parts, "list expected")
     return Turn(role, tuple(_parse_part(p, f"{where}.parts[{i}]") for i, p in enumerate(parts)))
@@ -395,13 +495,10 @@ def _parse_part(value: Any, where: str) -> Part:
     data = [name for name in fields if name in DATA_FIELDS]
     if not data:
         raise _invalid(
-            f"* GenerateContentRequest.{where}.data: required oneof field 'data' must have one "
-            "initialized field\n"
+            f"* GenerateContentRequest.{where}.data: required oneof field 'data' must have one initialized field\n"
         )
     if len(data) > 1:
-        raise _invalid(
-            f"Invalid JSON payload received. Oneof field 'data' at '{where}' is already set."
-        )
+        raise _invalid(f"Invalid JSON payload received. Oneof field 'data' at '{where}' is already set.")
     thought = fields.get("thought") is True
     signature = None
     if fields.get("thought_signature") is not None:
@@ -417,6 +514,7 @@ def _parse_part(value: Any, where: str) -> Part:
     if name == "file_data":
         return Part(media=_parse_file(payload, f"{where}.file_data"), signature=signature)
     return Part(tokens=tokens(json.dumps(payload)), signature=signature)  # function calls, code
+
 
 MISSING_SIGNATURE = (
     "Image part is missing a thought_signature in content position {content}, part position "
@@ -468,9 +566,7 @@ def _b64decode(value: Any, where: str) -> bytes:
         text = value.replace("-", "+").replace("_", "/")
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise _invalid(
-            f"Invalid value at '{where}' (TYPE_BYTES), Base64 decoding failed for {_echo(value)}"
-        ) from None
+        raise _invalid(f"Invalid value at '{where}' (TYPE_BYTES), Base64 decoding failed for {_echo(value)}") from None
 
 
 def _parse_file(value: Any, where: str) -> Media:
@@ -505,7 +601,8 @@ def _check_safety(settings: Any) -> None:
             raise _bad_value(f"{where}.category", category, f"{ENUM_PROTO}.HarmCategory")
         if not _member(fields.get("threshold"), HARM_THRESHOLDS):
             raise _bad_value(
-                f"{where}.threshold", fields.get("threshold"),
+                f"{where}.threshold",
+                fields.get("threshold"),
                 f"{ENUM_PROTO}.SafetySetting.HarmBlockThreshold",
             )
 
@@ -523,9 +620,7 @@ def _parse_config(value: Any) -> Config:
     if max_tokens is not None and max_tokens < 0:
         raise _bad_value("generation_config.max_output_tokens", max_tokens, "TYPE_INT32")
     modalities = _parse_modalities(fields.get("response_modalities") or [])
-    thinking = _fields(
-        fields.get("thinking_config") or {}, THINKING_FIELDS, "generation_config.thinking_config"
-    )
+    thinking = _fields(fields.get("thinking_config") or {}, THINKING_FIELDS, "generation_config.thinking_config")
     mime, schema = _parse_response_format(fields)
     return Config(
         candidates=count,
@@ -571,8 +666,7 @@ def _parse_stop(value: Any) -> tuple[str, ...]:
         raise _bad_value("generation_config.stop_sequences", value, "list of strings expected")
     if len(value) > 5:
         raise _invalid(
-            "* GenerateContentRequest.generation_config.stop_sequences: at most 5 stop sequences "
-            "are allowed.\n"
+            "* GenerateContentRequest.generation_config.stop_sequences: at most 5 stop sequences are allowed.\n"
         )
     return tuple(s for s in value if s)
 
@@ -585,7 +679,8 @@ def _parse_modalities(value: Any) -> set[str]:
         name = item.upper() if isinstance(item, str) else item
         if not _member(name, MODALITIES):
             raise _bad_value(
-                f"generation_config.response_modalities[{i}]", item,
+                f"generation_config.response_modalities[{i}]",
+                item,
                 f"{ENUM_PROTO}.GenerationConfig.Modality",
             )
         modalities.add(name)
@@ -600,8 +695,7 @@ def _parse_response_format(fields: dict[str, Any]) -> tuple[str, dict | None]:
     mime = fields.get("response_mime_type") or "text/plain"
     if not _member(mime, RESPONSE_MIME_TYPES):
         raise _invalid(
-            f"{where}.response_mime_type: allowed mimetypes are `text/plain`, `application/json` "
-            "and `text/x.enum`.\n"
+            f"{where}.response_mime_type: allowed mimetypes are `text/plain`, `application/json` and `text/x.enum`.\n"
         )
     openapi, json_schema = fields.get("response_schema"), fields.get("response_json_schema")
     if openapi is not None and json_schema is not None:
@@ -628,9 +722,7 @@ def _check_openapi_schema(schema: Any, where: str) -> None:
     if not isinstance(kind, str) or kind.upper() not in SCHEMA_TYPES:
         raise _bad_value(f"{where}.type", kind, f"{ENUM_PROTO}.Type")
     if kind.upper() == "OBJECT" and not fields.get("properties"):
-        raise _invalid(
-            f"* GenerateContentRequest.{where}.properties: should be non-empty for OBJECT type\n"
-        )
+        raise _invalid(f"* GenerateContentRequest.{where}.properties: should be non-empty for OBJECT type\n")
     properties, any_of = fields.get("properties") or {}, fields.get("any_of") or []
     if not isinstance(properties, dict):
         raise _bad_value(f"{where}.properties", properties, "object expected")
@@ -649,9 +741,7 @@ def _parse_image_config(value: Any) -> tuple[int, int]:
     fields = _fields(value, IMAGE_CONFIG_FIELDS, "generation_config.image_config")
     ratio = fields.get("aspect_ratio") or "1:1"
     if not _member(ratio, ASPECT_RATIOS):
-        raise _bad_value(
-            "generation_config.image_config.aspect_ratio", ratio, "unsupported aspect ratio"
-        )
+        raise _bad_value("generation_config.image_config.aspect_ratio", ratio, "unsupported aspect ratio")
     w, h = (int(x) for x in ratio.split(":"))
     side = render.MAX_SIDE
     return (side, round(side * h / w)) if w >= h else (round(side * w / h), side)

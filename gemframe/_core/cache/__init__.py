@@ -21,8 +21,23 @@ from .store import ResponseCache
 from .urls import URL_EXPORT_COLUMNS, UrlRecord, UrlStore
 
 __all__ = [
-    "ENTRY_FORMAT", "EXPORT_COLUMNS", "MAX_ANSWER_BYTES", "NOT_AN_ANSWER", "CacheCorruptError",
-    "URL_EXPORT_COLUMNS", "CacheManagement", "CacheMode", "CacheWarning", "KnownDigest", "ResponseCache",
-    "UnsafeCacheEntry", "UrlRecord", "UrlStore", "answer_problem", "cache_key", "default_cache_dir", "parse_when",
+    "ENTRY_FORMAT",
+    "EXPORT_COLUMNS",
+    "MAX_ANSWER_BYTES",
+    "NOT_AN_ANSWER",
+    "URL_EXPORT_COLUMNS",
+    "CacheCorruptError",
+    "CacheManagement",
+    "CacheMode",
+    "CacheWarning",
+    "KnownDigest",
+    "ResponseCache",
+    "UnsafeCacheEntry",
+    "UrlRecord",
+    "UrlStore",
+    "answer_problem",
+    "cache_key",
+    "default_cache_dir",
+    "parse_when",
     "prompt_text",
 ]

@@ -38,7 +38,11 @@ _AT_SUPPORTED = os.open in os.supports_dir_fd and os.unlink in os.supports_dir_f
 # Every diskcache setting, pinned: a value planted in the database's Settings table never applies.
 _SETTINGS = {
     **DEFAULT_SETTINGS,
-    "size_limit": 2**62, "eviction_policy": "none", "cull_limit": 0, "statistics": 0, "tag_index": 0,
+    "size_limit": 2**62,
+    "eviction_policy": "none",
+    "cull_limit": 0,
+    "statistics": 0,
+    "tag_index": 0,
     "sqlite_mmap_size": 0,
 }
 _KNOWN_SETTINGS = frozenset(DEFAULT_SETTINGS) | frozenset(METADATA)
@@ -300,7 +304,9 @@ def _prepare_directory(directory: str) -> None:
         warnings.warn(
             f"the cache database {db} is empty (0 bytes), so the cache starts empty: if it held "
             "answers they are lost (a full disk or an interrupted copy truncates it); restore it "
-            "from a backup or `gemframe cache import` an export", CacheWarning, stacklevel=3,
+            "from a backup or `gemframe cache import` an export",
+            CacheWarning,
+            stacklevel=3,
         )
 
 
@@ -330,7 +336,6 @@ def _create_database(db: str) -> None:
             os.unlink(temporary)
 
 
-
 _SQL_BATCH = 500  # keys per SELECT ... IN (SQLite allows 999 parameters before 3.32)
 
 
@@ -343,11 +348,8 @@ def read_entries(store: _Store, keys: Iterable[str]) -> tuple[dict[str, bytes], 
     refused: Counter[str] = Counter()
     disk: _AnswerDisk = store.disk
     for start in range(0, len(keys), _SQL_BATCH):
-        chunk = keys[start:start + _SQL_BATCH]
-        query = (
-            "SELECT key, mode, filename, value FROM Cache WHERE raw = 1 AND key IN "
-            f"({','.join('?' * len(chunk))})"
-        )
+        chunk = keys[start : start + _SQL_BATCH]
+        query = f"SELECT key, mode, filename, value FROM Cache WHERE raw = 1 AND key IN ({','.join('?' * len(chunk))})"
         for key, mode, filename, value in store._sql(query, chunk).fetchall():
             if mode == MODE_RAW and type(value) is bytes:  # the common case: one cheap check
                 found[key] = value
@@ -371,5 +373,6 @@ def warn_refused(directory: str, refused: Counter[str]) -> None:
         f"{total} cache entr{'y' if total == 1 else 'ies'} in {directory} not read (treated "
         f"as not cached): {reasons}. gemframe writes answers only as raw bytes behind its own "
         "header: unless a newer gemframe wrote them, check who can write to this directory",
-        CacheWarning, stacklevel=4,
+        CacheWarning,
+        stacklevel=4,
     )

@@ -40,7 +40,11 @@ def prompt_text(body: Mapping[str, Any]) -> str | None:
     for content in reversed(contents):
         if type(content) is dict and content.get("role", "user") == "user":
             parts = content.get("parts")
-            texts = [p["text"] for p in parts if type(p) is dict and type(p.get("text")) is str] if type(parts) is list else []
+            texts = (
+                [p["text"] for p in parts if type(p) is dict and type(p.get("text")) is str]
+                if type(parts) is list
+                else []
+            )
             return "\n".join(texts)[:PROMPT_CHARS] if texts else None
     return None
 

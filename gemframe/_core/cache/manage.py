@@ -92,9 +92,10 @@ class CacheManagement:
         keys = self._keys(model, before)
         for start in range(0, len(keys), _EXPORT_BATCH):
             with self._store.transact():
-                for key in keys[start:start + _EXPORT_BATCH]:
+                for key in keys[start : start + _EXPORT_BATCH]:
                     self._store.delete(key)
         return len(keys)
+
     def entries(self, *, model: str | None = None, before: Any = None, after: Any = None) -> Iterator[dict[str, Any]]:
         """The stored entries (all, or one model's, stored before/after a time) as ``{key, model,
         created, format, response, prompt}`` (response bytes without the header; created in
@@ -104,7 +105,7 @@ class CacheManagement:
             keys = self._keys(model, before, after)
             for start in range(0, len(keys), _EXPORT_BATCH):
                 with self._store.transact():
-                    batch, refused = read_entries(self._store, keys[start:start + _EXPORT_BATCH])
+                    batch, refused = read_entries(self._store, keys[start : start + _EXPORT_BATCH])
                 for key, entry in batch.items():
                     header, _, raw = entry.partition(b"\n")
                     meta = read_header(header)
@@ -113,14 +114,22 @@ class CacheManagement:
                         continue
                     prompt = meta.get("prompt")
                     yield {
-                        "key": key, "model": meta.get("model"), "created": meta.get("created"),
-                        "format": meta.get("format"), "response": raw,
+                        "key": key,
+                        "model": meta.get("model"),
+                        "created": meta.get("created"),
+                        "format": meta.get("format"),
+                        "response": raw,
                         "prompt": prompt if type(prompt) is str else None,  # a planted header may hold anything
                     }
                 warn_refused(self.directory, refused)
 
     def export(
-        self, path: str | os.PathLike[str], *, model: str | None = None, before: Any = None, after: Any = None,
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        before: Any = None,
+        after: Any = None,
     ) -> int:
         """Write the entries to a parquet file; returns the count. All of them, or those of one
         ``model`` and/or stored ``before`` / ``after`` a time (as for `clear`: a date, an ISO
@@ -130,10 +139,16 @@ class CacheManagement:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema([
-            ("key", pa.string()), ("model", pa.string()), ("created", pa.timestamp("s", tz="UTC")),
-            ("format", pa.int32()), ("response", pa.large_binary()), (PROMPT_COLUMN, pa.string()),
-        ])
+        schema = pa.schema(
+            [
+                ("key", pa.string()),
+                ("model", pa.string()),
+                ("created", pa.timestamp("s", tz="UTC")),
+                ("format", pa.int32()),
+                ("response", pa.large_binary()),
+                (PROMPT_COLUMN, pa.string()),
+            ]
+        )
 
         count = 0
         with atomic_write(path) as partial, pq.ParquetWriter(partial, schema) as writer:

@@ -28,7 +28,15 @@ from typing import Any
 import orjson
 
 from ..._files import atomic_write
-from .disk import _SETTINGS, _AnswerDisk, _prepare_directory, _reports_corruption, _Store, read_entries, reporting_corruption
+from .disk import (
+    _SETTINGS,
+    _AnswerDisk,
+    _prepare_directory,
+    _reports_corruption,
+    _Store,
+    read_entries,
+    reporting_corruption,
+)
 
 _RECORD = "url:"
 _IMAGE = "img:"
@@ -59,12 +67,17 @@ def _record(url: str, raw: bytes) -> UrlRecord | None:
     """A stored record, or None if it is not one gemframe wrote (hostile ground)."""
     try:
         fields = orjson.loads(raw)
-        record = UrlRecord(url=url, **{k: fields[k] for k in ("digest", "mime", "size", "etag", "last_modified", "fetched_at")})
+        record = UrlRecord(
+            url=url, **{k: fields[k] for k in ("digest", "mime", "size", "etag", "last_modified", "fetched_at")}
+        )
     except (ValueError, TypeError, KeyError):
         return None
     ok = (
-        type(record.digest) is str and _DIGEST.fullmatch(record.digest) is not None and type(record.mime) is str
-        and type(record.size) is int and isinstance(record.fetched_at, (int, float))
+        type(record.digest) is str
+        and _DIGEST.fullmatch(record.digest) is not None
+        and type(record.mime) is str
+        and type(record.size) is int
+        and isinstance(record.fetched_at, (int, float))
         and all(v is None or type(v) is str for v in (record.etag, record.last_modified))
     )
     return record if ok else None
@@ -88,7 +101,7 @@ class UrlStore:
         entries, _ = read_entries(self._store, [_RECORD + url for url in urls])
         records = {}
         for key, raw in entries.items():
-            record = _record(key[len(_RECORD):], raw)
+            record = _record(key[len(_RECORD) :], raw)
             if record is not None:
                 records[record.url] = record
         images = self._present({r.digest for r in records.values()})
@@ -98,13 +111,15 @@ class UrlStore:
         keys = [_IMAGE + d for d in digests]
         present: set[str] = set()
         for start in range(0, len(keys), _BATCH):
-            chunk = keys[start:start + _BATCH]
+            chunk = keys[start : start + _BATCH]
             query = f"SELECT key FROM Cache WHERE raw = 1 AND key IN ({','.join('?' * len(chunk))})"
-            present.update(key[len(_IMAGE):] for (key,) in self._store._sql(query, chunk).fetchall())
+            present.update(key[len(_IMAGE) :] for (key,) in self._store._sql(query, chunk).fetchall())
         return present
 
     @_reports_corruption
-    def put(self, url: str, data: bytes, mime: str, etag: str | None = None, last_modified: str | None = None) -> UrlRecord:
+    def put(
+        self, url: str, data: bytes, mime: str, etag: str | None = None, last_modified: str | None = None
+    ) -> UrlRecord:
         """Remember a fetched image (its bytes once per digest); returns its record."""
         digest = data_digest(base64.b64encode(data).decode("ascii"))
         record = UrlRecord(url, digest, mime, len(data), etag, last_modified, time.time())
@@ -143,8 +158,14 @@ class UrlStore:
         images, size = self._store._sql(
             "SELECT COUNT(*), SUM(size + COALESCE(LENGTH(value), 0)) FROM Cache WHERE key LIKE 'img:%'"
         ).fetchone()
-        return {"directory": self.directory, "urls": urls, "images": images, "image_bytes": int(size or 0),
-                "oldest": oldest, "newest": newest}
+        return {
+            "directory": self.directory,
+            "urls": urls,
+            "images": images,
+            "image_bytes": int(size or 0),
+            "oldest": oldest,
+            "newest": newest,
+        }
 
     @_reports_corruption
     def clear(self, *, before: float | None = None) -> int:
@@ -154,26 +175,35 @@ class UrlStore:
             count = self._store._sql("SELECT COUNT(*) FROM Cache WHERE key LIKE 'url:%'").fetchone()[0]
             self._store.clear()
             return count
-        old = [k for (k,) in self._store._sql(
-            "SELECT key FROM Cache WHERE key LIKE 'url:%' AND store_time < ?", (before,)).fetchall()]
+        old = [
+            k
+            for (k,) in self._store._sql(
+                "SELECT key FROM Cache WHERE key LIKE 'url:%' AND store_time < ?", (before,)
+            ).fetchall()
+        ]
         for start in range(0, len(old), _BATCH):
             with self._store.transact():
-                for key in old[start:start + _BATCH]:
+                for key in old[start : start + _BATCH]:
                     self._store.delete(key)
         kept = {r.digest for r in self._records()}
-        unused = [k for (k,) in self._store._sql("SELECT key FROM Cache WHERE key LIKE 'img:%'").fetchall()
-                  if k[len(_IMAGE):] not in kept]
+        unused = [
+            k
+            for (k,) in self._store._sql("SELECT key FROM Cache WHERE key LIKE 'img:%'").fetchall()
+            if k[len(_IMAGE) :] not in kept
+        ]
         with self._store.transact():
             for key in unused:
                 self._store.delete(key)
         return len(old)
 
     def _records(self) -> Iterator[UrlRecord]:
-        keys = [k for (k,) in self._store._sql("SELECT key FROM Cache WHERE key LIKE 'url:%' ORDER BY rowid").fetchall()]
+        keys = [
+            k for (k,) in self._store._sql("SELECT key FROM Cache WHERE key LIKE 'url:%' ORDER BY rowid").fetchall()
+        ]
         for start in range(0, len(keys), _BATCH):
-            entries, _ = read_entries(self._store, keys[start:start + _BATCH])
+            entries, _ = read_entries(self._store, keys[start : start + _BATCH])
             for key, raw in entries.items():
-                record = _record(key[len(_RECORD):], raw)
+                record = _record(key[len(_RECORD) :], raw)
                 if record is not None:
                     yield record
 
@@ -183,20 +213,37 @@ class UrlStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema([
-            ("url", pa.string()), ("mime", pa.string()), ("etag", pa.string()), ("last_modified", pa.string()),
-            ("fetched_at", pa.float64()), ("data", pa.large_binary()),
-        ])
+        schema = pa.schema(
+            [
+                ("url", pa.string()),
+                ("mime", pa.string()),
+                ("etag", pa.string()),
+                ("last_modified", pa.string()),
+                ("fetched_at", pa.float64()),
+                ("data", pa.large_binary()),
+            ]
+        )
         count = 0
-        with reporting_corruption(self.directory), atomic_write(path) as partial, pq.ParquetWriter(partial, schema) as writer:
+        with (
+            reporting_corruption(self.directory),
+            atomic_write(path) as partial,
+            pq.ParquetWriter(partial, schema) as writer,
+        ):
             rows: list[dict[str, Any]] = []
             for record in self._records():
                 encoded = self.encoded(record.digest)
                 if encoded is None:
                     continue
-                rows.append({"url": record.url, "mime": record.mime, "etag": record.etag,
-                             "last_modified": record.last_modified, "fetched_at": record.fetched_at,
-                             "data": base64.b64decode(encoded)})
+                rows.append(
+                    {
+                        "url": record.url,
+                        "mime": record.mime,
+                        "etag": record.etag,
+                        "last_modified": record.last_modified,
+                        "fetched_at": record.fetched_at,
+                        "data": base64.b64decode(encoded),
+                    }
+                )
                 if len(rows) == 100:  # images: a few MB per batch
                     writer.write_table(pa.Table.from_pylist(rows, schema))
                     count, rows = count + len(rows), []
@@ -221,8 +268,13 @@ class UrlStore:
         for batch in source.iter_batches(batch_size=100, columns=list(URL_EXPORT_COLUMNS)):
             for row in batch.to_pylist():
                 url, data = row["url"], row["data"]
-                ok = (type(url) is str and re.match(r"(?i)https?://", url) is not None and type(data) is bytes
-                      and len(data) <= INLINE_LIMIT and all(row[k] is None or type(row[k]) is str for k in ("etag", "last_modified")))
+                ok = (
+                    type(url) is str
+                    and re.match(r"(?i)https?://", url) is not None
+                    and type(data) is bytes
+                    and len(data) <= INLINE_LIMIT
+                    and all(row[k] is None or type(row[k]) is str for k in ("etag", "last_modified"))
+                )
                 mime = sniff_mime(data) if ok else None
                 if mime is None:
                     counts["refused"] += 1
