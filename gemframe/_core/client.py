@@ -738,12 +738,14 @@ def _answers(finished: list[tuple[str, Any]]) -> Iterator[tuple[str, bytes]]:
                 yield key, raw
 
 
-def _loop_settled(timeout: float = 1.0) -> None:
+def _loop_settled(timeout: float = 10.0) -> None:
     """Return once the executor's loop has run what was already due: the cancel just asked for
     and the done-callbacks of every request that finished before it, which put them on their
     callers' queues. A request finishing schedules those callbacks for the loop's next turn,
-    and this coroutine's first step comes after them. Bounded: a busy loop costs at most
-    ``timeout`` seconds; requests still in flight are not waited for."""
+    and this coroutine's first step comes after them. It returns as soon as the loop gets to it;
+    the bound is generous because on a loaded machine the loop thread may take seconds to get
+    there, and giving up early loses answers that had arrived. Requests still in flight are not
+    waited for."""
 
     async def settled() -> None:
         await asyncio.sleep(0)

@@ -272,10 +272,11 @@ class Executor:
             if self.retry.out_of_attempts(attempt):
                 break
             delay = self.retry.delay(attempt, retry_after)
+            assert error is not None  # every way here set it: a transport failure or a non-200 answer
             if time.perf_counter() - start + delay > self.retry.deadline:
                 error = RowError(
                     error.code, error.status, f"{error.message} (gave up: retry deadline {self.retry.deadline:g}s)"
-                )  # type: ignore[union-attr]  # every way here set error
+                )
                 break
             logger.debug(
                 "retrying %s after %s %s (attempt %d) in %.2fs",
@@ -284,7 +285,7 @@ class Executor:
                 error.status,
                 attempt,
                 delay,
-            )  # type: ignore[union-attr]  # as above
+            )
             await asyncio.sleep(delay)
         return Outcome(None, None, error, failure, attempt, (time.perf_counter() - start) * 1000)
 
