@@ -165,6 +165,8 @@ class FaultServer:
                     return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
+        except asyncio.CancelledError:  # stop(): end quietly (3.11's start_server logs a
+            pass  # cancelled connection task as an unhandled exception)
         finally:
             self.stats.connections -= 1
             writer.close()

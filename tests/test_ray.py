@@ -22,9 +22,11 @@ from gemframe.emulator import Emulator
 
 from .conftest import ServedEmulator
 
-# A hung Ray must not hang CI: the thread method ends the run even inside a blocking call.
-# One local Ray of two CPUs on the machine at a time: the "ray" group (tests/conftest.py).
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240, method="thread"), pytest.mark.xdist_group("ray")]
+# A hung Ray must not hang CI: the thread method ends the run even inside a blocking call (it
+# ends the worker process too, so only a hang may reach it: a test took 171 s at load 21 on
+# 2 CPUs, one that took 7 s idle). One local Ray of two CPUs on the machine at a time: the
+# "ray" group (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, method="thread"), pytest.mark.xdist_group("ray")]
 
 KEY = "sk-test-DO-NOT-SHOW-1234"
 PER_ROW = ["cached", "attempts", "latency_ms"]  # how a row was answered, not what
