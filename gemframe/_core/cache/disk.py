@@ -277,6 +277,15 @@ def _reports_corruption(method: Any) -> Any:
     return wrapper
 
 
+def open_store(directory: str) -> _Store:
+    """The hardened diskcache store in ``directory`` (made private if new): every setting pinned
+    (see `_SETTINGS`), values raw bytes only (see `_AnswerDisk`), a damaged database reported as
+    `CacheCorruptError`. The answer store and the URL store both open theirs here."""
+    _prepare_directory(directory)
+    with reporting_corruption(directory):
+        return _Store(directory, disk=_AnswerDisk, **_SETTINGS)
+
+
 def _prepare_directory(directory: str) -> None:
     """Create a new cache directory private (0700) and its database 0600 (answers can hold
     private data; SQLite gives its -wal and -shm files the database's mode), whatever the

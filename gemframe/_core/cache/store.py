@@ -10,13 +10,9 @@ import time
 from collections.abc import Iterable, Mapping
 
 from .disk import (
-    _SETTINGS,
-    _AnswerDisk,
-    _prepare_directory,
     _reports_corruption,
-    _Store,
+    open_store,
     read_entries,
-    reporting_corruption,
     warn_refused,
 )
 from .entry import header_problem, pack, unpack
@@ -29,13 +25,11 @@ class ResponseCache(CacheManagement):
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = os.fspath(directory) if directory else default_cache_dir()
-        _prepare_directory(self.directory)
         # No size limit and no eviction: entries are answers someone paid for. No memory map of
         # the database: it added up to 64 MiB to every long job's RSS for no measurable speed
         # (bench 4 and 5), reads go through SQLite's bounded page cache instead. Every setting
         # is pinned (see _SETTINGS) and values are raw bytes only (see _AnswerDisk).
-        with reporting_corruption(self.directory):
-            self._store = _Store(self.directory, disk=_AnswerDisk, **_SETTINGS)
+        self._store = open_store(self.directory)
 
     def __repr__(self) -> str:
         return f"ResponseCache({self.directory!r})"

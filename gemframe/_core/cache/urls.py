@@ -29,11 +29,8 @@ import orjson
 
 from ..._files import atomic_write
 from .disk import (
-    _SETTINGS,
-    _AnswerDisk,
-    _prepare_directory,
     _reports_corruption,
-    _Store,
+    open_store,
     read_entries,
     reporting_corruption,
 )
@@ -88,9 +85,7 @@ class UrlStore:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
-        _prepare_directory(self.directory)
-        with reporting_corruption(self.directory):
-            self._store = _Store(self.directory, disk=_AnswerDisk, **_SETTINGS)
+        self._store = open_store(self.directory)
 
     def __repr__(self) -> str:
         return f"UrlStore({self.directory!r})"
