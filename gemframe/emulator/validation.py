@@ -220,6 +220,8 @@ SCHEMA_TYPES = frozenset(
     }
 )
 SAFETY_FIELDS = frozenset({"category", "threshold"})
+# The API's own lists, kept here apart from gemframe/_core/payload.py's on purpose: the emulator is
+# a test oracle and shares nothing with the client, so a wrong list on one side shows up in tests.
 HARM_CATEGORIES = frozenset(
     {
         "HARM_CATEGORY_HARASSMENT",
