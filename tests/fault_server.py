@@ -64,6 +64,8 @@ class FaultServer:
     mid-run); decided when answering, so no 200 is written after the first 401.
     ``retry_delay`` (e.g. "1.5s"): injected 429s carry Google's RetryInfo with this delay (as a
     shared quota or an overload does) instead of a ``Retry-After`` header.
+    ``hold_after``: requests after the first N are held (unanswered) until `release()`: a test
+    can act while answers are surely still to come, with no latency to guess on a loaded machine.
     """
 
     def __init__(
@@ -79,11 +81,14 @@ class FaultServer:
         require_key: str | None = None,
         revoke_after: int | None = None,
         retry_delay: str | None = None,
+        hold_after: int | None = None,
     ) -> None:
         self.seed, self.fault_rate, self.faults, self.fail_first = seed, fault_rate, tuple(faults), fail_first
         self.rpm, self.latency, self.retry_after, self.require_key = rpm, latency, retry_after, require_key
         self.revoke_after = revoke_after
         self.retry_delay = retry_delay
+        self.hold_after = hold_after
+        self._released: asyncio.Event | None = None  # made on the server's loop (start)
         self.stats = Stats()
         self.seen_headers: list[dict[str, str]] = []
         self._bucket = (rpm / 60.0) if rpm else 0.0
@@ -97,6 +102,7 @@ class FaultServer:
         ready = threading.Event()
 
         async def boot() -> None:
+            self._released = asyncio.Event()
             self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
@@ -106,6 +112,11 @@ class FaultServer:
         asyncio.run_coroutine_threadsafe(boot(), self._loop)
         assert ready.wait(60), "the fault server did not start"  # not port 0: a clear failure
         return self
+
+    def release(self) -> None:
+        """Answer the held requests (and every later one) at once."""
+        assert self._released is not None
+        self._loop.call_soon_threadsafe(self._released.set)
 
     @property
     def url(self) -> str:
@@ -181,6 +192,9 @@ class FaultServer:
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
+            if self.hold_after is not None and stats.requests > self.hold_after:
+                assert self._released is not None
+                await self._released.wait()
             if self.latency:
                 await asyncio.sleep(self.latency)
             if self.require_key is not None and headers.get("x-goog-api-key") != self.require_key:
