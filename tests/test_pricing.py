@@ -57,9 +57,9 @@ def test_the_parts_of_a_cost_at_the_tables_rates():
         output_tokens=2_000_000,
         thoughts_tokens=500_000,
     )
-    assert (c["input_usd"], c["cached_input_usd"]) == (pytest.approx(2 * 0.30), pytest.approx(0.075))
+    assert (c["input_usd"], c["cached_input_usd"]) == (pytest.approx(2 * 0.30), pytest.approx(0.03))
     assert (c["output_usd"], c["thinking_usd"]) == (pytest.approx(1.5 * 2.50), pytest.approx(0.5 * 2.50))
-    assert c["usd"] == pytest.approx(0.60 + 0.075 + 3.75 + 1.25)
+    assert c["usd"] == pytest.approx(0.60 + 0.03 + 3.75 + 1.25)
     half = cost(
         "gemini-2.5-flash",
         input_tokens=3_000_000,
@@ -68,7 +68,7 @@ def test_the_parts_of_a_cost_at_the_tables_rates():
         thoughts_tokens=500_000,
         batch=True,
     )
-    assert half["usd"] == pytest.approx(c["usd"] * BATCH_DISCOUNT) and half["cached_input_usd"] == pytest.approx(0.0375)
+    assert half["usd"] == pytest.approx(c["usd"] * BATCH_DISCOUNT) and half["cached_input_usd"] == pytest.approx(0.015)
     # A model without a cached rate prices cached input as input.
     assert cost("gemini-2.0-flash-lite", input_tokens=10**6, cached_input_tokens=10**6, output_tokens=0)[
         "usd"

@@ -41,7 +41,7 @@ import polars as pl
 
 from .._errors import InputError
 
-PRICES_AS_OF = "2025-09"  # from https://ai.google.dev/gemini-api/docs/pricing
+PRICES_AS_OF = "2025-11"  # from https://ai.google.dev/gemini-api/docs/pricing
 PRICES_ENV = "GEMFRAME_PRICES"
 
 # USD per 1M input tokens, per 1M tokens read from a context cache ("cached_input"), per 1M
@@ -49,11 +49,13 @@ PRICES_ENV = "GEMFRAME_PRICES"
 # (including thinking tokens)"), per generated image ("image": image models bill image output
 # at $30 per 1M tokens and an image up to 1024x1024 is 1290 tokens, $0.039), and per 1M tokens
 # per hour of context-cache storage ("cache_storage"). Standard paid tier, prompts up to
-# 128k/200k tokens. Models without a cached rate had no context caching on the page.
+# 128k/200k tokens. Models without a cached rate had no context caching on the page. Cached
+# input is a tenth of the input rate on the 2.5 models (a quarter on 2.0 and 1.5: the page
+# lowered the 2.5 rates from a quarter in 2025; text/image/video rates, audio costs more).
 PRICES: dict[str, dict[str, float]] = {
-    "gemini-2.5-pro": {"input": 1.25, "cached_input": 0.31, "output": 10.00, "cache_storage": 4.50},
-    "gemini-2.5-flash": {"input": 0.30, "cached_input": 0.075, "output": 2.50, "cache_storage": 1.00},
-    "gemini-2.5-flash-lite": {"input": 0.10, "cached_input": 0.025, "output": 0.40, "cache_storage": 1.00},
+    "gemini-2.5-pro": {"input": 1.25, "cached_input": 0.125, "output": 10.00, "cache_storage": 4.50},
+    "gemini-2.5-flash": {"input": 0.30, "cached_input": 0.03, "output": 2.50, "cache_storage": 1.00},
+    "gemini-2.5-flash-lite": {"input": 0.10, "cached_input": 0.01, "output": 0.40, "cache_storage": 1.00},
     "gemini-2.5-flash-image": {"input": 0.30, "output": 2.50, "image": 0.039},
     "gemini-2.0-flash": {"input": 0.10, "cached_input": 0.025, "output": 0.40, "cache_storage": 1.00},
     "gemini-2.0-flash-lite": {"input": 0.075, "output": 0.30},
