@@ -38,7 +38,7 @@ from .pricing import PARTS, PRICES_AS_OF, PRICES_ENV, Prices, price_usage, usage
 MANIFEST_KEY = b"gemframe"
 MANIFEST_FORMAT = 2
 
-_TALLY_FIELDS = (
+TALLY_FIELDS = (
     "cached",
     "attempts",
     "error",
@@ -69,7 +69,7 @@ def reply_struct(data: pl.Series | pl.DataFrame, reply: str = "reply") -> pl.Ser
         return data
     if reply in data.columns and isinstance(data.schema[reply], pl.Struct):
         return data[reply]
-    present = [c for c in _TALLY_FIELDS if c in data.columns]
+    present = [c for c in TALLY_FIELDS if c in data.columns]
     if "cached" not in present or "error" not in present:
         raise ValueError(f"no reply column {reply!r} and no reply fields (cached, error, ...) in {data.columns}")
     # A row whose reply was null (nothing to send) has every reply field null.
@@ -104,7 +104,7 @@ class Tally:
         self.rows += len(replies)
         self.skipped += replies.null_count()
         frame = replies.filter(replies.is_not_null()).struct.unnest()
-        for name in _TALLY_FIELDS:  # a user's reply struct may lack some (e.g. raw selections)
+        for name in TALLY_FIELDS:  # a user's reply struct may lack some (e.g. raw selections)
             if name not in frame.columns:
                 frame = frame.with_columns(pl.lit(None).alias(name))
         frame = frame.with_columns(

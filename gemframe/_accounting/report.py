@@ -27,23 +27,11 @@ from .._core.http import redact_url
 from .._core.payload import read_image
 from .._errors import InputError, clip
 from .._files import atomic_write
-from .manifest import Tally, read_manifest, reply_struct
+from .manifest import TALLY_FIELDS, Tally, read_manifest, reply_struct
 from .pricing import PARTS, Prices
 
-_STATS_COLUMNS = (
-    "cached",
-    "attempts",
-    "error",
-    "finish_reason",
-    "prompt_tokens",
-    "candidates_tokens",
-    "thoughts_tokens",
-    "cached_content_tokens",
-    "total_tokens",
-    "images",
-    "response_id",
-    "latency_ms",
-)
+# The reply fields a report reads: what the manifest tallies, and the total for the token figures.
+_STATS_COLUMNS = (*TALLY_FIELDS, "total_tokens")
 _THUMB = 160
 _THUMB_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
 _PALETTE = {"ok": "#3b7dd8", "bad": "#d0473c", "muted": "#8a94a6", "hist": "#5a9e6f"}
