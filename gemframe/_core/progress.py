@@ -8,12 +8,13 @@ text bar, silently (tqdm.auto would warn ``IProgress not found`` on every import
 
 When the job ends with failed rows, `Progress.close` emits one `RowsFailedWarning` saying how
 many failed, by status, and the first message: with ``progress=False`` nothing else tells the
-user. `job` shares one `Progress` between calls of one expression that run at the same time
-(the streaming engine's morsels), so a job draws one bar and warns once.
+user. `job` shares one `Progress` between the calls of one expression (the streaming engine's
+morsels, at the same time or one after another), so a job draws one bar and warns once.
 """
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 import time
@@ -22,6 +23,8 @@ from collections import Counter
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from .limits import IDLE_RESTART
 
 _POSTFIX_SECONDS = 0.05  # half tqdm's redraw interval: a redraw shows figures at most that old
 # Rows whose answer is still to come (Batch Mode with wait=False) have not failed.
@@ -109,9 +112,8 @@ class Progress:
         self.tokens = 0
         self.failures: Counter[str] = Counter()  # status -> rows (BATCH_PENDING excluded)
         self.first_failure: tuple[int, str] | None = None  # (row, message) of the lowest row
-        self.callers = 0  # `job`: calls sharing this bar right now
+        self.callers = 0  # `job`: calls sharing this bar right now (0: resting)
         self.raised = False  # `job`: a call of the job ended with an exception
-        self.started = 0.0  # `job`: when its first call began
         self._lock = threading.Lock()  # streaming morsels advance one bar from several threads
         self._bar = None
         if enabled:
@@ -189,39 +191,70 @@ class Progress:
             message = f"{message}; "
         return f"{failed:,} of {self.rows:,} rows failed: {kinds}; {message}see the reply's `error` field"
 
+    def rest(self) -> None:
+        """Draw the figures so far (the last row's update may not have redrawn the bar) and
+        leave the bar open: the job's next call may continue it (see `job`)."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.set_postfix_str(self.postfix(), refresh=False)
+                self._bar.refresh()
+
     def close(self, warn: bool = True) -> None:
         """Draw the final figures and end the bar; ``warn``: one `RowsFailedWarning` if rows
         failed (not when the job ends with an exception, which says more)."""
-        if self._bar is not None:
-            self._bar.set_postfix_str(self.postfix(), refresh=False)
-            self._bar.close()
-            self._bar = None
+        with self._lock:  # a closing thread (idle timer, atexit) against a late advance
+            if self._bar is not None:
+                self._bar.set_postfix_str(self.postfix(), refresh=False)
+                self._bar.close()
+                self._bar = None
         summary = self.failure_summary() if warn else None
         if summary is not None:
             self.failures.clear()  # closed twice (an owner's finally): warned once
             warnings.warn(summary, RowsFailedWarning, stacklevel=2)
 
 
-_jobs: dict[Hashable, Progress] = {}
+_jobs: dict[Hashable, Progress] = {}  # open jobs: a call running, or resting between calls
 _jobs_lock = threading.Lock()
-# Back-to-back calls of one expression (an eager frame's chunks or the streaming engine's
-# morsels, one after another on one thread) are one burst: a failure summary already shown in
-# the burst is not shown again (like Python's once-per-message rule, but per burst, so the
-# same failure in a later job is shown again).
-_BURST_SECONDS = 1.0
-_bursts: dict[Hashable, tuple[float, set[str]]] = {}  # key -> (last call's end, summaries shown)
+_running = 0  # calls of any job running now
+_busy = 0  # bumped as each call starts: an idle timer set before then is stale
+_idle_timer: threading.Timer | None = None
 
 
 @contextmanager
 def job(
     key: Hashable, total: int | None, enabled: bool, model: str | None = None, label: str = ""
 ) -> Iterator[Progress]:
-    """The `Progress` of ``key``'s job, for one call of it. Calls with the same key that run
-    at the same time (one expression over the streaming engine's morsels, on several threads)
-    share one bar, whose total grows as each joins; the last to leave closes it, which warns
-    once for them all (see `_BURST_SECONDS` for calls that follow each other). Bars of
-    different keys open at once get distinct labels (``#2``)."""
+    """The `Progress` of ``key``'s job, for one call of it: one bar and one failure warning
+    per job, however many calls polars makes of one expression.
+
+    The streaming engine calls an expression once per morsel: at the same time on several
+    threads, or one after another (one thread, ``POLARS_MAX_THREADS=1``, or morsels spaced
+    out). Calls running together share the bar, whose total grows as each joins. When the last
+    running call ends, the job "rests" rather than ends, since nothing tells a callback that
+    its morsel was the last: the next call of the same key continues the bar (and the tally).
+    A resting job ends (`Progress.close`: the final figures and newline, then the one
+    `RowsFailedWarning` for the whole job) when
+
+    - gemframe has been idle for `IDLE_RESTART` seconds: no call of any job running. That is
+      the executor's notion of a job (its window starts again then), and it keeps resting the
+      bar of one expression while another one of the same query runs (two ``gf.generate`` in
+      one ``with_columns``: their calls alternate, each may take minutes);
+    - a call starts on a thread Python started (see `_on_callers_thread`): a new polars call
+      of the user's, which cannot be part of an earlier query;
+    - the process exits (atexit).
+
+    A call on the caller's own thread ends its job at once: polars runs an eager frame's
+    expression there, once, over the whole column, so the user sees the bar finished and the
+    warning when ``with_columns`` returns, not seconds later. So does a call that raised:
+    polars stops the query, no call will follow. Bars of different keys open at once get
+    distinct labels (``#2``)."""
+    global _running, _busy
+    own_thread = _on_callers_thread()
+    if own_thread:
+        end_resting_jobs()
     with _jobs_lock:
+        _running += 1
+        _busy += 1
         progress = _jobs.get(key)
         if progress is None:
             open_labels = {p.label for p in _jobs.values()}
@@ -230,7 +263,6 @@ def job(
                 n += 1
                 unique = f"{label} #{n}"
             progress = _jobs[key] = Progress(total, enabled, model, label=unique)
-            progress.started = time.monotonic()
         else:
             progress.add_total(total)
         progress.callers += 1
@@ -240,28 +272,78 @@ def job(
         ended = True
     finally:
         with _jobs_lock:
+            _running -= 1
             progress.callers -= 1
             progress.raised |= not ended
             last = progress.callers == 0
-            if last:
+            end_now = last and (own_thread or progress.raised)
+            if end_now:
                 del _jobs[key]
-                warn = not progress.raised and _new_in_burst(key, progress)
-        if last:
-            progress.close(warn=warn)
+            if _running == 0 and _jobs:
+                _start_idle_timer()
+        if end_now:
+            progress.close(warn=not progress.raised)
+        elif last:
+            progress.rest()
 
 
-def _new_in_burst(key: Hashable, progress: Progress) -> bool:
-    """Whether this job's failure summary is news: not already shown by the calls of the same
-    key that ran just before it (called under `_jobs_lock`)."""
-    now = time.monotonic()
-    last_end, shown = _bursts.get(key, (0.0, set()))
-    if progress.started - last_end > _BURST_SECONDS:
-        shown = set()
-    for stale in [k for k, (end, _) in _bursts.items() if now - end > _BURST_SECONDS]:
-        del _bursts[stale]  # entries matter for a second only: the dict stays tiny
-    summary = progress.failure_summary()
-    _bursts[key] = (now, shown)
-    if summary is None or summary in shown:
-        return False
-    shown.add(summary)
-    return True
+def _on_callers_thread() -> bool:
+    """Whether this call runs on a thread Python started (the one that called polars, as for
+    an eager frame), not on one of polars' own threads: those threads were not started by
+    `threading`, which names them ``Dummy-N`` (a ``_DummyThread``)."""
+    return not isinstance(threading.current_thread(), _FOREIGN_THREAD)
+
+
+# Private to threading, but there since Python 2; were it gone, every call would be taken for
+# the caller's and end its job at once (a bar per morsel again, never a late warning).
+_FOREIGN_THREAD: Any = getattr(threading, "_DummyThread", ())
+
+
+def _start_idle_timer() -> None:
+    """End the resting jobs once gemframe has been idle `IDLE_RESTART` seconds (called under
+    `_jobs_lock` when the last running call ends). A daemon thread: never keeps the process
+    alive (atexit ends what rests)."""
+    global _idle_timer
+    if _idle_timer is not None:
+        _idle_timer.cancel()
+    _idle_timer = threading.Timer(IDLE_RESTART, _end_if_still_idle, args=(_busy,))
+    _idle_timer.daemon = True
+    _idle_timer.start()
+
+
+def _end_if_still_idle(busy: int) -> None:
+    with _jobs_lock:
+        idle = busy == _busy and not _running  # else a call started since the timer was set
+        ended = _pop_resting() if idle else []
+    _close_all(ended)
+
+
+def end_resting_jobs() -> None:
+    """End every resting job now, oldest first: its bar's final figures and newline, then its
+    failure warning (see `job`)."""
+    with _jobs_lock:
+        ended = _pop_resting()
+    _close_all(ended)
+
+
+def _pop_resting() -> list[Progress]:
+    """Take the resting jobs out of `_jobs` (under `_jobs_lock`), oldest first."""
+    global _idle_timer
+    ended = [_jobs.pop(key) for key in [k for k, p in _jobs.items() if p.callers == 0]]
+    if _idle_timer is not None and not _jobs:
+        _idle_timer.cancel()
+        _idle_timer = None
+    return ended
+
+
+def _close_all(progresses: list[Progress]) -> None:
+    """Close each; a warning turned into an error (``-W error``) by one still closes the rest."""
+    for i, progress in enumerate(progresses):
+        try:
+            progress.close(warn=not progress.raised)
+        except BaseException:
+            _close_all(progresses[i + 1 :])
+            raise
+
+
+atexit.register(end_resting_jobs)
