@@ -15,13 +15,15 @@ morsels, at the same time or one after another), so a job draws one bar and warn
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from .limits import IDLE_RESTART
@@ -114,6 +116,7 @@ class Progress:
         self.first_failure: tuple[int, str] | None = None  # (row, message) of the lowest row
         self.callers = 0  # `job`: calls sharing this bar right now (0: resting)
         self.raised = False  # `job`: a call of the job ended with an exception
+        self.waiting_on: list[tuple[int, FrameType]] = []  # `job`: the polars calls that run it
         self._lock = threading.Lock()  # streaming morsels advance one bar from several threads
         self._bar = None
         if enabled:
@@ -216,8 +219,8 @@ class Progress:
 _jobs: dict[Hashable, Progress] = {}  # open jobs: a call running, or resting between calls
 _jobs_lock = threading.Lock()
 _running = 0  # calls of any job running now
-_busy = 0  # bumped as each call starts: an idle timer set before then is stale
-_idle_timer: threading.Timer | None = None
+_idle_since = 0.0  # when the last running call ended
+_watcher: threading.Thread | None = None  # ends resting jobs (see `_watch`), while any rests
 
 
 @contextmanager
@@ -225,36 +228,38 @@ def job(
     key: Hashable, total: int | None, enabled: bool, model: str | None = None, label: str = ""
 ) -> Iterator[Progress]:
     """The `Progress` of ``key``'s job, for one call of it: one bar and one failure warning
-    per job, however many calls polars makes of one expression.
+    per job, a job being one polars call of the user's (a ``with_columns``, ``collect``,
+    ``sink_parquet``), however many calls it makes of one expression.
 
-    The streaming engine calls an expression once per morsel: at the same time on several
-    threads, or one after another (one thread, ``POLARS_MAX_THREADS=1``, or morsels spaced
-    out). Calls running together share the bar, whose total grows as each joins. When the last
-    running call ends, the job "rests" rather than ends, since nothing tells a callback that
-    its morsel was the last: the next call of the same key continues the bar (and the tally).
-    A resting job ends (`Progress.close`: the final figures and newline, then the one
-    `RowsFailedWarning` for the whole job) when
+    Polars calls an expression once per chunk or morsel: at the same time on several of its
+    threads, or one after another (one thread, ``POLARS_MAX_THREADS=1``; an eager frame read
+    from a file of several row groups). Calls running together share the bar, whose total
+    grows as each joins. When the last running call ends, the job "rests" rather than ends,
+    since nothing tells a callback that its morsel was the last: the next call of the same key
+    continues the bar (and the tally). A resting job ends (`Progress.close`: the final figures
+    and newline, then the one `RowsFailedWarning` for the whole job) when
 
-    - gemframe has been idle for `IDLE_RESTART` seconds: no call of any job running. That is
-      the executor's notion of a job (its window starts again then), and it keeps resting the
-      bar of one expression while another one of the same query runs (two ``gf.generate`` in
-      one ``with_columns``: their calls alternate, each may take minutes);
+    - the polars call that made it returns: the threads that were inside polars when its
+      first call began are watched (`_watch`, every `_POSTFIX_SECONDS`), so the warning
+      follows the end of the user's call within a redraw interval;
     - a call starts on a thread Python started (see `_on_callers_thread`): a new polars call
-      of the user's, which cannot be part of an earlier query;
+      of the user's, so the calls it was waiting for have returned;
+    - failing those (no caller found), gemframe has been idle for `IDLE_RESTART` seconds: no
+      call of any job running. That is the executor's notion of a job (its window starts
+      again then); it keeps resting the bar of one expression while another of the same
+      query runs (two ``gf.generate`` in one ``with_columns``: their calls alternate);
     - the process exits (atexit).
 
     A call on the caller's own thread ends its job at once: polars runs an eager frame's
-    expression there, once, over the whole column, so the user sees the bar finished and the
-    warning when ``with_columns`` returns, not seconds later. So does a call that raised:
-    polars stops the query, no call will follow. Bars of different keys open at once get
-    distinct labels (``#2``)."""
-    global _running, _busy
+    expression there, once, over the whole column. So does a call that raised: polars stops
+    the query, no call will follow. Bars of different keys open at once get distinct labels
+    (``#2``)."""
+    global _running, _idle_since
     own_thread = _on_callers_thread()
     if own_thread:
-        end_resting_jobs()
+        end_resting_jobs(returned_only=True)
     with _jobs_lock:
         _running += 1
-        _busy += 1
         progress = _jobs.get(key)
         if progress is None:
             open_labels = {p.label for p in _jobs.values()}
@@ -263,6 +268,7 @@ def job(
                 n += 1
                 unique = f"{label} #{n}"
             progress = _jobs[key] = Progress(total, enabled, model, label=unique)
+            progress.waiting_on = [] if own_thread else _polars_callers()
         else:
             progress.add_total(total)
         progress.callers += 1
@@ -273,14 +279,15 @@ def job(
     finally:
         with _jobs_lock:
             _running -= 1
+            _idle_since = time.monotonic()
             progress.callers -= 1
             progress.raised |= not ended
             last = progress.callers == 0
             end_now = last and (own_thread or progress.raised)
             if end_now:
                 del _jobs[key]
-            if _running == 0 and _jobs:
-                _start_idle_timer()
+            elif last:
+                _start_watcher()
         if end_now:
             progress.close(warn=not progress.raised)
         elif last:
@@ -299,41 +306,78 @@ def _on_callers_thread() -> bool:
 _FOREIGN_THREAD: Any = getattr(threading, "_DummyThread", ())
 
 
-def _start_idle_timer() -> None:
-    """End the resting jobs once gemframe has been idle `IDLE_RESTART` seconds (called under
-    `_jobs_lock` when the last running call ends). A daemon thread: never keeps the process
-    alive (atexit ends what rests)."""
-    global _idle_timer
-    if _idle_timer is not None:
-        _idle_timer.cancel()
-    _idle_timer = threading.Timer(IDLE_RESTART, _end_if_still_idle, args=(_busy,))
-    _idle_timer.daemon = True
-    _idle_timer.start()
+def _polars_callers() -> list[tuple[int, FrameType]]:
+    """The Python threads waiting in a polars call now (their innermost Python frame is
+    polars' own), with that frame: one of them made the call that runs this job."""
+    polars = sys.modules.get("polars")
+    if polars is None or not polars.__file__:
+        return []
+    home = os.path.dirname(polars.__file__) + os.sep
+    me = threading.get_ident()
+    return [(t, f) for t, f in sys._current_frames().items() if t != me and f.f_code.co_filename.startswith(home)]
 
 
-def _end_if_still_idle(busy: int) -> None:
+def _returned(progress: Progress) -> bool | None:
+    """Whether the polars calls a job was waiting on have all returned (their frame is off
+    their thread's stack); None when none was found."""
+    if not progress.waiting_on:
+        return None
+    stacks = sys._current_frames()
+    for thread, frame in progress.waiting_on:
+        inner = stacks.get(thread)
+        while inner is not None:
+            if inner is frame:
+                return False
+            inner = inner.f_back
+    return True
+
+
+def _start_watcher() -> None:
+    """Start `_watch` unless it runs (called under `_jobs_lock` as a job starts to rest)."""
+    global _watcher
+    if _watcher is None:
+        _watcher = threading.Thread(target=_watch, name="gemframe-progress", daemon=True)
+        _watcher.start()
+
+
+def _watch() -> None:
+    """End each resting job when its polars call returns, or all of them once gemframe has
+    been idle `IDLE_RESTART` seconds; stop when none rests. A daemon thread: never keeps the
+    process alive (atexit ends what rests)."""
+    global _watcher
+    while True:
+        time.sleep(_POSTFIX_SECONDS)
+        with _jobs_lock:
+            idle = not _running and time.monotonic() - _idle_since >= IDLE_RESTART
+            ended = _pop_resting(_every if idle else _call_returned)
+            if not any(p.callers == 0 for p in _jobs.values()):
+                _watcher = None
+        _close_all(ended)
+        if _watcher is not threading.current_thread():
+            return
+
+
+def end_resting_jobs(returned_only: bool = False) -> None:
+    """End the resting jobs now, oldest first: each bar's final figures and newline, then its
+    failure warning (see `job`). ``returned_only``: not those still waiting on a polars call
+    (another thread's query, between two of its morsels)."""
     with _jobs_lock:
-        idle = busy == _busy and not _running  # else a call started since the timer was set
-        ended = _pop_resting() if idle else []
+        ended = _pop_resting(lambda progress: not returned_only or _returned(progress) is not False)
     _close_all(ended)
 
 
-def end_resting_jobs() -> None:
-    """End every resting job now, oldest first: its bar's final figures and newline, then its
-    failure warning (see `job`)."""
-    with _jobs_lock:
-        ended = _pop_resting()
-    _close_all(ended)
+def _every(progress: Progress) -> bool:
+    return True
 
 
-def _pop_resting() -> list[Progress]:
-    """Take the resting jobs out of `_jobs` (under `_jobs_lock`), oldest first."""
-    global _idle_timer
-    ended = [_jobs.pop(key) for key in [k for k, p in _jobs.items() if p.callers == 0]]
-    if _idle_timer is not None and not _jobs:
-        _idle_timer.cancel()
-        _idle_timer = None
-    return ended
+def _call_returned(progress: Progress) -> bool:
+    return _returned(progress) is True
+
+
+def _pop_resting(ends: Callable[[Progress], bool]) -> list[Progress]:
+    """Take the resting jobs that ``ends`` out of `_jobs` (under `_jobs_lock`), oldest first."""
+    keys = [key for key, progress in _jobs.items() if progress.callers == 0 and ends(progress)]
+    return [_jobs.pop(key) for key in keys]
 
 
 def _close_all(progresses: list[Progress]) -> None:
