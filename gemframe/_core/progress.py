@@ -242,12 +242,14 @@ def job(
     - the polars call that made it returns: the threads that were inside polars when its
       first call began are watched (`_watch`, every `_POSTFIX_SECONDS`), so the warning
       follows the end of the user's call within a redraw interval;
-    - a call starts on a thread Python started (see `_on_callers_thread`): a new polars call
-      of the user's, so the calls it was waiting for have returned;
-    - failing those (no caller found), gemframe has been idle for `IDLE_RESTART` seconds: no
-      call of any job running. That is the executor's notion of a job (its window starts
-      again then); it keeps resting the bar of one expression while another of the same
-      query runs (two ``gf.generate`` in one ``with_columns``: their calls alternate);
+    - a call starts (a bar is to be drawn after theirs) and the job's polars call returned,
+      or, for a call on a thread Python started (see `_on_callers_thread`: a new polars call
+      of the user's), no caller was found;
+    - gemframe has been idle for `IDLE_RESTART` seconds (no call of any job running): the
+      bound when no caller was found, or when one is another thread's unrelated polars call.
+      That is the executor's notion of a job (its window starts again then); it keeps the bar
+      of one expression resting while another of the same query runs (two ``gf.generate`` in
+      one ``with_columns``: their calls alternate);
     - the process exits (atexit).
 
     A call on the caller's own thread ends its job at once: polars runs an eager frame's
@@ -256,8 +258,9 @@ def job(
     (``#2``)."""
     global _running, _idle_since
     own_thread = _on_callers_thread()
-    if own_thread:
-        end_resting_jobs(returned_only=True)
+    with _jobs_lock:  # first end the jobs this call is not part of: its bar comes after theirs
+        over = _pop_resting(_not_waiting if own_thread else _call_returned)  # before `_watch` does
+    _close_all(over)
     with _jobs_lock:
         _running += 1
         progress = _jobs.get(key)
@@ -345,24 +348,27 @@ def _watch() -> None:
     been idle `IDLE_RESTART` seconds; stop when none rests. A daemon thread: never keeps the
     process alive (atexit ends what rests)."""
     global _watcher
-    while True:
-        time.sleep(_POSTFIX_SECONDS)
+    me = threading.current_thread()
+    try:
+        while _watcher is me:
+            time.sleep(_POSTFIX_SECONDS)
+            with _jobs_lock:
+                idle = not _running and time.monotonic() - _idle_since >= IDLE_RESTART
+                ended = _pop_resting(_every if idle else _call_returned)
+                if not any(p.callers == 0 for p in _jobs.values()):
+                    _watcher = None
+            _close_all(ended)
+    finally:
         with _jobs_lock:
-            idle = not _running and time.monotonic() - _idle_since >= IDLE_RESTART
-            ended = _pop_resting(_every if idle else _call_returned)
-            if not any(p.callers == 0 for p in _jobs.values()):
+            if _watcher is me:  # ended by an error (-W error): the next job to rest starts another
                 _watcher = None
-        _close_all(ended)
-        if _watcher is not threading.current_thread():
-            return
 
 
-def end_resting_jobs(returned_only: bool = False) -> None:
+def end_resting_jobs() -> None:
     """End the resting jobs now, oldest first: each bar's final figures and newline, then its
-    failure warning (see `job`). ``returned_only``: not those still waiting on a polars call
-    (another thread's query, between two of its morsels)."""
+    failure warning (see `job`)."""
     with _jobs_lock:
-        ended = _pop_resting(lambda progress: not returned_only or _returned(progress) is not False)
+        ended = _pop_resting(_every)
     _close_all(ended)
 
 
@@ -372,6 +378,11 @@ def _every(progress: Progress) -> bool:
 
 def _call_returned(progress: Progress) -> bool:
     return _returned(progress) is True
+
+
+def _not_waiting(progress: Progress) -> bool:
+    """Its polars call returned, or none was found (a call on the caller's thread ends it)."""
+    return _returned(progress) is not False
 
 
 def _pop_resting(ends: Callable[[Progress], bool]) -> list[Progress]:
