@@ -1,6 +1,7 @@
 """The progress bar (total known up front, hits, errors and tokens that fit 80 columns, one bar
 per job, no notebook warning) and the one warning that ends a call in which rows failed."""
 
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ import polars as pl
 import pytest
 
 import gemframe as gf
+from gemframe._core.progress import end_resting_jobs
 
 FAILED_4 = (
     "4 of 4 rows failed: INVALID_INPUT x4; row 0: cannot read image file 'images/house.jpg': "
@@ -207,3 +209,119 @@ with gf.Client("emulator", cache_dir=sys.argv[1], progress=True) as client:
     )
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr and "gemframe prompt: 1/1" in done.stderr
+
+
+@pytest.fixture(autouse=True)
+def _end_resting_jobs():
+    """A lazy job's bar rests after its last call (see progress.job); end it within its test,
+    not in the next one's output."""
+    yield
+    end_resting_jobs()
+
+
+# A lazy job in several morsels (row groups of 30 rows), run by one polars thread: the morsels'
+# calls follow one another. One row in ten fails (status 400), in every morsel.
+_SINK_JOB = """
+import json, sys
+import polars as pl
+import gemframe as gf
+prompts = [f"[emulator:status=400] row {i}" if i % 10 == 3 else f"row {i}" for i in range(120)]
+pl.DataFrame({"prompt": prompts}).write_parquet("in.parquet", row_group_size=30)
+client = gf.Client("emulator", progress=sys.argv[1] == "bar")
+calls, send = [], client.send
+def counted(rows, **kwargs):
+    calls.append(kwargs["total"])
+    return send(rows, **kwargs)
+client.send = counted
+pl.scan_parquet("in.parquet").with_columns(reply=gf.generate("prompt", client=client)).sink_parquet("out.parquet")
+print(json.dumps(calls))
+"""
+
+
+@pytest.mark.parametrize("bar", ["bar", "no-bar"])
+def test_a_lazy_job_in_sequential_morsels_draws_one_bar_and_warns_once(bar, tmp_path):
+    """POLARS_MAX_THREADS=1: the streaming engine calls the expression once per morsel, one
+    call after another. Each call drew its own bar ("gemframe prompt: 30/30" four times) and
+    warned about its own failures (four RowsFailedWarnings); now the job's bar continues from
+    call to call and ends with one warning for the job."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SINK_JOB, bar],
+        cwd=tmp_path,
+        env={**os.environ, "POLARS_MAX_THREADS": "1"},
+        capture_output=True,  # bytes: text mode would turn each redraw's \r into a new line
+        timeout=120,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert json.loads(done.stdout) == [30, 30, 30, 30]  # four calls, so four bars before
+    bars = [line for line in err.split("\n") if "gemframe prompt" in line]
+    if bar == "bar":
+        assert len(bars) == 1, err  # one line, redrawn (\r) as the job goes on
+        assert bars[0].split("\r")[-1].startswith("gemframe prompt: 120/120 "), err
+    else:
+        assert bars == []
+    assert err.count("RowsFailedWarning") == 1, err
+    assert "RowsFailedWarning: 12 of 120 rows failed: INVALID_ARGUMENT x12; row " in err
+    assert pl.read_parquet(tmp_path / "out.parquet")["reply"].struct.field("error").is_not_null().sum() == 12
+
+
+# An eager frame read from a file of four row groups: four chunks, so polars calls the
+# expression four times, on its own thread (one call after another). The idle grace is made
+# an hour: only the end of with_columns can end the job before the script gives up waiting.
+_CHUNKED_FRAME = """
+import json, time, warnings
+import polars as pl
+import gemframe as gf
+from gemframe._core import progress
+progress.IDLE_RESTART = 3600.0
+prompts = [f"[emulator:status=400] {i}" if i % 25 == 7 else f"chunk {i}" for i in range(100)]
+pl.DataFrame({"prompt": prompts}).write_parquet("in.parquet", row_group_size=25)
+frame = pl.read_parquet("in.parquet")
+client = gf.Client("emulator", progress=False)
+calls, send = [], client.send
+client.send = lambda rows, **kwargs: calls.append(kwargs["total"]) or send(rows, **kwargs)
+with warnings.catch_warnings(record=True) as caught:
+    frame.with_columns(reply=gf.generate("prompt", client=client))
+    deadline = time.monotonic() + 60  # a condition, not a fixed time: the job's warning
+    while not caught and time.monotonic() < deadline:
+        time.sleep(0.005)
+print(json.dumps({"chunks": frame.n_chunks(), "calls": calls, "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def test_an_eager_frame_in_chunks_is_one_job_that_ends_when_with_columns_returns(tmp_path):
+    """Each of the four calls warned about its own rows (``1 of 25 rows failed`` four times);
+    now they are one job, which ends as soon as the ``with_columns`` that ran them returns
+    (its threads are watched), not after the idle grace nor at exit."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CHUNKED_FRAME],
+        cwd=tmp_path,
+        env={**os.environ, "POLARS_MAX_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["chunks"] == 4 and seen["calls"] == [25] * 4  # four calls, so four warnings before
+    assert [w.split(";")[0] for w in seen["warnings"]] == ["4 of 100 rows failed: INVALID_ARGUMENT x4"]
+    assert "RowsFailedWarning" not in done.stderr  # and none left for exit
+
+
+def test_a_lazy_job_ends_before_the_next_call_draws_its_bar(emulator, cache_dir, tmp_path, capsys):
+    """The next call's bar comes after the lazy job's finished bar and its warning, and is not
+    labelled ``#2`` (the lazy job is over); an eager call's bar and warning are done when
+    ``with_columns`` returns."""
+    prompts = [f"[emulator:status=400] {i}" if i % 25 == 0 else f"lazy {i}" for i in range(100)]
+    pl.DataFrame({"prompt": prompts}).write_parquet(tmp_path / "in.parquet", row_group_size=25)
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=True) as client:
+        with pytest.warns(gf.RowsFailedWarning) as caught:
+            lazy = pl.scan_parquet(tmp_path / "in.parquet").with_columns(reply=gf.generate("prompt", client=client))
+            lazy.sink_parquet(tmp_path / "out.parquet")
+            eager = pl.DataFrame({"prompt": ["[emulator:status=400] eager"]})
+            eager.with_columns(reply=gf.generate("prompt", client=client))
+            failed = [str(w.message).split(";")[0] for w in caught if issubclass(w.category, gf.RowsFailedWarning)]
+            assert failed == ["4 of 100 rows failed: INVALID_ARGUMENT x4", "1 of 1 rows failed: INVALID_ARGUMENT x1"]
+    err = capsys.readouterr().err
+    lines = [line.split("\r")[-1] for line in err.split("\n") if "gemframe prompt" in line]
+    assert [line.split(" [")[0] for line in lines] == ["gemframe prompt: 100/100", "gemframe prompt: 1/1"], err

@@ -8,20 +8,25 @@ text bar, silently (tqdm.auto would warn ``IProgress not found`` on every import
 
 When the job ends with failed rows, `Progress.close` emits one `RowsFailedWarning` saying how
 many failed, by status, and the first message: with ``progress=False`` nothing else tells the
-user. `job` shares one `Progress` between calls of one expression that run at the same time
-(the streaming engine's morsels), so a job draws one bar and warns once.
+user. `job` shares one `Progress` between the calls of one expression (the streaming engine's
+morsels, at the same time or one after another), so a job draws one bar and warns once.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
+
+from .limits import IDLE_RESTART
 
 _POSTFIX_SECONDS = 0.05  # half tqdm's redraw interval: a redraw shows figures at most that old
 # Rows whose answer is still to come (Batch Mode with wait=False) have not failed.
@@ -109,9 +114,9 @@ class Progress:
         self.tokens = 0
         self.failures: Counter[str] = Counter()  # status -> rows (BATCH_PENDING excluded)
         self.first_failure: tuple[int, str] | None = None  # (row, message) of the lowest row
-        self.callers = 0  # `job`: calls sharing this bar right now
+        self.callers = 0  # `job`: calls sharing this bar right now (0: resting)
         self.raised = False  # `job`: a call of the job ended with an exception
-        self.started = 0.0  # `job`: when its first call began
+        self.waiting_on: list[tuple[int, FrameType]] = []  # `job`: the polars calls that run it
         self._lock = threading.Lock()  # streaming morsels advance one bar from several threads
         self._bar = None
         if enabled:
@@ -189,39 +194,75 @@ class Progress:
             message = f"{message}; "
         return f"{failed:,} of {self.rows:,} rows failed: {kinds}; {message}see the reply's `error` field"
 
+    def rest(self) -> None:
+        """Draw the figures so far (the last row's update may not have redrawn the bar) and
+        leave the bar open: the job's next call may continue it (see `job`)."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.set_postfix_str(self.postfix(), refresh=False)
+                self._bar.refresh()
+
     def close(self, warn: bool = True) -> None:
         """Draw the final figures and end the bar; ``warn``: one `RowsFailedWarning` if rows
         failed (not when the job ends with an exception, which says more)."""
-        if self._bar is not None:
-            self._bar.set_postfix_str(self.postfix(), refresh=False)
-            self._bar.close()
-            self._bar = None
+        with self._lock:  # a closing thread (idle timer, atexit) against a late advance
+            if self._bar is not None:
+                self._bar.set_postfix_str(self.postfix(), refresh=False)
+                self._bar.close()
+                self._bar = None
         summary = self.failure_summary() if warn else None
         if summary is not None:
             self.failures.clear()  # closed twice (an owner's finally): warned once
             warnings.warn(summary, RowsFailedWarning, stacklevel=2)
 
 
-_jobs: dict[Hashable, Progress] = {}
+_jobs: dict[Hashable, Progress] = {}  # open jobs: a call running, or resting between calls
 _jobs_lock = threading.Lock()
-# Back-to-back calls of one expression (an eager frame's chunks or the streaming engine's
-# morsels, one after another on one thread) are one burst: a failure summary already shown in
-# the burst is not shown again (like Python's once-per-message rule, but per burst, so the
-# same failure in a later job is shown again).
-_BURST_SECONDS = 1.0
-_bursts: dict[Hashable, tuple[float, set[str]]] = {}  # key -> (last call's end, summaries shown)
+_running = 0  # calls of any job running now
+_idle_since = 0.0  # when the last running call ended
+_watcher: threading.Thread | None = None  # ends resting jobs (see `_watch`), while any rests
 
 
 @contextmanager
 def job(
     key: Hashable, total: int | None, enabled: bool, model: str | None = None, label: str = ""
 ) -> Iterator[Progress]:
-    """The `Progress` of ``key``'s job, for one call of it. Calls with the same key that run
-    at the same time (one expression over the streaming engine's morsels, on several threads)
-    share one bar, whose total grows as each joins; the last to leave closes it, which warns
-    once for them all (see `_BURST_SECONDS` for calls that follow each other). Bars of
-    different keys open at once get distinct labels (``#2``)."""
+    """The `Progress` of ``key``'s job, for one call of it: one bar and one failure warning
+    per job, a job being one polars call of the user's (a ``with_columns``, ``collect``,
+    ``sink_parquet``), however many calls it makes of one expression.
+
+    Polars calls an expression once per chunk or morsel: at the same time on several of its
+    threads, or one after another (one thread, ``POLARS_MAX_THREADS=1``; an eager frame read
+    from a file of several row groups). Calls running together share the bar, whose total
+    grows as each joins. When the last running call ends, the job "rests" rather than ends,
+    since nothing tells a callback that its morsel was the last: the next call of the same key
+    continues the bar (and the tally). A resting job ends (`Progress.close`: the final figures
+    and newline, then the one `RowsFailedWarning` for the whole job) when
+
+    - the polars call that made it returns: the threads that were inside polars when its
+      first call began are watched (`_watch`, every `_POSTFIX_SECONDS`), so the warning
+      follows the end of the user's call within a redraw interval;
+    - a call starts (a bar is to be drawn after theirs) and the job's polars call returned,
+      or, for a call on a thread Python started (see `_on_callers_thread`: a new polars call
+      of the user's), no caller was found;
+    - gemframe has been idle for `IDLE_RESTART` seconds (no call of any job running): the
+      bound when no caller was found, or when one is another thread's unrelated polars call.
+      That is the executor's notion of a job (its window starts again then); it keeps the bar
+      of one expression resting while another of the same query runs (two ``gf.generate`` in
+      one ``with_columns``: their calls alternate);
+    - the process exits (atexit).
+
+    A call on the caller's own thread ends its job at once: polars runs an eager frame's
+    expression there, once, over the whole column. So does a call that raised: polars stops
+    the query, no call will follow. Bars of different keys open at once get distinct labels
+    (``#2``)."""
+    global _running, _idle_since
+    own_thread = _on_callers_thread()
+    with _jobs_lock:  # first end the jobs this call is not part of: its bar comes after theirs
+        over = _pop_resting(_not_waiting if own_thread else _call_returned)  # before `_watch` does
+    _close_all(over)
     with _jobs_lock:
+        _running += 1
         progress = _jobs.get(key)
         if progress is None:
             open_labels = {p.label for p in _jobs.values()}
@@ -230,7 +271,7 @@ def job(
                 n += 1
                 unique = f"{label} #{n}"
             progress = _jobs[key] = Progress(total, enabled, model, label=unique)
-            progress.started = time.monotonic()
+            progress.waiting_on = [] if own_thread else _polars_callers()
         else:
             progress.add_total(total)
         progress.callers += 1
@@ -240,28 +281,124 @@ def job(
         ended = True
     finally:
         with _jobs_lock:
+            _running -= 1
+            _idle_since = time.monotonic()
             progress.callers -= 1
             progress.raised |= not ended
             last = progress.callers == 0
-            if last:
+            end_now = last and (own_thread or progress.raised)
+            if end_now:
                 del _jobs[key]
-                warn = not progress.raised and _new_in_burst(key, progress)
-        if last:
-            progress.close(warn=warn)
+            elif last:
+                _start_watcher()
+        if end_now:
+            progress.close(warn=not progress.raised)
+        elif last:
+            progress.rest()
 
 
-def _new_in_burst(key: Hashable, progress: Progress) -> bool:
-    """Whether this job's failure summary is news: not already shown by the calls of the same
-    key that ran just before it (called under `_jobs_lock`)."""
-    now = time.monotonic()
-    last_end, shown = _bursts.get(key, (0.0, set()))
-    if progress.started - last_end > _BURST_SECONDS:
-        shown = set()
-    for stale in [k for k, (end, _) in _bursts.items() if now - end > _BURST_SECONDS]:
-        del _bursts[stale]  # entries matter for a second only: the dict stays tiny
-    summary = progress.failure_summary()
-    _bursts[key] = (now, shown)
-    if summary is None or summary in shown:
-        return False
-    shown.add(summary)
+def _on_callers_thread() -> bool:
+    """Whether this call runs on a thread Python started (the one that called polars, as for
+    an eager frame), not on one of polars' own threads: those threads were not started by
+    `threading`, which names them ``Dummy-N`` (a ``_DummyThread``)."""
+    return not isinstance(threading.current_thread(), _FOREIGN_THREAD)
+
+
+# Private to threading, but there since Python 2; were it gone, every call would be taken for
+# the caller's and end its job at once (a bar per morsel again, never a late warning).
+_FOREIGN_THREAD: Any = getattr(threading, "_DummyThread", ())
+
+
+def _polars_callers() -> list[tuple[int, FrameType]]:
+    """The Python threads waiting in a polars call now (their innermost Python frame is
+    polars' own), with that frame: one of them made the call that runs this job."""
+    polars = sys.modules.get("polars")
+    if polars is None or not polars.__file__:
+        return []
+    home = os.path.dirname(polars.__file__) + os.sep
+    me = threading.get_ident()
+    return [(t, f) for t, f in sys._current_frames().items() if t != me and f.f_code.co_filename.startswith(home)]
+
+
+def _returned(progress: Progress) -> bool | None:
+    """Whether the polars calls a job was waiting on have all returned (their frame is off
+    their thread's stack); None when none was found."""
+    if not progress.waiting_on:
+        return None
+    stacks = sys._current_frames()
+    for thread, frame in progress.waiting_on:
+        inner = stacks.get(thread)
+        while inner is not None:
+            if inner is frame:
+                return False
+            inner = inner.f_back
     return True
+
+
+def _start_watcher() -> None:
+    """Start `_watch` unless it runs (called under `_jobs_lock` as a job starts to rest)."""
+    global _watcher
+    if _watcher is None:
+        _watcher = threading.Thread(target=_watch, name="gemframe-progress", daemon=True)
+        _watcher.start()
+
+
+def _watch() -> None:
+    """End each resting job when its polars call returns, or all of them once gemframe has
+    been idle `IDLE_RESTART` seconds; stop when none rests. A daemon thread: never keeps the
+    process alive (atexit ends what rests)."""
+    global _watcher
+    me = threading.current_thread()
+    try:
+        while _watcher is me:
+            time.sleep(_POSTFIX_SECONDS)
+            with _jobs_lock:
+                idle = not _running and time.monotonic() - _idle_since >= IDLE_RESTART
+                ended = _pop_resting(_every if idle else _call_returned)
+                if not any(p.callers == 0 for p in _jobs.values()):
+                    _watcher = None
+            _close_all(ended)
+    finally:
+        with _jobs_lock:
+            if _watcher is me:  # ended by an error (-W error): the next job to rest starts another
+                _watcher = None
+
+
+def end_resting_jobs() -> None:
+    """End the resting jobs now, oldest first: each bar's final figures and newline, then its
+    failure warning (see `job`)."""
+    with _jobs_lock:
+        ended = _pop_resting(_every)
+    _close_all(ended)
+
+
+def _every(progress: Progress) -> bool:
+    return True
+
+
+def _call_returned(progress: Progress) -> bool:
+    return _returned(progress) is True
+
+
+def _not_waiting(progress: Progress) -> bool:
+    """Its polars call returned, or none was found (a call on the caller's thread ends it)."""
+    return _returned(progress) is not False
+
+
+def _pop_resting(ends: Callable[[Progress], bool]) -> list[Progress]:
+    """Take the resting jobs that ``ends`` out of `_jobs` (under `_jobs_lock`), oldest first."""
+    keys = [key for key, progress in _jobs.items() if progress.callers == 0 and ends(progress)]
+    return [_jobs.pop(key) for key in keys]
+
+
+def _close_all(progresses: list[Progress]) -> None:
+    """Close each; a warning turned into an error (``-W error``) by one still closes the rest."""
+    for i, progress in enumerate(progresses):
+        try:
+            progress.close(warn=not progress.raised)
+        except BaseException:
+            _close_all(progresses[i + 1 :])
+            raise
+
+
+atexit.register(end_resting_jobs)

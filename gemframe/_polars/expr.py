@@ -167,9 +167,10 @@ def _job_progress(
     key: object, sender: Client, model: str | None, progress: bool | Progress | None, total: int, label: str
 ) -> AbstractContextManager[Progress]:
     """The bar (and failure tally) of one call of an expression: shared with the other calls of
-    the same expression running at the same time (the streaming engine calls it once per
-    morsel, from several threads), so a job draws one bar, labelled by its input column, and
-    warns about failed rows once. A `Progress` passed in is the caller's (`gemframe.run`)."""
+    the same expression in one job (the streaming engine calls it once per morsel, from several
+    threads at once or one after another; see `job`), so a job draws one bar, labelled by its
+    input column, and warns about failed rows once. A `Progress` passed in is the caller's
+    (`gemframe.run`)."""
     if isinstance(progress, Progress):
         return nullcontext(progress)
     enabled = sender.progress if progress is None else progress
