@@ -174,7 +174,9 @@ class Client:
             limiter=RateLimiter(rpm=rpm, tpm=tpm, adaptive=adaptive),
             download_concurrency=download_concurrency,
         )
-        self.context_caches = ContextCaches(self.provider, self.executor, context_ttl(cache_context), keep_context_cache)
+        self.context_caches = ContextCaches(
+            self.provider, self.executor, context_ttl(cache_context), keep_context_cache
+        )
         self._cache_dir = cache_dir
         self._cache: ResponseCache | None = None
         self._urls: UrlStore | None = None

@@ -152,7 +152,9 @@ def describe_context(content: Mapping[str, Any]) -> list[dict[str, Any]]:
         else:
             inline = part["inlineData"]
             data = base64.b64decode(inline["data"])
-            out.append({"mime_type": inline["mimeType"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            out.append(
+                {"mime_type": inline["mimeType"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
     return out
 
 
