@@ -59,6 +59,24 @@ _TOO_SMALL = re.compile(r"total_token_count=(\d+), min_total_token_count=(\d+)")
 _FOREVER = threading.TIMEOUT_MAX  # a timed wait, so Ctrl-C interrupts it
 
 
+def min_cache_tokens(model: str) -> int:
+    """The smallest prefix the API caches, as documented: 4,096 tokens for Pro models, 1,024
+    for the others (the estimate's guess; the create call's answer is what counts)."""
+    return 4096 if "-pro" in model.removeprefix("models/") else 1024
+
+
+def prefix_body(builder: RequestBuilder) -> dict[str, Any] | None:
+    """A body of just a builder's prefix (system instruction and context), None without one:
+    what a context cache holds, for counting its tokens."""
+    system, turn = _prefix_of(builder)
+    if system is None and turn is None:
+        return None
+    body: dict[str, Any] = {"contents": [turn] if turn is not None else []}
+    if system is not None:
+        body["systemInstruction"] = system
+    return body
+
+
 def context_ttl(value: Any, where: str = "cache_context") -> float | None:
     """Seconds a context cache lives, from the option: False/None (off), True (one hour), a
     number of seconds, or a string such as ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"``."""
@@ -103,7 +121,7 @@ class CacheRecord:
     def hours(self) -> float:
         """Hours it is stored: until deleted, else until it expires (what a kept cache costs)."""
         end = self.expires if self.deleted is None else min(self.deleted, self.expires)
-        return max(0.0, end - self.created) / 3600
+        return round(max(0.0, end - self.created) / 3600, 6)  # as the manifest shows it: costs reproduce
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -113,7 +131,7 @@ class CacheRecord:
             "created": _stamp(self.created),
             "expires": _stamp(self.expires),
             "deleted": None if self.deleted is None else _stamp(self.deleted),
-            "storage_hours": round(self.hours, 6),
+            "storage_hours": self.hours,
         }
 
 
