@@ -353,6 +353,7 @@ def estimate(
                 f"{model} caches at least: priced as sent inline with each row"
             )
         else:
+            assert ttl is not None  # a prefix is counted only with a TTL
             result.context_cache_tokens, result.context_cache_hours = tokens, ttl / 3600
             result.cached_input_tokens = tokens * result.to_send
     result.cost = cost(
@@ -366,11 +367,11 @@ def estimate(
         batch=batch,
     )
     if result.cost is not None and result.context_cache_tokens:
-        cache = context_cache_cost(model, result.context_cache_tokens, result.context_cache_hours, prices)
-        assert cache is not None  # the model has a price: cost() found it
-        result.cost["context_cache_usd"] = cache["usd"]
-        result.cost["context_cache_split"] = cache
-        result.cost["usd"] = round(result.cost["usd"] + cache["usd"], 9)
+        stored = context_cache_cost(model, result.context_cache_tokens, result.context_cache_hours, prices)
+        assert stored is not None  # the model has a price: cost() found it
+        result.cost["context_cache_usd"] = stored["usd"]
+        result.cost["context_cache_split"] = stored
+        result.cost["usd"] = round(result.cost["usd"] + stored["usd"], 9)
     if batch:
         result.notes.append(f"Batch Mode: priced at {BATCH_DISCOUNT:.0%} of the standard price")
     return result

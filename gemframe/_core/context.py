@@ -324,8 +324,8 @@ class RunContext:
         turn = self.prefix.turn
         if turn is None:
             return True
-        contents = body.get("contents") or ()
-        return len(contents) > 1 and (contents[0] is turn or contents[0] == turn)
+        contents = body.get("contents")
+        return isinstance(contents, list) and len(contents) > 1 and (contents[0] is turn or contents[0] == turn)
 
     def outgoing(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
         """The body to send for a row: without the prefix and naming the cache, or as it is
