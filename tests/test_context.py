@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -342,3 +343,33 @@ def test_run_records_the_cache_and_the_report_shows_it(served, cache_dir, tmp_pa
     line = next(line for line in rep.text.splitlines() if "context caches" in line)
     assert "$0.0105" in line and "1 cache, 4,583 tokens" in line
     assert "<td>context cache</td>" in rep.html
+
+
+def test_cli_context_files_and_cache_context(served, tmp_path):
+    url, emulator, recorder = served()
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    frame(3).write_parquet(source)
+    (tmp_path / "handbook.txt").write_text(HANDBOOK)
+    common = [str(source), str(output), "--provider", "google", "--base-url", url, "--model", MODEL]
+    common += ["--system", SYSTEM, "--context", str(tmp_path / "handbook.txt"), "--cache-dir", str(tmp_path / "c")]
+
+    def gemframe(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "GEMINI_API_KEY": KEY}  # PYTHONPATH kept: this checkout's gemframe
+        return subprocess.run(
+            [sys.executable, "-m", "gemframe", "run", *common, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    dry = gemframe("--cache-context", "2h", "--dry-run", "--output-tokens", "10")
+    assert dry.returncode == 0, dry.stderr
+    assert "context cache          4,583  (tokens, kept 2 h; 13,749 of the input tokens read from it)" in dry.stdout
+    assert not recorder.seen  # a dry run sends nothing
+    done = gemframe("--cache-context", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert len(recorder.calls("POST", "/v1beta/cachedContents")) == 1 and len(recorder.calls("DELETE", "")) == 1
+    assert [b["cachedContent"] for b in recorder.generates()] == [recorder.generates()[0]["cachedContent"]] * 3
+    (cache,) = gf.read_manifest(output)["context_caches"]
+    assert cache["tokens"] == 4583 and cache["storage_hours"] == 1.0  # written before the client closed

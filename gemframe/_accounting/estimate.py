@@ -128,7 +128,10 @@ class Estimate:
             lines.append(f"  est. cost       {'?':>12}  (no price for {self.model}: pass prices= or set ${PRICES_ENV})")
         else:
             c = self.cost
-            parts = f"input ${c['input_usd']:,.4f} + output ${c['output_usd']:,.4f}"
+            parts = f"input ${c['input_usd']:,.4f}"
+            if c["cached_input_usd"]:
+                parts += f" + cached input ${c['cached_input_usd']:,.4f}"
+            parts += f" + output ${c['output_usd']:,.4f}"
             if c["thinking_usd"]:
                 parts += f" + thinking ${c['thinking_usd']:,.4f}"
             if c["images_usd"]:
