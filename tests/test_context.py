@@ -373,3 +373,19 @@ def test_cli_context_files_and_cache_context(served, tmp_path):
     assert [b["cachedContent"] for b in recorder.generates()] == [recorder.generates()[0]["cachedContent"]] * 3
     (cache,) = gf.read_manifest(output)["context_caches"]
     assert cache["tokens"] == 4583 and cache["storage_hours"] == 1.0  # written before the client closed
+
+
+def test_a_streaming_collect_makes_one_cache_for_all_its_morsels(emulator, cache_dir, monkeypatch):
+    with gf.Client(
+        gf.EmulatorProvider(app=emulator), model=MODEL, cache_dir=str(cache_dir), progress=False, cache_context=True
+    ) as client:
+        calls = []
+        send = client.send
+        monkeypatch.setattr(client, "send", lambda *a, **k: calls.append(1) or send(*a, **k))
+        lazy = pl.LazyFrame({"prompt": [f"Question {i}?" for i in range(1000)]})
+        out = lazy.with_columns(reply=gf.generate("prompt", system=SYSTEM, context=HANDBOOK, client=client))
+        replies = out.collect(engine="streaming")["reply"]
+        assert len(calls) > 1  # polars called the expression once per morsel
+        assert emulator.caches.created == 1 and emulator.stats.requests == 1000
+        assert replies.struct.field("cached_content_tokens").unique().to_list() == [PREFIX_TOKENS]
+    assert emulator.caches.caches == {}
