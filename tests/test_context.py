@@ -281,8 +281,9 @@ def test_a_client_never_closed_deletes_its_cache_at_exit(served, tmp_path):
     assert emulator.caches.list(None, None) == {"cachedContents": []}
 
 
-# --- what it costs: hand computations at gemini-2.5-flash's list prices (USD per 1M tokens:
-# input 0.30, cached input 0.075, output 2.50; storage 1.00 per 1M tokens per hour)
+# --- what it costs: hand computations at these rates (USD per 1M tokens; storage per 1M tokens
+# per hour), given as prices= so the figures do not move with the price table
+PRICES = {MODEL: {"input": 0.30, "cached_input": 0.075, "output": 2.50, "cache_storage": 1.00}}
 
 
 def test_the_manifest_prices_rows_and_the_cache_from_the_reply_columns_and_its_record(served, cache_dir):
@@ -290,8 +291,8 @@ def test_the_manifest_prices_rows_and_the_cache_from_the_reply_columns_and_its_r
     with client_for(url, cache_dir, cache_context="2h") as client:
         replies = frame().with_columns(reply=gf.generate("prompt", system=SYSTEM, context=HANDBOOK, client=client))
         out = replies.unnest("reply")
-        alive = gf.manifest(replies, client=client, system=SYSTEM, context=HANDBOOK)
-    closed = gf.manifest(replies, client=client, system=SYSTEM, context=HANDBOOK)
+        alive = gf.manifest(replies, client=client, system=SYSTEM, context=HANDBOOK, prices=PRICES)
+    closed = gf.manifest(replies, client=client, system=SYSTEM, context=HANDBOOK, prices=PRICES)
     (cache,) = alive["context_caches"]
     assert cache["tokens"] == PREFIX_TOKENS == 4583 and cache["model"] == MODEL
     assert cache["deleted"] is None and cache["storage_hours"] == 2.0  # alive: priced to its expiry
@@ -303,7 +304,7 @@ def test_the_manifest_prices_rows_and_the_cache_from_the_reply_columns_and_its_r
     assert alive["cost"]["this_run"] == pytest.approx(rows + 0.0013749 + 0.009166, abs=1e-9)
     assert alive["cost"]["this_run_split"]["context_cache"] == pytest.approx(0.0105409, abs=1e-9)
     assert alive["cost"]["this_run_split"]["cached_input"] == pytest.approx(ROWS * 4583 * 0.075 / 1e6, abs=1e-9)
-    paid = replies.select(gf.cost_expr(MODEL, reply="reply").sum()).item()
+    paid = replies.select(gf.cost_expr(MODEL, reply="reply", prices=PRICES).sum()).item()
     assert alive["cost"]["this_run"] == pytest.approx(paid + cache["creation_usd"] + cache["storage_usd"], abs=1e-9)
     (gone,) = closed["context_caches"]  # deleted at close: stored only until then
     assert gone["deleted"] is not None and gone["storage_hours"] < 0.1
@@ -313,9 +314,18 @@ def test_the_manifest_prices_rows_and_the_cache_from_the_reply_columns_and_its_r
 def test_estimate_prices_the_prefix_as_cached_plus_the_cache(served, cache_dir):
     url, _, _ = served()
     with client_for(url, cache_dir, cache_context="2h") as client:
-        est = gf.estimate(frame(), "prompt", system=SYSTEM, context=HANDBOOK, client=client, output_tokens=100)
+        est = gf.estimate(
+            frame(), "prompt", system=SYSTEM, context=HANDBOOK, client=client, output_tokens=100, prices=PRICES
+        )
         inline = gf.estimate(
-            frame(), "prompt", system=SYSTEM, context=HANDBOOK, client=client, output_tokens=100, cache_context=False
+            frame(),
+            "prompt",
+            system=SYSTEM,
+            context=HANDBOOK,
+            client=client,
+            output_tokens=100,
+            cache_context=False,
+            prices=PRICES,
         )
     assert (est.context_cache_tokens, est.context_cache_hours) == (4583, 2.0)
     assert est.input_tokens == inline.input_tokens == ROWS * (4583 + 8)
@@ -332,13 +342,15 @@ def test_run_records_the_cache_and_the_report_shows_it(served, cache_dir, tmp_pa
     source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
     frame().write_parquet(source)
     with client_for(url, cache_dir, cache_context="2h") as client:
-        manifest = gf.run(str(source), str(output), system=SYSTEM, context=HANDBOOK, client=client, progress=False)
+        manifest = gf.run(
+            str(source), str(output), system=SYSTEM, context=HANDBOOK, client=client, progress=False, prices=PRICES
+        )
     (cache,) = manifest["context_caches"]
     assert (cache["tokens"], cache["storage_hours"], cache["deleted"]) == (4583, 2.0, None)  # written before close
     assert manifest["context"] == [
         {"text_chars": len(HANDBOOK), "sha256": hashlib.sha256(HANDBOOK.encode()).hexdigest()}
     ]
-    rep = gf.report(str(output))
+    rep = gf.report(str(output), prices=PRICES)
     assert rep.data["cost"]["this_run"] == pytest.approx(manifest["cost"]["this_run"], abs=1e-9)
     line = next(line for line in rep.text.splitlines() if "context caches" in line)
     assert "$0.0105" in line and "1 cache, 4,583 tokens" in line
