@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._core.cache import CacheMode, CacheWarning, ResponseCache, UrlStore, default_cache_dir, parse_when
 from ._core.providers import DEFAULT_MODEL, PROVIDERS
@@ -71,6 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", default="prompt", metavar="COL", help="prompt column (default: prompt)")
     run.add_argument("--images", metavar="COL", help="column of image paths/URLs/bytes, or lists of them")
     run.add_argument("--system", metavar="TEXT", help="system instruction for every row")
+    run.add_argument(
+        "--context",
+        action="append",
+        metavar="FILE",
+        help="shared leading material for every row: a text file, an image or a PDF (repeat for more)",
+    )
+    run.add_argument(
+        "--cache-context",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="TTL",
+        help="send the system instruction and --context once, as a context cache (TTL: 1h, or e.g. 30m, 2h)",
+    )
+    run.add_argument(
+        "--keep-context-cache", action="store_true", help="leave the context cache to expire instead of deleting it"
+    )
     run.add_argument("--model", default=DEFAULT_MODEL, help=f"model id (default: {DEFAULT_MODEL})")
     run.add_argument(
         "--provider",
@@ -246,7 +263,13 @@ def _run(args: argparse.Namespace) -> int:
     _parquet_input(args.input)
     # What to ask, checked once (a bad --config is one line before anything is read or sent)
     # and the same for the run and its dry run.
-    spec = RequestSpec(model=args.model, system=args.system, config=args.config, safety=args.safety)
+    spec = RequestSpec(
+        model=args.model,
+        system=args.system,
+        config=args.config,
+        safety=args.safety,
+        context=[_context_file(path) for path in args.context] if args.context else None,
+    )
     client = Client(
         args.provider,
         base_url=args.base_url,
@@ -258,6 +281,8 @@ def _run(args: argparse.Namespace) -> int:
         tpm=args.tpm,
         cache=args.cache,
         cache_dir=args.cache_dir,
+        cache_context=args.cache_context,
+        keep_context_cache=args.keep_context_cache,
     )
     try:
         if args.dry_run:
@@ -311,6 +336,28 @@ def _run_warnings() -> Iterator[list[str]]:
                     print(f"gemframe: warning: {warning.message}", file=sys.stderr)
                 else:
                     warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _context_file(path: str) -> Any:
+    """A ``--context`` file: an image or a PDF as its path (read and checked by the spec), any
+    other file as its text (UTF-8, at most the API's inline limit)."""
+    from pathlib import Path
+
+    from ._core.payload import INLINE_LIMIT, sniff_mime
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(INLINE_LIMIT + 1)
+    except OSError as exc:
+        raise InputError(f"--context {path}: {exc.strerror}") from None
+    if sniff_mime(data) is not None:
+        return Path(path)
+    if len(data) > INLINE_LIMIT:
+        raise InputError(f"--context {path} is larger than {INLINE_LIMIT // 2**20} MB, the most a request takes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--context {path} is neither an image, a PDF nor UTF-8 text") from None
 
 
 def _dry_run(args: argparse.Namespace, client: Client, spec: RequestSpec) -> int:

@@ -19,7 +19,15 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
-from ._accounting.manifest import MANIFEST_KEY, Tally, describe, fingerprint, read_manifest, write_manifest
+from ._accounting.manifest import (
+    MANIFEST_KEY,
+    Tally,
+    describe,
+    fingerprint,
+    read_manifest,
+    with_context_caches,
+    write_manifest,
+)
 from ._accounting.pricing import Prices
 from ._core.batch import BatchJobs
 from ._core.cache import CacheMode
@@ -154,6 +162,7 @@ def run(
             "wall_seconds": round(finished - started, 3),
             **tally.as_dict(model, prices, batch=mode == "batch"),
         }
+        manifest = with_context_caches(manifest, client, spec, prices)
         assert writer is not None
         writer.add_key_value_metadata({MANIFEST_KEY: json.dumps(manifest).encode()})
         writer.close()

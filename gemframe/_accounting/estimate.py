@@ -13,8 +13,12 @@ locally too, said in a note). Nothing is sent to ``generateContent``. Output tok
 
 The tokens are priced by `gemframe._accounting.pricing` (the price table, ``prices=``,
 ``$GEMFRAME_PRICES``), the rule the run manifest uses; ``mode="batch"`` at the Batch Mode rate.
-Context-cache reads cannot be known before the answers, so every input token is priced as
-uncached input (an upper bound when implicit caching will hit).
+Implicit cache reads cannot be known before the answers, so every input token is priced as
+uncached input (an upper bound when implicit caching will hit). With a context cache
+(``gf.Client(cache_context=...)`` or ``cache_context=`` here) and a prefix (``system``,
+``context``) of at least the model's documented minimum, the prefix's tokens of each request to
+send are priced at the cached-input rate, plus the cache: its tokens once at the input rate and
+its storage for the whole TTL (``context_cache_*`` fields, and in ``cost``).
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ import polars as pl
 
 from .._core.cache import CacheMode, cache_key
 from .._core.client import Client, default_client
+from .._core.context import context_ttl, min_cache_tokens, prefix_body
 from .._core.http import TransportFailure
 from .._core.providers import CountTokensCapable
 from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from .._core.tokens import count_tokens
 from .._errors import InputError, clip
-from .pricing import BATCH_DISCOUNT, IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, PRICES_ENV, Prices, cost
+from .pricing import BATCH_DISCOUNT, IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, PRICES_ENV, Prices, context_cache_cost, cost
 
 DEFAULT_OUTPUT_TOKENS = 400  # per request, when nothing better is known
 _OBSERVE = 200  # cached answers read to learn the typical output of a job
@@ -79,6 +84,9 @@ class Estimate:
     thoughts_tokens: int = 0  # the thinking part of it
     images: int = 0
     batch: bool = False  # priced at the Batch Mode rate
+    context_cache_tokens: int = 0  # the prefix, cached once (0: no context cache)
+    context_cache_hours: float = 0.0  # its TTL, priced whole
+    cached_input_tokens: int = 0  # of input_tokens: the prefix of each request to send, read from it
     cost: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -111,15 +119,25 @@ class Estimate:
             )
         if self.images:
             lines.append(f"  images out      {self.images:>12,}  ({self.images_per_request:g} a request)")
+        if self.context_cache_tokens:
+            lines.append(
+                f"  context cache   {self.context_cache_tokens:>12,}  (tokens, kept {self.context_cache_hours:g} h; "
+                f"{self.cached_input_tokens:,} of the input tokens read from it)"
+            )
         if self.cost is None:
             lines.append(f"  est. cost       {'?':>12}  (no price for {self.model}: pass prices= or set ${PRICES_ENV})")
         else:
             c = self.cost
-            parts = f"input ${c['input_usd']:,.4f} + output ${c['output_usd']:,.4f}"
+            parts = f"input ${c['input_usd']:,.4f}"
+            if c["cached_input_usd"]:
+                parts += f" + cached input ${c['cached_input_usd']:,.4f}"
+            parts += f" + output ${c['output_usd']:,.4f}"
             if c["thinking_usd"]:
                 parts += f" + thinking ${c['thinking_usd']:,.4f}"
             if c["images_usd"]:
                 parts += f" + images ${c['images_usd']:,.4f}"
+            if c.get("context_cache_usd"):
+                parts += f" + context cache ${c['context_cache_usd']:,.4f}"
             if self.batch:
                 parts += ", Batch Mode rate"
             lines.append(
@@ -227,6 +245,7 @@ def estimate(
     prices: Prices | None = None,
     batch: bool = False,
     mode: str = "live",
+    cache_context: bool | float | str | None = None,
     **ask: Unpack[Ask],
 ) -> Estimate:
     """Count what ``gf.generate(prompt, images=..., ...)`` over ``data`` would send and cost,
@@ -240,7 +259,8 @@ def estimate(
     ``exact=True`` counts input tokens with the API's ``countTokens`` (free, but needs the key
     for Google); ``output_tokens`` is your assumption of output tokens per request;
     ``mode="batch"`` (as `gemframe.run` takes it; ``batch=True`` says the same) prices the
-    requests at the Batch Mode rate.
+    requests at the Batch Mode rate. ``cache_context`` (None: the client's option) prices the
+    prefix as one context cache (see the module docstring).
     """
 
     spec = request_spec(spec, ask, "estimate")  # a bad config fails here
@@ -326,15 +346,35 @@ def estimate(
     result.thoughts_tokens = round(result.thoughts_per_request * result.to_send)
     result.images = round(result.images_per_request * result.to_send)
     result.batch = batch
+    ttl = client.context_caches.ttl if cache_context is None else context_ttl(cache_context)
+    prefix = prefix_body(builder) if ttl is not None and not batch and result.to_send else None
+    if prefix is not None:
+        tokens = count_tokens(prefix)
+        if tokens < min_cache_tokens(model):
+            result.notes.append(
+                f"context cache: the prefix is ~{tokens:,} tokens, under the {min_cache_tokens(model):,} "
+                f"{model} caches at least: priced as sent inline with each row"
+            )
+        else:
+            assert ttl is not None  # a prefix is counted only with a TTL
+            result.context_cache_tokens, result.context_cache_hours = tokens, ttl / 3600
+            result.cached_input_tokens = tokens * result.to_send
     result.cost = cost(
         model,
         input_tokens=result.input_tokens,
+        cached_input_tokens=result.cached_input_tokens,
         output_tokens=result.output_tokens,
         thoughts_tokens=result.thoughts_tokens,
         images=result.images,
         prices=prices,
         batch=batch,
     )
+    if result.cost is not None and result.context_cache_tokens:
+        stored = context_cache_cost(model, result.context_cache_tokens, result.context_cache_hours, prices)
+        assert stored is not None  # the model has a price: cost() found it
+        result.cost["context_cache_usd"] = stored["usd"]
+        result.cost["context_cache_split"] = stored
+        result.cost["usd"] = round(result.cost["usd"] + stored["usd"], 9)
     if batch:
         result.notes.append(f"Batch Mode: priced at {BATCH_DISCOUNT:.0%} of the standard price")
     return result

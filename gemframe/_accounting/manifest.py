@@ -14,7 +14,11 @@ made in this run are cache misses; ``requests_sent`` counts distinct requests (i
 share one), ``tokens`` counts every answered row and, ``*_paid``, only this run's requests;
 ``cost`` prices both by `gemframe._accounting.pricing` (the same rule as `gemframe.cost_expr`,
 so ``this_run`` is the sum of ``cost_expr`` over the rows of this run's distinct requests),
-split into input, cached input, output, thinking and images.
+split into input, cached input, output, thinking and images. A client caching the shared
+prefix (``gf.Client(cache_context=...)``) adds ``context_caches``: each ``cachedContents`` it
+made for the job (name, model, tokens, created, deleted or expires, hours stored) with its
+creation and storage cost (`pricing.context_cache_cost`), which ``this_run`` then includes
+(``this_run_split["context_cache"]``); a cache still alive is priced until it expires.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .._core.client import Client, default_client
 from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from .._files import atomic_write
 from .._version import __version__
-from .pricing import PARTS, PRICES_AS_OF, PRICES_ENV, Prices, price_usage, usage_exprs
+from .pricing import PARTS, PRICES_AS_OF, PRICES_ENV, Prices, context_cache_cost, price_usage, usage_exprs
 
 MANIFEST_KEY = b"gemframe"
 MANIFEST_FORMAT = 2
@@ -216,8 +220,40 @@ def _cost(model: str, priced: Mapping[str, int], prices: Prices | None, batch: b
         "batch_discount": batch,
         "basis": f"estimated from actual usageMetadata at list prices as of {PRICES_AS_OF} "
         "(USD per 1M input, cached input and output tokens, thinking billed as output, "
-        "per generated image; no context-cache storage: gemframe creates no context cache)",
+        "per generated image)",
     }
+
+
+def with_context_caches(
+    manifest: dict[str, Any], client: Client, spec: RequestSpec, prices: Prices | None = None
+) -> dict[str, Any]:
+    """A manifest with the context caches the client made for this spec's prefix and model, and
+    their cost added to ``this_run``; unchanged when it made none. Reproducible: each cache's
+    ``creation_usd`` is ``tokens`` at the input rate, ``storage_usd`` is ``tokens`` x
+    ``storage_hours`` at the ``cache_storage`` rate."""
+    model = spec.model_for(client.model)
+    records = client.context_caches.records(model, spec.builder)
+    if not records:
+        return manifest
+    caches = []
+    for record in records:
+        entry = record.as_dict()
+        priced = context_cache_cost(record.model, record.tokens, record.hours, prices)
+        if priced is not None:
+            entry.update(creation_usd=priced["creation_usd"], storage_usd=priced["storage_usd"])
+        caches.append(entry)
+    out = {**manifest, "context_caches": caches}
+    cost = manifest.get("cost")
+    if isinstance(cost, dict) and cost.get("this_run") is not None:
+        usd = round(sum(c.get("creation_usd", 0.0) + c.get("storage_usd", 0.0) for c in caches), 9)
+        out["cost"] = {
+            **cost,
+            "this_run": round(cost["this_run"] + usd, 9),
+            "this_run_split": {**cost["this_run_split"], "context_cache": usd},
+            "basis": cost["basis"] + "; context caches: their tokens once at the input rate and "
+            "tokens x hours stored (until deleted, else until they expire) at the storage rate",
+        }
+    return out
 
 
 def _version() -> str:
@@ -303,7 +339,7 @@ def manifest(
         out.update(started=_stamp(started), finished=_stamp(now), wall_seconds=round(now - started, 3))
     else:
         out["finished"] = _stamp(now)
-    return {**out, **tally.as_dict(model, prices)}
+    return with_context_caches({**out, **tally.as_dict(model, prices)}, client, spec, prices)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:

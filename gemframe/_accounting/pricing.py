@@ -19,8 +19,10 @@ images              ``len(images)`` generated images                   ``image``
 
 Batch Mode is billed at `BATCH_DISCOUNT` of every rate. Rates are USD per 1M tokens (per image
 for ``image``); ``cache_storage`` is USD per 1M tokens per hour a context cache is kept, which
-only an explicit ``cachedContents`` resource costs: gemframe creates none (implicit caching
-stores nothing you pay for), so no reply column carries it and `storage_cost` prices it apart.
+only an explicit ``cachedContents`` resource costs (``gf.Client(cache_context=...)``; implicit
+caching stores nothing you pay for). No reply column carries it: `context_cache_cost` prices a
+cache from the manifest's record of it (its tokens once at the ``input`` rate for its creation,
+and tokens x hours kept at ``cache_storage``), beside the rows' cost.
 
 Prices are Google's list prices (`PRICES_AS_OF`, standard paid tier, prompts up to 200k tokens;
 longer prompts cost more on some models and are priced here at the short-prompt rates).
@@ -241,6 +243,21 @@ def cost_expr(
     if split:
         return pl.struct([e.alias(k) for k, e in parts.items()] + [total.alias("usd")]).alias("cost")
     return total.alias("usd")
+
+
+def context_cache_cost(
+    model: str, tokens: float, hours: float, prices: Prices | None = None
+) -> dict[str, float] | None:
+    """USD of one context cache of ``tokens`` tokens kept ``hours`` hours: ``creation_usd``
+    (its tokens once, at the ``input`` rate), ``storage_usd`` (`storage_cost`; 0 for a model
+    without a storage rate) and their sum ``usd``. The reads of it are the rows' cached input.
+    None when the model has no price."""
+    found = model_price(model, prices)
+    if found is None:
+        return None
+    creation = round(tokens / 1e6 * found[1].get("input", 0.0), _DIGITS)
+    storage = storage_cost(model, tokens, hours, prices) or 0.0
+    return {"creation_usd": creation, "storage_usd": storage, "usd": round(creation + storage, _DIGITS)}
 
 
 def storage_cost(model: str, tokens: float, hours: float, prices: Prices | None = None) -> float | None:

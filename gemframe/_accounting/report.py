@@ -141,6 +141,8 @@ def report(
             counts[key] = manifest.get(key, counts[key])
         paid = {k: manifest["cost"].get(k) for k in ("this_run", "this_run_split")}  # older manifests: no split
         counts["cost"] = {**counts["cost"], **paid}
+    elif isinstance(counts.get("cost"), Mapping) and counts["cost"].get("this_run") is not None:
+        counts["cost"] = _with_context_caches(counts["cost"], manifest.get("context_caches"))
     answered_rows = stats.filter(pl.col("cached").is_not_null())
     fresh = (
         answered_rows.filter(~pl.col("cached") & (pl.col("attempts").fill_null(0) > 0))
@@ -309,6 +311,16 @@ def _headline(data: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _with_context_caches(cost: Mapping[str, Any], caches: Any) -> dict[str, Any]:
+    """A cost recomputed from the rows, plus the context caches the manifest recorded (their
+    creation and storage: no row carries them), as the manifest counts them."""
+    if not isinstance(caches, list) or not caches:
+        return dict(cost)
+    usd = round(sum(float(c.get("creation_usd", 0)) + float(c.get("storage_usd", 0)) for c in caches), 9)
+    split = {**(cost.get("this_run_split") or {}), "context_cache": usd}
+    return {**cost, "this_run": round(cost["this_run"] + usd, 9), "this_run_split": split}
+
+
 def _split(split: Mapping[str, float]) -> str:
     """A cost's parts, one line: "input $0.0123 · cached input $0.0000 · ..."."""
     return " · ".join(f"{k.replace('_', ' ')} {_usd(split.get(k, 0.0))}" for k in PARTS)
@@ -349,6 +361,13 @@ def _text(data: Mapping[str, Any], replies: pl.DataFrame, prompt: str | None) ->
         )
         if cost.get("this_run_split"):
             lines.append(f"    this run    {_split(cost['this_run_split'])}")
+        if cost.get("this_run_split", {}).get("context_cache"):
+            caches = (data.get("manifest") or {}).get("context_caches") or []
+            tokens = sum(int(c.get("tokens", 0)) for c in caches)
+            lines.append(
+                f"    + context caches {_usd(cost['this_run_split']['context_cache'])} "
+                f"({len(caches)} cache{'s' if len(caches) != 1 else ''}, {_n(tokens)} tokens: creation and storage)"
+            )
     elif cost:
         lines.append(f"  cost (est.)   ? ({cost.get('note')})")
     lat = data["latency_ms"]
@@ -524,6 +543,10 @@ def _fragment(
             f"<td>{_e(_usd(cost['all_rows_split'][k]))}</td></tr>"
             for k in PARTS
         )
+        if cost["this_run_split"].get("context_cache"):  # creation and storage: no row carries them
+            rows += (
+                f"<tr><td>context cache</td><td>{_e(_usd(cost['this_run_split']['context_cache']))}</td><td></td></tr>"
+            )
         costs = (
             "<h2>Cost (est.)</h2><table><tr><th>part</th><th>this run</th><th>all rows</th></tr>"
             f"{rows}<tr><th>total</th><th>{_e(_usd(cost['this_run']))}</th><th>{_e(_usd(cost['all_rows']))}</th></tr></table>"

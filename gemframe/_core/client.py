@@ -25,6 +25,7 @@ import polars as pl
 from .._errors import ConfigError, InputError, RowError, exception_text
 from .batch import BatchJobs, default_state_path
 from .cache import CacheMode, KnownDigest, ResponseCache, UrlRecord, UrlStore, answer_problem, cache_key, prompt_text
+from .context import ContextCaches, RunContext, check_capable, context_ttl
 from .executor import Executor, Outcome, RetryPolicy, background_loop
 from .limits import RateLimiter
 from .payload import INLINE_LIMIT, Fetched, _sniffed, request_json, url_images, with_url_images
@@ -119,6 +120,16 @@ class Client:
     whether each remembered image changed (a conditional request: an unchanged one is not
     downloaded again). With ``cache="off"`` the images are kept in a temporary directory for
     the call only.
+
+    ``cache_context`` (True: a one-hour TTL, or a TTL as seconds or ``"30m"``/``"2h"``) puts the
+    prefix every row of a call shares (the `RequestSpec`'s system instruction and ``context``)
+    into one ``cachedContents`` resource per model and prefix, made on first need and reused
+    by every call while the client lives; rows name it instead of carrying the prefix, whose
+    tokens are then billed at the cached-input rate (plus storage per hour, in the manifest).
+    The client deletes its caches when it closes and at process exit, unless
+    ``keep_context_cache=True`` leaves them to expire at their TTL. A prefix under the model's
+    minimum cacheable size is sent inline with one warning. Answers are cached under the same
+    keys either way. See `gemframe._core.context`.
     """
 
     def __init__(
@@ -142,6 +153,8 @@ class Client:
         allow_private_urls: bool = False,
         download_concurrency: int = 32,
         revalidate_urls: bool = False,
+        cache_context: bool | float | str = False,
+        keep_context_cache: bool = False,
         **provider_options: Any,
     ) -> None:
         if isinstance(provider, Provider):
@@ -160,6 +173,9 @@ class Client:
             retry=RetryPolicy(max_attempts=max_attempts, deadline=deadline, backoff_base=backoff),
             limiter=RateLimiter(rpm=rpm, tpm=tpm, adaptive=adaptive),
             download_concurrency=download_concurrency,
+        )
+        self.context_caches = ContextCaches(
+            self.provider, self.executor, context_ttl(cache_context), keep_context_cache
         )
         self._cache_dir = cache_dir
         self._cache: ResponseCache | None = None
@@ -187,7 +203,9 @@ class Client:
         return self._urls
 
     def close(self) -> None:
-        """Release the HTTP connections and the cache handle."""
+        """Delete the context caches (unless kept), release the HTTP connections and the cache
+        handle."""
+        self.context_caches.close()
         self.executor.close()
         if self._cache is not None:
             self._cache.close()
@@ -219,6 +237,7 @@ class Client:
         batch_state: str | None = None,
         poll_interval: float = 30.0,
         wait: bool = True,
+        cache_context: bool | float | str | None = None,
     ) -> pl.Series:
         """The reply column (`reply_dtype`) for request bodies, in order; a null reply for rows
         with nothing to send. ``spec`` (a `RequestSpec`, what the rows were built from) gives the
@@ -232,6 +251,10 @@ class Client:
         cache (``cache='off'``) a batch call must wait: it returns the answers it collected and
         keeps none (`ConfigError` with ``wait=False``, before any job is submitted).
 
+        ``cache_context`` overrides the client's option of that name for this call (None: the
+        client's). Batch Mode sends the prefix inline: with caching asked for, a batch call is
+        a `ConfigError` (a job may outlive the cache's TTL).
+
         Raises `APIError` when the API refuses the whole run (answers already received are in
         the cache by then); every other problem becomes that row's ``error``. ``progress`` may
         be a `Progress` shared by several calls (a batch job's single bar).
@@ -241,8 +264,18 @@ class Client:
                 raise ValueError("Client.send: give spec= or model/sample/response_schema, not both")
             model, sample, response_schema = spec.model, spec.sample, spec.schema
         model = model or self.model
+        ttl = self.context_caches.ttl if cache_context is None else context_ttl(cache_context)
+        if ttl is not None and cache_context is not None:
+            check_capable(self.provider)
+        context = self.context_caches.run(spec.builder if spec is not None else None, model, ttl)
         if mode == "batch":
             _check_batch_cache(CacheMode(cache) if cache is not None else self.cache_mode, wait)
+            if context is not None:
+                raise ConfigError(
+                    "mode='batch' cannot use a context cache: a batch job may run for up to a day, "
+                    "past the cache's TTL. Pass cache_context=False for this call (Batch Mode "
+                    "already halves the price of the prefix sent inline), or use mode='live'"
+                )
         if not isinstance(progress, Progress):
             enabled = self.progress if progress is None else progress
             progress = Progress(total, enabled, model, owned=True)
@@ -261,6 +294,7 @@ class Client:
             progress,
             ReplyColumn(dtype, response_schema),
         )
+        run.context = context
         if mode == "batch":
             run.batch_options = (batch_state, poll_interval, wait)
         elif mode != "live":
@@ -300,6 +334,7 @@ class _Run:
         self.done: dict[str, tuple[int, bool, dict | None]] = {}  # key answered in this call -> (answer, cached, error)
         self.in_flight: set[str] = set()  # keys submitted and not yet collected
         self.batch_options: tuple[str | None, float, bool] | None = None  # set in batch mode
+        self.context: RunContext | None = None  # set when the prefix goes by context cache
         self.batch_bodies: dict[str, bytes] = {}  # batch mode: the misses' request JSON
         self.taken: list[tuple[str, Any]] = []  # finished requests taken off `finished`, not yet cached
         self.prompts: dict[str, str] = {}  # key in flight -> its prompt, for the cache entry's header
@@ -534,7 +569,8 @@ class _Run:
                 continue
             encode = request_json if size else orjson.dumps  # images: spliced in (see request_json)
             try:
-                content = encode(self.provider.wrap(body))
+                sent = body if self.context is None else self.context.outgoing(key, body)  # the key stays the body's
+                content = encode(self.provider.wrap(sent))
             except Exception as exc:  # e.g. gf.send with an integer beyond 64 bits: no JSON encoder here writes it
                 self._answer(
                     key,
@@ -577,6 +613,17 @@ class _Run:
         if outgoing:
             self.client.executor.submit_many(outgoing, self.finished)
         self._collect(block=False)
+
+    def _resend(self, key: str, body: dict[str, Any]) -> None:
+        """Send a row's request again (an outgoing body: `RunContext.retry` made it)."""
+        encode = request_json if _inline_bytes(body) else orjson.dumps
+        content = encode(self.provider.wrap(body))
+        if self.cache is not None and (prompt := prompt_text(body)) is not None:
+            self.prompts[key] = prompt  # the row's own turn: the same with or without the prefix
+        self.in_flight.add(key)
+        self.inflight_bytes += len(content)
+        self.sizes[key] = len(content)
+        self.client.executor.submit_many([(key, self.url, content)], self.finished)
 
     def _cached_record(self, key: str, raw: bytes) -> dict[str, Any]:
         """The reply of a cached answer; one that is not a generateContent answer (a damaged or
@@ -636,6 +683,12 @@ class _Run:
     def _handle(self, key: str, outcome: Outcome) -> None:
         if outcome.failure is not None and outcome.failure.fatal is not None:
             raise outcome.failure.as_api_error()
+        if self.context is not None:
+            again = self.context.retry(key, outcome.error) if outcome.response is None else None
+            if again is not None:  # its context cache was gone: made anew, the row sent again
+                self._resend(key, again)
+                return
+            self.context.forget(key)
         if outcome.response is None:
             assert outcome.error is not None
             self._answer(key, failed(outcome.error, attempts=outcome.attempts, latency_ms=outcome.latency_ms))

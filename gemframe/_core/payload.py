@@ -733,6 +733,42 @@ def image_parts(images: Any, *, allow_private_urls: bool = False, defer_urls: bo
     return [{"inlineData": inline_data(images, allow_private_urls=allow_private_urls, defer_urls=defer_urls)}]
 
 
+def context_content(context: Any) -> dict[str, Any] | None:
+    """The user turn of a `RequestSpec`'s ``context``: shared leading material sent before every
+    row's own turns. Text (a ``str``) and files: a ``pathlib.Path`` (an image or a PDF), bytes,
+    or an image struct, alone or in a list. Files are read and checked here, once, and each
+    problem is a `ConfigError` naming the item and the fix. A ``str`` is always text, never a
+    path or a URL: an image URL is not fetched here (pass its bytes or a downloaded file), so
+    the context reads nothing from the network and needs no ``allow_private_urls``."""
+    if context is None:
+        return None
+    items = list(context) if isinstance(context, (list, tuple)) else [context]
+    parts: list[dict[str, Any]] = []
+    for n, item in enumerate(items):
+        where = f"context item {n}" if len(items) > 1 else "context"
+        if item is None:
+            continue
+        if isinstance(item, str):
+            if item:
+                parts.append({"text": item})
+            continue
+        if not isinstance(item, (bytes, bytearray, memoryview, os.PathLike, Mapping)):
+            raise ConfigError(
+                f"{where} is of type {type(item).__name__}; give text (str), a file as pathlib.Path, "
+                "bytes or an image struct, or a list of them"
+            )
+        path = item.get("path") if isinstance(item, Mapping) and item.get("data") is None else None
+        if isinstance(path, str) and _URL_SCHEME.match(path):
+            raise ConfigError(f"{where} is an image URL ({path!r}); the context fetches nothing: pass its bytes")
+        try:
+            parts.append({"inlineData": inline_data(item)})
+        except InputError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if not parts:
+        raise ConfigError("context is empty; give text or files, or leave context=None")
+    return {"role": "user", "parts": parts}
+
+
 class RequestBuilder:
     """Builds request bodies for many rows sharing one system instruction, config and safety.
 
@@ -762,11 +798,12 @@ class RequestBuilder:
         config: dict[str, Any] | None,
         safety: list[dict[str, str]] | None,
         schema: ResponseSchema | None,
+        context: dict[str, Any] | None = None,
     ) -> RequestBuilder:
         """A builder from parts already normalized (`normalize_config`, `normalize_safety`,
-        a translated schema): they are not checked again."""
+        a translated schema, `context_content`): they are not checked again."""
         builder = cls.__new__(cls)
-        builder._share(system, config, safety, schema)
+        builder._share(system, config, safety, schema, context)
         return builder
 
     def _share(
@@ -775,8 +812,12 @@ class RequestBuilder:
         config: dict[str, Any] | None,
         safety: list[dict[str, str]] | None,
         schema: ResponseSchema | None,
+        context: dict[str, Any] | None = None,
     ) -> None:
         self.system = system
+        # One object, the first content of every body: a client caching it recognizes it by
+        # identity (`gemframe._core.context`), and a row costs no copy of it.
+        self.context = context
         self.config = config
         self.safety = safety
         self.schema = schema
@@ -800,7 +841,7 @@ class RequestBuilder:
         allow_private_urls: bool = False,
         defer_urls: bool = False,
     ) -> dict[str, Any] | None:
-        """The request body for one row (its history first), or None for a row with neither
+        """The request body for one row (the shared context first, then its history), or None for a row with neither
         prompt nor images. ``allow_private_urls``: the `Client` option of that name (image URLs
         may reach private, loopback, link-local and metadata addresses). ``defer_urls``: image
         URLs are left as `UrlImage` placeholders, for `Client.send` to fetch (concurrently,
@@ -814,6 +855,7 @@ class RequestBuilder:
         if not parts:
             return None
         contents = [
+            *((self.context,) if self.context is not None else ()),
             *history_contents(history, allow_private_urls=allow_private_urls, defer_urls=defer_urls),
             {"role": "user", "parts": parts},
         ]

@@ -226,7 +226,15 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "batch": ("batch_url", "operation_url", "batches_url"),
     # ``countTokens``: exact input tokens for ``estimate(exact=True)``.
     "count_tokens": ("count_tokens_url",),
+    # Context caching: ``cachedContents`` create and delete, for ``gf.Client(cache_context=...)``.
+    "context_cache": ("cached_contents_url", "cached_content_url"),
 }
+
+# The status a row gets when the API answers that the ``cachedContent`` its request names is gone
+# (expired, or deleted): gemframe's own name, so the client can tell it from a real permission
+# problem (the API says 403 PERMISSION_DENIED for both) and recreate the cache.
+CACHE_GONE = "CACHED_CONTENT_NOT_FOUND"
+_CACHE_GONE_MESSAGE = re.compile(r"cached ?content\b.*not found", re.IGNORECASE)
 
 
 class BatchCapable(Protocol):
@@ -242,6 +250,13 @@ class CountTokensCapable(Protocol):
     """The method of a provider declaring "count_tokens", as `BatchCapable` for "batch"."""
 
     def count_tokens_url(self, model: str) -> str: ...
+
+
+class ContextCacheCapable(Protocol):
+    """The methods of a provider declaring "context_cache", as `BatchCapable` for "batch"."""
+
+    def cached_contents_url(self) -> str: ...
+    def cached_content_url(self, name: str) -> str: ...
 
 
 class Provider(ABC):
@@ -402,10 +417,18 @@ class GoogleAI(Provider):
     name = "google"
     default_base_url = "https://generativelanguage.googleapis.com"
     key_env: ClassVar[tuple[str, ...]] = ("GEMINI_API_KEY", "GOOGLE_API_KEY")  # typed: subclasses may set other keys
-    capabilities = frozenset({"batch", "count_tokens"})
+    capabilities = frozenset({"batch", "count_tokens", "context_cache"})
 
     def url(self, model: str) -> str:
         return f"{self.base_url}/v1beta/models/{model.removeprefix('models/')}:generateContent"
+
+    def cached_contents_url(self) -> str:
+        """Context caching: create a ``cachedContents`` resource (POST), list them (GET)."""
+        return f"{self.base_url}/v1beta/cachedContents"
+
+    def cached_content_url(self, name: str) -> str:
+        """One ``cachedContents/...`` resource (GET, PATCH, DELETE)."""
+        return f"{self.base_url}/v1beta/{name}"
 
     def headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json"}
@@ -441,6 +464,10 @@ class GoogleAI(Provider):
         reasons = {d.get("reason") for d in details or [] if isinstance(d, dict)}
         fatal: type[APIError] | None = None
         hint = ""
+        if code in (403, 404) and _CACHE_GONE_MESSAGE.search(message):
+            # The cachedContent a request names expired or was deleted: that row's problem (the
+            # client recreates the cache and sends it again), not a key that may use nothing.
+            return Failure(code, CACHE_GONE, message)
         if code == 401 or "API_KEY_INVALID" in reasons or "API key not valid" in message:
             fatal, hint = AuthenticationError, self._key_hint()
         elif code == 403:

@@ -17,8 +17,10 @@ and what it does to the body in `RequestSpec.__post_init__`.
 
 from __future__ import annotations
 
+import base64
 import copy
 import difflib
+import hashlib
 import inspect
 import operator
 import sys
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypedDict, TypeVar
 
 from .._errors import ConfigError
-from .payload import RequestBuilder, normalize_config, normalize_safety
+from .payload import RequestBuilder, context_content, normalize_config, normalize_safety
 from .schema import ResponseSchema
 from .schema import response_schema as translate_schema
 
@@ -50,7 +52,10 @@ Safety = Mapping[str, str] | Sequence[Mapping[str, str]]
 class RequestSpec:
     """What to ask, for every row: one validated object to build once and reuse.
 
-    ``model`` (None: the client's), ``system`` (the system instruction), ``config`` (a
+    ``model`` (None: the client's), ``system`` (the system instruction), ``context`` (shared
+    leading material for every row: text, and files as ``pathlib.Path``, bytes or image structs,
+    alone or in a list; sent as the first user turn of every request, before a row's history,
+    or once by ``cachedContents`` with ``gf.Client(cache_context=...)``), ``config`` (a
     generationConfig, snake_case or camelCase keys), ``safety`` (harm categories to
     thresholds, short names accepted), ``response_schema`` (a polars dtype, a
     dataclass/TypedDict or a JSON-schema dict: asks for JSON and adds a typed ``parsed`` reply
@@ -77,6 +82,7 @@ class RequestSpec:
     safety: Safety | None = None
     response_schema: Any = None
     sample: int = 0
+    context: Any = None  # last: the fields before it keep their positions
     # Derived once, at construction: the translated schema and the builder of request bodies.
     schema: ResponseSchema | None = field(init=False, repr=False, compare=False)
     builder: RequestBuilder = field(init=False, repr=False, compare=False)
@@ -94,6 +100,7 @@ class RequestSpec:
             raise ConfigError(f"sample must be an integer >= 0 (which cached answer to use), not {self.sample!r}")
         config = normalize_config(self.config)
         safety = normalize_safety(self.safety)
+        context = context_content(self.context)  # files read (and checked) here, once
         schema = translate_schema(self.response_schema) if self.response_schema is not None else None
         set_ = object.__setattr__  # frozen: the normalized values are set once, here
         set_(self, "sample", sample)
@@ -101,7 +108,7 @@ class RequestSpec:
         set_(self, "safety", safety)
         set_(self, "schema", schema)
         # The builder merges the schema into the config (refusing it twice) and shares the rest.
-        set_(self, "builder", RequestBuilder.normalized(self.system, config, safety, schema))
+        set_(self, "builder", RequestBuilder.normalized(self.system, config, safety, schema, context))
 
     def with_sample(self, sample: int) -> RequestSpec:
         """The same spec asking for another sample index (nothing else changes, nothing is
@@ -130,7 +137,25 @@ class RequestSpec:
             out["response_schema"] = self.schema.config
         if self.sample:
             out["sample"] = self.sample
+        if self.builder.context is not None:
+            out["context"] = describe_context(self.builder.context)
         return out
+
+
+def describe_context(content: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What a manifest records of the context turn: each text part's length and each file's
+    MIME type, size and sha256 (never the bytes: a context may be megabytes)."""
+    out: list[dict[str, Any]] = []
+    for part in content["parts"]:
+        if "text" in part:
+            out.append({"text_chars": len(part["text"]), "sha256": hashlib.sha256(part["text"].encode()).hexdigest()})
+        else:
+            inline = part["inlineData"]
+            data = base64.b64decode(inline["data"])
+            out.append(
+                {"mime_type": inline["mimeType"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
+    return out
 
 
 class Ask(TypedDict, total=False):
@@ -143,6 +168,7 @@ class Ask(TypedDict, total=False):
     safety: Safety | None
     response_schema: Any
     sample: int
+    context: Any
 
 
 ASK = tuple(f.name for f in fields(RequestSpec) if f.init)

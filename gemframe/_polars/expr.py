@@ -20,6 +20,7 @@ import polars.selectors as cs
 
 from .._core.cache import CacheMode
 from .._core.client import Client, Row, default_client, named_client
+from .._core.context import context_ttl
 from .._core.payload import RequestBuilder
 from .._core.progress import Progress, job
 from .._core.response import reply_dtype
@@ -206,6 +207,7 @@ def generate(
     batch_state: str | None = None,
     poll_interval: float = 30.0,
     wait: bool = True,
+    cache_context: bool | float | str | None = None,
     **ask: Unpack[Ask],
 ) -> pl.Expr:
     """Ask Gemini once per row; returns the reply struct column (named ``reply``).
@@ -228,9 +230,12 @@ def generate(
     within a day) and waits, polling every ``poll_interval`` seconds; stopped and run again, it
     picks up the same jobs (recorded in ``batch_state``, by default in the cache directory);
     ``wait=False`` submits and returns at once, rows not yet answered being ``BATCH_PENDING``.
+    ``cache_context`` (None: the client's option) sends the shared prefix (``system`` and
+    ``context``) once, by context cache: see `gemframe.Client`.
     """
     spec = request_spec(spec, ask, "generate")  # validated here, once
     _check_run(cache, mode)
+    context_ttl(cache_context)  # a bad TTL fails here
     client = named_client(client)  # client="emulator": that provider's shared Client
     schema = spec.schema
     dtype = reply_dtype(image_files=image_dir is not None, raw=raw, parsed=schema.dtype if schema else None)
@@ -252,6 +257,7 @@ def generate(
                 batch_state=batch_state,
                 poll_interval=poll_interval,
                 wait=wait,
+                cache_context=cache_context,
             )
 
     return pl.map_batches(inputs.exprs, run, return_dtype=dtype, is_elementwise=True).alias("reply")
