@@ -25,6 +25,7 @@ import polars as pl
 from .._errors import ConfigError, InputError, RowError, exception_text
 from .batch import BatchJobs, default_state_path
 from .cache import CacheMode, KnownDigest, ResponseCache, UrlRecord, UrlStore, answer_problem, cache_key, prompt_text
+from .cache.files import UploadStore
 from .context import ContextCaches, RunContext, check_capable, context_ttl
 from .executor import Executor, Outcome, RetryPolicy, background_loop
 from .limits import RateLimiter
@@ -34,6 +35,7 @@ from .providers import DEFAULT_MODEL, Provider, resolve_provider
 from .response import ReplyColumn, decode, failed, reply_dtype
 from .schema import ResponseSchema
 from .spec import RequestSpec
+from .uploads import CallFiles, check_mode, uploads_media, with_files
 
 # A row to answer: a request body, a RowError found while building it, or None (nothing to send).
 Row = dict[str, Any] | RowError | None
@@ -130,6 +132,16 @@ class Client:
     ``keep_context_cache=True`` leaves them to expire at their TTL. A prefix under the model's
     minimum cacheable size is sent inline with one warning. Answers are cached under the same
     keys either way. See `gemframe._core.context`.
+
+    ``upload`` says when media goes through the Files API (uploaded once, then named by
+    ``fileData`` in every row that uses it) instead of inline in each request: ``"auto"``
+    (default) for media shared by two or more requests of a call (256 kB or more), media
+    uploaded by an earlier call and still live, and media that would push a request over the
+    20 MB inline limit; ``"always"`` for all media; ``"never"`` sends everything inline.
+    Uploaded files are remembered in the cache directory (``files``) per server and key, and
+    reused until they expire (48 hours after upload, less a margin); a file deleted meanwhile is
+    uploaded again. Providers without a Files API (Segmind) and Batch Mode send media inline.
+    Answers are cached under the same key either way. See `gemframe._core.uploads`.
     """
 
     def __init__(
@@ -155,6 +167,7 @@ class Client:
         revalidate_urls: bool = False,
         cache_context: bool | float | str = False,
         keep_context_cache: bool = False,
+        upload: str = "auto",
         **provider_options: Any,
     ) -> None:
         if isinstance(provider, Provider):
@@ -166,6 +179,7 @@ class Client:
         self.progress = progress
         self.allow_private_urls = allow_private_urls  # read by the request builders (expr, estimate)
         self.revalidate_urls = revalidate_urls
+        self.upload = check_mode(upload)
         self.executor = Executor(
             self.provider,
             concurrency=concurrency,
@@ -180,6 +194,7 @@ class Client:
         self._cache_dir = cache_dir
         self._cache: ResponseCache | None = None
         self._urls: UrlStore | None = None
+        self._uploads: UploadStore | None = None
 
     def __repr__(self) -> str:
         return (
@@ -202,6 +217,13 @@ class Client:
             self._urls = UrlStore(os.path.join(self.cache.directory, "urls"))
         return self._urls
 
+    @property
+    def upload_store(self) -> UploadStore:
+        """The files uploaded so far (``files`` in the cache directory), opened on first use."""
+        if self._uploads is None:
+            self._uploads = UploadStore(os.path.join(self.cache.directory, "files"))
+        return self._uploads
+
     def close(self) -> None:
         """Delete the context caches (unless kept), release the HTTP connections and the cache
         handle."""
@@ -213,6 +235,9 @@ class Client:
         if self._urls is not None:
             self._urls.close()
             self._urls = None
+        if self._uploads is not None:
+            self._uploads.close()
+            self._uploads = None
 
     def __enter__(self) -> Client:
         return self
@@ -351,6 +376,7 @@ class _Run:
         self.image_users: Counter[str] = Counter()
         self.fetched: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.scratch: UrlStore | None = None  # cache='off': the call's own URL store
+        self.files: CallFiles | None = None  # the Files API side, made when media may be uploaded
 
     def execute(self, rows: Iterable[Row]) -> pl.Series:
         if self.mode is not CacheMode.READ:
@@ -468,7 +494,7 @@ class _Run:
             image = self.images[url]
             if isinstance(image, UrlRecord):
                 inline = inlines[url] = KnownDigest(mimeType=image.mime)
-                inline.digest = image.digest
+                inline.digest, inline.size = image.digest, image.size
 
         def inline_for(url: str) -> KnownDigest:
             image = self.images[url]
@@ -491,6 +517,32 @@ class _Run:
             if not self.image_users[url]:
                 del self.image_users[url], self.images[url]
         return rebuilt
+
+    def _media_files(self, fresh: dict[str, tuple[dict[str, Any], int]]) -> dict[str, dict[str, Any] | str]:
+        """The files the misses of a batch name instead of inline media (`uploads`), uploaded
+        first; empty when this call sends media inline (the option, the provider, Batch Mode,
+        cache='read')."""
+        if self.batch_options is not None or self.mode is CacheMode.READ:
+            return {}
+        if not uploads_media(self.provider, self.client.upload):
+            return {}
+        if self.files is None:
+            store = self.client.upload_store if self.mode is not CacheMode.OFF else None
+            self.files = CallFiles(
+                self.client.executor,
+                self.provider,
+                store,
+                self.client.upload,
+                lambda digest: self._url_store().encoded(digest),
+            )
+        return cast(dict, self.files.prepare(fresh, self._collect))
+
+    def _resend_files(self, key: str, body: dict[str, Any], files: dict[str, Any]) -> None:
+        """Send a request again naming new files (its old ones were gone)."""
+        assert self.files is not None
+        self.files.note_sent(key, body, files)
+        sent = body if self.context is None else self.context.outgoing(key, body)
+        self._resend(key, with_files(sent, files))
 
     def _fill_images(self, body: dict[str, Any]) -> str | None:
         """Put the bytes of its stored images into a body about to be sent; what went wrong, if
@@ -550,6 +602,7 @@ class _Run:
                 del fresh[key]
                 self._answer(key, self._cached_record(key, raw))
         outgoing: list[tuple[str, str, bytes]] = []  # submitted together: one loop wake-up
+        files = self._media_files(fresh)  # key -> the files its request names, or why it cannot
         for key, (body, size) in fresh.items():
             if self.mode is CacheMode.READ:
                 self._answer(
@@ -563,13 +616,22 @@ class _Run:
                     ),
                 )
                 continue
-            problem = self._fill_images(body) if size else None
+            named = files.get(key)
+            if isinstance(named, str):  # its media could not be uploaded
+                self._answer(key, failed(RowError(None, "UPLOAD_FAILED", f"row {self.waiting[key][0]}: {named}")))
+                continue
+            # The request as sent (the key stays the body's): the shared prefix named by its
+            # context cache first (`RunContext` knows the prefix by its inline turn), then its
+            # shared or big media named by file.
+            sent = body if self.context is None else self.context.outgoing(key, body)
+            if named is not None:
+                sent = with_files(sent, named)
+            problem = self._fill_images(sent) if size else None
             if problem is not None:
                 self._answer(key, failed(RowError(None, "CACHE_CORRUPT", f"row {self.waiting[key][0]}: {problem}")))
                 continue
             encode = request_json if size else orjson.dumps  # images: spliced in (see request_json)
             try:
-                sent = body if self.context is None else self.context.outgoing(key, body)  # the key stays the body's
                 content = encode(self.provider.wrap(sent))
             except Exception as exc:  # e.g. gf.send with an integer beyond 64 bits: no JSON encoder here writes it
                 self._answer(
@@ -591,7 +653,8 @@ class _Run:
                             None,
                             "INVALID_INPUT",
                             f"row {self.waiting[key][0]}: the request is {len(content) / 2**20:.1f} MB; the API takes "
-                            f"about {INLINE_LIMIT // 2**20} MB inline per request: send smaller or fewer images",
+                            f"about {INLINE_LIMIT // 2**20} MB inline per request: send smaller or fewer images"
+                            + _upload_hint(self.client),
                         )
                     ),
                 )
@@ -600,6 +663,8 @@ class _Run:
                 self.batch_bodies[key] = content
                 continue
             outgoing.append((key, self.url, content))
+            if self.files is not None and key in files:
+                self.files.note_sent(key, body, cast(dict, files[key]))
             self.in_flight.add(key)
             if self.cache is not None and (prompt := prompt_text(body)) is not None:
                 self.prompts[key] = prompt
@@ -686,9 +751,18 @@ class _Run:
         if self.context is not None:
             again = self.context.retry(key, outcome.error) if outcome.response is None else None
             if again is not None:  # its context cache was gone: made anew, the row sent again
+                if self.files is not None and (named := self.files.named(key)):
+                    again = with_files(again, named)  # still naming the files it named
                 self._resend(key, again)
                 return
             self.context.forget(key)
+        refiled = self.files.finished(key, outcome.error) if self.files is not None else None
+        if isinstance(refiled, tuple):  # a file it named was gone: uploaded again, sent again
+            self._resend_files(key, *refiled)
+            return
+        if refiled is not None:
+            error = RowError(None, "UPLOAD_FAILED", f"row {self.waiting[key][0]}: {refiled}")
+            outcome = Outcome(None, None, error, None, outcome.attempts, outcome.latency_ms)
         if outcome.response is None:
             assert outcome.error is not None
             self._answer(key, failed(outcome.error, attempts=outcome.attempts, latency_ms=outcome.latency_ms))
@@ -737,6 +811,8 @@ class _Run:
         executor = self.client.executor
         executor.cancel(self.finished)
         executor.cancel(self.fetched)  # image downloads still running
+        if self.files is not None:
+            self.files.close()  # uploads still running
         if self.scratch is not None:
             self.scratch.close()
             shutil.rmtree(self.scratch.directory, ignore_errors=True)
@@ -757,6 +833,13 @@ class _Run:
         self.prompts.clear()
         if self.progress.owned:  # one RowsFailedWarning when rows failed (see Progress.close)
             self.progress.close(warn=self.completed)
+
+
+def _upload_hint(client: Client) -> str:
+    """How to send a request over the inline limit anyway, if the provider can."""
+    if "files" not in client.provider.capabilities:
+        return f" (provider {client.provider.name!r} has no Files API to upload them to)"
+    return "; gf.Client(upload='auto') uploads big media through the Files API" if client.upload == "never" else ""
 
 
 def _distinct_urls(rows: list[tuple[Row, int]]) -> list[str]:

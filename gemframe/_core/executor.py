@@ -333,6 +333,22 @@ class Executor:
         fetched: Fetched = await fetcher.fetch(url, etag, last_modified)
         return await asyncio.get_running_loop().run_in_executor(None, then, url, fetched)
 
+    def run_many(
+        self, jobs: list[tuple[str, Any]], done: queue.SimpleQueue[tuple[str, asyncio.Task[Any]]]
+    ) -> None:
+        """Run (name, job) on the loop, from any thread, waking it once: each ``job(session)``
+        is a coroutine given this executor's pooled HTTP session (its headers carry the key, so
+        a job sends only to the provider's origin: see `uploads`); each finished one is put on
+        ``done`` as (name, task). `cancel` with the same ``done`` stops what is left."""
+        self._use_loop().call_soon_threadsafe(self._start_jobs, jobs, done)
+
+    def _start_jobs(self, jobs: list[tuple[str, Any]], done: queue.SimpleQueue[Any]) -> None:
+        waiting = self._waiting.setdefault(id(done), {})
+        for name, job in jobs:
+            task = asyncio.ensure_future(job(self._client()))
+            waiting[name] = _Shared(task, waiters=1)
+            task.add_done_callback(functools.partial(_finished, waiting, done, name))
+
     def call(self, method: str, url: str, content: bytes | None = None) -> concurrent.futures.Future[Reply]:
         """One control call (batch create/poll) from any thread, retried on transient failures;
         the future holds the last answer."""

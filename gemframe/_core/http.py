@@ -95,11 +95,16 @@ class AiohttpSession:
         )
         self._timeout = timeout
 
-    async def request(self, method: str, url: str, content: bytes | None = None) -> Reply:
+    async def request(
+        self, method: str, url: str, content: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> Reply:
+        """One request; ``headers`` are added to the session's (a Files API upload's)."""
         parts = urlsplit(url)
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
         with _failures(self._timeout, asyncio.TimeoutError, aiohttp.ClientError):
-            async with self._session.request(method, url, data=content, proxy=proxy, allow_redirects=False) as response:
+            async with self._session.request(
+                method, url, data=content, headers=headers, proxy=proxy, allow_redirects=False
+            ) as response:
                 return Reply(response.status, response.headers, await response.read())
 
     async def aclose(self) -> None:
@@ -120,9 +125,11 @@ class HttpxSession:
         )
         self._timeout = timeout
 
-    async def request(self, method: str, url: str, content: bytes | None = None) -> Reply:
+    async def request(
+        self, method: str, url: str, content: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> Reply:
         with _failures(self._timeout, httpx.TimeoutException, httpx.TransportError):
-            response = await self._client.request(method, url, content=content)
+            response = await self._client.request(method, url, content=content, headers=headers)
             return Reply(response.status_code, response.headers, await response.aread())
 
     async def aclose(self) -> None:

@@ -228,6 +228,8 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "count_tokens": ("count_tokens_url",),
     # Context caching: ``cachedContents`` create and delete, for ``gf.Client(cache_context=...)``.
     "context_cache": ("cached_contents_url", "cached_content_url"),
+    # The Files API: media uploaded once (resumable upload) and sent as ``fileData`` (`uploads`).
+    "files": ("upload_url", "file_url"),
 }
 
 # The status a row gets when the API answers that the ``cachedContent`` its request names is gone
@@ -257,6 +259,19 @@ class ContextCacheCapable(Protocol):
 
     def cached_contents_url(self) -> str: ...
     def cached_content_url(self, name: str) -> str: ...
+
+
+class FilesCapable(Protocol):
+    """The methods of a provider declaring "files", as `BatchCapable` for "batch"."""
+
+    def upload_url(self) -> str: ...
+    def file_url(self, name: str) -> str: ...
+
+
+# The API's answer to a request naming a file that is gone (deleted, expired) or another
+# project's: a 403 like a key's, but about that file only, so that row's (`uploads` uploads it
+# again), never the run's.
+MISSING_FILE = re.compile(r"access the File ([a-z0-9-]+) or it may not exist")
 
 
 class Provider(ABC):
@@ -417,7 +432,7 @@ class GoogleAI(Provider):
     name = "google"
     default_base_url = "https://generativelanguage.googleapis.com"
     key_env: ClassVar[tuple[str, ...]] = ("GEMINI_API_KEY", "GOOGLE_API_KEY")  # typed: subclasses may set other keys
-    capabilities = frozenset({"batch", "count_tokens", "context_cache"})
+    capabilities = frozenset({"batch", "count_tokens", "context_cache", "files"})
 
     def url(self, model: str) -> str:
         return f"{self.base_url}/v1beta/models/{model.removeprefix('models/')}:generateContent"
@@ -451,6 +466,14 @@ class GoogleAI(Provider):
         """``countTokens``: a request's input tokens, free, without generating."""
         return f"{self.base_url}/v1beta/models/{model.removeprefix('models/')}:countTokens"
 
+    def upload_url(self) -> str:
+        """The Files API: start a resumable upload."""
+        return f"{self.base_url}/upload/v1beta/files"
+
+    def file_url(self, name: str) -> str:
+        """The Files API: one file (``files/...``), to get or delete."""
+        return f"{self.base_url}/v1beta/{name}"
+
     def failure(self, response: Any) -> Failure:
         code = response.status_code
         if 300 <= code < 400:
@@ -470,6 +493,8 @@ class GoogleAI(Provider):
             return Failure(code, CACHE_GONE, message)
         if code == 401 or "API_KEY_INVALID" in reasons or "API key not valid" in message:
             fatal, hint = AuthenticationError, self._key_hint()
+        elif code == 403 and MISSING_FILE.search(message):
+            pass  # one row's file is gone: that row's error (see MISSING_FILE)
         elif code == 403:
             if self._api_key:
                 fatal, hint = PermissionDeniedError, "The key is not allowed to use this model."

@@ -60,7 +60,8 @@ v1beta; the google-genai SDK 3.x speaks v1); paths below say v1beta.
     them, as the API counts); countTokens too. At most 1,000 caches made from 256 MiB of request
     bytes live at once (then 429), as caches are held in memory.
 ``GET /emulator/stats`` / ``POST /emulator/reset``
-    Stats as ``{"requests", "distinct_bodies", "max_in_flight", "in_flight"}`` / reset them.
+    Stats as ``{"requests", "distinct_bodies", "max_in_flight", "in_flight", "bytes_received",
+    "uploads"}`` / reset them.
 
 Knobs (constructor arguments, also plain attributes that may be changed between requests)
 ----------------------------------------------------------------------------------------
@@ -87,7 +88,8 @@ Knobs (constructor arguments, also plain attributes that may be changed between 
 
 ``emu.stats`` counts generate calls (``requests``, ``by_body`` keyed by sha256 hex of the raw
 body, ``in_flight``, ``max_in_flight``; a body refused as too large counts in ``requests``
-only). ``emu.reset_stats()`` zeroes the counters (and so restarts ``fail_first``);
+only), ``bytes_received`` the request body bytes received on every route (uploads included)
+and ``uploads`` the files created by uploads. ``emu.reset_stats()`` zeroes the counters (and so restarts ``fail_first``);
 ``in_flight`` is left alone because those requests are still running.
 
 Answers

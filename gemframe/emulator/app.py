@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .answers import build_reply, prompt_tokens
 from .batch import BatchError, BatchStore
@@ -51,12 +51,15 @@ __all__ = ["Emulator", "Stats", "serve"]
 
 @dataclass
 class Stats:
-    """Generate-call counters (both routes, failures included)."""
+    """Generate-call counters (both routes, failures included), plus the request body bytes
+    received on every route and the Files API uploads finalized."""
 
     requests: int = 0
     by_body: Counter[str] = field(default_factory=Counter)  # sha256 hex of raw body -> count
     in_flight: int = 0
     max_in_flight: int = 0
+    bytes_received: int = 0  # request bodies, every route (generate, uploads, ...)
+    uploads: int = 0  # files created by an upload's finalize
 
     def as_json(self) -> dict[str, int]:
         return {
@@ -64,6 +67,8 @@ class Stats:
             "distinct_bodies": len(self.by_body),
             "max_in_flight": self.max_in_flight,
             "in_flight": self.in_flight,
+            "bytes_received": self.bytes_received,
+            "uploads": self.uploads,
         }
 
 
@@ -243,11 +248,19 @@ class Emulator:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._app(scope, receive, send)
+        stats = self.stats
+
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                stats.bytes_received += len(message.get("body", b""))
+            return message
+
+        await self._app(scope, counted, send)
 
     def reset_stats(self) -> None:
         """Zero the counters in place (restarting fail_first); in-flight requests stay counted."""
-        self.stats.requests = 0
+        self.stats.requests = self.stats.bytes_received = self.stats.uploads = 0
         self.stats.by_body.clear()
         self.stats.max_in_flight = self.stats.in_flight
 
@@ -385,6 +398,7 @@ class Emulator:
             file = await run_in_threadpool(
                 self.files.finish, session_id, session, f"{request.base_url}{_version(request)}/"
             )
+            self.stats.uploads += 1
         except ErrorAnswer as err:
             self.files.drop(session_id)
             response = _google_error(err)

@@ -26,7 +26,7 @@ class EmulatorProvider(GoogleAI):
     default_base_url = "http://emulator"
     key_env = ()
     key_required = False
-    capabilities = frozenset({"batch", "count_tokens", "context_cache"})  # the emulator answers them all
+    capabilities = frozenset({"batch", "count_tokens", "context_cache", "files"})  # the emulator answers them all
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None, app: Any = None) -> None:
         super().__init__(api_key, base_url)

@@ -51,8 +51,9 @@ class KnownDigest(dict):
     would be, so a cached rerun needs neither the image nor the network. Only a `Client.send`
     call makes one (JSON from users is plain dicts); it fills ``data`` in before sending."""
 
-    __slots__ = ("digest",)
+    __slots__ = ("digest", "size")
     digest: str  # declared for type checkers: __slots__ alone does not say the attribute's type
+    size: int  # the image's bytes (`uploads` decides from it whether to upload the image)
 
 
 def _digest_part(part: dict[str, Any]) -> dict[str, Any]:
