@@ -53,7 +53,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from .._errors import RowError, exception_text
-from .cache.files import FILE_TTL, FileRecord, UploadStore, _now, scope_of
+from .cache import files as file_store
+from .cache.files import FILE_TTL, FileRecord, UploadStore, scope_of
 from .cache.key import KnownDigest, _data_digest
 from .http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
 from .payload import INLINE_LIMIT
@@ -311,7 +312,7 @@ async def upload_file(
     """Upload ``data`` and wait until the file is ACTIVE: its record. Transient faults (429,
     5xx, a dropped connection, a timeout) start the upload again, within ``retry``'s attempts
     and deadline; anything else raises `UploadFailed`."""
-    started, wall = time.monotonic(), _now()
+    started, wall = time.monotonic(), file_store.now()
     attempts = retry.max_attempts or _ATTEMPTS
     attempt = 0
     while True:

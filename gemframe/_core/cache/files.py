@@ -39,7 +39,7 @@ FILE_TTL = 48 * 3600  # the Files API keeps a file 48 hours after its upload
 EXPIRY_MARGIN = 3600.0
 
 
-def _now() -> float:
+def now() -> float:
     """The clock records are judged by (a function, so a test can move it)."""
     return time.time()
 
@@ -62,9 +62,9 @@ class FileRecord:
     uploaded_at: float  # epoch seconds (this machine's clock)
     expires: float  # epoch seconds (this machine's clock: uploaded_at + the TTL the server gave)
 
-    def live(self, now: float | None = None) -> bool:
+    def live(self) -> bool:
         """Whether the file may still be named: before its expiry, less the margin."""
-        return self.expires - EXPIRY_MARGIN > (_now() if now is None else now)
+        return self.expires - EXPIRY_MARGIN > now()
 
 
 def _record(raw: bytes) -> FileRecord | None:

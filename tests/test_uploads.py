@@ -1,0 +1,369 @@
+"""Media through the Files API (`gemframe._core.uploads`): media shared by many rows, or over
+the inline limit, is uploaded once and named by ``fileData``; files are reused across calls by
+digest (per server and key), uploaded again when expired or deleted, waited for while
+PROCESSING; the cache key is the same as inline; providers without a Files API and Batch Mode
+send media inline. Bytes and uploads are counted at the emulator (``emu.stats``)."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import random
+import threading
+import time
+
+import polars as pl
+import pytest
+from PIL import Image
+
+import gemframe as gf
+from gemframe.emulator import Emulator
+
+from .conftest import ServedEmulator
+
+HOURS = 3600
+PDF_PAGE = b"1 0 obj << /Type /Page >> endobj\n"
+
+
+def noise_png(size: int, seed: int = 1) -> bytes:
+    """A PNG of about ``size`` bytes (noise does not compress)."""
+    side = int((size / 3) ** 0.5)
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3)).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shared_png() -> bytes:
+    return noise_png(300_000)  # over SHARED_MIN_BYTES (256 kB): uploaded when shared
+
+
+def frame(image_path, rows: int, tag: str = "row") -> pl.DataFrame:
+    return pl.DataFrame({"prompt": [f"{tag} {i}" for i in range(rows)], "image": [str(image_path)] * rows})
+
+
+def generate(frame: pl.DataFrame, client: gf.Client, fails: bool = False, **options) -> pl.DataFrame:
+    """The frame with its reply's fields; ``fails``: rows are expected to fail (the call warns)."""
+    expr = gf.generate("prompt", images="image", client=client, **options)
+    if not fails:
+        return frame.with_columns(reply=expr).unnest("reply")
+    with pytest.warns(gf.RowsFailedWarning):
+        return frame.with_columns(reply=expr).unnest("reply")
+
+
+def answered(out: pl.DataFrame, what: str = "Image 1: PNG") -> bool:
+    """Every row answered, without error, about its own prompt and image."""
+    return (
+        out["error"].null_count() == len(out)
+        and all(f'"{p}"' in t and what in t for p, t in zip(out["prompt"], out["text"]))
+    )
+
+
+def statuses(out: pl.DataFrame) -> list[str | None]:
+    return out["error"].struct.field("status").to_list()
+
+
+def messages(out: pl.DataFrame) -> list[str]:
+    return out["error"].struct.field("message").to_list()
+
+
+def in_process(emulator: Emulator, cache_dir, **options) -> gf.Client:
+    return gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False, **options)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_image_shared_by_many_rows_is_uploaded_once(served_emulator, tmp_path):
+    server = served_emulator()
+    image = tmp_path / "reference.png"
+    image.write_bytes(noise_png(600_000))
+    size, rows = image.stat().st_size, 300
+    with gf.Client("emulator", base_url=server.url, cache_dir=str(tmp_path / "cache"), progress=False) as client:
+        out = generate(frame(image, rows), client)
+    stats = server.emulator.stats
+    assert answered(out) and stats.requests == rows
+    assert stats.uploads == 1
+    # ~1x the image plus 300 small bodies; inline it would be 300 x 800 kB of base64 (240 MB)
+    assert stats.bytes_received < size + rows * 1_000, stats.bytes_received
+    (stored,) = server.emulator.files.files.values()
+    assert stored.size == size and stored.mime == "image/png"
+
+
+def test_a_rerun_reuses_the_file_by_digest(emulator, cache_dir, tmp_path, shared_png):
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(image, 20), client))
+    copy = tmp_path / "b.png"  # the same bytes under another name: the same file
+    copy.write_bytes(shared_png)
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(copy, 20, tag="again"), client))
+        assert answered(generate(frame(copy, 20), client, cache="refresh"))
+    assert emulator.stats.uploads == 1 and emulator.stats.requests == 60
+
+
+def test_answers_cached_inline_are_hits_by_file_and_back(emulator, cache_dir, tmp_path, shared_png):
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir, upload="never") as client:
+        first = generate(frame(image, 10), client)
+    assert answered(first) and emulator.stats.requests == 10 and emulator.stats.uploads == 0
+    with in_process(emulator, cache_dir) as client:  # upload="auto": these rows would go by file
+        again = generate(frame(image, 10), client)
+        assert again["cached"].all() and again["text"].to_list() == first["text"].to_list()
+        assert emulator.stats.requests == 10 and emulator.stats.uploads == 0
+        generate(frame(image, 10, tag="by file"), client)
+    assert emulator.stats.requests == 20 and emulator.stats.uploads == 1
+    with in_process(emulator, cache_dir, upload="never") as client:
+        assert generate(frame(image, 10, tag="by file"), client)["cached"].all()
+    assert emulator.stats.requests == 20
+
+
+def test_an_expired_file_is_uploaded_again(monkeypatch, cache_dir, tmp_path, shared_png):
+    from gemframe._core.cache import files as file_store
+
+    clock = Clock()
+    emulator = Emulator(clock=clock)
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(image, 10), client))
+    assert emulator.stats.uploads == 1
+    # 47.5 h later the file still lives on the server, but within the margin: not named
+    clock.now += 47.5 * HOURS
+    monkeypatch.setattr(file_store, "now", lambda: time.time() + 47.5 * HOURS)
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(image, 10, tag="later"), client))
+    assert emulator.stats.uploads == 2
+    assert emulator.stats.requests == 20  # no row named the old file: none was refused
+
+
+def test_a_file_deleted_behind_our_back_is_uploaded_again_once(emulator, cache_dir, tmp_path, shared_png):
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(image, 10), client))
+    (name,) = emulator.files.files
+    emulator.files.delete(name)  # someone else (another tool with the same key) deleted it
+    rows = 40
+    with in_process(emulator, cache_dir, concurrency=8) as client:
+        out = generate(frame(image, rows, tag="after"), client)
+    assert answered(out)
+    assert emulator.stats.uploads == 2
+    # the rows already queued named the old file: each was refused and sent once more (a 403
+    # costs no tokens); rows built after the new upload name the new file
+    assert rows < emulator.stats.requests - 10 <= 2 * rows
+    assert name not in emulator.files.files and len(emulator.files.files) == 1
+
+
+def test_a_file_gone_again_after_its_second_upload_is_the_rows_error(cache_dir, tmp_path, shared_png):
+    class Hasty:  # every reading of the clock is 48 hours after the last: files expire at once
+        now = 1_800_000_000.0
+
+        def __call__(self) -> float:
+            self.now += 48 * HOURS
+            return self.now
+
+    emulator = Emulator(clock=Hasty())
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir, upload="always") as client:
+        out = generate(frame(image, 1), client, fails=True)
+    assert statuses(out) == ["PERMISSION_DENIED"] and "may not exist" in messages(out)[0]
+    assert emulator.stats.uploads == 2 and emulator.stats.requests == 2  # sent again once, then given up
+
+
+def test_a_processing_file_is_waited_for(cache_dir, tmp_path, shared_png):
+    emulator = Emulator(file_polls=3)
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir, backoff=0.01) as client:
+        assert answered(generate(frame(image, 5), client))
+    (stored,) = emulator.files.files.values()
+    assert stored.gets == 3 and emulator.stats.uploads == 1  # polled until ACTIVE, then named
+
+
+def test_a_file_that_failed_processing_is_the_rows_error(cache_dir, tmp_path, shared_png):
+    emulator = Emulator(file_polls=1, file_outcome="FAILED")
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir, backoff=0.01) as client:
+        out = generate(frame(image, 3), client, fails=True)
+    assert statuses(out) == ["UPLOAD_FAILED"] * 3
+    assert all("could not process the uploaded file files/" in e for e in messages(out))
+    assert emulator.stats.requests == 0
+
+
+def test_a_request_over_the_inline_limit_is_uploaded(emulator, cache_dir, tmp_path):
+    pdf = tmp_path / "big.pdf"  # 16 MB: 21.3 MB of base64, over the 20 MB inline limit
+    pdf.write_bytes(b"%PDF-1.4\n" + PDF_PAGE * 2 + b"%" * (16 * 2**20) + b"\n%%EOF")
+    with in_process(emulator, cache_dir) as client:
+        out = generate(frame(pdf, 1), client)
+    assert answered(out, "Document 1: PDF") and emulator.stats.uploads == 1
+    assert emulator.stats.bytes_received < 17 * 2**20
+    with in_process(emulator, cache_dir, upload="never", cache="off") as client:
+        refused = generate(frame(pdf, 1), client, fails=True)
+    assert statuses(refused)[0] == "INVALID_INPUT"
+    assert "20 MB inline" in messages(refused)[0] and "upload='auto'" in messages(refused)[0]
+
+
+def test_segmind_has_no_files_api_so_media_stays_inline(served_emulator, tmp_path, shared_png):
+    server = served_emulator()
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with gf.Client(
+        "segmind",
+        api_key="k",
+        base_url=server.url,
+        model="gemini-2.5-flash",
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        upload="always",
+    ) as client:
+        assert answered(generate(frame(image, 5), client))
+        assert server.emulator.stats.uploads == 0
+        assert server.emulator.stats.bytes_received > 5 * len(shared_png)  # inline, every row
+        big = tmp_path / "big.png"
+        big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (16 * 2**20))
+        refused = generate(frame(big, 1), client, fails=True)
+    assert "20 MB inline" in messages(refused)[0] and "'segmind' has no Files API" in messages(refused)[0]
+
+
+def test_batch_mode_sends_media_inline(emulator, cache_dir, tmp_path, shared_png):
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir, upload="always") as client:
+        assert answered(generate(frame(image, 1, tag="live"), client))
+        assert emulator.stats.uploads == 1  # live: by file
+        emulator.reset_stats()
+        out = generate(frame(image, 4), client, mode="batch", poll_interval=0.01)
+    # a batch job's requests are read up to a day later: its media goes inline
+    assert answered(out) and emulator.stats.uploads == 0 and emulator.stats.bytes_received > 4 * len(shared_png)
+
+
+def test_cache_off_uploads_for_the_call_only(emulator, cache_dir, tmp_path, shared_png):
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir, cache="off") as client:
+        assert answered(generate(frame(image, 5), client))
+        assert answered(generate(frame(image, 5), client))
+    assert emulator.stats.uploads == 2 and not (cache_dir / "files").exists()
+
+
+def test_files_are_kept_apart_by_key_and_the_key_is_never_stored(served_emulator, tmp_path, shared_png):
+    server = served_emulator()
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    cache = tmp_path / "team-cache"
+
+    def run(key: str, tag: str) -> None:
+        with gf.Client("google", api_key=key, base_url=server.url, cache_dir=str(cache), progress=False) as client:
+            assert answered(generate(frame(image, 4, tag=tag), client))
+
+    run("key-of-alice-123456", "alice")
+    run("key-of-bob-654321", "bob")  # another project: Alice's file is not Bob's
+    run("key-of-alice-123456", "alice again")
+    assert server.emulator.stats.uploads == 2
+    stored = b"".join(p.read_bytes() for p in cache.rglob("*") if p.is_file())
+    assert b"files/" in stored and b"key-of-alice" not in stored and b"key-of-bob" not in stored
+
+
+class _Catcher:
+    """A loopback server that counts every request it receives (and answers 200)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        catcher = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                catcher.requests += 1
+                self.send_response(200)
+                self.end_headers()
+
+            do_GET = do_PUT = do_POST  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Redirecting:
+    """The emulator, except that the start of an upload answers a session URL elsewhere."""
+
+    def __init__(self, emulator: Emulator, elsewhere: str) -> None:
+        self.emulator, self.elsewhere = emulator, elsewhere.encode()
+
+    async def __call__(self, scope, receive, send):
+        async def rewrite(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    (k, self.elsewhere + b"/upload/v1beta/files?upload_id=stolen" if k == b"x-goog-upload-url" else v)
+                    for k, v in message["headers"]
+                ]
+            await send(message)
+
+        await self.emulator(scope, receive, rewrite)
+
+
+def test_an_upload_url_on_another_origin_is_refused(tmp_path, shared_png):
+    catcher = _Catcher()
+    emulator = Emulator()
+    server = ServedEmulator(_Redirecting(emulator, catcher.url))  # type: ignore[arg-type]
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    try:
+        with gf.Client(
+            "google", api_key="secret-key", base_url=server.url, cache_dir=str(tmp_path / "c"), progress=False
+        ) as client:
+            out = generate(frame(image, 3), client, fails=True)
+    finally:
+        server.stop()
+        catcher.close()
+    assert statuses(out) == ["UPLOAD_FAILED"] * 3
+    assert all("another origin" in e and "nothing was sent there" in e for e in messages(out))
+    assert catcher.requests == 0 and emulator.stats.uploads == 0 and emulator.stats.requests == 0
+
+
+def test_the_sdk_sees_the_file_gemframe_uploaded_and_deletes_it(served_emulator, tmp_path, shared_png):
+    genai = pytest.importorskip("google.genai")
+    from google.genai import types
+
+    server = served_emulator(api_key="test-key")
+    sdk = genai.Client(api_key="test-key", http_options=types.HttpOptions(base_url=server.url))
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+
+    def run(tag: str) -> pl.DataFrame:
+        with gf.Client(
+            "google", api_key="test-key", base_url=server.url, cache_dir=str(tmp_path / "c"), progress=False
+        ) as client:
+            return generate(frame(image, 6, tag=tag), client)
+
+    assert answered(run("first"))
+    (listed,) = sdk.files.list()
+    file = sdk.files.get(name=listed.name)
+    assert file.state == types.FileState.ACTIVE
+    assert (file.size_bytes, file.mime_type) == (len(shared_png), "image/png")
+    sdk.files.delete(name=file.name)
+    assert answered(run("after the delete"))
+    assert server.emulator.stats.uploads == 2 and [f.name for f in sdk.files.list()] != [file.name]
+
+
+def test_the_upload_option_is_checked():
+    with pytest.raises(ValueError, match="upload must be one of 'auto', 'always', 'never'"):
+        gf.Client("emulator", upload="sometimes")
