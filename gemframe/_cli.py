@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ._core.cache import CacheMode, CacheWarning, ResponseCache, UrlStore, default_cache_dir, parse_when
+from ._core.cache.files import UploadStore
 from ._core.providers import DEFAULT_MODEL, PROVIDERS
 from ._errors import GemframeError, InputError
 
@@ -408,12 +409,14 @@ def _cache(args: argparse.Namespace) -> int:
         try:
             with ResponseCache(args.cache_dir) as store:
                 urls = UrlStore(os.path.join(store.directory, "urls"))  # the image URLs fetched
+                uploads = UploadStore(os.path.join(store.directory, "files"))  # the files uploaded
                 try:
-                    return _cache_action(args, store, urls)
+                    return _cache_action(args, store, urls, uploads)
                 except (ValueError, OSError) as exc:
                     raise InputError(str(exc)) from None
                 finally:
                     urls.close()
+                    uploads.close()
         finally:
             for warning in caught:
                 if issubclass(warning.category, CacheWarning):
@@ -422,12 +425,13 @@ def _cache(args: argparse.Namespace) -> int:
                     warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def _cache_action(args: argparse.Namespace, store: ResponseCache, urls: UrlStore) -> int:
+def _cache_action(args: argparse.Namespace, store: ResponseCache, urls: UrlStore, uploads: UploadStore) -> int:
     if args.action == "stats":
         stats = store.stats()
         url_stats = urls.stats()
+        file_stats = uploads.stats()
         if args.json:
-            print(json.dumps({**stats, "urls": url_stats}, indent=2))
+            print(json.dumps({**stats, "urls": url_stats, "files": file_stats}, indent=2))
             return 0
         print(f"cache {stats['directory']}: {stats['entries']:,} entries, {_size(stats['bytes_on_disk'])} on disk")
         if stats["entries"]:
@@ -440,12 +444,18 @@ def _cache_action(args: argparse.Namespace, store: ResponseCache, urls: UrlStore
             f"{url_stats['urls']:,} image URLs ({url_stats['images']:,} images, {_size(url_stats['image_bytes'])}) "
             f"in {url_stats['directory']}"
         )
+        print(
+            f"{file_stats['files']:,} files uploaded to the Files API ({file_stats['live']:,} still live, "
+            f"{_size(file_stats['live_bytes'])}) in {file_stats['directory']}"
+        )
     elif args.action == "clear":
         removed = store.clear(model=args.model, before=args.older_than)
         forgotten = ""
         if args.model is None:  # image URLs belong to no model
             before = parse_when(args.older_than) if args.older_than is not None else None
             forgotten = f" and {urls.clear(before=before):,} image URLs"
+            if before is None:  # uploaded files expire on the server within 48 hours anyway
+                forgotten += f" and {uploads.clear():,} uploaded files"
         print(f"removed {removed:,} entries{forgotten} from {store.directory}")
     elif args.action == "export":
         count = store.export(args.file, model=args.model, before=args.older_than, after=args.newer_than)

@@ -367,3 +367,37 @@ def test_the_sdk_sees_the_file_gemframe_uploaded_and_deletes_it(served_emulator,
 def test_the_upload_option_is_checked():
     with pytest.raises(ValueError, match="upload must be one of 'auto', 'always', 'never'"):
         gf.Client("emulator", upload="sometimes")
+
+
+def test_cache_commands_cover_the_uploaded_files(emulator, cache_dir, tmp_path, shared_png):
+    import json
+    import subprocess
+    import sys
+
+    def gemframe(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gemframe", *args, "--cache-dir", str(cache_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(image, 3), client))
+    stats = gemframe("cache", "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["files"] | {"directory": None} == {
+        "directory": None,
+        "files": 1,
+        "live": 1,
+        "live_bytes": len(shared_png),
+    }
+    assert "1 files uploaded to the Files API (1 still live" in gemframe("cache", "stats").stdout
+    cleared = gemframe("cache", "clear")
+    assert cleared.returncode == 0 and "and 1 uploaded files" in cleared.stdout, cleared.stdout
+    assert json.loads(gemframe("cache", "stats", "--json").stdout)["files"]["files"] == 0
+    with in_process(emulator, cache_dir) as client:  # forgotten: uploaded again
+        assert answered(generate(frame(image, 3, tag="again"), client))
+    assert emulator.stats.uploads == 2

@@ -296,7 +296,7 @@ async def _active(
 def _epoch(text: Any) -> float | None:
     """Epoch seconds of an RFC 3339 UTC time as the API writes them, or None."""
     found = _RFC3339.fullmatch(text) if isinstance(text, str) else None
-    return float(calendar.timegm(tuple(map(int, found.groups())))) if found else None  # type: ignore[arg-type]
+    return float(calendar.timegm(tuple(map(int, found.groups())))) if found else None
 
 
 async def upload_file(
