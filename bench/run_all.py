@@ -23,7 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import BENCH, Section, fmt, machine
 
-MODULES = ["overhead", "throughput", "cached", "memory", "images", "streaming", "http2", "rate_limits", "url_images"]
+MODULES = [
+    "overhead",
+    "throughput",
+    "cached",
+    "memory",
+    "images",
+    "streaming",
+    "http2",
+    "rate_limits",
+    "url_images",
+    "shared_media",
+]
 TITLES = {
     "overhead": "2. Client overhead",
     "throughput": "3. Latency-bound throughput",
@@ -34,6 +45,7 @@ TITLES = {
     "http2": "8. HTTP/2",
     "rate_limits": "9. Rate limits not told",
     "url_images": "10. Image URLs",
+    "shared_media": "11. Shared media (Files API)",
 }
 _MODULE_FILES = {"streaming": "polars_streaming"}
 
