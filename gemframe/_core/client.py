@@ -524,14 +524,13 @@ class _Run:
         cache='read')."""
         if self.batch_options is not None or self.mode is CacheMode.READ:
             return {}
-        if not uploads_media(self.provider, self.client.upload):
+        if not uploads_media(self.provider, self.client.upload) or not any(size for _, size in fresh.values()):
             return {}
         if self.files is None:
-            store = self.client.upload_store if self.mode is not CacheMode.OFF else None
             self.files = CallFiles(
                 self.client.executor,
                 self.provider,
-                store,
+                (lambda: self.client.upload_store) if self.mode is not CacheMode.OFF else None,
                 self.client.upload,
                 lambda digest: self._url_store().encoded(digest),
             )

@@ -18,7 +18,7 @@ A new provider is one module: subclass, declare capabilities, register::
         name = "gateway"                     # gf.Client("gateway"), --provider gateway
         default_base_url = "https://gateway.example"
         key_env = ("GATEWAY_API_KEY",)
-        capabilities = frozenset()           # or {"batch", "count_tokens"}, see CAPABILITIES
+        capabilities = frozenset()           # or {"batch", "count_tokens", "files"}, see CAPABILITIES
 
         def url(self, model): ...            # where a generate request goes
         def headers(self): ...               # auth and content type
@@ -34,7 +34,7 @@ repr without the key): a Protocol would only describe the contract and leave eve
 re-implement those. Its abstract methods make a dialect missing ``url``, ``headers`` or
 ``failure`` fail when it is registered or built, not on its first request.
 
-Capabilities are declared, never detected: batch mode and ``estimate(exact=True)`` look at
+Capabilities are declared, never detected: batch mode, ``estimate(exact=True)`` and uploads look at
 ``provider.capabilities``, and `register_provider` checks that a class declaring one has the
 methods it needs (`CAPABILITIES`), so a provider that inherits Google's URLs can still say it
 has no Batch Mode.

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .._errors import RowError, exception_text
+from .._errors import AuthenticationError, RowError, exception_text
 from .cache import files as file_store
 from .cache.files import FILE_TTL, FileRecord, UploadStore, scope_of
 from .cache.key import KnownDigest, _data_digest
@@ -196,7 +196,7 @@ def _refused(provider: Provider, reply: Reply, doing: str) -> Exception:
     message = f"{doing}: HTTP {failure.code} {failure.status}: {failure.message}".rstrip(": ")
     if failure.retryable:
         return _Transient(message, failure.retry_after)
-    fatal = failure if failure.fatal is not None and failure.fatal.__name__ == "AuthenticationError" else None
+    fatal = failure if failure.fatal is AuthenticationError else None  # a refused key: every request would be
     return UploadFailed(message, fatal)
 
 
@@ -340,21 +340,21 @@ async def upload_file(
 class CallFiles:
     """The Files API side of one `Client.send` call (see the module docstring).
 
-    ``store`` None (``cache="off"``): the call keeps its files in a scratch store of its own,
-    removed by `close`. ``encoded_image(digest)``: the base64 text of an image URL's stored
+    ``store()`` opens the upload store on first need; None (``cache="off"``): the call keeps its
+    files in a scratch store of its own, removed by `close`. ``encoded_image(digest)``: the base64 text of an image URL's stored
     image (the URL store), for uploading one."""
 
     def __init__(
         self,
         executor: Any,
         provider: Provider,
-        store: UploadStore | None,
+        store: Callable[[], UploadStore] | None,
         mode: str,
         encoded_image: Callable[[str], str | None],
     ) -> None:
         self.executor, self.provider, self.mode = executor, provider, mode
-        self.scratch = store is None
-        self.store = store if store is not None else UploadStore(tempfile.mkdtemp(prefix="gemframe-files-"))
+        self._open_store = store
+        self._store: UploadStore | None = None
         self.scope = scope_of(_origin_text(provider.base_url), provider.secret)
         self.encoded_image = encoded_image
         self.users: Counter[str] = Counter()  # digest -> distinct requests of the call carrying it
@@ -366,6 +366,13 @@ class CallFiles:
         self.resent: set[str] = set()  # keys sent again after a file went missing (once each)
         self.uploads = 0  # files this call uploaded
         self._slots: asyncio.Semaphore | None = None
+
+    @property
+    def store(self) -> UploadStore:
+        if self._store is None:
+            opened = self._open_store
+            self._store = opened() if opened is not None else UploadStore(tempfile.mkdtemp(prefix="gemframe-files-"))
+        return self._store
 
     def _semaphore(self) -> asyncio.Semaphore:  # made on the loop, on first use
         if self._slots is None:
@@ -522,7 +529,7 @@ class CallFiles:
     def close(self) -> None:
         """Cancel uploads still running; a scratch store is removed."""
         self.executor.cancel(self.done)
-        if self.scratch:
-            self.store.close()
-            shutil.rmtree(self.store.directory, ignore_errors=True)
+        if self._open_store is None and self._store is not None:
+            self._store.close()
+            shutil.rmtree(self._store.directory, ignore_errors=True)
 
