@@ -401,3 +401,15 @@ def test_cache_commands_cover_the_uploaded_files(emulator, cache_dir, tmp_path, 
     with in_process(emulator, cache_dir) as client:  # forgotten: uploaded again
         assert answered(generate(frame(image, 3, tag="again"), client))
     assert emulator.stats.uploads == 2
+
+
+def test_a_request_naming_a_missing_file_is_that_rows_error_not_the_runs(client):
+    gone = {"fileData": {"mimeType": "image/png", "fileUri": "http://emulator/v1beta/files/gone"}}
+    bodies = [
+        {"contents": [{"role": "user", "parts": [gone, {"text": "what is it?"}]}]},
+        {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]},
+    ]
+    with pytest.warns(gf.RowsFailedWarning):
+        out = client.send(bodies).struct.unnest()
+    assert statuses(out) == ["PERMISSION_DENIED", None]  # a 403 about a file, not about the key
+    assert "access the File gone or it may not exist" in messages(out)[0] and "hello" in out["text"][1]
