@@ -54,9 +54,8 @@ def generate(frame: pl.DataFrame, client: gf.Client, fails: bool = False, **opti
 
 def answered(out: pl.DataFrame, what: str = "Image 1: PNG") -> bool:
     """Every row answered, without error, about its own prompt and image."""
-    return (
-        out["error"].null_count() == len(out)
-        and all(f'"{p}"' in t and what in t for p, t in zip(out["prompt"], out["text"]))
+    return out["error"].null_count() == len(out) and all(
+        f'"{p}"' in t and what in t for p, t in zip(out["prompt"], out["text"])
     )
 
 
@@ -283,12 +282,12 @@ class _Catcher:
         catcher = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 catcher.requests += 1
                 self.send_response(200)
                 self.end_headers()
 
-            do_GET = do_PUT = do_POST  # noqa: N815
+            do_GET = do_PUT = do_POST
 
             def log_message(self, *args):
                 pass

@@ -333,9 +333,7 @@ class Executor:
         fetched: Fetched = await fetcher.fetch(url, etag, last_modified)
         return await asyncio.get_running_loop().run_in_executor(None, then, url, fetched)
 
-    def run_many(
-        self, jobs: list[tuple[str, Any]], done: queue.SimpleQueue[tuple[str, asyncio.Task[Any]]]
-    ) -> None:
+    def run_many(self, jobs: list[tuple[str, Any]], done: queue.SimpleQueue[tuple[str, asyncio.Task[Any]]]) -> None:
         """Run (name, job) on the loop, from any thread, waking it once: each ``job(session)``
         is a coroutine given this executor's pooled HTTP session (its headers carry the key, so
         a job sends only to the provider's origin: see `uploads`); each finished one is put on

@@ -499,9 +499,7 @@ class CallFiles:
         entry = self.sent.get(key)
         return entry[1] if entry is not None else None
 
-    def finished(
-        self, key: str, error: RowError | None
-    ) -> tuple[dict[str, Any], dict[str, FileRecord]] | str | None:
+    def finished(self, key: str, error: RowError | None) -> tuple[dict[str, Any], dict[str, FileRecord]] | str | None:
         """What to do with a finished request: None (nothing: answer it as it is), the body and
         files to send again (the API said a file it names does not exist: forgotten, uploaded
         again; once per row), or the row's error when that upload failed."""
@@ -532,4 +530,3 @@ class CallFiles:
         if self._open_store is None and self._store is not None:
             self._store.close()
             shutil.rmtree(self._store.directory, ignore_errors=True)
-
