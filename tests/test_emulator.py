@@ -614,7 +614,9 @@ def test_stats_count_requests_bodies_and_concurrency():
         async with client(emu) as c:
             return await asyncio.gather(*(c.post(GENERATE, json=ask(f"q{i % 3}")) for i in range(6)))
 
-    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    answers = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in answers)
+    sent = sum(len(r.request.content) for r in answers) + len(b"not json")  # bodies, every route
     # Concurrent, not serial: all six were in flight at once (max_in_flight below), which a
     # loaded machine cannot fake; a wall-clock bound (0.3 s serial) could.
     post(emu, b"not json")  # failures count too
@@ -632,8 +634,22 @@ def test_stats_count_requests_bodies_and_concurrency():
             return before, (await c.get("/emulator/stats")).json()
 
     before, after = asyncio.run(over_http())
-    assert before == {"requests": 7, "distinct_bodies": 4, "max_in_flight": 6, "in_flight": 0}
-    assert after == {"requests": 0, "distinct_bodies": 0, "max_in_flight": 0, "in_flight": 0}
+    assert before == {
+        "requests": 7,
+        "distinct_bodies": 4,
+        "max_in_flight": 6,
+        "in_flight": 0,
+        "bytes_received": sent,
+        "uploads": 0,
+    }
+    assert after == {
+        "requests": 0,
+        "distinct_bodies": 0,
+        "max_in_flight": 0,
+        "in_flight": 0,
+        "bytes_received": 0,
+        "uploads": 0,
+    }
 
 
 def test_count_tokens_matches_usage():
