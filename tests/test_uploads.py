@@ -412,3 +412,16 @@ def test_a_request_naming_a_missing_file_is_that_rows_error_not_the_runs(client)
         out = client.send(bodies).struct.unnest()
     assert statuses(out) == ["PERMISSION_DENIED", None]  # a 403 about a file, not about the key
     assert "access the File gone or it may not exist" in messages(out)[0] and "hello" in out["text"][1]
+
+
+def test_a_context_cache_and_uploaded_media_in_one_call(cache_dir, tmp_path, shared_png):
+    emulator = Emulator(cache_min_tokens=1)
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir, cache_context=True) as client:
+        expr = gf.generate("prompt", images="image", context="Read the house rules first.", client=client)
+        out = frame(image, 6).with_columns(reply=expr).unnest("reply")
+        assert len(emulator.caches.caches) == 1  # the prefix by context cache...
+    assert answered(out) and (out["cached_content_tokens"] > 0).all()
+    assert emulator.stats.uploads == 1  # ...and the shared image by file, in the same requests
+    assert emulator.stats.bytes_received < len(shared_png) + 6 * 1_000
