@@ -27,7 +27,7 @@ from .batch import BatchJobs, default_state_path
 from .cache import CacheMode, KnownDigest, ResponseCache, UrlRecord, UrlStore, answer_problem, cache_key, prompt_text
 from .cache.files import UploadStore
 from .context import ContextCaches, RunContext, check_capable, context_ttl
-from .executor import Executor, Outcome, RetryPolicy, background_loop
+from .executor import Executor, Outcome, RetryPolicy, background_loop, take_all
 from .limits import RateLimiter
 from .payload import INLINE_LIMIT, Fetched, _sniffed, request_json, url_images, with_url_images
 from .progress import Progress
@@ -46,10 +46,6 @@ _QUEUED_BYTES = 16 * 2**20  # encoded request bodies held beyond one per concurr
 # Rows admitted at a time when their images come by URL: each chunk waits only for its own
 # downloads (started in row order for the whole batch), so sending starts after the first few.
 _URL_CHUNK = 32
-# How long to wait for a finished request: in effect forever, but given as a timeout because
-# only a timed wait is interrupted by Ctrl-C (SIGINT); `SimpleQueue.get()` without one sleeps
-# through it until the next answer arrives, which may be a minute away.
-_FOREVER = threading.TIMEOUT_MAX
 
 
 def _inline_bytes(row: Row) -> int:
@@ -460,15 +456,7 @@ class _Run:
 
     def _take_downloads(self, block: bool) -> None:
         """Note the finished downloads (waiting for one if asked)."""
-        try:
-            done = [self.fetched.get(block=block, timeout=_FOREVER)]
-        except queue.Empty:
-            return
-        while True:
-            try:
-                done.append(self.fetched.get_nowait())
-            except queue.Empty:
-                break
+        done = take_all(self.fetched, block)
         for url, task in done:
             self.fetching.discard(url)
             exc = None if task.cancelled() else task.exception()
@@ -722,16 +710,11 @@ class _Run:
         They are stored before any is handled: a fatal error raised for one of them leaves the
         others' answers in the cache. Until stored they stay in ``taken``, which `finish`
         stores if the call ends in between (Ctrl-C)."""
-        done = self.taken
-        try:
-            done.append(self.finished.get(block=block, timeout=_FOREVER))
-        except queue.Empty:
+        new = take_all(self.finished, block)
+        if not new:
             return
-        while True:
-            try:
-                done.append(self.finished.get_nowait())
-            except queue.Empty:
-                break
+        done = self.taken
+        done += new
         outcomes = [(key, task.result()) for key, task in done]
         for key, _ in done:
             self.in_flight.discard(key)

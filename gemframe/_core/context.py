@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from .._errors import ConfigError, RowError, clip
+from .executor import FOREVER
 from .http import TransportFailure
 from .providers import CACHE_GONE, ContextCacheCapable, Provider
 
@@ -56,7 +57,6 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TTL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$", re.IGNORECASE)
 _NAME = re.compile(r"^cachedContents/[A-Za-z0-9_-]{1,128}$")
 _TOO_SMALL = re.compile(r"total_token_count=(\d+), min_total_token_count=(\d+)")
-_FOREVER = threading.TIMEOUT_MAX  # a timed wait, so Ctrl-C interrupts it
 
 
 def min_cache_tokens(model: str) -> int:
@@ -222,7 +222,7 @@ class ContextCaches:
             body["systemInstruction"] = prefix.system
         url = cast(ContextCacheCapable, self.provider).cached_contents_url()
         try:
-            response = self.executor.call("POST", url, orjson.dumps(body)).result(_FOREVER)
+            response = self.executor.call("POST", url, orjson.dumps(body)).result(FOREVER)
         except TransportFailure as exc:
             return self._inline(prefix, f"the create call failed: {exc.status}: {exc.message}")
         if response.status_code != 200:

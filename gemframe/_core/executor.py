@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -31,6 +31,28 @@ from .limits import RateLimiter, Window
 from .payload import Fetched, UrlFetcher
 from .providers import RETRYABLE_STATUS, Failure, Provider
 from .tokens import count_tokens
+
+T = TypeVar("T")
+# How long a caller waits for what the loop finishes: in effect forever, but given as a timeout
+# because only a timed wait is interrupted by Ctrl-C (SIGINT); `SimpleQueue.get()` without one
+# sleeps through it until the next answer arrives, which may be a minute away.
+FOREVER = threading.TIMEOUT_MAX
+
+
+def take_all(finished: queue.SimpleQueue[T], block: bool) -> list[T]:
+    """Everything on a queue the loop fills (finished requests, downloads, uploads): at least
+    one item when ``block``, else what is there now; taken at once, so one wake-up handles a
+    burst."""
+    try:
+        items = [finished.get(block=block, timeout=FOREVER)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            items.append(finished.get_nowait())
+        except queue.Empty:
+            return items
+
 
 logger = logging.getLogger("gemframe")
 

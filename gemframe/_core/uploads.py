@@ -42,7 +42,6 @@ import queue
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -56,6 +55,7 @@ from .._errors import AuthenticationError, RowError, exception_text
 from .cache import files as file_store
 from .cache.files import FILE_TTL, FileRecord, UploadStore, scope_of
 from .cache.key import KnownDigest, _data_digest
+from .executor import take_all
 from .http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
 from .payload import INLINE_LIMIT
 from .providers import MISSING_FILE, Failure, FilesCapable, Provider
@@ -74,7 +74,6 @@ _ATTEMPTS = 5  # attempts of one upload when the client sets no max_attempts (as
 _POLL_CAP = 10.0  # seconds between polls of a PROCESSING file, at most
 _NAME = re.compile(r"files/[a-z0-9-]{1,40}")
 _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.\d+)?Z")
-_FOREVER = threading.TIMEOUT_MAX  # a timed wait, so Ctrl-C interrupts it (see client._FOREVER)
 
 
 def check_mode(upload: str) -> str:
@@ -462,15 +461,7 @@ class CallFiles:
     def _take(self, block: bool) -> None:
         """Note finished uploads (waiting for one if asked): each file is remembered in the
         store; a refused key ends the call (`UploadFailed.fatal`)."""
-        try:
-            finished = [self.done.get(block=block, timeout=_FOREVER)]
-        except queue.Empty:
-            return
-        while True:
-            try:
-                finished.append(self.done.get_nowait())
-            except queue.Empty:
-                break
+        finished = take_all(self.done, block)
         fatal: Failure | None = None
         for digest, task in finished:
             self.uploading.discard(digest)
