@@ -236,6 +236,10 @@ def test_a_per_call_option_and_batch_mode(served, cache_dir):
     with client_for(url, cache_dir) as client:
         ask(client, frame(2), cache_context="10m")
         assert json.loads(recorder.calls("POST", "/v1beta/cachedContents")[0])["ttl"] == "600s"
+        # the frame namespace takes the option as gf.generate does (the cache made above is reused)
+        out = frame(2, start=9).gemini.generate(system=SYSTEM, context=HANDBOOK, client=client, cache_context="10m")
+        assert out["reply"].struct.field("cached_content_tokens").min() > 0
+        assert len(recorder.calls("POST", "/v1beta/cachedContents")) == 1
         with pytest.raises(gf.ConfigError, match="mode='batch' cannot use a context cache.*cache_context=False"):
             ask(client, frame(2, start=5), cache_context=True, mode="batch")
         assert not recorder.calls("POST", ":batchGenerateContent")

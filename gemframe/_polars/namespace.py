@@ -84,6 +84,7 @@ class _GeminiFrame(Generic[Frame]):
         batch_state: str | None = None,
         poll_interval: float = 30.0,
         wait: bool = True,
+        cache_context: bool | float | str | None = None,
         **ask: Unpack[Ask],
     ) -> Frame:
         """The frame with a reply column ``name`` added (see `gemframe.generate` for the other
@@ -107,6 +108,7 @@ class _GeminiFrame(Generic[Frame]):
             batch_state=batch_state,
             poll_interval=poll_interval,
             wait=wait,
+            cache_context=cache_context,
             **ask,
         ).alias(name)
         if not unnest:
