@@ -29,7 +29,16 @@ from .cache.files import UploadStore
 from .context import ContextCaches, RunContext, check_capable, context_ttl
 from .executor import Executor, Outcome, RetryPolicy, background_loop, take_all
 from .limits import RateLimiter
-from .payload import INLINE_LIMIT, Fetched, _sniffed, request_json, url_images, with_url_images
+from .payload import (
+    FILES_LIMIT,
+    INLINE_LIMIT,
+    Fetched,
+    LocalFile,
+    _sniffed,
+    request_json,
+    url_images,
+    with_url_images,
+)
 from .progress import Progress
 from .providers import DEFAULT_MODEL, Provider, resolve_provider
 from .response import ReplyColumn, decode, failed, reply_dtype
@@ -48,26 +57,38 @@ _QUEUED_BYTES = 16 * 2**20  # encoded request bodies held beyond one per concurr
 _URL_CHUNK = 32
 
 
-def _inline_bytes(row: Row) -> int:
+def _inline_bytes(row: Row, held: bool = False) -> int:
+    """The base64 bytes of a row's inline media (what decides whether its media may go by file);
+    ``held``: only those in memory (a `LocalFile` stays on disk until it is uploaded)."""
     size = 0
     if isinstance(row, dict):
         for content in row.get("contents") or ():
             for part in content.get("parts") or ():
                 inline = part.get("inlineData")
-                if isinstance(inline, dict):  # not a UrlImage: its size is known once fetched
+                if isinstance(inline, LocalFile):
+                    size += 0 if held else 4 * ((inline.size + 2) // 3)
+                elif isinstance(inline, dict):  # not a UrlImage: its size is known once fetched
                     size += len(inline.get("data", ""))
     return size
 
 
+def _local_files(body: dict[str, Any]) -> Iterator[LocalFile]:
+    """The local files over the inline limit a body still carries (not named by file)."""
+    for content in body["contents"]:
+        for part in content.get("parts") or ():
+            if isinstance(part.get("inlineData"), LocalFile):
+                yield part["inlineData"]
+
+
 def _batches(rows: Iterable[Row]) -> Iterator[list[tuple[Row, int]]]:
-    """(row, its inline image bytes) in lookup batches, bounded by count and by image bytes
-    (memory stays bounded)."""
+    """(row, its inline image bytes) in lookup batches, bounded by count and by the image bytes
+    they hold (memory stays bounded)."""
     batch: list[tuple[Row, int]] = []
     total = 0
     for row in rows:
         size = _inline_bytes(row)
         batch.append((row, size))
-        total += size
+        total += _inline_bytes(row, held=True) if size else 0
         if len(batch) >= _LOOKUP_BATCH or total >= _LOOKUP_BYTES:
             yield batch
             batch, total = [], 0
@@ -524,6 +545,22 @@ class _Run:
             )
         return cast(dict, self.files.prepare(fresh, self._collect))
 
+    def _too_big(self, file: LocalFile) -> str:
+        """Why a local file over the inline limit cannot be sent by this call, and the fix."""
+        why = f"{file.where()} is over the {INLINE_LIMIT // 2**20} MB the API takes inline per request"
+        if self.batch_options is not None:
+            return f"{why}, and Batch Mode sends media inline; send it with mode='live', which uploads it through the Files API"
+        if "files" not in self.provider.capabilities:
+            return (
+                f"{why}, and provider {self.provider.name!r} has no Files API to upload it to; pass a file of at "
+                f"most {INLINE_LIMIT // 2**20} MB, or use the Google provider (gf.Client('google'), upload='auto'), "
+                f"which uploads files of up to {FILES_LIMIT // 2**30} GB"
+            )
+        return (
+            f"{why}; gf.Client(upload='auto') (or 'always') uploads it through the Files API (files of up to "
+            f"{FILES_LIMIT // 2**30} GB), or pass a file of at most {INLINE_LIMIT // 2**20} MB"
+        )
+
     def _resend_files(self, key: str, body: dict[str, Any], files: dict[str, Any]) -> None:
         """Send a request again naming new files (its old ones were gone)."""
         assert self.files is not None
@@ -613,6 +650,12 @@ class _Run:
             sent = body if self.context is None else self.context.outgoing(key, body)
             if named is not None:
                 sent = with_files(sent, named)
+            big = next(_local_files(sent), None) if size else None
+            if big is not None:  # too big for inline, and this call does not upload
+                self._answer(
+                    key, failed(RowError(None, "INVALID_INPUT", f"row {self.waiting[key][0]}: {self._too_big(big)}"))
+                )
+                continue
             problem = self._fill_images(sent) if size else None
             if problem is not None:
                 self._answer(key, failed(RowError(None, "CACHE_CORRUPT", f"row {self.waiting[key][0]}: {problem}")))

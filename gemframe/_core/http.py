@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +21,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
+
+# A request body: bytes, or chunks read as they are sent (a big file streamed to the Files API).
+Body = bytes | AsyncIterator[bytes] | None
 
 
 @dataclass
@@ -95,15 +98,29 @@ class AiohttpSession:
         )
         self._timeout = timeout
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a request may take (`request`'s ``timeout`` replaces it for one)."""
+        return self._timeout
+
     async def request(
-        self, method: str, url: str, content: bytes | None = None, headers: Mapping[str, str] | None = None
+        self,
+        method: str,
+        url: str,
+        content: Body = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Reply:
-        """One request; ``headers`` are added to the session's (a Files API upload's)."""
+        """One request; ``headers`` are added to the session's (a Files API upload's).
+        ``content`` may stream (a big file's upload; give its Content-Length in ``headers``),
+        and ``timeout`` then replaces the session's for it (seconds for the whole exchange)."""
         parts = urlsplit(url)
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
-        with _failures(self._timeout, asyncio.TimeoutError, aiohttp.ClientError):
+        limit = self._timeout if timeout is None else timeout
+        own = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=limit, connect=min(limit, 30.0))}
+        with _failures(limit, asyncio.TimeoutError, aiohttp.ClientError):
             async with self._session.request(
-                method, url, data=content, headers=headers, proxy=proxy, allow_redirects=False
+                method, url, data=content, headers=headers, proxy=proxy, allow_redirects=False, **own
             ) as response:
                 return Reply(response.status, response.headers, await response.read())
 
@@ -125,11 +142,28 @@ class HttpxSession:
         )
         self._timeout = timeout
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a request may take (`request`'s ``timeout`` replaces it for one)."""
+        return self._timeout
+
     async def request(
-        self, method: str, url: str, content: bytes | None = None, headers: Mapping[str, str] | None = None
+        self,
+        method: str,
+        url: str,
+        content: Body = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Reply:
-        with _failures(self._timeout, httpx.TimeoutException, httpx.TransportError):
-            response = await self._client.request(method, url, content=content, headers=headers)
+        limit = self._timeout if timeout is None else timeout
+        with _failures(limit, httpx.TimeoutException, httpx.TransportError):
+            response = await self._client.request(
+                method,
+                url,
+                content=content,
+                headers=headers,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(limit, connect=min(limit, 30.0)),
+            )
             return Reply(response.status_code, response.headers, await response.aread())
 
     async def aclose(self) -> None:

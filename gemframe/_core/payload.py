@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .._errors import ConfigError, InputError
+from .cache.key import KnownDigest
 
 if TYPE_CHECKING:
     from .schema import ResponseSchema
@@ -198,8 +200,15 @@ def normalize_safety(
 
 
 INLINE_LIMIT = 20 * 2**20
-"""The API's limit on one request's inline data, in bytes; also the most gemframe reads of one
-image file or URL (a bigger one could never be sent)."""
+"""The API's limit on one request's inline data, in bytes; also the most gemframe reads into
+memory of one image file or URL (a local file over it goes by the Files API: `LocalFile`)."""
+FILES_LIMIT = 2 * 2**30
+"""The Files API's limit per file, in bytes: "Files can be up to 2 GB each" (and 20 GB per
+project, kept 48 hours), https://ai.google.dev/gemini-api/docs/files. The most a `LocalFile` may be."""
+# Local files over this many bytes are not read into memory but streamed (`LocalFile`); a module
+# constant so a test can send a small file down that path.
+STREAM_ABOVE = INLINE_LIMIT
+_DIGEST_CHUNK = 3 * 2**20  # a multiple of 3: the base64 of such chunks joins into the whole's
 _MAX_REDIRECTS = 5
 _URL_TIMEOUT = 30.0
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -262,22 +271,11 @@ def _base64(text: str) -> bytes:
 
 
 def _read_file(path: str) -> bytes:
-    """A regular file's bytes, at most `INLINE_LIMIT` of them. Anything else is refused before
-    it is opened: opening a FIFO blocks, reading /dev/zero never ends."""
+    """A regular file's bytes (`open_regular`), at most `INLINE_LIMIT` of them."""
     try:
-        info = os.stat(path)
-        if stat.S_ISDIR(info.st_mode):
-            raise InputError(f"image file {path!r} is a directory; pass the path of an image file")
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(
-                f"image file {path!r} is not a regular file (a FIFO, device or socket); pass the path of an image file"
-            )
-        _check_size(info.st_size, f"image file {path!r}")
-        # Non-blocking, and checked again once open: the path may have been swapped meanwhile.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise InputError(f"image file {path!r} is not a regular file; pass the path of an image file")
+        f, info = open_regular(path)
+        with f:
+            _check_size(info.st_size, f"image file {path!r}")
             data = f.read(INLINE_LIMIT + 1)
     except OSError as exc:
         raise InputError(f"cannot read image file {path!r}: {exc.strerror}") from None
@@ -285,11 +283,22 @@ def _read_file(path: str) -> bytes:
     return data
 
 
-def _check_size(size: int, origin: str) -> None:
+_BIG_FILE_HINT = (
+    "gf.generate uploads a local file of up to 2 GB through the Files API "
+    "(the Google provider, gf.Client(upload='auto'))"
+)
+
+
+_FILE_FIX = f"pass a smaller file, or pass its path to gf.generate: {_BIG_FILE_HINT}"
+# A URL is never downloaded past the inline limit: a big one would be held in memory (and in
+# the URL store) whole; a local copy is streamed to the Files API instead.
+_URL_FIX = f"download it and pass the local file's path instead: {_BIG_FILE_HINT}"
+
+
+def _check_size(size: int, origin: str, fix: str = _FILE_FIX) -> None:
     if size > INLINE_LIMIT:
         raise InputError(
-            f"{origin} is larger than {INLINE_LIMIT // 2**20} MB, the most the API takes inline "
-            "per request; pass a smaller image"
+            f"{origin} is larger than {INLINE_LIMIT // 2**20} MB, the most the API takes inline per request; {fix}"
         )
 
 
@@ -518,13 +527,13 @@ class UrlFetcher:
                     if status >= 400:
                         raise InputError(f"could not download {where}: HTTP {status}")
                     if response.content_length is not None:
-                        _check_size(response.content_length, where)
+                        _check_size(response.content_length, where, _URL_FIX)
                     chunks, size = [], 0
                     async for chunk in response.content.iter_chunked(_CHUNK):
                         size += len(chunk)
                         if size > INLINE_LIMIT:
                             response.close()  # hang up: the rest is never read
-                        _check_size(size, where)  # stops reading past the limit
+                        _check_size(size, where, _URL_FIX)  # stops reading past the limit
                         chunks.append(chunk)
                     return Fetched(
                         b"".join(chunks), response.headers.get("ETag"), response.headers.get("Last-Modified")
@@ -580,6 +589,92 @@ def _inline_file(path: str, size: int, mtime_ns: int) -> dict[str, str]:
     return _inline(*read_image(path))
 
 
+class LocalFile(KnownDigest):
+    """The ``inlineData`` of a local file over `STREAM_ABOVE` bytes, as `Client.send` takes it
+    (``RequestBuilder.build(..., defer_urls=True)``): its MIME type, and the digest its base64
+    text would have inline (`KnownDigest`), so its cache key is the one it would have inline and
+    a cached rerun reads nothing more. Its bytes are never held in memory: a call that uploads
+    media streams the file to the Files API (`uploads`); one that cannot (no Files API,
+    ``upload='never'``, Batch Mode) makes it that row's error. ``path``, ``mtime_ns`` and
+    ``ino`` say which file was read: the upload checks it is still that file."""
+
+    __slots__ = ("ino", "mtime_ns", "path")
+    path: str
+    mtime_ns: int
+    ino: int
+
+    def changed(self, info: os.stat_result) -> bool:
+        """Whether ``info`` (a stat of the open file) says it is no longer the file read."""
+        return (info.st_size, info.st_mtime_ns, info.st_ino) != (self.size, self.mtime_ns, self.ino)
+
+    def where(self) -> str:
+        return f"image file {self.path!r} ({self.size / 2**20:.1f} MB)"
+
+
+def open_regular(path: str, what: str = "image file") -> tuple[Any, os.stat_result]:
+    """A regular file, opened for reading, and its stat. Anything else is refused before it is
+    opened (opening a FIFO blocks, reading /dev/zero never ends), and checked again once open:
+    the path may have been swapped meanwhile. Raises `InputError` naming the path, or OSError."""
+    info = os.stat(path)
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{what} {path!r} is a directory; pass the path of an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(
+            f"{what} {path!r} is not a regular file (a FIFO, device or socket); pass the path of an image file"
+        )
+    # Non-blocking (a FIFO swapped in after the stat does not hang the open), then checked again.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    f = open(fd, "rb")
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        f.close()
+        raise InputError(f"{what} {path!r} is not a regular file; pass the path of an image file")
+    return f, info
+
+
+@lru_cache(maxsize=256)  # small entries (no bytes): a rerun in this process reads nothing
+def _local_file(path: str, size: int, mtime_ns: int, ino: int) -> LocalFile:
+    """A big local file as a `LocalFile`: its MIME type sniffed and its inline digest computed
+    while streaming it (base64 of `_DIGEST_CHUNK`-byte chunks, a multiple of 3, concatenates to
+    the base64 of the whole, so hashing those pieces gives `cache.key._data_digest` of the whole
+    text without holding it), at most one chunk in memory. A file that changes while it is read
+    is refused (its digest would name no version of it)."""
+    where = f"image file {path!r}"
+    if size > FILES_LIMIT:
+        raise InputError(
+            f"{where} is {size / 2**30:.2f} GB, over the {FILES_LIMIT // 2**30} GB the Files API takes per file; "
+            "pass a smaller file"
+        )
+    hasher = hashlib.sha256()
+    mime = None
+    read = 0
+    try:
+        f, info = open_regular(path)
+        with f:
+            if (info.st_size, info.st_mtime_ns, info.st_ino) != (size, mtime_ns, ino):
+                raise InputError(f"{where} changed while gemframe read it; run again once it is written")
+            while chunk := f.read(_DIGEST_CHUNK):
+                if mime is None:
+                    mime = sniff_mime(chunk)
+                    if mime is None:  # never quoted: its bytes may be anything
+                        raise InputError(
+                            f"{where} is not a {SUPPORTED_MIME} file ({size} bytes); pass the path of an image or PDF"
+                        )
+                read += len(chunk)
+                if len(chunk) % 3 and read < size:  # a short read mid-file would break the joined base64
+                    raise InputError(f"{where} changed while gemframe read it; run again once it is written")
+                hasher.update(base64.b64encode(chunk))
+            after = os.fstat(f.fileno())
+    except OSError as exc:
+        raise InputError(f"cannot read {where}: {exc.strerror}") from None
+    if read != size or (after.st_size, after.st_mtime_ns) != (size, mtime_ns):
+        raise InputError(f"{where} changed while gemframe read it; run again once it is written")
+    inline = LocalFile(mimeType=mime)
+    inline.digest, inline.size = "sha256:" + hasher.hexdigest(), size
+    inline.path, inline.mtime_ns, inline.ino = path, mtime_ns, ino
+    return inline
+
+
 @lru_cache(maxsize=32)
 def _inline_url(url: str, allow_private_urls: bool) -> dict[str, str]:
     return _inline(*read_image(url, allow_private_urls=allow_private_urls))
@@ -633,8 +728,10 @@ def with_url_images(body: dict[str, Any], inline_for: Any) -> dict[str, Any]:
 def inline_data(image: Any, *, allow_private_urls: bool = False, defer_urls: bool = False) -> dict[str, str] | UrlImage:
     """One image value (path, URL, bytes or {mime_type, data} dict) as an ``inlineData`` dict
     (read by `read_image`). ``allow_private_urls`` lets URLs reach private, loopback,
-    link-local and metadata addresses (`Client`'s option of that name). ``defer_urls``: a URL
-    is not fetched here but left as a `UrlImage` for `Client.send` to fetch."""
+    link-local and metadata addresses (`Client`'s option of that name). ``defer_urls`` (the
+    body goes to `Client.send`): a URL is not fetched here but left as a `UrlImage` for
+    `Client.send` to fetch, and a local file over the inline limit (up to `FILES_LIMIT`) is a
+    `LocalFile` (digest, not bytes) for it to upload."""
     if isinstance(image, Mapping) and image.get("data") is None and image.get("path") is not None:
         image = image["path"]  # a reply image saved to a file: read (and cached) as a file
     if isinstance(image, (str, os.PathLike)):
@@ -648,6 +745,8 @@ def inline_data(image: Any, *, allow_private_urls: bool = False, defer_urls: boo
         except OSError:
             info = None  # read_image says why
         if info is not None and stat.S_ISREG(info.st_mode):
+            if defer_urls and info.st_size > STREAM_ABOVE:  # for Client.send: streamed, by file
+                return _local_file(os.path.abspath(text), info.st_size, info.st_mtime_ns, info.st_ino)
             return _inline_file(os.path.abspath(text), info.st_size, info.st_mtime_ns)
     return _inline(*read_image(image, allow_private_urls=allow_private_urls))
 

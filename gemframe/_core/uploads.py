@@ -38,26 +38,27 @@ import base64
 import binascii
 import calendar
 import functools
+import os
 import queue
 import re
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
 
-from .._errors import AuthenticationError, RowError, exception_text
+from .._errors import AuthenticationError, InputError, RowError, exception_text
 from .cache import files as file_store
 from .cache.files import FILE_TTL, FileRecord, UploadStore, scope_of
 from .cache.key import KnownDigest, _data_digest
 from .executor import take_all
-from .http import AiohttpSession, HttpxSession, Reply, TransportFailure, redact_url
-from .payload import INLINE_LIMIT
+from .http import AiohttpSession, Body, HttpxSession, Reply, TransportFailure, redact_url
+from .payload import INLINE_LIMIT, LocalFile, open_regular
 from .providers import MISSING_FILE, Failure, FilesCapable, Provider
 
 UPLOAD_MODES = ("auto", "always", "never")
@@ -73,6 +74,12 @@ _CONCURRENCY = 4  # uploads at once per call: each is megabytes, beside the gene
 _ATTEMPTS = 5  # attempts of one upload when the client sets no max_attempts (as control calls)
 _POLL_CAP = 10.0  # seconds between polls of a PROCESSING file, at most
 _NAME = re.compile(r"files/[a-z0-9-]{1,40}")
+# A local file over the inline limit (`payload.LocalFile`) is streamed from disk in chunks of
+# this size, each read on a worker thread: memory stays at a few chunks whatever the file's size.
+_FILE_CHUNK = 2**20
+# Its upload may take longer than the client's timeout (2 GB at 100 Mbit/s: ~3 minutes): it gets
+# the timeout plus its size at this rate (an upload slower than 512 kB/s times out).
+_SLOWEST = 2**19
 _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.\d+)?Z")
 
 
@@ -105,11 +112,13 @@ def _origin_text(url: str) -> str:
 @dataclass
 class _Media:
     """One media part of a request: its MIME type, size in bytes, and base64 text (None for an
-    image URL's stored image, whose bytes are in the URL store)."""
+    image URL's stored image, whose bytes are in the URL store, and for a local file over the
+    inline limit, ``file``, uploaded from disk)."""
 
     mime: str
     size: int
     data: str | None
+    file: LocalFile | None = None
 
 
 def _encoded_size(size: int) -> int:
@@ -126,7 +135,8 @@ def _media(body: Mapping[str, Any], min_size: int) -> dict[str, _Media]:
                 continue
             if isinstance(inline, KnownDigest):
                 if inline.size >= min_size:
-                    found.setdefault(inline.digest, _Media(inline["mimeType"], inline.size, None))
+                    file = inline if isinstance(inline, LocalFile) else None
+                    found.setdefault(inline.digest, _Media(inline["mimeType"], inline.size, None, file))
                 continue
             data = inline.get("data")
             if isinstance(data, str) and len(data) * 3 // 4 >= min_size:
@@ -203,20 +213,86 @@ async def _request(
     session: AiohttpSession | HttpxSession,
     method: str,
     url: str,
-    content: bytes | None = None,
+    content: Body = None,
     headers: Mapping[str, str] | None = None,
+    timeout: float | None = None,
 ) -> Reply:
     try:
-        return await session.request(method, url, content, headers)
+        return await session.request(method, url, content, headers, timeout)
     except TransportFailure as exc:
         raise _Transient(f"the Files API did not answer ({exc.status}: {exc.message})") from None
 
 
+def _size(data: bytes | LocalFile) -> int:
+    return data.size if isinstance(data, LocalFile) else len(data)
+
+
+class _FileBody:
+    """A `LocalFile` as an upload body: opened (a regular file, as `payload.open_regular` says)
+    and checked to be the file that was read (size, mtime, inode), then read a chunk at a time
+    on a worker thread as the body is sent. A file changed since its digest was computed is
+    refused before a byte is sent; one that changes while it is sent stops before its last
+    chunk (so no file is created from it): ``problem`` says so."""
+
+    def __init__(self, file: LocalFile) -> None:
+        self.file = file
+        self.problem: str | None = None
+        try:
+            self.f, info = open_regular(file.path)
+        except (OSError, InputError) as exc:
+            raise UploadFailed(f"{file.where()} cannot be read to upload it: {exception_text(exc)}") from None
+        if file.changed(info):
+            self.f.close()
+            raise UploadFailed(self._changed())
+
+    def _changed(self) -> str:
+        return (
+            f"{self.file.where()} changed after gemframe read it (its size, time or inode differ), so its "
+            "digest no longer names it and nothing was sent; run again to read it again"
+        )
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        left = self.file.size
+        while left:
+            chunk = await asyncio.to_thread(self.f.read, min(_FILE_CHUNK, left))
+            left -= len(chunk)
+            if not chunk or (not left and self.file.changed(os.fstat(self.f.fileno()))):
+                self.problem = self._changed()
+                raise UploadFailed(self.problem)  # the body ends short: the server makes no file of it
+            yield chunk
+
+    def close(self) -> None:
+        self.f.close()
+
+
 async def _upload_once(
-    session: AiohttpSession | HttpxSession, provider: Provider, data: bytes, mime: str, display: str
+    session: AiohttpSession | HttpxSession, provider: Provider, data: bytes | LocalFile, mime: str, display: str
 ) -> dict[str, Any]:
-    """One resumable upload, start to finalize: the File resource answered."""
+    """One resumable upload, start to finalize: the File resource answered. A `LocalFile` is
+    streamed from disk (`_FileBody`), never held whole."""
     files = cast(FilesCapable, provider)
+    body = _FileBody(data) if isinstance(data, LocalFile) else None
+    try:
+        return await _start_and_send(session, provider, files, data, body, mime, display)
+    except Exception:
+        if body is not None and body.problem is not None:  # however the session library reported it
+            raise UploadFailed(body.problem) from None
+        raise
+    finally:
+        if body is not None:
+            body.close()
+
+
+async def _start_and_send(
+    session: AiohttpSession | HttpxSession,
+    provider: Provider,
+    files: FilesCapable,
+    data: bytes | LocalFile,
+    body: _FileBody | None,
+    mime: str,
+    display: str,
+) -> dict[str, Any]:
+    size = _size(data)
     start = await _request(
         session,
         "POST",
@@ -225,7 +301,7 @@ async def _upload_once(
         {
             "X-Goog-Upload-Protocol": "resumable",
             "X-Goog-Upload-Command": "start",
-            "X-Goog-Upload-Header-Content-Length": str(len(data)),
+            "X-Goog-Upload-Header-Content-Length": str(size),
             "X-Goog-Upload-Header-Content-Type": mime,
         },
     )
@@ -242,13 +318,12 @@ async def _upload_once(
             "origin, so nothing was sent there. Check base_url (a proxy in front of the API must "
             "answer upload URLs on its own origin), or use upload='never' to send media inline"
         )
-    done = await _request(
-        session,
-        "POST",
-        url,
-        data,
-        {"X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0", "Content-Type": mime},
-    )
+    headers = {"X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0", "Content-Type": mime}
+    if body is not None:  # streamed: its length said (not chunked), and time to send it
+        headers["Content-Length"] = str(size)
+        done = await _request(session, "POST", url, body.chunks(), headers, session.timeout + size / _SLOWEST)
+    else:
+        done = await _request(session, "POST", url, cast(bytes, data), headers)
     if done.status_code != 200:
         raise _refused(provider, done, "uploading")
     answer = _json_object(done.content) or {}
@@ -302,13 +377,14 @@ async def upload_file(
     session: AiohttpSession | HttpxSession,
     *,
     provider: Provider,
-    data: bytes,
+    data: bytes | LocalFile,
     mime: str,
     display: str,
     retry: Any,
     slots: Callable[[], asyncio.Semaphore],
 ) -> FileRecord:
-    """Upload ``data`` and wait until the file is ACTIVE: its record. Transient faults (429,
+    """Upload ``data`` (bytes, or a `LocalFile` streamed from disk) and wait until the file is
+    ACTIVE: its record. Transient faults (429,
     5xx, a dropped connection, a timeout) start the upload again, within ``retry``'s attempts
     and deadline; anything else raises `UploadFailed`."""
     started, wall = time.monotonic(), file_store.now()
@@ -330,7 +406,7 @@ async def upload_file(
     # before the upload started: right whatever the two clocks say, and never late.
     created, expires = _epoch(file.get("createTime")), _epoch(file.get("expirationTime"))
     ttl = min(max(expires - created, 0.0), FILE_TTL) if created is not None and expires is not None else FILE_TTL
-    return FileRecord(file["name"], file["uri"], mime, len(data), wall, wall + ttl)
+    return FileRecord(file["name"], file["uri"], mime, _size(data), wall, wall + ttl)
 
 
 # --------------------------------------------------------------------------- one call's files
@@ -436,14 +512,20 @@ class CallFiles:
         for digest, item in media.items():
             if digest in self.ready or digest in self.uploading or digest in self.failed:
                 continue
-            encoded = item.data if item.data is not None else self.encoded_image(digest)
-            try:
-                if encoded is None:
-                    raise ValueError("the stored image is missing or damaged; cache='refresh' fetches the URL again")
-                data = base64.b64decode(encoded, validate=True)
-            except (ValueError, binascii.Error) as exc:
-                self.failed[digest] = f"its {item.mime} media could not be read for upload: {exception_text(exc)}"
-                continue
+            data: bytes | LocalFile
+            if item.file is not None:  # streamed from disk by the upload
+                data = item.file
+            else:
+                encoded = item.data if item.data is not None else self.encoded_image(digest)
+                try:
+                    if encoded is None:
+                        raise ValueError(
+                            "the stored image is missing or damaged; cache='refresh' fetches the URL again"
+                        )
+                    data = base64.b64decode(encoded, validate=True)
+                except (ValueError, binascii.Error) as exc:
+                    self.failed[digest] = f"its {item.mime} media could not be read for upload: {exception_text(exc)}"
+                    continue
             self.uploading.add(digest)
             job = functools.partial(
                 upload_file,
