@@ -357,7 +357,9 @@ def test_an_answer_that_cannot_be_read_is_that_rows_error(cache_dir, tmp_path):
 
 def test_bad_input_gives_clear_errors_and_the_job_goes_on(client, emulator, tmp_path, image_bytes):
     (tmp_path / "notes.txt").write_text("not an image")
-    (tmp_path / "big.png").write_bytes(image_bytes("PNG") + os.urandom(21 * 2**20))
+    with open(tmp_path / "big.png", "wb") as big:  # sparse: over the Files API's 2 GB a file, nothing on disk
+        big.write(image_bytes("PNG"))
+        big.truncate(2 * 2**30 + 1)
     frame = pl.DataFrame(
         {
             "prompt": [
@@ -399,7 +401,7 @@ def test_bad_input_gives_clear_errors_and_the_job_goes_on(client, emulator, tmp_
         None,
     ]
     assert "row 1" in messages[1] and "nope.png" in messages[1]
-    assert "is not a PNG, JPEG" in messages[2] and "20 MB" in messages[3]
+    assert "is not a PNG, JPEG" in messages[2] and "over the 2 GB the Files API takes per file" in messages[3]
     assert out["block_reason"][6] == "SAFETY" and out["finish_reason"][4] == "SAFETY"
     assert emulator.stats.requests == 6  # the three bad inputs were never sent
     with pytest.raises(gf.InputError, match="prompt column"):

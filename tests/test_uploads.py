@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import io
 import random
+import sys
 import threading
 import time
 
@@ -425,3 +426,239 @@ def test_a_context_cache_and_uploaded_media_in_one_call(cache_dir, tmp_path, sha
     assert answered(out) and (out["cached_content_tokens"] > 0).all()
     assert emulator.stats.uploads == 1  # ...and the shared image by file, in the same requests
     assert emulator.stats.bytes_received < len(shared_png) + 6 * 1_000
+
+
+# --------------------------------------------------------------------------- local files over the inline limit
+
+
+def big_pdf(path, megabytes: float, fill: bytes = b"%") -> bytes:
+    """A PDF of about ``megabytes`` MB (one page; ``fill`` repeated), written and returned."""
+    data = b"%PDF-1.4\n" + PDF_PAGE + fill * int(megabytes * 2**20) + b"\n%%EOF"
+    path.write_bytes(data)
+    return data
+
+
+def opens_of(monkeypatch, path) -> list[str]:
+    """Every os.open of ``path`` from now on (the readers open files with os.open)."""
+    import os
+
+    opened: list[str] = []
+    real = os.open
+
+    def counting(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            opened.append(os.fspath(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting)
+    return opened
+
+
+def test_a_local_file_over_the_inline_limit_is_streamed_to_the_files_api(served_emulator, tmp_path, monkeypatch):
+    import hashlib
+
+    server = served_emulator()
+    pdf = tmp_path / "report.pdf"
+    data = big_pdf(pdf, 30)  # 30 MB: main refused it ("larger than 20 MB") before anything was sent
+    cache = str(tmp_path / "cache")
+    with gf.Client("emulator", base_url=server.url, cache_dir=cache, progress=False) as client:
+        out = generate(frame(pdf, 3), client)
+    stats = server.emulator.stats
+    assert answered(out, "Document 1: PDF") and stats.requests == 3 and stats.uploads == 1
+    # the file once, and three small bodies naming it: no inline copy of it was sent
+    assert len(data) < stats.bytes_received < len(data) + 3 * 2_000, stats.bytes_received
+    (stored,) = server.emulator.files.files.values()
+    assert stored.size == len(data) and stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.mime == "application/pdf"
+    server.emulator.reset_stats()
+    opened = opens_of(monkeypatch, pdf)
+    with gf.Client("emulator", base_url=server.url, cache_dir=cache, progress=False) as client:
+        again = generate(frame(pdf, 3), client)
+    # the rerun: answered from the cache, the file neither sent nor even opened (its digest is
+    # remembered by path, size, mtime and inode)
+    assert again["cached"].all() and again["text"].to_list() == out["text"].to_list()
+    assert server.emulator.stats.bytes_received == 0 and opened == []
+
+
+def test_the_streamed_digest_is_the_inline_digest(emulator, cache_dir, tmp_path, monkeypatch):
+    import base64
+
+    from gemframe._core import payload
+    from gemframe._core.cache.key import _data_digest
+
+    pdf = tmp_path / "ten.pdf"
+    data = big_pdf(pdf, 10)  # not a multiple of 3 bytes, over three digest chunks
+    assert len(data) % 3 and len(data) > 3 * payload._DIGEST_CHUNK
+    with in_process(emulator, cache_dir, upload="never") as client:
+        inline = generate(frame(pdf, 2), client)  # read whole and sent inline (under the limit)
+    assert answered(inline, "Document 1: PDF") and emulator.stats.uploads == 0
+    monkeypatch.setattr(payload, "STREAM_ABOVE", 2**20)  # now the same bytes are streamed
+    streamed = payload.inline_data(str(pdf), defer_urls=True)
+    assert isinstance(streamed, payload.LocalFile)
+    assert streamed.digest == _data_digest(base64.b64encode(data).decode()) and streamed.size == len(data)
+    with in_process(emulator, cache_dir) as client:
+        again = generate(frame(pdf, 2), client)
+    assert again["cached"].all() and emulator.stats.requests == 2 and emulator.stats.uploads == 0
+
+
+def test_without_a_files_api_a_big_local_file_is_the_rows_error(served_emulator, emulator, cache_dir, tmp_path):
+    pdf = tmp_path / "big.pdf"
+    big_pdf(pdf, 21)
+    server = served_emulator()
+    with gf.Client(
+        "segmind", api_key="k", base_url=server.url, model="gemini-2.5-flash", cache_dir=str(cache_dir), progress=False
+    ) as client:
+        segmind = generate(frame(pdf, 1), client, fails=True)
+    assert statuses(segmind) == ["INVALID_INPUT"] and server.emulator.stats.bytes_received == 0
+    assert f"image file {str(pdf)!r} (21.0 MB) is over the 20 MB the API takes inline" in messages(segmind)[0]
+    assert "provider 'segmind' has no Files API" in messages(segmind)[0]
+    assert "pass a file of at most 20 MB, or use the Google provider" in messages(segmind)[0]
+    with in_process(emulator, cache_dir, upload="never") as client:
+        never = generate(frame(pdf, 1), client, fails=True)
+        batch = generate(frame(pdf, 1), client, fails=True, mode="batch", poll_interval=0.01)
+    assert "gf.Client(upload='auto') (or 'always') uploads it through the Files API" in messages(never)[0]
+    assert "Batch Mode sends media inline; send it with mode='live'" in messages(batch)[0]
+    assert emulator.stats.bytes_received == 0
+
+
+def test_a_file_replaced_between_runs_is_uploaded_again(emulator, cache_dir, tmp_path):
+    import os
+
+    pdf = tmp_path / "doc.pdf"
+    big_pdf(pdf, 21)
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(pdf, 2), client), "Document 1: PDF")
+    replacement = tmp_path / "new.pdf"
+    data = big_pdf(replacement, 21, fill=b"#")  # the same size, other bytes
+    os.replace(replacement, pdf)
+    with in_process(emulator, cache_dir) as client:
+        out = generate(frame(pdf, 2), client)
+    assert answered(out, "Document 1: PDF") and not out["cached"].any()
+    assert emulator.stats.uploads == 2 and emulator.stats.requests == 4
+    newest = max(emulator.files.files.values(), key=lambda f: f.created)
+    import hashlib
+
+    assert newest.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_file_changed_after_it_was_read_is_not_uploaded(emulator, cache_dir, tmp_path):
+    import os
+
+    pdf = tmp_path / "doc.pdf"
+    big_pdf(pdf, 21)
+    body = gf.RequestSpec().builder.build("read it", str(pdf), defer_urls=True)  # digest computed here
+    with open(pdf, "ab") as f:  # then the file grows before the call uploads it
+        f.write(b"% appended\n")
+    with in_process(emulator, cache_dir) as client, pytest.warns(gf.RowsFailedWarning):
+        out = client.send([body]).struct.unnest()
+    assert statuses(out) == ["UPLOAD_FAILED"]
+    assert f"image file {str(pdf)!r} (21.0 MB) changed after gemframe read it" in messages(out)[0]
+    assert "run again" in messages(out)[0] and emulator.stats.bytes_received == 0
+    assert os.path.getsize(pdf) > 21 * 2**20
+
+
+def test_a_file_changed_while_it_is_uploaded_makes_no_file(emulator, cache_dir, tmp_path, monkeypatch):
+    from gemframe._core import uploads
+
+    pdf = tmp_path / "doc.pdf"
+    big_pdf(pdf, 21)
+    real = uploads._FileBody.read
+
+    def read_then_touch(self, size):  # another program writes to the file mid-upload
+        chunk = real(self, size)
+        with open(pdf, "r+b") as f:
+            f.write(b"%PDF-1.5")
+        return chunk
+
+    monkeypatch.setattr(uploads._FileBody, "read", read_then_touch)
+    with in_process(emulator, cache_dir) as client:
+        out = generate(frame(pdf, 1), client, fails=True)
+    assert statuses(out) == ["UPLOAD_FAILED"] and "changed after gemframe read it" in messages(out)[0]
+    assert emulator.stats.uploads == 0 and emulator.files.files == {} and emulator.stats.requests == 0
+
+
+def test_a_big_context_file_names_the_fix(tmp_path):
+    from pathlib import Path
+
+    pdf = tmp_path / "manual.pdf"
+    big_pdf(pdf, 21)
+    with pytest.raises(gf.ConfigError, match=r"context is a file of 21.0 MB, over the 20 MB .*\(images=pathlib.Path"):
+        gf.RequestSpec(context=Path(pdf))
+
+
+def test_a_url_over_the_inline_limit_names_the_fix(emulator, cache_dir):
+    class Big(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(64 * 2**20))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Big)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/film.pdf"
+        with in_process(emulator, cache_dir, allow_private_urls=True) as client:
+            out = generate(pl.DataFrame({"prompt": ["p"], "image": [url]}), client, fails=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "is larger than 20 MB, the most the API takes inline per request" in messages(out)[0]
+    assert "download it and pass the local file's path instead: gf.generate uploads a local file" in messages(out)[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
+def test_a_big_upload_streams_in_bounded_memory(served_emulator, tmp_path):
+    """A 64 MB file uploaded by a client in a subprocess: its peak RSS grows by far less than
+    the file (reading it whole and base64-encoding it would take ~150 MB)."""
+    import os
+    import subprocess
+
+    server = served_emulator()
+    pdf = tmp_path / "big.pdf"
+    with open(pdf, "wb") as f:  # sparse: 64 MB on the page cache's word, nothing much on disk
+        f.write(b"%PDF-1.4\n" + PDF_PAGE)
+        f.truncate(64 * 2**20)
+        f.seek(0, 2)
+        f.write(b"\n%%EOF")
+    small = tmp_path / "small.pdf"
+    big_pdf(small, 0.01)
+    # Linux's peak RSS of the process (VmHWM), reset just before the call (clear_refs 5): the
+    # child's ru_maxrss would start at its parent's (pytest's) peak, inherited through fork.
+    script = """
+import sys
+import polars as pl, gemframe as gf
+from gemframe._core import payload
+
+url, big, small = sys.argv[1:]
+payload.STREAM_ABOVE = 1024  # the warm-up takes the same path: its one-time costs are not counted
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+with gf.Client("emulator", base_url=url, cache="off", progress=False) as client:
+    def ask(path):
+        frame = pl.DataFrame({"prompt": ["p"], "image": [path]})
+        return frame.with_columns(r=gf.generate("prompt", images="image", client=client)).unnest("r")
+    assert ask(small)["error"][0] is None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    out = ask(big)
+    peak = status("VmHWM")
+print(out["error"][0], (peak - before) / 2**20)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, server.url, str(pdf), str(small)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    error, growth = done.stdout.split()
+    assert error == "None" and server.emulator.stats.uploads == 2
+    assert float(growth) < 32, f"peak RSS grew {growth} MB uploading a 64 MB file"

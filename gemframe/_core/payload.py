@@ -857,6 +857,13 @@ def context_content(context: Any) -> dict[str, Any] | None:
                 "bytes or an image struct, or a list of them"
             )
         path = item.get("path") if isinstance(item, Mapping) and item.get("data") is None else None
+        big = _size_of(item if isinstance(item, os.PathLike) else path)
+        if big > INLINE_LIMIT:  # the context goes inline (or into a context cache), never by file
+            raise ConfigError(
+                f"{where} is a file of {big / 2**20:.1f} MB, over the {INLINE_LIMIT // 2**20} MB the API takes "
+                "inline; pass it to gf.generate as images instead (images=pathlib.Path(...) sends it with every "
+                f"row, uploaded once through the Files API: files of up to {FILES_LIMIT // 2**30} GB)"
+            )
         if isinstance(path, str) and _URL_SCHEME.match(path):
             raise ConfigError(f"{where} is an image URL ({path!r}); the context fetches nothing: pass its bytes")
         try:
@@ -866,6 +873,17 @@ def context_content(context: Any) -> dict[str, Any] | None:
     if not parts:
         raise ConfigError("context is empty; give text or files, or leave context=None")
     return {"role": "user", "parts": parts}
+
+
+def _size_of(path: Any) -> int:
+    """The size of a local file (0 for anything else, or one that cannot be seen: its reader
+    says why)."""
+    if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and _URL_SCHEME.match(path)):
+        return 0
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 class RequestBuilder:

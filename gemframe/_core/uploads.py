@@ -11,6 +11,12 @@ bodies. `Client(upload=...)` says when:
 - ``"always"``: every media part of every request sent.
 - ``"never"``: everything inline, as before (a request over the limit is its row's error).
 
+A local file over the inline limit (up to the Files API's 2 GB, `payload.FILES_LIMIT`) is never
+read into memory: the row carries a `payload.LocalFile` (its MIME type and the digest its base64
+would have inline, computed streaming), and it is uploaded from disk a chunk at a time
+(`_FileBody`), after checking it is still the file that was read. It always goes by file; a call
+that cannot upload (no Files API, ``"never"``, Batch Mode) makes it the row's error.
+
 Only providers declaring the ``"files"`` capability (Google, the emulator) upload; the others
 (Segmind) send media inline whatever the option says. Batch Mode sends media inline too: its
 requests are read up to a day later, when a file that went missing could not be sent again.
@@ -126,7 +132,8 @@ def _encoded_size(size: int) -> int:
 
 
 def _media(body: Mapping[str, Any], min_size: int) -> dict[str, _Media]:
-    """The media of a request of at least ``min_size`` bytes, by digest (the cache key's)."""
+    """The media of a request of at least ``min_size`` bytes (and its local files over the
+    inline limit, whatever their size), by digest (the cache key's)."""
     found: dict[str, _Media] = {}
     for content in body.get("contents") or ():
         for part in content.get("parts") or ():
@@ -134,8 +141,8 @@ def _media(body: Mapping[str, Any], min_size: int) -> dict[str, _Media]:
             if not isinstance(inline, dict) or not isinstance(inline.get("mimeType"), str):
                 continue
             if isinstance(inline, KnownDigest):
-                if inline.size >= min_size:
-                    file = inline if isinstance(inline, LocalFile) else None
+                file = inline if isinstance(inline, LocalFile) else None
+                if inline.size >= min_size or file is not None:  # a LocalFile can only go by file
                     found.setdefault(inline.digest, _Media(inline["mimeType"], inline.size, None, file))
                 continue
             data = inline.get("data")
@@ -254,12 +261,16 @@ class _FileBody:
     async def chunks(self) -> AsyncIterator[bytes]:
         left = self.file.size
         while left:
-            chunk = await asyncio.to_thread(self.f.read, min(_FILE_CHUNK, left))
+            chunk = await asyncio.to_thread(self.read, min(_FILE_CHUNK, left))
             left -= len(chunk)
             if not chunk or (not left and self.file.changed(os.fstat(self.f.fileno()))):
                 self.problem = self._changed()
                 raise UploadFailed(self.problem)  # the body ends short: the server makes no file of it
             yield chunk
+
+    def read(self, size: int) -> bytes:
+        """The next chunk (on a worker thread: the loop never waits on a disk)."""
+        return self.f.read(size)
 
     def close(self) -> None:
         self.f.close()
@@ -486,11 +497,14 @@ class CallFiles:
         return {key: self._files(pick) for key, pick in chosen.items()}
 
     def _choose(self, media: dict[str, _Media]) -> dict[str, _Media]:
-        """Which media of one request go by file."""
+        """Which media of one request go by file (its `LocalFile`s always: they are never read
+        into memory)."""
         if self.mode == "always":
             return media
         pick = {
-            d: m for d, m in media.items() if m.size >= SHARED_MIN_BYTES and (self.users[d] >= 2 or d in self.ready)
+            d: m
+            for d, m in media.items()
+            if m.file is not None or (m.size >= SHARED_MIN_BYTES and (self.users[d] >= 2 or d in self.ready))
         }
         inline = sorted(((m.size, d) for d, m in media.items() if d not in pick), reverse=True)
         total = sum(_encoded_size(size) for size, _ in inline)
