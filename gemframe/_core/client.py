@@ -158,7 +158,10 @@ class Client:
     Uploaded files are remembered in the cache directory (``files``) per server and key, and
     reused until they expire (48 hours after upload, less a margin); a file deleted meanwhile is
     uploaded again. Providers without a Files API (Segmind) and Batch Mode send media inline.
-    Answers are cached under the same key either way. See `gemframe._core.uploads`.
+    A local file over the inline limit (up to the Files API's 2 GB) is never read into memory:
+    hashed and uploaded streaming from disk; where nothing can upload it (no Files API,
+    ``"never"``, Batch Mode) it is that row's error. Answers are cached under the same key
+    either way. See `gemframe._core.uploads`.
     """
 
     def __init__(
