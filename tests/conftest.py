@@ -13,6 +13,9 @@ environment variables are set with ``monkeypatch``. Tests that must not overlap 
 
 Tests never race the clock: they wait for a condition (`wait_for`) with a timeout that only
 a hang reaches.
+
+Tests marked ``slow`` are handed out first (`pytest_collection_modifyitems`): most of the
+suite's time is in a few long tests, and one handed out last sets how long the whole run takes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,25 @@ from gemframe.emulator import Emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
+
+
+# The files of the longest slow tests (20-60 s each on an idle 2-CPU machine, mostly CPU: a
+# Ray runtime in a subprocess, mypy, the benchmarks' processes), handed out before the others.
+LONGEST_FIRST = ("test_readme.py", "test_typing.py", "test_bench_smoke.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, the files in LONGEST_FIRST first among them. pytest-xdist hands tests
+    to the workers in this order (after the ``xdist_group`` groups, largest first), so the long
+    tests start at once, side by side, and the many short ones fill in around them: handed out
+    in file order, the README and mypy tests started last and ran alone at the end of the run."""
+
+    def rank(item: pytest.Item) -> tuple[bool, int]:
+        name = item.path.name
+        first = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return item.get_closest_marker("slow") is None, first
+
+    items.sort(key=rank)  # a stable sort: each part keeps its order
 
 
 def wait_for(condition, *, timeout: float = 60.0, what: str = "a condition") -> None:

@@ -133,6 +133,7 @@ def test_adaptive_rate_settles_under_an_unknown_limit(fault_server, cache_dir):
     assert throughput >= 0.90 and share_429 <= 0.05
 
 
+@pytest.mark.slow  # 420 rows at 20/s: ~21 s, waiting on the limit
 def test_cold_start_under_a_low_limit_draws_few_429s(fault_server, cache_dir):
     # 20 requests/s with 1 s of burst allowance, the client not told, at the default concurrency.
     # Slow start spends the allowance, then a whole round (12 of 16) is answered 429 before any
