@@ -21,6 +21,9 @@ suite's time is in a few long tests, and one handed out last sets how long the w
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +65,32 @@ def wait_for(condition, *, timeout: float = 60.0, what: str = "a condition") -> 
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(0.005)
+
+
+def gemframe_command(*args) -> list[str]:
+    """The command line of ``gemframe ARGS`` as a user's shell runs it, with this interpreter
+    (so this checkout's package, through the PYTHONPATH the tests run with)."""
+    return [sys.executable, "-m", "gemframe", *map(str, args)]
+
+
+def gemframe_run_args(src, dst, *, provider: str, base_url: str, cache_dir) -> list:
+    """The arguments of ``gemframe run SRC DST`` against a loopback server, with a cache of its
+    own and no progress bar; a test adds its own options after them."""
+    return ["run", src, dst, "--provider", provider, "--base-url", base_url, "--cache-dir", cache_dir, "--no-progress"]
+
+
+def gemframe_cli(*args, cwd=None, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``gemframe ARGS`` to its end (``env``: variables added to this environment); its
+    output as text. The timeout only turns a hang into a failure."""
+    return subprocess.run(
+        gemframe_command(*args),
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture(autouse=True)
