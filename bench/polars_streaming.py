@@ -27,7 +27,7 @@ from typing import Any
 
 from _common import API_KEY, MODEL, BenchServer, Row, Section, emit, prompts, run_worker, timed
 
-SIZES = {"quick": 5_000, "default": 200_000}
+SIZES = {"quick": 1_000, "default": 200_000}
 MISS_EVERY = 50
 REPEATS = {"quick": 1, "default": 2}
 GOAL_MIB = 1024

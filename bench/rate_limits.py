@@ -29,7 +29,7 @@ from _common import ROOT, Row, Section, emit, fmt, run_worker
 
 LATENCY = 0.2
 SIZES = {
-    "quick": dict(random_rows=100, limits=[dict(rpm=1200, rows=100, concurrency=16)]),
+    "quick": dict(random_rows=40, limits=[dict(rpm=1200, rows=40, concurrency=16)]),  # the code path, not the figures
     "default": dict(
         random_rows=500,
         limits=[

@@ -13,11 +13,17 @@ environment variables are set with ``monkeypatch``. Tests that must not overlap 
 
 Tests never race the clock: they wait for a condition (`wait_for`) with a timeout that only
 a hang reaches.
+
+Tests marked ``slow`` are handed out first (`pytest_collection_modifyitems`): most of the
+suite's time is in a few long tests, and one handed out last sets how long the whole run takes.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +38,25 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
 
 
+# The files of the longest slow tests (20-60 s each on an idle 2-CPU machine, mostly CPU: a
+# Ray runtime in a subprocess, mypy, the benchmarks' processes), handed out before the others.
+LONGEST_FIRST = ("test_readme.py", "test_typing.py", "test_bench_smoke.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, the files in LONGEST_FIRST first among them. pytest-xdist hands tests
+    to the workers in this order (after the ``xdist_group`` groups, largest first), so the long
+    tests start at once, side by side, and the many short ones fill in around them: handed out
+    in file order, the README and mypy tests started last and ran alone at the end of the run."""
+
+    def rank(item: pytest.Item) -> tuple[bool, int]:
+        name = item.path.name
+        first = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return item.get_closest_marker("slow") is None, first
+
+    items.sort(key=rank)  # a stable sort: each part keeps its order
+
+
 def wait_for(condition, *, timeout: float = 60.0, what: str = "a condition") -> None:
     """Poll ``condition()`` until it holds. Tests wait for a condition (a server started,
     requests seen), never for a fixed time; ``timeout`` only turns a hang into a failure, so it
@@ -40,6 +65,32 @@ def wait_for(condition, *, timeout: float = 60.0, what: str = "a condition") -> 
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(0.005)
+
+
+def gemframe_command(*args) -> list[str]:
+    """The command line of ``gemframe ARGS`` as a user's shell runs it, with this interpreter
+    (so this checkout's package, through the PYTHONPATH the tests run with)."""
+    return [sys.executable, "-m", "gemframe", *map(str, args)]
+
+
+def gemframe_run_args(src, dst, *, provider: str, base_url: str, cache_dir) -> list:
+    """The arguments of ``gemframe run SRC DST`` against a loopback server, with a cache of its
+    own and no progress bar; a test adds its own options after them."""
+    return ["run", src, dst, "--provider", provider, "--base-url", base_url, "--cache-dir", cache_dir, "--no-progress"]
+
+
+def gemframe_cli(*args, cwd=None, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``gemframe ARGS`` to its end (``env``: variables added to this environment); its
+    output as text. The timeout only turns a hang into a failure."""
+    return subprocess.run(
+        gemframe_command(*args),
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture(autouse=True)

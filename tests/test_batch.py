@@ -14,6 +14,8 @@ import pytest
 import gemframe as gf
 from gemframe.emulator import Emulator
 
+from .conftest import gemframe_cli, gemframe_command, gemframe_run_args
+
 
 def _client(emulator, cache_dir):
     return gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False)
@@ -93,26 +95,14 @@ def test_cli_batch_killed_mid_poll_resumes_without_resubmitting(served_emulator,
     server = served_emulator(batch_polls=10_000)
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pl.DataFrame({"id": range(200), "prompt": [f"cli batch {i}" for i in range(200)]}).write_parquet(src)
-    command = [
-        sys.executable,
-        "-m",
-        "gemframe",
-        "run",
-        str(src),
-        str(dst),
-        "--provider",
-        "google",
-        "--base-url",
-        server.url,
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--no-progress",
+    command = gemframe_command(
+        *gemframe_run_args(src, dst, provider="google", base_url=server.url, cache_dir=tmp_path / "cache"),
         "--batch",
         "--poll-interval",
         "0.05",
         "--batch-rows",
         "64",
-    ]
+    )
     env = {**os.environ, "GEMINI_API_KEY": "k"}
     job = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -176,27 +166,14 @@ def test_cli_batch_with_cache_off_exits_nonzero_before_any_job(served_emulator, 
     server = served_emulator()
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pl.DataFrame({"prompt": ["a", "b"]}).write_parquet(src)
-    command = [
-        sys.executable,
-        "-m",
-        "gemframe",
-        "run",
-        str(src),
-        str(dst),
-        "--provider",
-        "emulator",
-        "--base-url",
-        server.url,
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--no-progress",
+    done = gemframe_cli(
+        *gemframe_run_args(src, dst, provider="emulator", base_url=server.url, cache_dir=tmp_path / "cache"),
         "--batch",
         "--cache",
         "off",
         "--poll-interval",
         "0.01",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    )
     assert done.returncode == 2 and not dst.exists()
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("gemframe: error: batch mode needs the cache")
     assert server.emulator.batches.creates == 0

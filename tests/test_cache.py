@@ -8,6 +8,8 @@ import gemframe as gf
 from gemframe._core.cache.manage import parse_when
 from gemframe._core.cache.store import ResponseCache
 
+from .conftest import gemframe_cli
+
 
 def _body(text="hi", image: bytes | None = None):
     parts = [{"text": text}]
@@ -248,8 +250,6 @@ import os
 import pickle
 import sqlite3
 import stat
-import subprocess
-import sys
 import warnings
 
 ENTRY = b'{"format": 1, "model": "m", "created": 0}\n'  # the header gemframe writes before an answer
@@ -386,12 +386,7 @@ def test_planted_file_names_never_read_or_delete_outside_the_cache(tmp_path):
     assert target.read_bytes().startswith(ENTRY)
 
     _plant_escapes(cache_dir, victims)
-    result = subprocess.run(
-        [sys.executable, "-m", "gemframe", "cache", "clear", "--cache-dir", str(cache_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = gemframe_cli("cache", "clear", "--cache-dir", cache_dir)
     assert result.returncode == 0 and "removed 4 entries" in result.stdout, result.stderr
     assert all(v.read_bytes().startswith(ENTRY) for v in victims)
 
@@ -491,10 +486,6 @@ def test_malformed_cached_answer_is_that_rows_error(client, emulator, cache_dir)
     assert fixed["error"].null_count() == 4
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "gemframe", *args], capture_output=True, text=True, timeout=120)
-
-
 def test_corrupt_database_is_one_clear_error(emulator, tmp_path):
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
@@ -505,7 +496,7 @@ def test_corrupt_database_is_one_clear_error(emulator, tmp_path):
             _prompts("a").with_columns(reply=gf.generate("prompt", client=c))
     assert emulator.stats.requests == 0
     for action in ("stats", "clear"):
-        result = _cli("cache", action, "--cache-dir", str(cache_dir))
+        result = gemframe_cli("cache", action, "--cache-dir", str(cache_dir))
         assert result.returncode == 2, result
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert result.stderr.startswith(f"gemframe: error: the cache database {db} is corrupt")
@@ -522,7 +513,7 @@ def test_zero_byte_database_warns(client, emulator, cache_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "cache.db").write_bytes(b"")
-    result = _cli("cache", "stats", "--cache-dir", str(other))
+    result = gemframe_cli("cache", "stats", "--cache-dir", str(other))
     assert result.returncode == 0 and "0 entries" in result.stdout
     assert result.stderr.startswith(f"gemframe: warning: the cache database {other / 'cache.db'} is empty (0 bytes)")
     assert "Traceback" not in result.stderr
@@ -557,12 +548,14 @@ def test_cache_export_by_age_and_model_carries_prompts(client, cache_dir, tmp_pa
     talk = talk.with_columns(r1=gf.generate("p1", client=client))
     talk.with_columns(r2=gf.generate("p2", history=gf.turns("p1", "r1"), client=client))
     assert (
-        _cli("cache", "import", str(_old_export(tmp_path / "old.parquet")), "--cache-dir", str(cache_dir)).returncode
+        gemframe_cli(
+            "cache", "import", str(_old_export(tmp_path / "old.parquet")), "--cache-dir", str(cache_dir)
+        ).returncode
         == 0
     )
 
     new, old = tmp_path / "new.parquet", tmp_path / "old-only.parquet"
-    result = _cli("cache", "export", str(new), "--newer-than", "1d", "--cache-dir", str(cache_dir))
+    result = gemframe_cli("cache", "export", str(new), "--newer-than", "1d", "--cache-dir", str(cache_dir))
     assert result.returncode == 0 and result.stdout.startswith("exported 5 entries"), result
     exported = pl.read_parquet(new)
     assert sorted(exported["prompt"]) == sorted(
@@ -570,7 +563,7 @@ def test_cache_export_by_age_and_model_carries_prompts(client, cache_dir, tmp_pa
     )
     assert set(exported["key"]).isdisjoint(OLD_KEYS)
 
-    result = _cli("cache", "export", str(old), "--older-than", "1d", "--cache-dir", str(cache_dir))
+    result = gemframe_cli("cache", "export", str(old), "--older-than", "1d", "--cache-dir", str(cache_dir))
     assert result.returncode == 0 and result.stdout.startswith("exported 2 entries"), result
     exported = pl.read_parquet(old)
     assert sorted(exported["key"]) == OLD_KEYS and exported["prompt"].null_count() == 2

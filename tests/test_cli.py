@@ -17,7 +17,7 @@ import pytest
 
 from gemframe.emulator import Emulator
 
-from .conftest import ROOT, ServedEmulator
+from .conftest import ROOT, ServedEmulator, gemframe_cli
 
 VENV_TIMEOUT = 180  # pip builds the editable wheel from pyproject.toml: a few seconds here
 
@@ -59,6 +59,19 @@ def installed(tmp_path_factory) -> Path:
     return home
 
 
+def _installed_python(installed: Path, code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -c CODE`` in the virtual environment, from a user's shell (no PYTHONPATH)."""
+    return subprocess.run(
+        [str(installed / "bin" / "python"), "-c", code],
+        cwd=cwd,
+        env=_without_pythonpath(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.xdist_group("installed")  # one worker builds the module's virtual environment, once
 def test_editable_install_wins_over_the_folder_holding_the_clone(installed, tmp_path):
     """``git clone`` makes ``parent/gemframe/`` (no ``__init__.py``): Python started in
@@ -67,15 +80,7 @@ def test_editable_install_wins_over_the_folder_holding_the_clone(installed, tmp_
     (parent / "gemframe").mkdir(parents=True)
     (parent / "gemframe" / "README.md").write_text("a clone of the repository\n")
     probe = "import gemframe; print(gemframe.__file__); print(gemframe.Client.__name__)"
-    done = subprocess.run(
-        [str(installed / "bin" / "python"), "-c", probe],
-        cwd=parent,
-        env=_without_pythonpath(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _installed_python(installed, probe, cwd=parent)
     assert done.returncode == 0, done.stderr
     where, name = done.stdout.split()
     assert Path(where) == ROOT / "gemframe" / "__init__.py" and name == "Client"
@@ -87,15 +92,7 @@ def test_install_brings_the_emulator_server(installed):
     emulator`` serves with, must be among them without an extra. Then the installed command
     serves the emulator."""
     probe = "import importlib.metadata as m; print('\\n'.join(m.requires('gemframe')))"
-    done = subprocess.run(
-        [str(installed / "bin" / "python"), "-c", probe],
-        cwd=installed,
-        env=_without_pythonpath(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _installed_python(installed, probe, cwd=installed)
     assert done.returncode == 0, done.stderr
     unconditional = [r for r in done.stdout.splitlines() if ";" not in r]
     assert any(re.match(r"uvicorn\b", r) for r in unconditional), unconditional
@@ -130,17 +127,6 @@ def test_install_brings_the_emulator_server(installed):
         server.wait(10)
 
 
-def _gemframe(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gemframe", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def _one_line_error(done: subprocess.CompletedProcess) -> str:
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr
@@ -152,7 +138,7 @@ def _one_line_error(done: subprocess.CompletedProcess) -> str:
 def test_version():
     import gemframe
 
-    done = _gemframe("--version")
+    done = gemframe_cli("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"gemframe {gemframe.__version__}"
 
 
@@ -170,11 +156,11 @@ def test_missing_or_foreign_input_is_one_line_not_a_traceback(tmp_path):
         ("report", missing),
         ("manifest", missing),
     ):
-        assert "missing.parquet: no such file" in _one_line_error(_gemframe(*args))
-    assert "no reply fields" in _one_line_error(_gemframe("report", str(plain)))
-    assert "has no gemframe manifest" in _one_line_error(_gemframe("manifest", str(plain)))
-    assert "not a readable parquet file" in _one_line_error(_gemframe("report", str(text)))
-    assert "is a directory" in _one_line_error(_gemframe("run", str(tmp_path), out, "--emulator"))
+        assert "missing.parquet: no such file" in _one_line_error(gemframe_cli(*args))
+    assert "no reply fields" in _one_line_error(gemframe_cli("report", str(plain)))
+    assert "has no gemframe manifest" in _one_line_error(gemframe_cli("manifest", str(plain)))
+    assert "not a readable parquet file" in _one_line_error(gemframe_cli("report", str(text)))
+    assert "is a directory" in _one_line_error(gemframe_cli("run", str(tmp_path), out, "--emulator"))
     assert not os.path.exists(out)
 
 
@@ -198,7 +184,7 @@ def test_rpm_paces_the_run_at_the_server(tmp_path):
     app = _Arrivals()
     served = ServedEmulator(app)
     try:
-        done = _gemframe(
+        done = gemframe_cli(
             "run",
             str(source),
             str(tmp_path / "out.parquet"),

@@ -9,8 +9,6 @@ import http.server
 import io
 import json
 import os
-import subprocess
-import sys
 import threading
 from collections import Counter
 
@@ -19,6 +17,8 @@ import pytest
 from PIL import Image
 
 import gemframe as gf
+
+from .conftest import gemframe_cli
 
 
 def _png(i: int) -> bytes:
@@ -224,26 +224,20 @@ def test_cache_off_keeps_nothing(images, emulator, cache_dir):
     assert not os.path.exists(cache_dir / "urls")
 
 
-def _gemframe(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "gemframe", *args], capture_output=True, text=True, cwd=cwd, timeout=120
-    )
-
-
 def test_cache_commands_cover_the_url_store(images, emulator, cache_dir, tmp_path):
     server = images()
     df = pl.DataFrame({"prompt": ["a", "b", "c"], "img": server.urls(3)})
     with _client(emulator, cache_dir) as client:
         first = df.with_columns(reply=gf.generate("prompt", images="img", client=client, raw=True))
 
-    stats = _gemframe("cache", "stats", "--json", "--cache-dir", str(cache_dir))
+    stats = gemframe_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir))
     assert stats.returncode == 0, stats.stderr
     urls = json.loads(stats.stdout)["urls"]
     assert urls["urls"] == 3 and urls["images"] == 3 and urls["image_bytes"] > 0
-    text = _gemframe("cache", "stats", "--cache-dir", str(cache_dir)).stdout
+    text = gemframe_cli("cache", "stats", "--cache-dir", str(cache_dir)).stdout
     assert "3 image URLs (3 images" in text
 
-    exported = _gemframe(
+    exported = gemframe_cli(
         "cache",
         "export",
         str(tmp_path / "a.parquet"),
@@ -254,7 +248,7 @@ def test_cache_commands_cover_the_url_store(images, emulator, cache_dir, tmp_pat
     )
     assert exported.returncode == 0 and "exported 3 image URLs" in exported.stdout, exported.stderr
     other = tmp_path / "other-cache"
-    imported = _gemframe(
+    imported = gemframe_cli(
         "cache", "import", str(tmp_path / "a.parquet"), "--urls", str(tmp_path / "u.parquet"), "--cache-dir", str(other)
     )
     assert imported.returncode == 0 and "3 image URLs added" in imported.stdout, imported.stderr
@@ -263,9 +257,9 @@ def test_cache_commands_cover_the_url_store(images, emulator, cache_dir, tmp_pat
         replay = df.with_columns(reply=gf.generate("prompt", images="img", client=client, raw=True))
     assert replay["reply"].struct.field("raw").to_list() == first["reply"].struct.field("raw").to_list()
 
-    kept = _gemframe("cache", "clear", "--older-than", "1d", "--cache-dir", str(cache_dir))
+    kept = gemframe_cli("cache", "clear", "--older-than", "1d", "--cache-dir", str(cache_dir))
     assert kept.returncode == 0 and "0 image URLs" in kept.stdout
-    cleared = _gemframe("cache", "clear", "--cache-dir", str(cache_dir))
+    cleared = gemframe_cli("cache", "clear", "--cache-dir", str(cache_dir))
     assert cleared.returncode == 0 and "3 image URLs" in cleared.stdout, cleared.stdout
-    after = json.loads(_gemframe("cache", "stats", "--json", "--cache-dir", str(cache_dir)).stdout)["urls"]
+    after = json.loads(gemframe_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir)).stdout)["urls"]
     assert after["urls"] == 0 and after["images"] == 0

@@ -19,6 +19,8 @@ from PIL import Image
 
 from gemframe.emulator import Emulator, Stats, serve
 
+from .conftest import wait_for
+
 GENERATE = "/v1beta/models/gemini-2.5-flash:generateContent"
 COUNT = "/v1beta/models/gemini-2.5-flash:countTokens"
 SEGMIND = "/v1/gemini-2-flash-image-generation"
@@ -679,9 +681,8 @@ def test_serves_over_tcp_with_uvicorn():
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 5
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Not a fixed 5 s: a loaded machine may take longer to start it.
+        wait_for(lambda: server.started or not thread.is_alive(), what="uvicorn to start")
         assert server.started
         r = httpx.post(f"http://127.0.0.1:{port}{GENERATE}", json=ask("Over the wire"))
         assert r.status_code == 200 and text(r) == 'Emulated reply to: "Over the wire".'

@@ -16,6 +16,8 @@ import gemframe as gf
 from gemframe._pipeline import read_manifest, run
 from gemframe.emulator import Emulator
 
+from .conftest import gemframe_cli, gemframe_command, gemframe_run_args, wait_for
+
 KEY = "sk-live-DO-NOT-LEAK-1234567890abcdef"
 
 
@@ -133,6 +135,7 @@ def test_adaptive_rate_settles_under_an_unknown_limit(fault_server, cache_dir):
     assert throughput >= 0.90 and share_429 <= 0.05
 
 
+@pytest.mark.slow  # 420 rows at 20/s: ~21 s, waiting on the limit
 def test_cold_start_under_a_low_limit_draws_few_429s(fault_server, cache_dir):
     # 20 requests/s with 1 s of burst allowance, the client not told, at the default concurrency.
     # Slow start spends the allowance, then a whole round (12 of 16) is answered 429 before any
@@ -154,21 +157,13 @@ def test_cold_start_under_a_low_limit_draws_few_429s(fault_server, cache_dir):
     assert share_429 <= 0.05 and throughput >= 0.90
 
 
-def _wait_for(condition, timeout=60.0):
-    """Wait for a condition (polled), failing the test if it never comes."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
-
-
 def _interrupt_main_when(condition):
     """Ctrl-C, as the terminal sends it: SIGINT to the main thread once ``condition()`` holds
     (watched from another thread). Returns a dict that gets the monotonic time it was sent."""
     main, sent = threading.main_thread().ident, {}
 
     def watch():
-        _wait_for(condition)
+        wait_for(condition)
         sent["at"] = time.monotonic()
         signal.pthread_kill(main, signal.SIGINT)
 
@@ -215,7 +210,7 @@ def test_ctrl_c_cancels_promptly_keeps_answers_and_client_stays_usable(fault_ser
         out = _ask(client, 100)
     assert out["error"].is_null().all() and int(out["cached"].sum()) == kept
     assert server.stats.requests == 15 + 100 - kept  # the rerun sent exactly the rows not answered
-    _wait_for(lambda: server.stats.in_flight == 0)  # the server ends the abandoned requests first
+    wait_for(lambda: server.stats.in_flight == 0)  # the server ends the abandoned requests first
 
 
 def _body(i):
@@ -244,7 +239,7 @@ def test_a_call_that_ends_early_keeps_every_answer_that_arrived(fault_server, ca
             if i == 256:  # the first lookup batch (256 rows) is sent; the client reads on
                 # One request at a time: the server seeing request 256 means 255 answers arrived,
                 # most of them still waiting on the call's queue while this row is read.
-                _wait_for(lambda: server.stats.requests >= 256)
+                wait_for(lambda: server.stats.requests >= 256)
                 end()
             yield _body(i)
 
@@ -462,25 +457,11 @@ def _where_in_cache(directory, secret: str) -> list[str]:
 
 def _run_cli(src, dst, server, cache_dir, *extra):
     import subprocess
-    import sys
 
     env = {**os.environ, "GEMINI_API_KEY": KEY}
-    command = [
-        sys.executable,
-        "-m",
-        "gemframe",
-        "run",
-        str(src),
-        str(dst),
-        "--provider",
-        "google",
-        "--base-url",
-        server.url,
-        "--cache-dir",
-        str(cache_dir),
-        "--no-progress",
-        *extra,
-    ]
+    command = gemframe_command(
+        *gemframe_run_args(src, dst, provider="google", base_url=server.url, cache_dir=cache_dir), *extra
+    )
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -493,12 +474,12 @@ def test_kill_9_then_rerun_resends_only_unanswered_rows(fault_server, tmp_path):
     src, dst, cache_dir = tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "cache"
     pl.DataFrame({"id": range(rows), "prompt": [f"job row {i}" for i in range(rows)]}).write_parquet(src)
     job = _run_cli(src, dst, server, cache_dir, "--concurrency", "4", "--batch-rows", "50")
-    _wait_for(lambda: len(server.stats.successes) >= 100)
+    wait_for(lambda: len(server.stats.successes) >= 100)
     job.send_signal(signal.SIGKILL)
     job.wait()
     # The server has read what the killed job sent and answered it (to nobody) once the job's
     # connections are closed at its end too: a fixed sleep could count an answer too early.
-    _wait_for(lambda: server.stats.connections == 0)
+    wait_for(lambda: server.stats.connections == 0)
     assert not dst.exists()  # no half-written output
     answered_before = len(server.stats.successes)
     with gf.ResponseCache(cache_dir) as cache:
@@ -537,8 +518,6 @@ def test_credentials_in_base_url_are_never_shown(fault_server, served_emulator, 
     """``base_url="http://user:PASSWORD@host"``: used for sending, shown nowhere (repr, errors,
     DEBUG logs, the manifest of a ``gemframe run``, ``gemframe manifest`` and ``gemframe report``)."""
     import base64
-    import subprocess
-    import sys
 
     password = "pw-DO-NOT-SHOW-9876"
     server = fault_server(seed=3, fault_rate=0.3)  # faults, so "retrying <url>" lines are logged
@@ -574,28 +553,17 @@ def test_credentials_in_base_url_are_never_shown(fault_server, served_emulator, 
 
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pl.DataFrame({"prompt": [f"cli row {i}" for i in range(20)]}).write_parquet(src)
-    gemframe = [sys.executable, "-m", "gemframe"]
-    env = {**os.environ, "GEMINI_API_KEY": KEY}
     commands = [
         [
-            "run",
-            str(src),
-            str(dst),
-            "--provider",
-            "google",
-            "--base-url",
-            base,
-            "--cache-dir",
-            str(tmp_path / "c3"),
-            "--no-progress",
+            *gemframe_run_args(src, dst, provider="google", base_url=base, cache_dir=tmp_path / "c3"),
             "--manifest",
-            str(tmp_path / "manifest.json"),
+            tmp_path / "manifest.json",
         ],
         ["manifest", str(dst)],
         ["report", str(dst), "--html", str(tmp_path / "report.html")],
     ]
     for command in commands:
-        done = subprocess.run(gemframe + command, env=env, capture_output=True, text=True, timeout=120, check=False)
+        done = gemframe_cli(*command, GEMINI_API_KEY=KEY)
         assert done.returncode == 0, done.stderr
         texts += [done.stdout, done.stderr]
     manifest = read_manifest(str(dst))

@@ -447,26 +447,19 @@ def test_batch_mode_manifest_counts_the_jobs_answers_as_paid(sample_input, tmp_p
     manifest still counts them as this run's requests, priced at the Batch Mode discount."""
     emulator = Emulator(batch_polls=1)
     with gf.Client("emulator", app=emulator, cache_dir=str(tmp_path / "c"), progress=False) as c:
-        first = run(
-            str(sample_input),
-            str(tmp_path / "a.parquet"),
-            images="image_path",
-            client=c,
-            progress=False,
-            mode="batch",
-            poll_interval=0.01,
-            samples=2,
-        )
-        again = run(
-            str(sample_input),
-            str(tmp_path / "b.parquet"),
-            images="image_path",
-            client=c,
-            progress=False,
-            mode="batch",
-            poll_interval=0.01,
-            samples=2,
-        )
+        first, again = [
+            run(
+                str(sample_input),
+                str(tmp_path / output),
+                images="image_path",
+                client=c,
+                progress=False,
+                mode="batch",
+                poll_interval=0.01,
+                samples=2,
+            )
+            for output in ("a.parquet", "b.parquet")
+        ]
     assert emulator.stats.requests == 0  # nothing went to generateContent
     assert (first["cache_hits"], first["requests_sent"], first["errors"]) == (0, 22, {})
     assert first["tokens"]["input_paid"] == first["tokens"]["input"] > 0

@@ -65,6 +65,11 @@ def server():
     served.stop()
 
 
+def _served_as_google(served: ServedEmulator, cache_dir) -> dict:
+    """Where the actors send: the served emulator as the Google API, with KEY; and their cache."""
+    return dict(provider="google", api_key=KEY, base_url=served.url, cache_dir=str(cache_dir))
+
+
 def _requests(app: RecordingApp) -> int:
     return app.app.stats.requests
 
@@ -109,10 +114,7 @@ def test_same_answers_as_polars_and_rerun_from_cache(ray_local, server, tmp_path
     out = gray.generate(
         _dataset(frame, 30),
         "prompt",
-        provider="google",
-        api_key=KEY,
-        base_url=served.url,
-        cache_dir=str(tmp_path / "ray"),
+        **_served_as_google(served, tmp_path / "ray"),
         num_actors=2,
         batch_size=32,
         num_cpus=0.5,
@@ -140,10 +142,7 @@ def test_same_answers_as_polars_and_rerun_from_cache(ray_local, server, tmp_path
             "prompt",
             images="image",
             spec=spec,
-            provider="google",
-            api_key=KEY,
-            base_url=served.url,
-            cache_dir=str(tmp_path / "ray"),
+            **_served_as_google(served, tmp_path / "ray"),
             num_actors=2,
             batch_size=32,
             num_cpus=0.5,
@@ -163,10 +162,7 @@ def test_global_rate_limit_holds_at_the_server(ray_local, server, tmp_path):
         gray.generate(
             _dataset(frame, 20),
             "prompt",
-            provider="google",
-            api_key=KEY,
-            base_url=served.url,
-            cache_dir=str(tmp_path / "cache"),
+            **_served_as_google(served, tmp_path / "cache"),
             rpm=rpm,
             num_actors=2,
             batch_size=20,
@@ -188,10 +184,7 @@ def test_unnest_and_the_key_stays_hidden(ray_local, server, tmp_path):
     out = gray.generate(
         _dataset(frame, 10),
         pl.col("q").str.to_uppercase(),
-        provider="google",
-        api_key=KEY,
-        base_url=served.url,
-        cache_dir=str(tmp_path / "cache"),
+        **_served_as_google(served, tmp_path / "cache"),
         unnest=True,
         num_cpus=0.5,
     )
@@ -273,10 +266,7 @@ def test_eight_actors_fit_a_two_cpu_machine(ray_local, server, tmp_path):
         gray.generate(
             ray.data.read_parquet(str(source), override_num_blocks=16),
             "prompt",
-            provider="google",
-            api_key=KEY,
-            base_url=served.url,
-            cache_dir=str(tmp_path / "cache"),
+            **_served_as_google(served, tmp_path / "cache"),
             num_actors=8,
             concurrency=16,
             batch_size=10,
@@ -298,10 +288,7 @@ def test_a_pool_the_cluster_cannot_hold_fails_with_the_fix(ray_local, server, tm
         gray.generate(
             dataset,
             "prompt",
-            provider="google",
-            api_key=KEY,
-            base_url=served.url,
-            cache_dir=str(tmp_path / "cache"),
+            **_served_as_google(served, tmp_path / "cache"),
             num_actors=2,
             num_cpus=1.5,
             placement_timeout=2,
