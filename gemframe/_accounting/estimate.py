@@ -3,7 +3,8 @@
 `estimate` builds every row's request exactly as `gemframe.generate` would, keys it as the cache
 does, and counts rows, distinct requests, cache hits and what would be sent, with the input
 tokens of what would be sent: a local estimate (`gemframe._core.tokens`, Gemini's documented
-rates: ``ceil(len/4)`` tokens per text part, 258 per image and per PDF page) or, with
+rates: ``ceil(len/4)`` tokens per text part, 258 per image and per PDF page, 263 a second of
+video and 32 of audio, the length a stand-in from the size) or, with
 ``exact=True``, the API's own ``countTokens`` endpoint (Google and the emulator; Segmind has
 none, so it is counted locally; a request countTokens gives no usable answer for is counted
 locally too, said in a note). Nothing is sent to ``generateContent``. Output tokens are an assumption, said as such: the
