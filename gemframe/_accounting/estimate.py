@@ -195,7 +195,7 @@ class _Counter:
         self.big = 0  # requests with a file over the inline limit: counted locally
 
     def count(self, bodies: list[dict[str, Any]]) -> list[int]:
-        futures = []
+        futures: list[Any] = []  # None: counted locally
         for body in bodies:
             if _has_local_file(body):  # countTokens takes media inline: such a body is too big for it
                 futures.append(None)
