@@ -124,3 +124,17 @@ def test_show_and_save_images_embed_only_images(tmp_path, image_bytes):
     with pytest.raises(gf.InputError, match=r"save_images: row 0: .*is a directory"):
         gf.save_images(pl.Series("r", [[str(tmp_path)]]), tmp_path / "saved")
     assert [p.suffix for p in (tmp_path / "saved").iterdir()] == [".png"]  # nothing but the image
+
+
+def test_a_video_or_audio_value_is_named_not_embedded(tmp_path, image_bytes):
+    """Video and audio now sniff as media the API takes, but they are not images: gf.show says
+    what each is instead of an <img>, and save_images refuses them naming the row."""
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isommp41\x00\x00\x00\x08mdat")
+    wav = b"RIFF\x04\x00\x00\x00WAVE"
+    png = image_bytes("PNG", (10, 10))
+    markup = gf.show(pl.Series("images", [[str(video)], [wav], [png]], dtype=pl.Object), n=10).data
+    assert _srcs(markup) == [f"data:image/png;base64,{base64.b64encode(png).decode()}"]
+    assert f"{video} is video/mp4, not an image" in markup and "the value is audio/wav, not an image" in markup
+    with pytest.raises(gf.InputError, match=r"save_images: row 0: .*clip.mp4 is video/mp4, not an image"):
+        gf.save_images(pl.Series("r", [[str(video)]]), tmp_path / "saved")

@@ -203,3 +203,32 @@ def test_cli_dry_run_sends_nothing_and_writes_nothing(served_emulator, sample_in
     assert "nothing was sent" in printed.err
     tokens = int(printed.out.split("input tokens")[1].split()[0].replace(",", ""))
     assert f"${tokens * 1000 / 1e6:,.4f}" in printed.out  # priced from the override file
+
+
+def test_estimate_counts_a_big_local_video_and_agrees_with_the_run(emulator, cache_dir, tmp_path):
+    """A 25 MB video (over the inline limit): the estimate digests it streaming as generate
+    does, counts its tokens per second (263 a second, the length from the size) and finds it in
+    the cache once answered; a client that cannot upload it calls it invalid, naming the fix.
+    (On main: one invalid row, 'larger than 20 MB'.)"""
+    import math
+
+    video = tmp_path / "talk.mp4"
+    size = 25 * 2**20
+    with open(video, "wb") as f:  # sparse: an ftyp box, then one mdat box of zeros
+        f.write(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isommp41" + (size - 24).to_bytes(4, "big") + b"mdat")
+        f.truncate(size)
+    df = pl.DataFrame({"prompt": ["What happens?"], "video": [str(video)]})
+    tokens = 4 + 263 * math.ceil(size / 125_000)  # 13 characters of text: 4 tokens
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False) as client:
+        est = gf.estimate(df, images="video", client=client)
+        assert (est.invalid_rows, est.to_send, est.input_tokens) == (0, 1, tokens) and emulator.stats.requests == 0
+        exact = gf.estimate(df, images="video", client=client, exact=True)
+        assert exact.input_tokens == tokens and exact.token_method == "countTokens+local"
+        assert "1 requests counted locally: they hold a file over the inline limit" in exact.notes[0]
+        out = df.with_columns(reply=gf.generate("prompt", images="video", client=client)).unnest("reply")
+        assert out["prompt_tokens"].to_list() == [tokens] and emulator.stats.uploads == 1
+        again = gf.estimate(df, images="video", client=client)
+        assert (again.cache_hits, again.to_send) == (1, 0)
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False, upload="never") as c:
+        never = gf.estimate(df, images="video", client=c)
+    assert never.invalid_rows == 1 and "larger than 20 MB" in never.notes[0] and "upload='auto'" in never.notes[0]

@@ -379,7 +379,8 @@ def test_odd_paths_and_bad_structs_are_row_errors(client, emulator, tmp_path):
     assert errors[1].startswith(f"row 1: image file {str(fifo)!r} is not a regular file (a FIFO, device or socket)")
     assert errors[2].startswith("row 2: image file '/dev/zero' is not a regular file")
     assert errors[3] == f"row 3: cannot read image file {str(tmp_path / 'missing.png')!r}: No such file or directory"
-    assert "is not a PNG, JPEG, WEBP, GIF, HEIC/HEIF or PDF file (31 bytes)" in errors[4] and "sk-live" not in errors[4]
+    assert "is not a PNG, JPEG, WEBP, GIF, HEIC/HEIF, PDF, video (" in errors[4] and "sk-live" not in errors[4]
+    assert "or audio (WAV, MP3, AIFF, AAC, OGG, FLAC) file (31 bytes)" in errors[4]
     assert errors[5] is None and emulator.stats.requests == 1
 
 
@@ -414,3 +415,78 @@ def test_an_invalid_response_modality_is_one_config_error_before_anything_is_sen
         gf.generate("prompt", client=client, config={"responseModalities": 3})
     ok = frame.with_columns(gf.generate("prompt", client=client, config={"response_modalities": ["text", "Image"]}))
     assert ok["reply"].struct.field("error").is_null().all() and emulator.stats.requests == 2  # only the valid call
+
+
+# --- video and audio ---------------------------------------------------------------------------
+
+
+def _mp4(payload: int = 1000, brand: bytes = b"isom") -> bytes:
+    """An MP4 as far as its container goes: an ``ftyp`` box and an ``mdat`` box (no codec)."""
+    ftyp = b"\x00\x00\x00\x18ftyp" + brand + b"\x00\x00\x02\x00isommp41"
+    return ftyp + (8 + payload).to_bytes(4, "big") + b"mdat" + bytes(payload)
+
+
+def _wav(frames: int = 1600) -> bytes:
+    """A 16 kHz mono 16-bit WAV of silence."""
+    import struct
+
+    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
+    data = b"data" + struct.pack("<I", 2 * frames) + bytes(2 * frames)
+    return b"RIFF" + struct.pack("<I", 4 + len(fmt) + len(data)) + b"WAVE" + fmt + data
+
+
+@pytest.mark.parametrize(
+    "head, mime",
+    [
+        (_mp4(), "video/mp4"),
+        (_mp4(brand=b"mp42"), "video/mp4"),
+        (_mp4(brand=b"qt  "), "video/mov"),
+        (_mp4(brand=b"3gp4"), "video/3gpp"),
+        (_mp4(brand=b"M4A "), None),  # MP4 audio: the API lists no audio/mp4
+        (b"RIFF\x00\x10\x00\x00AVI LIST", "video/avi"),
+        (bytes.fromhex("1a45dfa3a34286810142f7810142f2810442f381084282847765626d"), "video/webm"),
+        (bytes.fromhex("1a45dfa3a34286810142f7810142f281044282886d6174726f736b61"), None),  # matroska
+        (b"\x00\x00\x01\xba\x44\x00\x04\x00", "video/mpeg"),
+        (b"FLV\x01\x05\x00\x00\x00\x09", "video/x-flv"),
+        (bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c") + bytes(8), "video/wmv"),
+        (_wav(), "audio/wav"),
+        (b"ID3\x04\x00\x00\x00\x00\x00\x00", "audio/mp3"),
+        (b"\xff\xfb\x90\x64\x00", "audio/mp3"),  # MPEG-1 layer III frame
+        (b"\xff\xf1\x50\x80\x02\x1f\xfc", "audio/aac"),  # ADTS
+        (b"OggS\x00\x02" + bytes(10), "audio/ogg"),
+        (b"fLaC\x00\x00\x00\x22", "audio/flac"),
+        (b"FORM\x00\x00\x10\x00AIFFCOMM", "audio/aiff"),
+        (b"\xff\xfeh\x00i\x00", None),  # UTF-16 text, not an MPEG frame
+        (b"RIFF\x00\x00\x00\x00XXXX", None),
+    ],
+)
+def test_sniff_video_and_audio(head, mime):
+    assert gf.sniff_mime(head) == mime
+
+
+def test_a_small_video_and_a_wav_are_answered_inline(client, emulator, tmp_path):
+    """A video and an audio file go where images go: sniffed, sent inline under the limit,
+    answered, counted per second by the emulator (on main both were 'not a PNG, JPEG...' row
+    errors and nothing was sent)."""
+    (tmp_path / "clip.bin").write_bytes(_mp4())  # the name says nothing: the bytes do
+    (tmp_path / "note.wav").write_bytes(_wav())
+    df = pl.DataFrame({"prompt": ["v", "a"], "media": [str(tmp_path / "clip.bin"), str(tmp_path / "note.wav")]})
+    out = df.with_columns(reply=gf.generate("prompt", images="media", client=client)).unnest("reply")
+    assert out["error"].to_list() == [None, None] and emulator.stats.requests == 2 and emulator.stats.uploads == 0
+    assert out["text"].to_list() == [
+        'Emulated reply to: "v". Video 1: video/mp4, 1032 bytes.',
+        f'Emulated reply to: "a". Audio 1: audio/wav, {len(_wav())} bytes.',
+    ]
+    assert out["prompt_tokens"].to_list() == [1 + 263, 1 + 32]  # a second each, at least
+    body = gf.build_request("v", [_mp4(), str(tmp_path / "note.wav")])
+    assert [p["inlineData"]["mimeType"] for p in body["contents"][0]["parts"][1:]] == ["video/mp4", "audio/wav"]
+
+
+def test_a_file_named_mp4_holding_text_is_the_rows_error(client, emulator, tmp_path):
+    fake = tmp_path / "holiday.mp4"
+    fake.write_text("sk-live-0123456789 not a video at all")
+    df = pl.DataFrame({"prompt": ["fake", "real"], "media": [str(fake), None]})
+    errors = _errors(df.with_columns(reply=gf.generate("prompt", images="media", client=client)))
+    assert errors[0].startswith(f"row 0: image file {str(fake)!r} is not a PNG, JPEG, WEBP, GIF, HEIC/HEIF, PDF, video")
+    assert "file (37 bytes); pass the bytes, path or URL of an image, a PDF, a video or an audio file" in errors[0]
+    assert "sk-live" not in errors[0] and errors[1] is None and emulator.stats.requests == 1

@@ -662,3 +662,31 @@ print(out["error"][0], (peak - before) / 2**20)
     error, growth = done.stdout.split()
     assert error == "None" and server.emulator.stats.uploads == 2
     assert float(growth) < 32, f"peak RSS grew {growth} MB uploading a 64 MB file"
+
+
+def big_mp4(path, megabytes: float) -> int:
+    """A sparse MP4 of ``megabytes`` MB: an ``ftyp`` box, then one ``mdat`` box of zeros to the
+    end (a container as far as a signature goes; no codec needed). Returns its size."""
+    size = int(megabytes * 2**20)
+    with open(path, "wb") as f:
+        f.write(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isommp41" + (size - 24).to_bytes(4, "big") + b"mdat")
+        f.truncate(size)
+    return size
+
+
+def test_a_big_video_is_uploaded_once_and_answered(served_emulator, tmp_path):
+    """A 25 MB video (over the inline limit) shared by three rows: streamed to the Files API
+    once, named by fileData, answered and counted per second (on main: 'not a PNG, JPEG...')."""
+    import math
+
+    server = served_emulator()
+    video = tmp_path / "talk.mp4"
+    size = big_mp4(video, 25)
+    with gf.Client("emulator", base_url=server.url, cache_dir=str(tmp_path / "cache"), progress=False) as client:
+        out = generate(frame(video, 3), client)
+    stats = server.emulator.stats
+    assert answered(out, f"Video 1: video/mp4, {size} bytes.") and stats.requests == 3 and stats.uploads == 1
+    assert size < stats.bytes_received < size + 3 * 2_000, stats.bytes_received  # no inline copy
+    (stored,) = server.emulator.files.files.values()
+    assert stored.mime == "video/mp4" and stored.size == size
+    assert set(out["prompt_tokens"]) == {2 + 263 * math.ceil(size / 125_000)}  # "row i": 2 tokens of text

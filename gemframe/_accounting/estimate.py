@@ -3,7 +3,8 @@
 `estimate` builds every row's request exactly as `gemframe.generate` would, keys it as the cache
 does, and counts rows, distinct requests, cache hits and what would be sent, with the input
 tokens of what would be sent: a local estimate (`gemframe._core.tokens`, Gemini's documented
-rates: ``ceil(len/4)`` tokens per text part, 258 per image and per PDF page) or, with
+rates: ``ceil(len/4)`` tokens per text part, 258 per image and per PDF page, 263 a second of
+video and 32 of audio, the length a stand-in from the size) or, with
 ``exact=True``, the API's own ``countTokens`` endpoint (Google and the emulator; Segmind has
 none, so it is counted locally; a request countTokens gives no usable answer for is counted
 locally too, said in a note). Nothing is sent to ``generateContent``. Output tokens are an assumption, said as such: the
@@ -35,9 +36,11 @@ from .._core.cache import CacheMode, cache_key
 from .._core.client import Client, default_client
 from .._core.context import context_ttl, min_cache_tokens, prefix_body
 from .._core.http import TransportFailure
+from .._core.payload import LocalFile, inline_data, with_url_images
 from .._core.providers import CountTokensCapable
 from .._core.spec import Ask, RequestSpec, Unpack, asks, request_spec
 from .._core.tokens import count_tokens
+from .._core.uploads import uploads_media
 from .._errors import InputError, clip
 from .pricing import BATCH_DISCOUNT, IMAGE_OUTPUT_TOKENS, PRICES_AS_OF, PRICES_ENV, Prices, context_cache_cost, cost
 
@@ -95,7 +98,7 @@ class Estimate:
 
     def __str__(self) -> str:
         tokens = {
-            "local": "local estimate: ~4 characters a token, 258 per image or PDF page",
+            "local": "local estimate: ~4 characters a token, 258 per image or PDF page, 263/s of video, 32/s of audio",
             "countTokens": "exact, from the API's countTokens",
         }.get(self.token_method, self.token_method)
         lines = [
@@ -189,15 +192,23 @@ class _Counter:
         self.model = model.removeprefix("models/")
         self.failed = 0
         self.last_error = ""
+        self.big = 0  # requests with a file over the inline limit: counted locally
 
     def count(self, bodies: list[dict[str, Any]]) -> list[int]:
-        futures = []
+        futures: list[Any] = []  # None: counted locally
         for body in bodies:
+            if _has_local_file(body):  # countTokens takes media inline: such a body is too big for it
+                futures.append(None)
+                continue
             request = {"generateContentRequest": {"model": f"models/{self.model}", **body}}
             content = json.dumps(request, separators=(",", ":")).encode()
             futures.append(self.client.executor.call("POST", self.url, content))
         counts = []
         for body, future in zip(bodies, futures):
+            if future is None:
+                self.big += 1
+                counts.append(count_tokens(body))
+                continue
             total = self._answer(future)
             if total is None:  # no usable answer: count this one locally (said in a note)
                 self.failed += 1
@@ -287,6 +298,18 @@ def estimate(
             result.notes.append(
                 f"{client.provider.name} has no countTokens endpoint: input tokens are a local estimate"
             )
+    # Built as the call would build them: a local file over the inline limit is digested
+    # streaming (`payload.LocalFile`), as generate does for a call that uploads it; a call that
+    # cannot upload it (no Files API, upload='never', Batch Mode) makes it the row's error.
+    streams = not batch and uploads_media(client.provider, client.upload)
+
+    def build(prompt: Any, images: Any, history: Any) -> dict[str, Any] | None:
+        allow = client.allow_private_urls
+        if not streams:
+            return builder.build(prompt, images, history, allow_private_urls=allow)
+        body = builder.build(prompt, images, history, allow_private_urls=allow, defer_urls=True)
+        return body and with_url_images(body, lambda url: inline_data(url, allow_private_urls=allow))
+
     seen: set[bytes] = set()
     observed: list[tuple[int, int, int]] = []
     first_invalid = ""
@@ -299,7 +322,7 @@ def estimate(
         fresh: dict[str, dict[str, Any]] = {}  # key -> body, new in this chunk
         for row, (p, i, h) in enumerate(zip(prompts, image_list, histories), start):
             try:
-                body = builder.build(p, i, h, allow_private_urls=client.allow_private_urls)
+                body = build(p, i, h)
             except InputError as exc:
                 result.invalid_rows += 1
                 first_invalid = first_invalid or f"row {row}: {exc}"
@@ -336,6 +359,12 @@ def estimate(
         result.input_tokens += sum(n * times for n, (_, times) in zip(counts, bodies.values()))
     if counter is not None:
         result.token_method = "countTokens"
+        if counter.big:
+            result.token_method = "countTokens+local"
+            result.notes.append(
+                f"{counter.big} requests counted locally: they hold a file over the inline limit, which "
+                "countTokens does not take"
+            )
         if counter.failed:
             result.token_method = "countTokens+local"
             result.notes.append(f"{counter.failed} requests counted locally: countTokens failed ({counter.last_error})")
@@ -378,6 +407,14 @@ def estimate(
     if batch:
         result.notes.append(f"Batch Mode: priced at {BATCH_DISCOUNT:.0%} of the standard price")
     return result
+
+
+def _has_local_file(body: Mapping[str, Any]) -> bool:
+    return any(
+        isinstance(part.get("inlineData"), LocalFile)
+        for c in body.get("contents") or ()
+        for part in c.get("parts") or ()
+    )
 
 
 def _assume_output(

@@ -10,7 +10,8 @@ A row's ``history`` (earlier turns, see `gemframe._polars.conversation`) goes fi
 model turns keep the ``thoughtSignature`` of each part exactly where the model put it.
 
 Images may be a file path, an http(s) URL, raw bytes, a ``{"mime_type", "data"}`` dict (so a
-reply's generated images can be fed back), or a list of those, all read by `read_image`. The MIME
+reply's generated images can be fed back), or a list of those, all read by `read_image`; the same
+"images" take PDFs, videos and audio files (`_SIGNATURES` lists the kinds). The MIME
 type is sniffed from the bytes, never guessed from a file name. Reading and base64-encoding a file happens once per
 distinct (path, size, mtime), so a thousand rows sharing one reference image cost one read.
 """
@@ -87,30 +88,67 @@ HARM_THRESHOLDS = frozenset(
     }
 )
 
-SUPPORTED_MIME = "PNG, JPEG, WEBP, GIF, HEIC/HEIF or PDF"
+SUPPORTED_MIME = (
+    "PNG, JPEG, WEBP, GIF, HEIC/HEIF, PDF, video (MP4, MOV, 3GP, AVI, WEBM, MPEG, FLV, WMV) "
+    "or audio (WAV, MP3, AIFF, AAC, OGG, FLAC)"
+)
 _HEIC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}
 _HEIF_BRANDS = {b"mif1", b"msf1", b"heif"}
+# ISO BMFF major brands of MP4 video (QuickTime is "qt  ", 3GPP "3g.."; M4A audio is not here:
+# the API lists no audio/mp4).
+_MP4_BRANDS = {b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"M4V ", b"mmp4"}
+_MP4_BRANDS |= {b"dash", b"MSNV", b"XAVC", b"f4v "}
+_ASF = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")  # the ASF header object's GUID (WMV)
+
+
+def _mp3_frame(h: bytes) -> bool:
+    """An MPEG audio layer III frame header: 11 sync bits, a version that exists, layer III, and a
+    bitrate and sample rate that are not the reserved values."""
+    return (
+        len(h) >= 3
+        and h[0] == 0xFF
+        and h[1] & 0xE0 == 0xE0
+        and (h[1] >> 3) & 3 != 1
+        and (h[1] >> 1) & 3 == 1
+        and h[2] >> 4 != 15
+        and (h[2] >> 2) & 3 != 3
+    )
+
+
+# (MIME type, test of the file's first 64 bytes), first match wins: every kind the Gemini API
+# documents for image, document, video and audio input, under the MIME names its docs give
+# (https://ai.google.dev/gemini-api/docs/video, /audio, /image-understanding, /document-processing).
+# A file is what its bytes say, never what its name says.
+_SIGNATURES: tuple[tuple[str, Any], ...] = (
+    ("image/png", lambda h: h.startswith(b"\x89PNG\r\n\x1a\n")),
+    ("image/jpeg", lambda h: h.startswith(b"\xff\xd8\xff")),
+    ("image/gif", lambda h: h.startswith((b"GIF87a", b"GIF89a"))),
+    ("image/webp", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP"),
+    ("image/heic", lambda h: h[4:8] == b"ftyp" and h[8:12] in _HEIC_BRANDS),
+    ("image/heif", lambda h: h[4:8] == b"ftyp" and h[8:12] in _HEIF_BRANDS),
+    ("application/pdf", lambda h: h.startswith(b"%PDF-")),
+    ("video/mp4", lambda h: h[4:8] == b"ftyp" and h[8:12] in _MP4_BRANDS),
+    ("video/mov", lambda h: h[4:8] == b"ftyp" and h[8:12] == b"qt  "),
+    ("video/3gpp", lambda h: h[4:8] == b"ftyp" and h[8:10] == b"3g"),
+    ("video/avi", lambda h: h[:4] == b"RIFF" and h[8:12] == b"AVI "),
+    ("video/webm", lambda h: h.startswith(b"\x1a\x45\xdf\xa3") and b"\x42\x82\x84webm" in h),  # EBML, DocType webm
+    ("video/mpeg", lambda h: h[:4] in (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")),  # program stream, sequence
+    ("video/x-flv", lambda h: h.startswith(b"FLV\x01")),
+    ("video/wmv", lambda h: h.startswith(_ASF)),
+    ("audio/wav", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WAVE"),
+    ("audio/mp3", lambda h: h.startswith(b"ID3") or _mp3_frame(h)),
+    ("audio/aiff", lambda h: h[:4] == b"FORM" and h[8:12] in (b"AIFF", b"AIFC")),
+    ("audio/aac", lambda h: len(h) >= 2 and h[0] == 0xFF and h[1] & 0xF6 == 0xF0),  # ADTS: sync, layer 0
+    ("audio/ogg", lambda h: h.startswith(b"OggS")),
+    ("audio/flac", lambda h: h.startswith(b"fLaC")),
+)
 
 
 def sniff_mime(data: bytes) -> str | None:
-    """The MIME type of image/document bytes from their magic number, or None if unsupported."""
-    head = data[:16]
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[4:8] == b"ftyp":
-        if head[8:12] in _HEIC_BRANDS:
-            return "image/heic"
-        if head[8:12] in _HEIF_BRANDS:
-            return "image/heif"
-    if head.startswith(b"%PDF-"):
-        return "application/pdf"
-    return None
+    """The MIME type of image, PDF, video or audio bytes from their magic number (see
+    `_SIGNATURES`), or None if they are none of the kinds the API takes."""
+    head = bytes(data[:64])
+    return next((mime for mime, test in _SIGNATURES if test(head)), None)
 
 
 def _camel(key: str) -> str:
@@ -258,7 +296,8 @@ def _sniffed(data: bytes, origin: str) -> tuple[bytes, str]:
     mime = sniff_mime(data)
     if mime is None:  # say what it is not; its bytes may be anything (a key file): never quoted
         raise InputError(
-            f"{origin} is not a {SUPPORTED_MIME} file ({len(data)} bytes); pass image bytes or a path/URL of an image"
+            f"{origin} is not a {SUPPORTED_MIME} file ({len(data)} bytes); pass the bytes, path or URL of an image, "
+            "a PDF, a video or an audio file"
         )
     return data, mime
 
@@ -658,7 +697,8 @@ def _local_file(path: str, size: int, mtime_ns: int, ino: int) -> LocalFile:
                     mime = sniff_mime(chunk)
                     if mime is None:  # never quoted: its bytes may be anything
                         raise InputError(
-                            f"{where} is not a {SUPPORTED_MIME} file ({size} bytes); pass the path of an image or PDF"
+                            f"{where} is not a {SUPPORTED_MIME} file ({size} bytes); "
+                            "pass the path of an image, a PDF, a video or an audio file"
                         )
                 read += len(chunk)
                 if len(chunk) % 3 and read < size:  # a short read mid-file would break the joined base64

@@ -58,7 +58,7 @@ def _picture(image: Any) -> tuple[bytes, str]:
     files only, size-capped): only bytes that sniff as an image are embedded or saved."""
     data, mime = read_image(image)
     if not mime.startswith("image/"):
-        raise InputError(f"{_path_of(image) or 'the value'} is a {mime} document, not an image")
+        raise InputError(f"{_path_of(image) or 'the value'} is {mime}, not an image")
     return data, mime
 
 

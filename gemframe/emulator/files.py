@@ -46,6 +46,7 @@ from .validation import (
     Turn,
     _fields,
     _invalid,
+    av_media,
     media_of,
     tokens,
 )
@@ -90,20 +91,22 @@ def storage_full(limit: int) -> ErrorAnswer:
 
 
 def file_media(data: bytes, mime: str) -> Media | None:
-    """What a fileData part naming this file counts and shows, by the inline-data rule; text
-    counts its characters; audio, video and the rest 258 tokens. None: an image or PDF the
-    emulator cannot read, which a request then fails on as it fails on such inline data."""
+    """What a fileData part naming this file counts and shows, by the inline-data rule (video
+    and audio by `av_media`); text counts its characters; the rest 258 tokens. None: an image,
+    PDF, video or audio file the emulator cannot read, which a request then fails on as it
+    fails on such inline data."""
     media = media_of(data)
     if media is not None:
         return media
     family = mime.split("/")[0].lower()
+    if family in ("audio", "video"):
+        return av_media(data, mime)
     if family == "image" or mime == "application/pdf":
         return None
     if family == "text" or mime in ("application/json", "application/xml"):
         text = data.decode("utf-8", "replace")
         return Media("File", f"{mime}, {len(data)} bytes", tokens(text), "TEXT")
-    modality = family.upper() if family in ("audio", "video") else "DOCUMENT"
-    return Media("File", f"{mime}, {len(data)} bytes", IMAGE_INPUT_TOKENS, modality)
+    return Media("File", f"{mime}, {len(data)} bytes", IMAGE_INPUT_TOKENS, "DOCUMENT")
 
 
 @dataclass

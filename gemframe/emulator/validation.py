@@ -68,6 +68,33 @@ INVALID_KEY_DETAILS = [
         "metadata": {"service": "generativelanguage.googleapis.com"},
     }
 ]
+# The video and audio input the API documents (https://ai.google.dev/gemini-api/docs/video and
+# /audio), by MIME type, each with where its container's signature sits: (offset, bytes), any
+# of them. The emulator cannot decode media, so a signature is all it checks. (Its own list, on
+# purpose: not gemframe's sniffer, which it is the oracle for.)
+AV_SIGNATURES: dict[str, tuple[tuple[int, bytes], ...]] = {
+    "video/mp4": ((4, b"ftyp"),),
+    "video/mov": ((4, b"ftyp"), (4, b"moov"), (4, b"mdat")),
+    "video/3gpp": ((4, b"ftyp"),),
+    "video/avi": ((8, b"AVI "),),
+    "video/webm": ((0, b"\x1a\x45\xdf\xa3"),),
+    "video/mpeg": ((0, b"\x00\x00\x01"),),
+    "video/mpg": ((0, b"\x00\x00\x01"),),
+    "video/x-flv": ((0, b"FLV"),),
+    "video/wmv": ((0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"),),
+    "audio/wav": ((8, b"WAVE"),),
+    "audio/mp3": ((0, b"ID3"), (0, b"\xff")),
+    "audio/aiff": ((8, b"AIFF"), (8, b"AIFC")),
+    "audio/aac": ((0, b"\xff"),),
+    "audio/ogg": ((0, b"OggS"),),
+    "audio/flac": ((0, b"fLaC"),),
+}
+# Tokens a second (https://ai.google.dev/gemini-api/docs/tokens: video 263, audio 32). The
+# length is a stand-in from the size (the emulator reads no container): 1 Mbit/s of video,
+# 128 kbit/s of audio, low bitrates for compressed media, so counts err high.
+AV_TOKENS_PER_SECOND = {"video": 263, "audio": 32}
+AV_BYTES_PER_SECOND = {"video": 125_000, "audio": 16_000}
+
 UNPROCESSABLE_IMAGE = (
     "Unable to process input image. Please retry or report in "
     "https://developers.generativeai.google/guide/troubleshooting"
@@ -318,7 +345,7 @@ def _failure(code: int, retry_after: float | None) -> ErrorAnswer:
 class Media:
     """One non-text input part, as the reply describes and bills it."""
 
-    kind: str  # "Image", "Document" or "File": the label's prefix in the reply text
+    kind: str  # "Image", "Document", "Video", "Audio" or "File": the label's prefix in the reply text
     label: str  # e.g. "PNG 64x48"
     tokens: int
     modality: str  # usageMetadata modality: IMAGE, DOCUMENT, AUDIO, VIDEO (TEXT: a text file)
@@ -541,6 +568,11 @@ def _parse_blob(value: Any, where: str) -> Media:
     if not fields.get("mime_type"):
         raise _invalid(f"* GenerateContentRequest.{where}.mime_type: mime_type is not specified\n")
     data = _b64decode(fields.get("data", ""), f"{where}.data")
+    if str(fields["mime_type"]).lower() in AV_SIGNATURES:
+        av = av_media(data, str(fields["mime_type"]))
+        if av is None:  # not the container it claims to be: the API cannot decode it
+            raise _invalid(FAILURE_MESSAGES[400])
+        return av
     media = media_of(data)
     if media is None:
         raise _invalid(UNPROCESSABLE_IMAGE)
@@ -558,6 +590,18 @@ def media_of(data: bytes) -> Media | None:
         pages = max(1, len(PDF_PAGE.findall(data)))
         return Media("Document", f"PDF, {len(data)} bytes", IMAGE_INPUT_TOKENS * pages, "DOCUMENT")
     return None
+
+
+def av_media(data: bytes, mime: str) -> Media | None:
+    """Video or audio, as the reply describes and bills it: 263 tokens a second of video, 32 of
+    audio, its length the stand-in `AV_BYTES_PER_SECOND` gives (at least a second). None: a
+    documented type whose bytes do not start as that type does (`AV_SIGNATURES`)."""
+    family = mime.split("/")[0].lower()
+    signatures = AV_SIGNATURES.get(mime.lower())
+    if signatures is not None and not any(data[at : at + len(sign)] == sign for at, sign in signatures):
+        return None
+    seconds = max(1, math.ceil(len(data) / AV_BYTES_PER_SECOND[family]))
+    return Media(family.title(), f"{mime}, {len(data)} bytes", AV_TOKENS_PER_SECOND[family] * seconds, family.upper())
 
 
 def _b64decode(value: Any, where: str) -> bytes:
