@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         "--context",
         action="append",
         metavar="FILE",
-        help="shared leading material for every row: a text file, an image or a PDF (repeat for more)",
+        help="shared leading material for every row: a text file, an image, PDF, video or audio file (repeat for more)",
     )
     run.add_argument(
         "--cache-context",
@@ -340,7 +340,7 @@ def _run_warnings() -> Iterator[list[str]]:
 
 
 def _context_file(path: str) -> Any:
-    """A ``--context`` file: an image or a PDF as its path (read and checked by the spec), any
+    """A ``--context`` file: an image, PDF, video or audio file as its path (read and checked by the spec), any
     other file as its text (UTF-8, at most the API's inline limit)."""
     from pathlib import Path
 

@@ -874,7 +874,7 @@ def image_parts(images: Any, *, allow_private_urls: bool = False, defer_urls: bo
 
 def context_content(context: Any) -> dict[str, Any] | None:
     """The user turn of a `RequestSpec`'s ``context``: shared leading material sent before every
-    row's own turns. Text (a ``str``) and files: a ``pathlib.Path`` (an image or a PDF), bytes,
+    row's own turns. Text (a ``str``) and files: a ``pathlib.Path`` (an image, PDF, video or audio file), bytes,
     or an image struct, alone or in a list. Files are read and checked here, once, and each
     problem is a `ConfigError` naming the item and the fix. A ``str`` is always text, never a
     path or a URL: an image URL is not fetched here (pass its bytes or a downloaded file), so
