@@ -174,7 +174,7 @@ def test_global_rate_limit_holds_at_the_server(paced_run):
     assert busiest > PER_SECOND / 2 + 1  # both actors' shares were in use at once
 
 
-def test_eight_actors_rerun_from_the_cache_on_a_two_cpu_machine(paced_run, server, tmp_path):
+def test_eight_actors_rerun_from_the_cache_on_a_two_cpu_machine(paced_run, server, tmp_path, monkeypatch):
     """The paced run again, on num_actors=8 of the default num_cpus on 2 CPUs, reading parquet
     (read tasks need a CPU each): it used to wait forever (8 actors of 1 CPU: running=2,
     pending=6). A new dataset, the same cache directory, what to ask as one gf.RequestSpec
@@ -186,6 +186,8 @@ def test_eight_actors_rerun_from_the_cache_on_a_two_cpu_machine(paced_run, serve
     source.mkdir()
     for part in range(20):  # a block per file: 2-3 per actor
         frame.slice(part * 10, 10).write_parquet(source / f"part-{part:02}.parquet")
+    # Ray Data reads parquet footers in a pool of 2 new actor processes per read: one will do.
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     before = _requests(app)
     out = gray.generate(
         ray.data.read_parquet(str(source), override_num_blocks=20),
