@@ -1,12 +1,19 @@
 """gemframe.ray on a local Ray instance (two CPUs), against the emulator served over TCP:
 the same answers as the polars path, a rerun answered from the cache, and a cluster-wide rate
-limit that holds at the server."""
+limit that holds at the server.
+
+Ray is the suite's most expensive dependency: a start brings about 10 processes, and every
+actor of every pool is a new process that imports Ray Data, polars and gemframe (about 2 CPU
+seconds each, many times that on a loaded 2-CPU machine). So Ray starts once per module, and
+the tests share two pools: the paced run (`paced_run`, 2 actors) and its rerun on 8 actors.
+"""
 
 from __future__ import annotations
 
 import bisect
 import pickle
 import time
+from types import SimpleNamespace
 
 import polars as pl
 import pytest
@@ -20,7 +27,7 @@ import gemframe as gf
 import gemframe.ray as gray
 from gemframe.emulator import Emulator
 
-from .conftest import ServedEmulator
+from .conftest import ServedEmulator, _image_bytes
 
 # A hung Ray must not hang CI: the thread method ends the run even inside a blocking call (it
 # ends the worker process too, so only a hang may reach it: a test took 171 s at load 21 on
@@ -100,98 +107,107 @@ def _answers(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.sort("id").select("id", pl.col("reply").struct.unnest()).drop(PER_ROW)
 
 
-def test_same_answers_as_polars_and_rerun_from_cache(ray_local, server, tmp_path, image_bytes):
+# What the paced run and its rerun ask: an expression (evaluated in the actors) over a column,
+# an image column, a system instruction and a config.
+PROMPT = pl.col("prompt").str.to_uppercase()
+ASKED = dict(images="image", system="Be terse.", config={"temperature": 0})
+PER_SECOND = 40  # the paced run's cluster-wide rate: rpm=2400, 20 requests/s per actor
+
+
+@pytest.fixture(scope="module")
+def paced_run(ray_local, server, tmp_path_factory):
+    """One run of gemframe.ray that several tests check, each from its own side: an actor pool
+    costs about 2 CPU-seconds per actor to start (many times that on a loaded 2-CPU machine),
+    so the tests share pools instead of starting one each. The frame goes through the polars
+    path (the reference) and then through 2 actors paced at PER_SECOND for the cluster, noting
+    what reached the server."""
     served, app = server
-    frame = _frame(300, image_bytes("PNG", (16, 12), "teal"))
-    options = dict(images="image", system="Be terse.", config={"temperature": 0})
-
+    frame = _frame(200, _image_bytes("PNG", (16, 12), "teal"))
+    cache = tmp_path_factory.mktemp("paced")
     with gf.Client(
-        "google", api_key=KEY, base_url=served.url, cache_dir=str(tmp_path / "polars"), progress=False
+        "google", api_key=KEY, base_url=served.url, cache_dir=str(cache / "polars"), progress=False
     ) as client:
-        expected = frame.with_columns(reply=gf.generate("prompt", client=client, **options))
+        expected = frame.with_columns(reply=gf.generate(PROMPT, client=client, **ASKED))
 
-    before = _requests(app)
+    before, start = _requests(app), len(app.arrivals)
     out = gray.generate(
-        _dataset(frame, 30),
-        "prompt",
-        **_served_as_google(served, tmp_path / "ray"),
+        _dataset(frame, 20),
+        PROMPT,
+        **_served_as_google(served, cache / "ray"),
+        rpm=PER_SECOND * 60,
         num_actors=2,
-        batch_size=32,
+        batch_size=20,
         num_cpus=0.5,
-        **options,
+        **ASKED,
     )
-    first = _collect(out)
-    sent = _requests(app) - before
+    got = _collect(out)
+    return SimpleNamespace(
+        frame=frame,
+        expected=expected,
+        got=got,
+        out=out,
+        sent=_requests(app) - before,
+        arrivals=sorted(app.arrivals[start:]),
+        cache_dir=cache / "ray",
+    )
 
+
+def test_same_answers_as_polars(paced_run):
+    frame, expected, first = paced_run.frame, paced_run.expected, paced_run.got
     assert first.columns == ["id", "prompt", "image", "reply"]
     assert first.schema["reply"] == expected.schema["reply"]
     assert_frame_equal(first.drop("reply"), frame)  # input columns pass through untouched
     assert_frame_equal(_answers(first), _answers(expected))
+    assert first["reply"].struct.field("text")[1].startswith('Emulated reply to: "QUESTION 1"')  # PROMPT ran
     assert first["reply"].struct.field("text").null_count() == 1  # the null prompt: null reply
     distinct = frame["prompt"].drop_nulls().n_unique()
-    assert distinct <= sent <= frame.height - 1  # each distinct request once (twice at most if
-    # two actors asked for it at the same moment)
-
-    # Rerun, new dataset, same cache directory, what to ask as one gf.RequestSpec (handed to
-    # the actors as it is): the same requests, so nothing reaches the server.
-    before = _requests(app)
-    spec = gf.RequestSpec(system="Be terse.", config={"temperature": 0})
-    again = _collect(
-        gray.generate(
-            _dataset(frame, 30),
-            "prompt",
-            images="image",
-            spec=spec,
-            **_served_as_google(served, tmp_path / "ray"),
-            num_actors=2,
-            batch_size=32,
-            num_cpus=0.5,
-        )
-    )
-    assert _requests(app) == before
-    assert again["reply"].struct.field("cached").drop_nulls().all()
-    assert_frame_equal(_answers(again), _answers(expected))
+    assert distinct <= paced_run.sent <= frame.height - 1  # each distinct request once (twice at
+    # most if two actors asked for it at the same moment)
 
 
-def test_global_rate_limit_holds_at_the_server(ray_local, server, tmp_path):
-    served, app = server
-    rpm, rows, per_second = 2400, 200, 40  # 40 requests/s for the cluster, 20 per actor
-    frame = pl.DataFrame({"id": range(rows), "prompt": [f"paced {i}" for i in range(rows)]})
-    start = len(app.arrivals)
-    out = _collect(
-        gray.generate(
-            _dataset(frame, 20),
-            "prompt",
-            **_served_as_google(served, tmp_path / "cache"),
-            rpm=rpm,
-            num_actors=2,
-            batch_size=20,
-            num_cpus=0.5,
-        )
-    )
-    assert out["reply"].struct.field("error").is_null().all()
-    arrivals = sorted(app.arrivals[start:])
-    assert len(arrivals) == rows
+def test_global_rate_limit_holds_at_the_server(paced_run):
+    arrivals = paced_run.arrivals
+    assert len(arrivals) == paced_run.sent > 4 * PER_SECOND  # every request noted; seconds of them
     busiest = max(bisect.bisect_left(arrivals, t + 1.0) - i for i, t in enumerate(arrivals))
-    assert busiest <= per_second + 1, f"{busiest} requests arrived within one second"
-    assert (rows - 1) / (arrivals[-1] - arrivals[0]) <= per_second * 1.05  # nor faster overall
-    assert busiest > per_second / 2 + 1  # both actors' shares were in use at once
+    assert busiest <= PER_SECOND + 1, f"{busiest} requests arrived within one second"
+    assert (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) <= PER_SECOND * 1.05  # nor faster overall
+    assert busiest > PER_SECOND / 2 + 1  # both actors' shares were in use at once
 
 
-def test_unnest_and_the_key_stays_hidden(ray_local, server, tmp_path):
+def test_eight_actors_rerun_from_the_cache_on_a_two_cpu_machine(paced_run, server, tmp_path, monkeypatch):
+    """The paced run again, on num_actors=8 of the default num_cpus on 2 CPUs, reading parquet
+    (read tasks need a CPU each): it used to wait forever (8 actors of 1 CPU: running=2,
+    pending=6). A new dataset, the same cache directory, what to ask as one gf.RequestSpec
+    (handed to the actors as it is): the same requests, so nothing reaches the server. With
+    ``unnest=True`` (the reply's fields as columns), and the key in no repr."""
     served, app = server
-    frame = pl.DataFrame({"id": range(40), "q": [f"short {i}" for i in range(40)]})
+    frame, expected = paced_run.frame, paced_run.expected
+    source = tmp_path / "prompts"
+    source.mkdir()
+    for part in range(20):  # a block per file: 2-3 per actor
+        frame.slice(part * 10, 10).write_parquet(source / f"part-{part:02}.parquet")
+    # Ray Data reads parquet footers in a pool of 2 new actor processes per read: one will do.
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    before = _requests(app)
     out = gray.generate(
-        _dataset(frame, 10),
-        pl.col("q").str.to_uppercase(),
-        **_served_as_google(served, tmp_path / "cache"),
+        ray.data.read_parquet(str(source), override_num_blocks=20),
+        PROMPT,
+        images="image",
+        spec=gf.RequestSpec(system="Be terse.", config={"temperature": 0}),
+        **_served_as_google(served, paced_run.cache_dir),
+        num_actors=8,
+        concurrency=16,
+        batch_size=10,
         unnest=True,
-        num_cpus=0.5,
     )
-    got = _collect(out)
-    assert got.columns[:2] == ["id", "q"] and "text" in got.columns and "reply" not in got.columns
-    assert got["text"].to_list() == [f'Emulated reply to: "SHORT {i}".' for i in range(40)]
-    for shown in (repr(out), str(out), out.stats(), repr(got.to_dicts())):
+    again = _collect(out)
+    assert _requests(app) == before
+    fields = [f.name for f in expected.schema["reply"].fields]
+    assert again.columns == ["id", "prompt", "image", *fields]  # unnested: no "reply" column
+    assert again["id"].to_list() == list(range(frame.height))
+    assert again["cached"].drop_nulls().all() and again["cached"].null_count() == 1
+    assert_frame_equal(again.drop(PER_ROW), frame.join(_answers(expected), on="id").sort("id"))
+    for shown in (repr(out), str(out), out.stats(), repr(again.to_dicts()), repr(paced_run.out)):
         assert KEY not in shown
 
 
@@ -249,32 +265,6 @@ def test_checked_on_the_driver_before_anything_runs(ray_local):
         gray.generate(dataset, concurrency=2, num_actors=4, provider="emulator")
     with pytest.raises(TypeError, match="name"):
         gray.generate(dataset, provider=gf.GoogleAI(api_key=KEY))
-
-
-def test_eight_actors_fit_a_two_cpu_machine(ray_local, server, tmp_path):
-    """num_actors=8 on 2 CPUs, default num_cpus, reading parquet (read tasks need a CPU each):
-    it used to wait forever (8 actors of 1 CPU: running=2, pending=6)."""
-    served, app = server
-    rows = 160
-    source = tmp_path / "prompts"
-    source.mkdir()
-    frame = pl.DataFrame({"id": range(rows), "prompt": [f"eight {i}" for i in range(rows)]})
-    for part in range(16):  # a block per file: two per actor
-        frame.slice(part * 10, 10).write_parquet(source / f"part-{part:02}.parquet")
-    before = _requests(app)
-    out = _collect(
-        gray.generate(
-            ray.data.read_parquet(str(source), override_num_blocks=16),
-            "prompt",
-            **_served_as_google(served, tmp_path / "cache"),
-            num_actors=8,
-            concurrency=16,
-            batch_size=10,
-        )
-    )
-    assert out["id"].to_list() == list(range(rows))
-    assert out["reply"].struct.field("text").to_list() == [f'Emulated reply to: "eight {i}".' for i in range(rows)]
-    assert _requests(app) - before == rows
 
 
 def test_a_pool_the_cluster_cannot_hold_fails_with_the_fix(ray_local, server, tmp_path):

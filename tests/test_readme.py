@@ -149,7 +149,7 @@ def test_every_block_names_its_language():
 
 
 @pytest.mark.slow
-# Only a hang may reach it: ~35 s idle, 230 s at load 26 on 2 CPUs (it starts a Ray runtime).
+# Only a hang may reach it: ~25 s idle, ~105 s with 2 busy loops on 2 CPUs (it starts a Ray runtime).
 @pytest.mark.timeout(600, method="thread")
 def test_readme_blocks_run(tmp_path):
     blocks = readme_blocks(README.read_text())
@@ -179,6 +179,9 @@ def test_readme_blocks_run(tmp_path):
         GEMFRAME_CACHE_DIR=str(tmp_path / "cache"),
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+        # Ray Data reads parquet footers in a pool of 2 new actor processes per read (a few CPU
+        # seconds each time, many times that on a loaded 2-CPU machine); one reads a file or two.
+        RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="1",
     )
     done = subprocess.run(
         [sys.executable, __file__, blocks_file],
