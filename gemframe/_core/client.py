@@ -632,20 +632,13 @@ class _Run:
         files = self._media_files(fresh)  # key -> the files its request names, or why it cannot
         for key, (body, size) in fresh.items():
             if self.mode is CacheMode.READ:
-                self._answer(
-                    key,
-                    failed(
-                        RowError(
-                            None,
-                            "CACHE_MISS",
-                            "not in the cache and cache='read' sends nothing; use cache='use' to fetch it",
-                        )
-                    ),
+                self._fail(
+                    key, "CACHE_MISS", "not in the cache and cache='read' sends nothing; use cache='use' to fetch it"
                 )
                 continue
             named = files.get(key)
             if isinstance(named, str):  # its media could not be uploaded
-                self._answer(key, failed(RowError(None, "UPLOAD_FAILED", f"row {self.waiting[key][0]}: {named}")))
+                self._fail(key, "UPLOAD_FAILED", named, row=True)
                 continue
             # The request as sent (the key stays the body's): the shared prefix named by its
             # context cache first (`RunContext` knows the prefix by its inline turn), then its
@@ -655,41 +648,25 @@ class _Run:
                 sent = with_files(sent, named)
             big = next(_local_files(sent), None) if size else None
             if big is not None:  # too big for inline, and this call does not upload
-                self._answer(
-                    key, failed(RowError(None, "INVALID_INPUT", f"row {self.waiting[key][0]}: {self._too_big(big)}"))
-                )
+                self._fail(key, "INVALID_INPUT", self._too_big(big), row=True)
                 continue
             problem = self._fill_images(sent) if size else None
             if problem is not None:
-                self._answer(key, failed(RowError(None, "CACHE_CORRUPT", f"row {self.waiting[key][0]}: {problem}")))
+                self._fail(key, "CACHE_CORRUPT", problem, row=True)
                 continue
             encode = request_json if size else orjson.dumps  # images: spliced in (see request_json)
             try:
                 content = encode(self.provider.wrap(sent))
             except Exception as exc:  # e.g. gf.send with an integer beyond 64 bits: no JSON encoder here writes it
-                self._answer(
-                    key,
-                    failed(
-                        RowError(
-                            None,
-                            "INVALID_INPUT",
-                            f"row {self.waiting[key][0]}: the request cannot be encoded: {exception_text(exc)}",
-                        )
-                    ),
-                )
+                self._fail(key, "INVALID_INPUT", f"the request cannot be encoded: {exception_text(exc)}", row=True)
                 continue
             if len(content) > INLINE_LIMIT:
-                self._answer(
+                self._fail(
                     key,
-                    failed(
-                        RowError(
-                            None,
-                            "INVALID_INPUT",
-                            f"row {self.waiting[key][0]}: the request is {len(content) / 2**20:.1f} MB; the API takes "
-                            f"about {INLINE_LIMIT // 2**20} MB inline per request: send smaller or fewer images"
-                            + _upload_hint(self.client),
-                        )
-                    ),
+                    "INVALID_INPUT",
+                    f"the request is {len(content) / 2**20:.1f} MB; the API takes about {INLINE_LIMIT // 2**20} MB "
+                    f"inline per request: send smaller or fewer images{_upload_hint(self.client)}",
+                    row=True,
                 )
                 continue
             if self.batch_options is not None:
@@ -722,6 +699,12 @@ class _Run:
         self.inflight_bytes += len(content)
         self.sizes[key] = len(content)
         self.client.executor.submit_many([(key, self.url, content)], self.finished)
+
+    def _fail(self, key: str, status: str, message: str, row: bool = False) -> None:
+        """Answer a request that will not be sent with an error (``row``: naming its first row)."""
+        if row:
+            message = f"row {self.waiting[key][0]}: {message}"
+        self._answer(key, failed(RowError(None, status, message)))
 
     def _cached_record(self, key: str, raw: bytes) -> dict[str, Any]:
         """The reply of a cached answer; one that is not a generateContent answer (a damaged or
