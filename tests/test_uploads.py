@@ -109,6 +109,40 @@ def test_a_rerun_reuses_the_file_by_digest(emulator, cache_dir, tmp_path, shared
     assert emulator.stats.uploads == 1 and emulator.stats.requests == 60
 
 
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "https://www.youtube.com/watch?v=planted",  # another server: a video of the planter's choosing
+        "{origin}/v1beta/files/someoneelses",  # this server, but not the file the record names
+        "{origin}/v1beta/{name}?alt=media",
+    ],
+)
+def test_a_planted_upload_record_naming_another_uri_is_not_used(emulator, cache_dir, tmp_path, shared_png, planted):
+    """The upload store is in a cache directory that may be shared: a record rewritten to name
+    another URI is ignored (the media is uploaded again), never sent, so no answer about
+    someone else's file is cached as this row's."""
+    import orjson
+
+    from gemframe._core.cache.disk import read_entries
+    from gemframe._core.cache.files import UploadStore
+
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(image, 4), client))
+        origin = client.provider.base_url.split("/v1")[0]
+    store = UploadStore(cache_dir / "files")
+    keys = [k for (k,) in store._store._sql("SELECT key FROM Cache WHERE key LIKE 'file:%'").fetchall()]
+    ((key, raw),) = read_entries(store._store, keys)[0].items()
+    record = orjson.loads(raw)
+    record["uri"] = planted.format(origin=origin, name=record["name"])
+    store._store.set(key, orjson.dumps(record))
+    store._store.close()
+    with in_process(emulator, cache_dir) as client:
+        assert answered(generate(frame(image, 4, tag="again"), client))
+    assert emulator.stats.uploads == 2  # uploaded again, the planted record passed over
+
+
 def test_answers_cached_inline_are_hits_by_file_and_back(emulator, cache_dir, tmp_path, shared_png):
     image = tmp_path / "a.png"
     image.write_bytes(shared_png)

@@ -54,13 +54,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import orjson
 
 from .._errors import AuthenticationError, InputError, RowError, exception_text
 from .cache import files as file_store
-from .cache.files import FILE_TTL, FileRecord, UploadStore, scope_of
+from .cache.files import FILE_TTL, FileRecord, UploadStore, origin_of, scope_of
 from .cache.key import KnownDigest, _data_digest
 from .executor import take_all
 from .http import AiohttpSession, Body, HttpxSession, Reply, TransportFailure, redact_url
@@ -98,21 +97,6 @@ def check_mode(upload: str) -> str:
 def uploads_media(provider: Provider, upload: str) -> bool:
     """Whether a call with this provider and option may upload media (Batch Mode aside)."""
     return upload != "never" and "files" in provider.capabilities
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port or {"http": 80, "https": 443}.get(scheme)
-    except ValueError:  # a port that is not a number
-        port = -1
-    return scheme, (parts.hostname or "").lower(), port
-
-
-def _origin_text(url: str) -> str:
-    scheme, host, port = _origin(url)
-    return f"{scheme}://{host}:{port}"
 
 
 @dataclass
@@ -321,10 +305,9 @@ async def _start_and_send(
     url = start.headers.get("x-goog-upload-url")
     if not url:
         raise UploadFailed("the Files API answered the start of an upload without an X-Goog-Upload-URL")
-    if _origin(url) != _origin(provider.base_url):
-        scheme, host, port = _origin(url)
+    if origin_of(url) != origin_of(provider.base_url):
         raise UploadFailed(
-            f"the Files API answered an upload URL on another origin ({redact_url(f'{scheme}://{host}:{port}')[:200]}) "
+            f"the Files API answered an upload URL on another origin ({redact_url(origin_of(url))[:200]}) "
             f"than base_url ({provider.display_base_url}); gemframe sends the key only to base_url's "
             "origin, so nothing was sent there. Check base_url (a proxy in front of the API must "
             "answer upload URLs on its own origin), or use upload='never' to send media inline"
@@ -441,7 +424,7 @@ class CallFiles:
         self.executor, self.provider, self.mode = executor, provider, mode
         self._open_store = store
         self._store: UploadStore | None = None
-        self.scope = scope_of(_origin_text(provider.base_url), provider.secret)
+        self.scope = scope_of(origin_of(provider.base_url), provider.secret)
         self.encoded_image = encoded_image
         self.users: Counter[str] = Counter()  # digest -> distinct requests of the call carrying it
         self.ready: dict[str, FileRecord] = {}  # digest -> its live file

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -85,6 +86,36 @@ def _record(raw: bytes) -> FileRecord | None:
     return record if ok else None
 
 
+_URI_PATH = re.compile(r"/(?:v1|v1beta|v1alpha)/(files/[a-z0-9-]{1,40})")
+
+
+def _names_its_file(record: FileRecord, origin: str) -> bool:
+    """Whether a record's URI is its own file on this server. The store is hostile ground: a
+    record planted in a shared cache directory could name any URI (a video of someone else's
+    choosing, or a file of another row), and the answer to a request naming it would be cached
+    as the answer for this row's media."""
+    parts = urlsplit(record.uri)
+    path = _URI_PATH.fullmatch(parts.path)
+    return (
+        path is not None
+        and path.group(1) == record.name
+        and not (parts.query or parts.fragment or parts.username or parts.password)
+        and origin_of(record.uri) == origin
+    )
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL (the default port spelled out; ``port -1`` when it is
+    not a number): where a file lives, and where the key may go."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # a port that is not a number
+        port = -1
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
 class UploadStore:
     """(scope, digest) -> the file uploaded for it, in a directory."""
 
@@ -101,13 +132,15 @@ class UploadStore:
 
     @_reports_corruption
     def lookup(self, scope: str, digests: Iterable[str]) -> dict[str, FileRecord]:
-        """The live files of these digests (`FileRecord.live`), one query per 500."""
+        """The live files of these digests (`FileRecord.live`) that name a file of the scope's
+        server (`_names_its_file`), one query per 500."""
+        origin = scope.rsplit(" ", 1)[0]
         wanted = {self._key(scope, d): d for d in digests if _DIGEST.fullmatch(d)}
         entries, _ = read_entries(self._store, wanted)
         found = {}
         for key, raw in entries.items():
             record = _record(raw)
-            if record is not None and record.live():
+            if record is not None and record.live() and _names_its_file(record, origin):
                 found[wanted[key]] = record
         return found
 
