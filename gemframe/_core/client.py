@@ -675,11 +675,7 @@ class _Run:
             outgoing.append((key, self.url, content))
             if self.files is not None and key in files:
                 self.files.note_sent(key, body, cast(dict, files[key]))
-            self.in_flight.add(key)
-            if self.cache is not None and (prompt := prompt_text(body)) is not None:
-                self.prompts[key] = prompt
-            self.inflight_bytes += len(content)
-            self.sizes[key] = len(content)
+            self._track(key, body, content)
             if self._full():
                 self.client.executor.submit_many(outgoing, self.finished)
                 outgoing = []
@@ -693,12 +689,17 @@ class _Run:
         """Send a row's request again (an outgoing body: `RunContext.retry` made it)."""
         encode = request_json if _inline_bytes(body) else orjson.dumps
         content = encode(self.provider.wrap(body))
-        if self.cache is not None and (prompt := prompt_text(body)) is not None:
-            self.prompts[key] = prompt  # the row's own turn: the same with or without the prefix
+        self._track(key, body, content)  # its prompt: the row's own turn, with or without the prefix
+        self.client.executor.submit_many([(key, self.url, content)], self.finished)
+
+    def _track(self, key: str, body: dict[str, Any], content: bytes) -> None:
+        """Note a request about to be sent: in flight, its size (see `_full`), and its prompt
+        for the cache entry's header."""
         self.in_flight.add(key)
+        if self.cache is not None and (prompt := prompt_text(body)) is not None:
+            self.prompts[key] = prompt
         self.inflight_bytes += len(content)
         self.sizes[key] = len(content)
-        self.client.executor.submit_many([(key, self.url, content)], self.finished)
 
     def _fail(self, key: str, status: str, message: str, row: bool = False) -> None:
         """Answer a request that will not be sent with an error (``row``: naming its first row)."""
