@@ -96,12 +96,7 @@ class AiohttpSession:
             timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 30.0)),
             trust_env=False,  # its per-request netrc/proxy lookups cost ~0.4 ms: see _proxy_for
         )
-        self._timeout = timeout
-
-    @property
-    def timeout(self) -> float:
-        """Seconds a request may take (`request`'s ``timeout`` replaces it for one)."""
-        return self._timeout
+        self.timeout = timeout  # seconds a request may take (`request`'s ``timeout`` replaces it for one)
 
     async def request(
         self,
@@ -116,7 +111,7 @@ class AiohttpSession:
         and ``timeout`` then replaces the session's for it (seconds for the whole exchange)."""
         parts = urlsplit(url)
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
-        limit = self._timeout if timeout is None else timeout
+        limit = self.timeout if timeout is None else timeout
         own = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=limit, connect=min(limit, 30.0))}
         with _failures(limit, asyncio.TimeoutError, aiohttp.ClientError):
             async with self._session.request(
@@ -140,12 +135,7 @@ class HttpxSession:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
             follow_redirects=False,
         )
-        self._timeout = timeout
-
-    @property
-    def timeout(self) -> float:
-        """Seconds a request may take (`request`'s ``timeout`` replaces it for one)."""
-        return self._timeout
+        self.timeout = timeout  # seconds a request may take (`request`'s ``timeout`` replaces it for one)
 
     async def request(
         self,
@@ -155,7 +145,7 @@ class HttpxSession:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Reply:
-        limit = self._timeout if timeout is None else timeout
+        limit = self.timeout if timeout is None else timeout
         with _failures(limit, httpx.TimeoutException, httpx.TransportError):
             response = await self._client.request(
                 method,
