@@ -28,13 +28,34 @@ the same share of 429s, so the rate would ratchet down to nothing. So every cut 
 429 share of the answers to requests sent at the new rate is compared with the share that
 triggered the cut (a two-proportion test, so noise on a few dozen answers decides nothing):
 
-- clearly lower, or down to the background level: the cut was the cure (a real limit); keep it;
+- clearly lower (an exact test when 429s are few: `_fewer_by_chance`), or down to the background
+  level after a share that had risen with the rate (below): the cut was the cure; keep it;
 - about the same: slowing down was not the cure; undo the cut (back to the rate before it,
   usually "no limit") and remember that share as the background (`floor`): later cuts need a
   share clearly above it, i.e. a share that rises with the rate, which is what a real limit does;
-- clearly higher, or half or more: still far too fast (a cold start spent the server's burst
-  allowance, so the first measure of what it accepts was inflated; far above a limit every rate
-  draws nearly all 429s, so the share cannot tell); cut again, same trial.
+- clearly higher, or "same" at half or more: still far too fast (a cold start spent the
+  server's burst allowance, so the first measure of what it accepts was inflated; far above a
+  limit every rate draws nearly all 429s, so the share cannot tell); cut again, same trial.
+
+A small share is where this is hard: at 3% of 1,000 answers per second, two 429s among a few
+dozen answers (enough for a cut) come every few dozen milliseconds, and 0 or 1 of the next 30
+is what 3% gives most of the time, so "down to the background" kept every such cut and the rate
+ratcheted down 14x. So the share before the cut is that of a sample stopped at the 429 that
+tripped it, (k-1)/(n-1); "lower" needs a test valid for a handful of 429s; and a share that
+merely drops to the background keeps the cut only if it had *risen with the rate* before it: the
+window that tripped the cut clearly (3 sigma) above the earlier answers at the same rate (which
+rises with time since it was set: `_rose`). A limit does that: 2 of the last 10 after 110 clean
+answers. Random 429s do not: the window is within noise of the rest, or there is no rest (the
+cut came moments after the last). Without that, the trial waits while fewer than two 429s come
+(until none would be clearly lower), and is "same" once they do, unless they came only after a
+long clean run (the rising rate met the limit again: the cut was the cure). tests/test_limits.py
+judges all this over many seeds in virtual time, the same on any machine however loaded.
+
+An undo is a trial too. A limit with a burst allowance can let a trial's first answers through
+on what it saved up while the rate was low, so a real cure can look like "same". Going back up
+then draws a share that rises with the rate (`_rose_after_undo`): clearly above the trial's, or
+a recent window clearly above the first answers after the undo. That shows the limit: cut
+again, for good (that trial is never undone), and forget the background learned from it.
 
 **A cold start** meets a limit's burst allowance (a token bucket: R per second, with a second or
 more of R saved up). It lets slow start double past the limit for a round trip or two; then a
@@ -171,14 +192,16 @@ class AdaptiveRate:
         self._recent_throttled = 0  # 429s among those (kept as they come: this runs per answer)
         self._count = self._throttled = 0  # every answer since the epoch
         # The cut being judged: (rate before its trial began, 429 share at that rate, of how many
-        # answers, whether the trial has shown a real limit).
-        self._trial: tuple[float | None, float, int, bool] | None = None
+        # answers, whether the trial has shown a real limit, whether the share that tripped it had
+        # risen with the rate: `_rose`).
+        self._trial: tuple[float | None, float, int, bool, bool] | None = None
         self._next_send = 0.0
         self._sends: deque[float] = deque()  # when requests went out, last `window` s
         self._rtt = 0.0  # of the latest answer
         self._trial_start = 0.0
         self._accepted_in_trial = 0  # successes answered since the trial began, whenever sent
         self._cold = False  # the trial is of a cold cut (module docstring): its first measure was inflated
+        self._undone = (0, 1, 0.0)  # since the last undo: its trial's 429s and answers, and the floor before it
 
     def on_success(self, sent_at: float) -> None:
         self._accepted_in_trial += 1
@@ -211,8 +234,16 @@ class AdaptiveRate:
         return self._above_floor(throttled / n, n, 3 if self.floor else 0)
 
     def _decide(self) -> None:
-        if self._learning and self._trial is None and self._count >= self.judge_answers:
-            self.floor = self._throttled / self._count  # the background, measured at the restored rate
+        if self._learning and self._trial is None:
+            if self._rose_after_undo():
+                # Back at the faster rate the share rose clearly above the trial's: the 429s
+                # follow the rate, so the cut was a cure after all (a limit that let the trial's
+                # first answers through on its saved-up allowance). Cut again, for good.
+                self.floor, self._learning = self._undone[2], False
+                self._cut(same_trial=False, proven=True)
+                return
+            if self._count >= self.judge_answers:
+                self.floor = self._throttled / self._count  # the background, measured at the restored rate
         over = self._over()
         verdict = None
         if self._trial is not None:
@@ -235,8 +266,10 @@ class AdaptiveRate:
                 self._trial[2],
                 verdict,
             )
-            if verdict == "same" and self._trial[3]:
-                verdict = "higher"  # a limit (see _cut): not yet cut enough
+            if verdict == "same" and (self._trial[3] or self._throttled >= 0.5 * self._count):
+                # A limit (see _cut), or half or more answered 429 at this rate: far too fast
+                # (module docstring), never a background to learn. Not yet cut enough.
+                verdict = "higher"
             elif verdict == "same":  # slowing down did not lower the share: not the cure
                 self._undo()
                 return
@@ -250,9 +283,10 @@ class AdaptiveRate:
         """The cut under trial against the 429 share at its rate: "lower", "same", "higher", or
         "wait" (too few answers yet). Clear differences (3 sigma) are acted on from
         ``min_answers`` answers, and so is a share clearly above the background ("same"); at
-        ``judge_answers`` 2 sigma decide, and a share not above the background is "lower"."""
+        ``judge_answers`` 2 sigma decide; a share not above the background is "lower" only after a
+        share that rose with the rate (module docstring)."""
         assert self._trial is not None
-        _, before, n1, _ = self._trial
+        _, before, n1, _, rose = self._trial
         n2 = self._count
         if n2 < self.min_answers:
             # Far above a limit (the cold start's first cut was too shallow): cut again at once.
@@ -262,14 +296,44 @@ class AdaptiveRate:
         after = self._throttled / n2
         pooled = (before * n1 + self._throttled) / (n1 + n2)
         noise = sigmas * math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-        if after > before + noise or (after >= 0.5 and self._over()):  # far above a limit any rate draws ~all 429s
+        if after > before + noise:
             return "higher"
-        if after < before - noise:
+        t1 = round(before * n1)
+        if after < before - noise and _fewer_by_chance(t1, n1, self._throttled, n2) < (0.00135 if early else 0.023):
             return "lower"
         if early:  # "same" already if clearly so (it costs a random-429 job its speed), and not rising
             clearly = n2 >= 2 * self.min_answers and self._above_floor(after, n2, 3) and after <= before + noise * 2 / 3
             return "same" if clearly else "wait"
-        return "same" if self._above_floor(after, n2, 2) else "lower"
+        if self._above_floor(after, n2, 2):
+            return "same"
+        if rose:  # the share had risen with the rate (a limit): down to the background is the cure
+            return "lower"
+        # Neither clearly lower than before nor clearly above the background, and nothing showed a
+        # limit: at a small share the answers at the new rate cannot yet tell a cure from chance
+        # (0 of 30 is what a 3% share gives four times in ten). While none has come since the cut,
+        # wait until none at all is clearly lower (`_fewer_by_chance`). 429s that come only after
+        # a long clean run at the new rate (which rises with time) rose with it: the cut was a
+        # cure until the rate met the limit again. 429s still coming at the new rate from the
+        # start, or none either before or after: no cure is shown, "same".
+        if t1 and not self._throttled and _fewer_by_chance(t1, n1, 0, n2) >= 0.023:
+            return "wait"
+        if self._throttled < 2:  # one 429 is a stray: neither a cure nor its absence
+            return "wait"
+        return "lower" if self._rose(2) else "same"
+
+    def _rose(self, sigmas: float = 3) -> bool:
+        """Whether the 429 share of the recent answers (the window that trips a cut) is clearly
+        (``sigmas``) above that of the earlier answers at this rate. The rate rises with time
+        since it was set, so this is a share that rose with the rate: a limit. Random 429s keep
+        their share whatever the rate; a window picked because it holds a few more is within
+        noise of the rest, or there is no rest to compare with (a cut soon after the last)."""
+        n1, t1 = len(self._answers), self._recent_throttled
+        n0, t0 = self._count - n1, self._throttled - t1
+        if n0 < self.min_answers:
+            return False
+        pooled = (t0 + t1) / (n0 + n1)
+        noise = sigmas * math.sqrt(pooled * (1 - pooled) * (1 / n0 + 1 / n1))
+        return t1 / n1 > t0 / n0 + noise
 
     def _above_floor(self, share: float, n: int, sigmas: float) -> bool:
         """Whether a 429 share of ``n`` answers is clearly above the background (and the
@@ -281,7 +345,7 @@ class AdaptiveRate:
         """Set the rate just under what the server accepted lately (by send time)."""
         answers = self._answers
         throttled = self._recent_throttled
-        cold = False
+        cold, was_cold = False, self._cold
         # What is really being sent (the pacing rate can be far above it when the window or the
         # caller is the bottleneck: cutting that would change nothing).
         sending = self._send_rate()
@@ -313,13 +377,23 @@ class AdaptiveRate:
         before = self._trial[0] if same_trial and self._trial is not None else self.rate
         # The share to judge the cut against: of every answer at this rate, not of the recent
         # ones that tripped the cut (picked at a peak, they would make any cut look like a cure).
+        # Even so, the cut was made on the 429 that tipped the count: a sample stopped at its
+        # k-th 429 estimates the share by (k-1)/(n-1), not k/n (which, when the rate was set
+        # moments ago, is the trigger's own peak: 2 of 15 "cured" by 0 of 30 at a 3% share).
         # A trial cut again because the share rose after a cut, or reached half, has shown a
         # real limit (random 429s do neither): it is never undone, only cut further.
-        self._trial = (before, self._throttled / self._count, self._count, same_trial if proven is None else proven)
+        rose = self._rose() or (same_trial and self._trial is not None and self._trial[4])
+        proven = same_trial if proven is None else proven
+        n = max(self._count - 1, 1)
+        self._trial = (before, max(self._throttled - 1, 0) / n, n, proven, rose)
         self._cold = cold
         self.cuts += 1
         self._learning = False
-        rate = max(self.min_rate, self.decrease * min(accepted, sending or accepted))
+        # A cold trial's second cut measures what the server let through since the first, which
+        # still held some of its allowance: a little deeper, or the rate lands just above the
+        # limit, where its few 429s look like a random share (about 1 in 30 cold starts under load).
+        decrease = self.decrease * (0.94 if same_trial and was_cold else 1.0)
+        rate = max(self.min_rate, decrease * min(accepted, sending or accepted))
         logger.debug(
             "429s %d of %d answers: send rate cut from %s to %.1f/s (accepted %.1f/s, sending %.1f/s)",
             throttled,
@@ -353,10 +427,23 @@ class AdaptiveRate:
                 best = max(best, count / span)
         return best
 
+    def _rose_after_undo(self) -> bool:
+        """Whether the share rose when the rate went back up after an undo (module docstring):
+        since the undo clearly (3 sigma) above the undone trial's own, or the recent window
+        clearly above the first answers since the undo (`_rose`). Asked over the first 300
+        answers only: asked for ever, noise would answer yes in the end."""
+        t1, n1, _ = self._undone
+        t2, n2 = self._throttled, self._count
+        if n2 < self.min_answers or t2 < 2 or n2 > 10 * self.judge_answers:
+            return False
+        pooled = (t1 + t2) / (n1 + n2)
+        return t2 / n2 > t1 / n1 + 3 * math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2)) or self._rose()
+
     def _undo(self) -> None:
         """Back to the rate before the trial; its 429 share is the background from now on."""
         assert self._trial is not None
-        before, share, n1, _ = self._trial
+        before, share, n1, _, _ = self._trial
+        self._undone = (self._throttled, max(self._count, 1), self.floor)
         self.floor = (share * n1 + self._throttled) / (n1 + self._count)
         self._trial = None
         self.undone += 1
@@ -394,6 +481,16 @@ class AdaptiveRate:
                 self._sent(time.monotonic())
                 return
             # The rate was set again while this request waited: queue again at the new rate.
+
+
+def _fewer_by_chance(t1: int, n1: int, t2: int, n2: int) -> float:
+    """The chance that t2 or fewer of the t1 + t2 429s fall among the n2 answers after a cut,
+    were the share the same before and after: each falls after it with chance n2 / (n1 + n2).
+    Exact, where a normal approximation is not: with one 429 before the cut (2 of 15, the
+    second one tripping it, so 1 of 14), none in the next 56 reads as 2 sigma lower, while that
+    one 429 simply fell among the first 14 of 70 answers: a chance of 1 in 5."""
+    k, q = t1 + t2, n2 / (n1 + n2)
+    return sum(math.comb(k, i) * q**i * (1 - q) ** (k - i) for i in range(t2 + 1))
 
 
 class RateLimiter:
