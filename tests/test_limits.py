@@ -30,14 +30,15 @@ def test_a_small_random_share_of_429s_does_not_ratchet_the_rate_down(monkeypatch
 
 
 def test_a_large_random_share_of_429s_does_not_slow_the_job(monkeypatch):
-    # The case: 20% at random with a retryDelay of 1.5 s, 500 rows at C=64.
-    runs, ratio = _walls(monkeypatch, rows=500, random_429=0.2, retry_delay=1.5, latency=0.05, concurrency=64)
+    # The case: 20% at random with a retryDelay of 1.5 s, 500 rows at C=64; its goal:
+    # within 1.2x of the same client with adaptive=False (it was 13-15x).
+    runs, ratio = _walls(monkeypatch, rows=500, random_429=0.2, retry_delay=1.5, latency=0.2, concurrency=64)
     print(f"20% random 429s: {ratio:.2f}x the fixed-rate client's median wall")
-    assert ratio <= 1.3
+    assert ratio <= 1.2
 
 
 @pytest.mark.parametrize("stall", [0.0, 0.02])
-@pytest.mark.parametrize("rpm, rows, concurrency", [(1200, 420, 16), (6000, 2000, 64)])
+@pytest.mark.parametrize("rpm, rows, concurrency", [(600, 600, 16), (1200, 420, 16), (6000, 2000, 64)])
 def test_a_cold_start_finds_a_real_limit_with_few_429s(monkeypatch, rpm, rows, concurrency, stall):
     # The server allows rpm/60 requests a second with one second of allowance, the client is
     # not told. Counted from the first request: >= 90% of the limit, <= 5% of attempts 429. A
