@@ -294,8 +294,7 @@ class AdaptiveRate:
         early = n2 < self.judge_answers
         sigmas = 3 if early else 2
         after = self._throttled / n2
-        pooled = (before * n1 + self._throttled) / (n1 + n2)
-        noise = sigmas * math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+        noise = _noise(before * n1, n1, self._throttled, n2, sigmas)
         if after > before + noise:
             return "higher"
         t1 = round(before * n1)
@@ -331,9 +330,7 @@ class AdaptiveRate:
         n0, t0 = self._count - n1, self._throttled - t1
         if n0 < self.min_answers:
             return False
-        pooled = (t0 + t1) / (n0 + n1)
-        noise = sigmas * math.sqrt(pooled * (1 - pooled) * (1 / n0 + 1 / n1))
-        return t1 / n1 > t0 / n0 + noise
+        return t1 / n1 > t0 / n0 + _noise(t0, n0, t1, n1, sigmas)
 
     def _above_floor(self, share: float, n: int, sigmas: float) -> bool:
         """Whether a 429 share of ``n`` answers is clearly above the background (and the
@@ -436,8 +433,7 @@ class AdaptiveRate:
         t2, n2 = self._throttled, self._count
         if n2 < self.min_answers or t2 < 2 or n2 > 10 * self.judge_answers:
             return False
-        pooled = (t1 + t2) / (n1 + n2)
-        return t2 / n2 > t1 / n1 + 3 * math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2)) or self._rose()
+        return t2 / n2 > t1 / n1 + _noise(t1, n1, t2, n2, 3) or self._rose()
 
     def _undo(self) -> None:
         """Back to the rate before the trial; its 429 share is the background from now on."""
@@ -481,6 +477,13 @@ class AdaptiveRate:
                 self._sent(time.monotonic())
                 return
             # The rate was set again while this request waited: queue again at the new rate.
+
+
+def _noise(t1: float, n1: int, t2: float, n2: int, sigmas: float) -> float:
+    """How far two 429 shares (t1 of n1, t2 of n2) may differ by chance: ``sigmas`` standard
+    errors of their difference, were both the pooled share (a two-proportion test)."""
+    pooled = (t1 + t2) / (n1 + n2)
+    return sigmas * math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
 
 
 def _fewer_by_chance(t1: int, n1: int, t2: int, n2: int) -> float:
