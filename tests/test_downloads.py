@@ -279,6 +279,7 @@ def test_cache_commands_cover_the_url_store(images, emulator, cache_dir, tmp_pat
 
 # -- what is refused before any connection (the rules of read_image / UrlFetcher) -----------------
 
+
 def _on_this_machine(address: str) -> bool:
     """Whether a connection to ``address`` stays on this machine (loopback, 0.0.0.0, their
     IPv4-mapped forms)."""
