@@ -504,6 +504,41 @@ def test_corrupt_database_is_one_clear_error(emulator, tmp_path):
     assert db.read_bytes().startswith(b"this is not")  # left for the user to inspect
 
 
+def test_damaged_pages_in_a_real_database_are_one_clear_error(emulator, cache_dir):
+    """Not a file that is not a database but a real one with damaged pages (a bad disk, a copy
+    cut short and patched, a crash on a filesystem that lies about fsync): SQLite opens it and
+    fails only when it reads a damaged page (SQLITE_CORRUPT, 'malformed'). The run, `cache stats`
+    and `cache clear` each give the same one line naming the file and the fix, and nothing is
+    sent. (The file is not left byte for byte: opening it rewrites a settings page, and `clear`
+    deletes the rows it can reach before it meets a damaged page.)"""
+    import random
+
+    frame = pl.DataFrame({"prompt": [f"row {i} " + "x" * 3000 for i in range(400)]})
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False) as c:
+        frame.with_columns(reply=gf.generate("prompt", client=c))
+    db = cache_dir / "cache.db"
+    assert db.stat().st_size > 2 * 2**20 and emulator.stats.requests == 400  # about 600 pages of 4 KiB
+    assert not (cache_dir / "cache.db-wal").exists()  # all of it in the file damaged below
+    with open(db, "r+b") as f:  # 16 pages in the middle; the header and the schema stay whole
+        f.seek(db.stat().st_size // 2 // 4096 * 4096)
+        f.write(random.Random(0).randbytes(16 * 4096))
+    assert db.read_bytes().startswith(b"SQLite format 3\x00")
+    fix = f"mv {db} {db}.corrupt"
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False) as c:
+        with pytest.raises(gf.GemframeError) as raised:
+            frame.with_columns(reply=gf.generate("prompt", client=c))
+    assert type(raised.value).__name__ == "CacheCorruptError"
+    message = str(raised.value).splitlines()[0]  # polars adds the expression it was raised in below
+    assert message.startswith(f"the cache database {db} is corrupt (database disk image is malformed)")
+    assert fix in message and "Move it aside" in message
+    assert emulator.stats.requests == 400  # nothing sent
+    for action in ("stats", "clear"):
+        result = gemframe_cli("cache", action, "--cache-dir", str(cache_dir))
+        assert result.returncode == 2, result
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.strip() == f"gemframe: error: {message}"
+
+
 def test_zero_byte_database_warns(client, emulator, cache_dir, tmp_path):
     cache_dir.mkdir()
     (cache_dir / "cache.db").write_bytes(b"")

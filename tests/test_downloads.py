@@ -1,12 +1,14 @@
 """Image URLs at scale: fetched concurrently on the executor's loop (retried, bounded) and
 remembered in the URL store, so a rerun fetches nothing and ``cache="read"`` replays a URL
-dataset with the image server gone. The safety rules of image URLs are in tests/test_payload.py
-(they run through the same fetcher)."""
+dataset with the image server gone. The safety rules of image URLs given directly (schemes,
+private addresses, bytes that are not an image) are at the end of this file; redirects, DNS
+rebinding and the size cap are in tests/test_payload.py (the same fetcher)."""
 
 from __future__ import annotations
 
 import http.server
 import io
+import ipaddress
 import json
 import os
 import threading
@@ -31,9 +33,11 @@ class _Images:
     """A loopback image server: ``/img/<i>.png`` is a distinct PNG with an ETag (answering 304
     to a matching If-None-Match). It counts requests and full downloads per path and the most
     requests it served at once; ``hold=N`` makes the first requests wait (up to 10 s) until N
-    are in flight together; ``flaky`` paths answer 503 the first time."""
+    are in flight together; ``flaky`` paths answer 503 the first time; ``bodies`` serves fixed
+    bytes at fixed paths."""
 
-    def __init__(self, hold: int = 0, flaky: tuple[str, ...] = ()):
+    def __init__(self, hold: int = 0, flaky: tuple[str, ...] = (), bodies: dict[str, bytes] | None = None):
+        self.bodies = bodies or {}  # path -> the exact bytes served there (as image/png)
         self.requests: Counter[str] = Counter()
         self.downloads: Counter[str] = Counter()
         self.not_modified = 0
@@ -67,6 +71,14 @@ class _Images:
                     self.send_response(503)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if self.path in server.bodies:
+                    body = server.bodies[self.path]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")  # whatever it says, the bytes decide
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                     return
                 if not self.path.startswith("/img/"):
                     self.send_response(404)
@@ -263,3 +275,104 @@ def test_cache_commands_cover_the_url_store(images, emulator, cache_dir, tmp_pat
     assert cleared.returncode == 0 and "3 image URLs" in cleared.stdout, cleared.stdout
     after = json.loads(gemframe_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir)).stdout)["urls"]
     assert after["urls"] == 0 and after["images"] == 0
+
+
+# -- what is refused before any connection (the rules of read_image / UrlFetcher) -----------------
+
+
+def _on_this_machine(address: str) -> bool:
+    """Whether a connection to ``address`` stays on this machine (loopback, 0.0.0.0, their
+    IPv4-mapped forms)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_loopback or ip.is_unspecified
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """Every socket connection this process attempts, by address. One to an address off this
+    machine is refused here, so these tests never reach the network, even with the check they
+    guard broken (they then fail on what was attempted, at once, not after a connect timeout)."""
+    import socket
+
+    attempted: list[str] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guarded(real):
+        def connect(sock, address):
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                attempted.append(address[0])
+                if not _on_this_machine(address[0]):
+                    raise ConnectionRefusedError(f"test guard: no connection to {address[0]}")
+            return real(sock, address)
+
+        return connect
+
+    monkeypatch.setattr(socket.socket, "connect", guarded(real_connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded(real_connect_ex))
+    return attempted
+
+
+def test_only_http_and_https_image_urls_are_fetched(emulator, cache_dir, connections):
+    """A URL of another scheme given as the image is that row's error, naming the scheme, even
+    with private URLs allowed; nothing is read or connected to (``file:`` never opens the file)."""
+    urls = ["ftp://example.com/a.png", "file:///etc/passwd", "gopher://example.com/1/x.png"]
+    df = pl.DataFrame({"prompt": ["a", "b", "c", "no image"], "img": [*urls, None]})
+    with _client(emulator, cache_dir) as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    errors = _errors(out)
+    for row, (url, scheme) in enumerate(zip(urls, ["ftp", "file", "gopher"])):
+        assert errors[row] == f"row {row}: image URL {url!r}: only http and https URLs are fetched, not {scheme}:"
+    assert errors[3] is None and emulator.stats.requests == 1  # the other row is answered
+    assert connections == []
+
+
+def test_private_and_reserved_image_urls_are_refused_before_connecting(images, emulator, cache_dir, connections):
+    """Without the opt-in, an image URL whose host is (or resolves to) a private, shared (CGNAT),
+    link-local, unspecified or loopback address is that row's error naming the address and the
+    opt-in, and no connection is attempted: the address is checked first. The last three point
+    at a live image server on this machine (which the opt-in reaches): it is asked nothing."""
+    server = images()
+    port = server.url.rsplit(":", 1)[1]
+    refused = {
+        "http://10.0.0.1/a.png": "10.0.0.1 is a private or reserved address",
+        "http://192.168.1.1/a.png": "192.168.1.1 is a private or reserved address",
+        "http://100.64.0.1/a.png": "100.64.0.1 is a private or reserved address",
+        "http://169.254.1.1/a.png": "169.254.1.1 is a link-local address",
+        "http://[fe80::1]/a.png": "fe80::1 is a link-local address",
+        f"http://0.0.0.0:{port}/img/1.png": "0.0.0.0 is a private or reserved address",
+        f"http://[::ffff:127.0.0.1]:{port}/img/2.png": "::ffff:7f00:1 is a loopback address",
+        f"http://localhost:{port}/img/3.png": "localhost resolves to 127.0.0.1, a loopback address",
+    }
+    urls = list(refused)
+    df = pl.DataFrame({"prompt": [f"p{i}" for i in range(len(urls))] + ["no image"], "img": [*urls, None]})
+    with gf.Client(gf.EmulatorProvider(app=emulator), cache_dir=str(cache_dir), progress=False) as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    errors = _errors(out)
+    for row, (url, reason) in enumerate(refused.items()):
+        assert errors[row].startswith(f"row {row}: image URL {url!r}: {reason}; "), errors[row]
+        assert errors[row].endswith("unless the client allows private ones: gf.Client(..., allow_private_urls=True)")
+    assert errors[-1] is None and emulator.stats.requests == 1
+    assert connections == [] and server.requests == Counter()  # refused before connecting
+
+    with _client(emulator, cache_dir) as client:  # allow_private_urls=True: the same server answers
+        allowed = df[-4:].with_columns(reply=gf.generate("prompt", images="img", client=client))
+    assert _errors(allowed) == [None] * 4
+    assert server.requests == Counter({"/img/1.png": 1, "/img/2.png": 1, "/img/3.png": 1})
+
+
+def test_a_url_that_is_not_an_image_is_never_quoted(images, emulator, cache_dir):
+    """A URL serving something else under an image/png header (a token, a page) is that row's
+    error saying what it is not, with its size; none of its bytes reach the message, the
+    request or the warning."""
+    secret = b"SECRET-TOKEN-5f3a9c <html>an admin page, not an image</html>"
+    server = images(bodies={"/token.png": secret})
+    df = pl.DataFrame({"prompt": ["a", "b"], "img": [f"{server.url}/token.png", f"{server.url}/img/1.png"]})
+    with pytest.warns(gf.RowsFailedWarning) as warned, _client(emulator, cache_dir) as client:
+        out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    error = _errors(out)[0]
+    assert error.startswith(f"row 0: image URL '{server.url}/token.png' is not a PNG, JPEG")
+    assert f"file ({len(secret)} bytes)" in error
+    assert all(b"SECRET" not in text.encode() for text in [error, *(str(w.message) for w in warned)])
+    assert out["reply"][0]["error"]["status"] == "INVALID_INPUT"
+    assert _errors(out)[1] is None and server.requests["/token.png"] == 1 and emulator.stats.requests == 1

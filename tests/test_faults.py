@@ -80,14 +80,21 @@ def test_client_errors_are_not_retried(fault_server, cache_dir):
 
 
 def test_attempt_limit_and_deadline(fault_server, cache_dir):
-    server = fault_server(fail_first=1000, faults=("503",))
+    # Every 503 says Retry-After: 0.1, so every wait is 0.1 s plus jitter in [0, backoff): never
+    # shorter. A retry is made only if it fits in the deadline, so within 0.5 s a row sleeps at
+    # most 0.5 / 0.1 = 5 times: at most 6 attempts, whatever the jitter draws (with Retry-After
+    # 0 the waits could all be drawn near 0, and a row once made 12 attempts). Ignoring the
+    # deadline would run a row to max_attempts=100.
+    server = fault_server(fail_first=1000, faults=("503",), retry_after="0.1")
     with _client(server, cache_dir, max_attempts=3) as client:
         out = _ask(client, 4)
     assert out["attempts"].to_list() == [3] * 4 and (out["error"].struct.field("status") == "UNAVAILABLE").all()
-    with _client(server, cache_dir, max_attempts=1000, backoff=0.2, deadline=0.5) as client:
+    floor, deadline = 0.1, 0.5
+    with _client(server, cache_dir, max_attempts=100, backoff=0.2, deadline=deadline) as client:
         out = _ask(client, 2, prefix="deadline")
-    assert out["error"].struct.field("message").str.contains("deadline").all()
-    assert (out["attempts"] < 10).all()
+    assert out["error"].struct.field("message").str.contains("gave up: retry deadline 0.5s", literal=True).all()
+    most = 1 + int(deadline / floor + 1e-9)  # the first attempt, then one per wait that fits
+    assert (out["attempts"] <= most).all(), out["attempts"].to_list()
 
 
 def test_configured_rpm_is_never_exceeded(fault_server, cache_dir):

@@ -373,6 +373,62 @@ def test_an_upload_url_on_another_origin_is_refused(tmp_path, shared_png):
     assert catcher.requests == 0 and emulator.stats.uploads == 0 and emulator.stats.requests == 0
 
 
+class _RedirectingUpload:
+    """The emulator, except that one step of an upload (``start``, or ``upload``: the bytes sent
+    to the session URL) answers a redirect to ``elsewhere`` instead; it counts those answers."""
+
+    def __init__(self, emulator: Emulator, step: str, status: int, elsewhere: str) -> None:
+        self.emulator, self.step, self.status = emulator, step, status
+        self.location = f"{elsewhere}/upload/v1beta/files?upload_id=elsewhere".encode()
+        self.redirected = 0
+
+    async def __call__(self, scope, receive, send):
+        headers = dict(scope.get("headers") or [])
+        command = headers.get(b"x-goog-upload-command", b"").decode()
+        if scope["type"] == "http" and scope["path"].startswith("/upload/") and command.startswith(self.step):
+            while (await receive()).get("more_body"):  # read the request through, then answer
+                pass
+            self.redirected += 1
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status,
+                    "headers": [(b"location", self.location), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self.emulator(scope, receive, send)
+
+
+@pytest.mark.parametrize("step, status", [("start", 307), ("upload", 302)])
+def test_a_redirect_during_an_upload_is_never_followed(tmp_path, shared_png, step, status):
+    """A 3xx to the start of an upload, or to the bytes sent to the session URL, is not followed
+    (a 307 would send the key and the file's bytes to the other origin): the rows that need the
+    file get an error naming the Location, and the other origin is asked nothing."""
+    catcher, emulator = _Catcher(), Emulator()
+    app = _RedirectingUpload(emulator, step, status, catcher.url)
+    server = ServedEmulator(app)  # type: ignore[arg-type]
+    image = tmp_path / "a.png"
+    image.write_bytes(shared_png)
+    try:
+        with gf.Client(
+            "google", api_key="secret-key", base_url=server.url, cache_dir=str(tmp_path / "c"), progress=False
+        ) as client:
+            out = generate(frame(image, 3), client, fails=True)
+    finally:
+        server.stop()
+        catcher.close()
+    location = app.location.decode()
+    doing = "starting the upload" if step == "start" else "uploading"
+    expected = f"{doing}: HTTP {status} REDIRECT: the API answered with a redirect to {location}"
+    assert catcher.requests == 0  # neither the key nor the bytes went there
+    assert statuses(out) == ["UPLOAD_FAILED"] * 3
+    assert all(expected in e and "gemframe does not follow redirects" in e for e in messages(out)), messages(out)
+    assert app.redirected == 1  # one upload for the three rows, not tried again
+    assert emulator.stats.uploads == 0 and emulator.stats.requests == 0  # no file, no generateContent
+
+
 def test_the_sdk_sees_the_file_gemframe_uploaded_and_deletes_it(served_emulator, tmp_path, shared_png):
     genai = pytest.importorskip("google.genai")
     from google.genai import types

@@ -62,16 +62,27 @@ def _picture(image: Any) -> tuple[bytes, str]:
     return data, mime
 
 
+def _linkable(path: str) -> bool:
+    """Whether a path may go into the page as an ``<img src>`` for the viewer's browser to load
+    (``embed=False``, or a file not here yet): a local path only. A URL (``scheme://``) or a
+    network-path reference (``//host/x``) would be fetched by the browser unchecked, from data
+    that may be hostile, and from wherever the browser runs: a loopback or private address of
+    the viewer's own network included."""
+    return not (_URL_SCHEME.match(path) or path.startswith(("//", "\\\\")))
+
+
 def _img_tag(image: Any, embed: bool, width: int) -> str:
     path = _path_of(image)
     title = f' title="{html.escape(path)}"' if path is not None else ""
     style = f"max-width:{width}px;max-height:{width}px;display:block;margin:4px 0;border-radius:4px"
-    if path is not None and (not embed or _URL_SCHEME.match(path)):  # the browser loads URLs
+    if path is not None and not embed:
+        if not _linkable(path):  # a URL is never handed to the browser: named, not fetched
+            return f'<div style="color:#555">image URL (not fetched, embed=False): {html.escape(path)}</div>'
         return f'<img src="{html.escape(path)}"{title} style="{style}"/>'
-    try:
+    try:  # a URL is fetched as save_images fetches it: public addresses only, capped, sniffed
         data, mime = _picture(image)
     except InputError as exc:  # say why instead of embedding what is not an image
-        if path is not None and not os.path.exists(path):  # not here (yet): link it, as embed=False would
+        if path is not None and _linkable(path) and not os.path.exists(path):  # not here (yet): link it
             return f'<img src="{html.escape(path)}"{title} style="{style}"/>'
         return f'<div style="color:#b00020">{html.escape(clip(str(exc), _TEXT_CHARS))}</div>'
     src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
@@ -116,7 +127,11 @@ def show(
     ``data`` is a frame with a ``prompt`` column and a ``reply`` column (or unnested reply
     fields), or a Series of replies, of image lists, or of images. Image bytes are embedded as
     data URIs; image files (``image_dir=``) are read and embedded too, so the grid survives in a
-    saved notebook — ``embed=False`` links them by path instead. Returns
+    saved notebook — ``embed=False`` links them by path instead. Image URLs are fetched as
+    `save_images` fetches them (public addresses only, at most the API's inline limit, only bytes
+    that sniff as an image) and embedded, or the grid says why not; with ``embed=False`` a URL is
+    shown as text. A URL never becomes an ``<img src>``: the viewer's browser would fetch it
+    unchecked, a loopback or private address of the viewer's network included. Returns
     ``IPython.display.HTML`` (or an object with ``_repr_html_`` without IPython).
     """
     cards = []
