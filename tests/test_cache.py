@@ -509,8 +509,8 @@ def test_damaged_pages_in_a_real_database_are_one_clear_error(emulator, cache_di
     cut short and patched, a crash on a filesystem that lies about fsync): SQLite opens it and
     fails only when it reads a damaged page (SQLITE_CORRUPT, 'malformed'). The run, `cache stats`
     and `cache clear` each give the same one line naming the file and the fix, and nothing is
-    sent. (The file is not left byte for byte: opening it rewrites a settings page, and `clear`
-    deletes the rows it can reach before it meets a damaged page.)"""
+    sent. `clear` deletes nothing: it used to remove the rows it could reach (100 of 400) before
+    it met a damaged page. (Opening the file rewrites a settings page, with the same bytes.)"""
     import random
 
     frame = pl.DataFrame({"prompt": [f"row {i} " + "x" * 3000 for i in range(400)]})
@@ -532,11 +532,18 @@ def test_damaged_pages_in_a_real_database_are_one_clear_error(emulator, cache_di
     assert message.startswith(f"the cache database {db} is corrupt (database disk image is malformed)")
     assert fix in message and "Move it aside" in message
     assert emulator.stats.requests == 400  # nothing sent
+    pages = []
     for action in ("stats", "clear"):
         result = gemframe_cli("cache", action, "--cache-dir", str(cache_dir))
         assert result.returncode == 2, result
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert result.stderr.strip() == f"gemframe: error: {message}"
+        pages.append(db.read_bytes())
+    before, after = pages
+    changed = sum(before[i : i + 4096] != after[i : i + 4096] for i in range(0, len(before), 4096))
+    assert (
+        len(pages[0]) == len(pages[1]) and changed <= 3
+    )  # clear deleted nothing (the header and settings pages aside)
 
 
 def test_zero_byte_database_warns(client, emulator, cache_dir, tmp_path):

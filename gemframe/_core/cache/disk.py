@@ -233,6 +233,16 @@ class _Store(diskcache.Cache):
             return None
         return super().reset(key, value, update)
 
+    def check_intact(self) -> None:
+        """Refuse a database with damaged pages before anything deletes from it: a clear
+        removes rows in batches, each its own transaction, and one that met a damaged page
+        halfway would leave the cache half cleared and still damaged (100 of 400 answers gone,
+        then the error). ``PRAGMA quick_check`` reads every page once: seconds for a big
+        cache, on a command that is rare."""
+        problems = self._sql("PRAGMA quick_check").fetchall()  # raises itself on some damage
+        if problems != [("ok",)]:
+            raise _corrupt(self.directory, f"quick_check: {problems[0][0]}")
+
 
 def _is_corruption(exc: BaseException) -> bool:
     """Whether an sqlite3 error means the file is damaged (not busy, locked or read-only)."""

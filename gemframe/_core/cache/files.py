@@ -180,6 +180,7 @@ class UploadStore:
     def clear(self) -> int:
         """Forget every uploaded file (they stay on the server until they expire); returns how
         many records were forgotten."""
+        self._store.check_intact()
         count = self._store._sql("SELECT COUNT(*) FROM Cache WHERE key LIKE 'file:%'").fetchone()[0]
         self._store.clear()
         return int(count)

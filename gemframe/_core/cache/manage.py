@@ -87,6 +87,7 @@ class CacheManagement:
         """Remove entries: every one, or those of one ``model`` and/or answered ``before`` a
         time (a datetime, a date, an ISO string, epoch seconds, or an age like ``"30d"``,
         ``"12h"``). Returns how many were removed."""
+        self._store.check_intact()
         if model is None and before is None:
             return self._store.clear()
         keys = self._keys(model, before)

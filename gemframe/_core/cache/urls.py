@@ -166,6 +166,7 @@ class UrlStore:
     def clear(self, *, before: float | None = None) -> int:
         """Forget every URL, or those fetched before a time (epoch seconds), and the images no
         remaining URL serves. Returns how many URLs were forgotten."""
+        self._store.check_intact()
         if before is None:
             count = self._store._sql("SELECT COUNT(*) FROM Cache WHERE key LIKE 'url:%'").fetchone()[0]
             self._store.clear()
