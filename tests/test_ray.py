@@ -11,21 +11,26 @@ the tests share two pools: the paced run (`paced_run`, 2 actors) and its rerun o
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import pickle
 import time
 from types import SimpleNamespace
 
 import polars as pl
+import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
-pa = pytest.importorskip("pyarrow")
-
 import gemframe as gf
-import gemframe.ray as gray
 from gemframe.emulator import Emulator
+
+if importlib.util.find_spec("ray") is None:
+    pytest.skip('needs Ray Data: pip install "gemframe[ray]"', allow_module_level=True)
+
+# Bound by `_ray_modules` when this module's first test runs, not when the file is collected:
+# every xdist worker collects every file, and importing Ray Data (with gemframe.ray) costs
+# about a CPU-second, wasted in the workers that never run the "ray" group.
+ray = gray = None
 
 from .conftest import ServedEmulator, _image_bytes
 
@@ -50,6 +55,15 @@ class RecordingApp:
         if scope["type"] == "http" and scope["path"].endswith(":generateContent"):
             self.arrivals.append(time.monotonic())
         await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_modules():
+    """Import Ray, Ray Data and gemframe.ray for this module's tests (see `ray` above)."""
+    global ray, gray
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    gray = pytest.importorskip("gemframe.ray")
 
 
 @pytest.fixture(scope="module")

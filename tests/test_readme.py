@@ -12,13 +12,15 @@ How the blocks are read (README.md's "Contributing" notes say the same to author
   install would re-point the shared editable install): a line starting with ``pip install`` is
   dropped, up to its first ``&&`` when it chains more commands.
 
-All blocks run in README order in one subprocess, as a new user would run them in a fresh clone
-on the emulator: no API key in the environment, ``GEMFRAME_CACHE_DIR`` in a temp dir, the
+The blocks run in README order, as a new user would run them in a fresh clone on the emulator,
+in two parts side by side (each its own subprocess and clone, so pytest-xdist runs them on two
+workers): the sections that use Ray, and all the others (`PARTS`). Each part runs with no API
+key in the environment, ``GEMFRAME_CACHE_DIR`` in a temp dir, the
 working directory a temp dir holding a copy of ``sample_data/`` (so ``sample_data/prompts.parquet``
 and the image paths inside it resolve), ``gemframe`` and ``python`` on ``PATH`` meaning this
 interpreter. Python blocks share one namespace per ``##`` section (a section's blocks build on
-each other; a section does not rely on another's variables); shell blocks run in bash with
-``set -euo pipefail``. A failure names the README line of the block.
+each other; a section does not rely on another's variables or files); shell blocks run in bash
+with ``set -euo pipefail``. A failure names the README line of the block.
 """
 
 from __future__ import annotations
@@ -87,6 +89,23 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
+_USES_RAY = re.compile(r"^\s*(import|from) ray\b", re.MULTILINE)
+
+# The two parts (see the module docstring): the Ray section starts a Ray runtime and its actors
+# (most of the README's CPU time), so it runs beside the rest rather than after it. What each
+# part's examples write, checked to hold answers.
+PARTS = {
+    "ray": ["out/ray/*.parquet"],
+    "others": ["out/replies.parquet", "out/big.parquet", "out/replay.parquet"],
+}
+
+
+def part_of(blocks: list[Block], block: Block) -> str:
+    """A block's part: "ray" if a block of its section imports Ray, else "others"."""
+    ray_sections = {b.section for b in blocks if b.info in PYTHON and _USES_RAY.search(b.code)}
+    return "ray" if block.section in ray_sections else "others"
+
+
 def without_installs(script: str) -> str:
     """A shell block without its ``pip install`` commands (see the module docstring)."""
     kept = []
@@ -149,15 +168,19 @@ def test_every_block_names_its_language():
 
 
 @pytest.mark.slow
-# Only a hang may reach it: ~25 s idle, ~105 s with 2 busy loops on 2 CPUs (it starts a Ray runtime).
+# Only a hang may reach it: ~15 s idle each, ~105 s for the whole README as one part with 2 busy
+# loops on 2 CPUs (the "ray" part starts a Ray runtime).
 @pytest.mark.timeout(600, method="thread")
-def test_readme_blocks_run(tmp_path):
+@pytest.mark.parametrize("part", list(PARTS))
+def test_readme_blocks_run(tmp_path, part):
     blocks = readme_blocks(README.read_text())
     runs = [b for b in blocks if b.skip is None]
     skipped = [(b.line, b.skip) for b in blocks if b.info in PYTHON | SHELL and b.skip]
     # The parser found the README's blocks, and skipping stays the exception.
     assert sum(b.info in PYTHON for b in runs) >= 10 and sum(b.info in SHELL for b in runs) >= 3, runs
     assert len(skipped) <= 3, skipped
+    runs = [b for b in runs if part_of(blocks, b) == part]
+    assert runs, f"no README block in part {part!r}"
 
     work = tmp_path / "clone"
     shutil.copytree(ROOT / "sample_data", work / "sample_data")
@@ -197,7 +220,7 @@ def test_readme_blocks_run(tmp_path):
     # What the examples wrote holds answers, not row errors (Ray's actors warn elsewhere).
     import polars as pl
 
-    for output in ("out/replies.parquet", "out/big.parquet", "out/replay.parquet", "out/ray/*.parquet"):
+    for output in PARTS[part]:
         frame = pl.read_parquet(work / output)
         errors = frame["error"] if "error" in frame.columns else frame["reply"].struct.field("error")
         assert len(frame) >= 12 and errors.null_count() == len(frame), (output, errors.drop_nulls().to_list()[:3])
