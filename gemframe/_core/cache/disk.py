@@ -255,7 +255,7 @@ def _is_corruption(exc: BaseException) -> bool:
     return "not a database" in text or "malformed" in text
 
 
-def _corrupt(directory: str, exc: BaseException) -> CacheCorruptError:
+def _corrupt(directory: str, exc: BaseException | str) -> CacheCorruptError:
     db = os.path.join(directory, diskcache.core.DBNAME)
     return CacheCorruptError(
         f"the cache database {db} is corrupt ({exc}): its answers cannot be read. Move it aside "
