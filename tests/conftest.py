@@ -211,3 +211,91 @@ def fault_server():
     yield start
     for server in servers:
         server.stop()
+
+
+# -- a loopback server of image URLs (test_payload, test_display) ------------------------------
+
+
+class ImageServer:
+    """A loopback HTTP server for image URLs: ``routes`` maps a path to (status, headers,
+    body); a body may be an int N (N bytes of a PNG-looking stream, sent chunked unless the
+    headers give its Content-Length). It records
+    each path requested and how many body bytes it managed to send."""
+
+    def __init__(self, routes):
+        import http.server
+        import threading
+
+        self.routes, self.requested, self.hosts, self.sent, self.done = routes, [], [], {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                server.requested.append(self.path)
+                server.hosts.append(self.headers.get("Host"))
+                status, headers, body = server.routes[self.path]
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if isinstance(body, int):
+                    chunked = "Content-Length" not in headers
+                    if chunked:
+                        self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        self._stream(body, chunked)
+                    finally:
+                        server.done.append(self.path)
+                else:
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def _stream(self, total, chunked):
+                chunk = b"\x89PNG\r\n\x1a\n" + bytes(2**20 - 8)
+                sent = server.sent[self.path] = 0
+                try:
+                    while sent < total:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                        sent += len(chunk)
+                        server.sent[self.path] = sent
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                except OSError:  # the client stopped reading and hung up
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_done(self, *paths):
+        """Wait until the streams to ``paths`` have ended (sent whole, or the client hung up)."""
+        import time
+
+        deadline = time.monotonic() + 30
+        while not set(paths) <= set(self.done) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(paths) <= set(self.done)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def image_server():
+    servers = []
+
+    def start(routes):
+        servers.append(ImageServer(routes))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -140,58 +140,16 @@ def test_a_video_or_audio_value_is_named_not_embedded(tmp_path, image_bytes):
         gf.save_images(pl.Series("r", [[str(video)]]), tmp_path / "saved")
 
 
-class _Served:
-    """A loopback HTTP server of fixed bodies by path, counting the requests it gets."""
-
-    def __init__(self, bodies: dict[str, bytes]):
-        import http.server
-        import threading
-
-        self.requests: list[str] = []
-        served = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                served.requests.append(self.path)
-                body = bodies.get(self.path.split("?")[0], b"")
-                self.send_response(200 if body else 404)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def served():
-    servers = []
-
-    def start(bodies):
-        servers.append(_Served(bodies))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def test_show_never_hands_an_image_url_to_the_browser(served, image_bytes, tmp_path, monkeypatch):
+def test_show_never_hands_an_image_url_to_the_browser(image_server, image_bytes, tmp_path, monkeypatch):
     """An image URL is never put in the page as an <img src> (the viewer's browser would fetch
     it unchecked, from the viewer's own network too): gf.show fetches it as save_images does
     and embeds the bytes, or says why not. A loopback URL is refused without a request, as a
     network-path reference (//host/...) is; with embed=False a URL is shown as escaped text."""
     png = image_bytes("PNG", (12, 9))
-    server = served({"/fox.png": png, "/token.png": b"SECRET-TOKEN-77 not an image"})
+    as_png = {"Content-Type": "image/png"}
+    server = image_server(
+        {"/fox.png": (200, as_png, png), "/token.png": (200, as_png, b"SECRET-TOKEN-77 not an image")}
+    )
     fox = f"{server.url}/fox.png"
     hostile = f'{fox}?"><script>alert(1)</script>'
     network_path = "//" + fox.split("//", 1)[1]
@@ -202,7 +160,7 @@ def test_show_never_hands_an_image_url_to_the_browser(served, image_bytes, tmp_p
         assert _srcs(markup) == [] and "<script>" not in markup
     assert embedded.count("127.0.0.1 is a loopback address") == 3 and "cannot read image file" in embedded
     assert linked.count(f"image URL (not fetched, embed=False): {fox}") == 3
-    assert server.requests == []  # nothing fetched, by gemframe or (no <img src>) by a browser
+    assert server.requested == []  # nothing fetched, by gemframe or (no <img src>) by a browser
     with pytest.raises(gf.InputError, match=r"save_images: row 0: .*127.0.0.1 is a loopback address"):
         gf.save_images(pl.Series("r", [[fox]]), tmp_path / "saved")  # the same rule
 
@@ -215,4 +173,4 @@ def test_show_never_hands_an_image_url_to_the_browser(served, image_bytes, tmp_p
     markup = gf.show(pl.Series("images", [[fox], [f"{server.url}/token.png"]], dtype=pl.Object), n=10).data
     assert _srcs(markup) == [f"data:image/png;base64,{base64.b64encode(png).decode()}"]
     assert "SECRET" not in markup and "/token.png&#x27; is not a PNG, JPEG" in markup
-    assert server.requests == ["/fox.png", "/token.png"]
+    assert server.requested == ["/fox.png", "/token.png"]

@@ -354,20 +354,26 @@ class _Redirecting:
         await self.emulator(scope, receive, rewrite)
 
 
-def test_an_upload_url_on_another_origin_is_refused(tmp_path, shared_png):
-    catcher = _Catcher()
-    emulator = Emulator()
-    server = ServedEmulator(_Redirecting(emulator, catcher.url))  # type: ignore[arg-type]
+def _three_rows_through(app, catcher, tmp_path, shared_png):
+    """Three rows sharing one image, through ``app`` served over TCP as the Google API (the
+    upload redirected or refused on the way); the servers are stopped after."""
+    server = ServedEmulator(app)
     image = tmp_path / "a.png"
     image.write_bytes(shared_png)
     try:
         with gf.Client(
             "google", api_key="secret-key", base_url=server.url, cache_dir=str(tmp_path / "c"), progress=False
         ) as client:
-            out = generate(frame(image, 3), client, fails=True)
+            return generate(frame(image, 3), client, fails=True)
     finally:
         server.stop()
         catcher.close()
+
+
+def test_an_upload_url_on_another_origin_is_refused(tmp_path, shared_png):
+    catcher = _Catcher()
+    emulator = Emulator()
+    out = _three_rows_through(_Redirecting(emulator, catcher.url), catcher, tmp_path, shared_png)
     assert statuses(out) == ["UPLOAD_FAILED"] * 3
     assert all("another origin" in e and "nothing was sent there" in e for e in messages(out))
     assert catcher.requests == 0 and emulator.stats.uploads == 0 and emulator.stats.requests == 0
@@ -408,17 +414,7 @@ def test_a_redirect_during_an_upload_is_never_followed(tmp_path, shared_png, ste
     file get an error naming the Location, and the other origin is asked nothing."""
     catcher, emulator = _Catcher(), Emulator()
     app = _RedirectingUpload(emulator, step, status, catcher.url)
-    server = ServedEmulator(app)  # type: ignore[arg-type]
-    image = tmp_path / "a.png"
-    image.write_bytes(shared_png)
-    try:
-        with gf.Client(
-            "google", api_key="secret-key", base_url=server.url, cache_dir=str(tmp_path / "c"), progress=False
-        ) as client:
-            out = generate(frame(image, 3), client, fails=True)
-    finally:
-        server.stop()
-        catcher.close()
+    out = _three_rows_through(app, catcher, tmp_path, shared_png)
     location = app.location.decode()
     doing = "starting the upload" if step == "start" else "uploading"
     expected = f"{doing}: HTTP {status} REDIRECT: the API answered with a redirect to {location}"
