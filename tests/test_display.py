@@ -153,7 +153,10 @@ def test_show_never_hands_an_image_url_to_the_browser(image_server, image_bytes,
     fox = f"{server.url}/fox.png"
     hostile = f'{fox}?"><script>alert(1)</script>'
     network_path = "//" + fox.split("//", 1)[1]
-    values = [[fox], [{"mime_type": None, "data": None, "path": fox}], [hostile], [network_path]]
+    # What a browser still reads as another host (it drops tabs, newlines and leading spaces).
+    host = fox.split("//", 1)[1]
+    disguised = [f"http:{host}", f"/\\{host}", f"\\/{host}", f" //{host}", f"\t {fox}", f"ht\ntp://{host}"]
+    values = [[fox], [{"mime_type": None, "data": None, "path": fox}], [hostile], [network_path], disguised]
     grid = pl.Series("images", values, dtype=pl.Object)
     embedded, linked = gf.show(grid, n=10).data, gf.show(grid, n=10, embed=False).data
     for markup in (embedded, linked):

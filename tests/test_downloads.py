@@ -376,3 +376,44 @@ def test_a_url_that_is_not_an_image_is_never_quoted(images, emulator, cache_dir)
     assert all(b"SECRET" not in text.encode() for text in [error, *(str(w.message) for w in warned)])
     assert out["reply"][0]["error"]["status"] == "INVALID_INPUT"
     assert _errors(out)[1] is None and server.requests["/token.png"] == 1 and emulator.stats.requests == 1
+
+
+def test_a_server_that_trickles_its_image_is_given_up_on(emulator, cache_dir, monkeypatch):
+    """A server that sends a byte now and then (never pausing as long as the read timeout, which
+    restarts with every byte) would hold a row, or gf.show, for days: one attempt has a deadline
+    in all, and a server that slow is not asked again."""
+    import socket
+
+    monkeypatch.setattr("gemframe._core.payload._URL_DEADLINE", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections, stop = [], threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n\x89PNG")
+            while not stop.wait(0.05):  # a byte every 50 ms, far inside any read timeout, for ever
+                try:
+                    conn.sendall(b"\x00")
+                except OSError:
+                    break
+
+    threading.Thread(target=trickle, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/slow.png"
+    df = pl.DataFrame({"prompt": ["a", "b"], "img": [url, None]})
+    try:
+        with pytest.warns(gf.RowsFailedWarning), _client(emulator, cache_dir) as client:
+            out = df.with_columns(reply=gf.generate("prompt", images="img", client=client))
+    finally:
+        stop.set()
+        listener.close()
+    assert _errors(out)[0] == (
+        f"row 0: could not download image URL '{url}': not fetched within 0.5 s (the server sends too slowly); "
+        "download it and pass the local file's path"
+    )
+    assert _errors(out)[1] is None and emulator.stats.requests == 1 and len(connections) == 1  # not tried again

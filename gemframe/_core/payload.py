@@ -248,7 +248,11 @@ project, kept 48 hours), https://ai.google.dev/gemini-api/docs/files. The most a
 STREAM_ABOVE = INLINE_LIMIT
 _DIGEST_CHUNK = 3 * 2**20  # a multiple of 3: the base64 of such chunks joins into the whole's
 _MAX_REDIRECTS = 5
-_URL_TIMEOUT = 30.0
+_URL_TIMEOUT = 30.0  # seconds to connect, and between two reads of a download
+# Seconds one attempt at a URL may take in all. The read timeout above restarts with every byte,
+# so a server sending one byte every 29 s would hold a row (or `gf.show`) for days; 20 MB in
+# 120 s is 170 kB/s. Not tried again: a server that slow is not having a moment.
+_URL_DEADLINE = 120.0
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Cloud metadata services hand out credentials: never fetched unless private URLs are allowed.
 _METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
@@ -444,7 +448,8 @@ class UrlFetcher:
     read, counted while streaming; errors never quote the bytes read. Connections are pooled and
     kept alive, at most ``concurrency`` downloads run at once, and transient faults (429/5xx,
     dropped connections, timeouts) are tried again up to ``attempts`` times, ``delay(attempt,
-    retry_after)`` seconds apart. Never sends the API key: its sessions are its own.
+    retry_after)`` seconds apart; one attempt may take ``deadline`` seconds in all (`_URL_DEADLINE`).
+    Never sends the API key: its sessions are its own.
     Through a proxy (HTTP(S)_PROXY), which resolves names itself, the host's addresses are
     checked before the request; that check is all that can be done there."""
 
@@ -456,8 +461,10 @@ class UrlFetcher:
         attempts: int = 3,
         delay: Any = None,
         timeout: float = _URL_TIMEOUT,
+        deadline: float | None = None,
     ) -> None:
         self.allow_private_urls = allow_private_urls
+        self.deadline = _URL_DEADLINE if deadline is None else deadline
         self.concurrency = concurrency
         self.attempts = max(1, attempts)
         self.delay = delay or (
@@ -496,9 +503,14 @@ class UrlFetcher:
             attempt += 1
             async with self._slots:  # not held while waiting to try again
                 try:
-                    return await self._fetch_once(url, etag, last_modified)
+                    return await asyncio.wait_for(self._fetch_once(url, etag, last_modified), self.deadline)
                 except _Transient as exc:
                     fault = exc
+                except asyncio.TimeoutError:
+                    raise InputError(
+                        f"could not download image URL {url!r}: not fetched within {self.deadline:g} s (the server "
+                        "sends too slowly); download it and pass the local file's path"
+                    ) from None
             if attempt >= self.attempts:
                 raise InputError(f"{fault.message} (tried {attempt} times)")
             await asyncio.sleep(self.delay(attempt, fault.retry_after))

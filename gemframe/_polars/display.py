@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import polars as pl
 
-from .._core.payload import _URL_SCHEME, read_image
+from .._core.payload import read_image
 from .._core.response import save_image
 from .._errors import InputError, clip
 
@@ -62,13 +63,21 @@ def _picture(image: Any) -> tuple[bytes, str]:
     return data, mime
 
 
+# What a browser would read as another host or a scheme, once it has dropped what it drops: tabs
+# and newlines anywhere, and leading spaces and control characters. A scheme (``https:evil/x``
+# is ``https://evil/x`` on an http page) of two letters or more (``C:\x`` is a drive), or two
+# slashes either way (``/\host`` is ``//host``).
+_BROWSER_DROPS = re.compile(r"[\t\n\r]")
+_REMOTE = re.compile(r"[\x00-\x20]*(?:[A-Za-z][A-Za-z0-9+.-]+:|[\\/]{2})")
+
+
 def _linkable(path: str) -> bool:
     """Whether a path may go into the page as an ``<img src>`` for the viewer's browser to load
-    (``embed=False``, or a file not here yet): a local path only. A URL (``scheme://``) or a
-    network-path reference (``//host/x``) would be fetched by the browser unchecked, from data
-    that may be hostile, and from wherever the browser runs: a loopback or private address of
-    the viewer's own network included."""
-    return not (_URL_SCHEME.match(path) or path.startswith(("//", "\\\\")))
+    (``embed=False``, or a file not here yet): a local path only. A URL, or anything a browser
+    would read as one (`_REMOTE`), would be fetched by the browser unchecked, from data that may
+    be hostile, and from wherever the browser runs: a loopback or private address of the
+    viewer's own network included."""
+    return not _REMOTE.match(_BROWSER_DROPS.sub("", path))
 
 
 def _img_tag(image: Any, embed: bool, width: int) -> str:
