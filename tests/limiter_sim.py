@@ -4,7 +4,9 @@ server time costs microseconds. The client side mirrors the executor's loop arou
 (`Executor._send`): the slow-start window, the limiter's pacing, a 429 reported to the limiter
 and retried after its retryDelay or a jittered back-off. The server is the fault server's token
 bucket (``rpm``, one second of allowance) and/or a share of 429s at random whatever the rate.
-``stall``: the client's event loop freezes now and then (for ``stall`` seconds on average,
+``throttle_latency``: 429s are decided on arrival and answered after that many seconds (Gemini
+answers a 429 at once, not after generating), instead of after ``latency`` as the fault server
+does. ``stall``: the client's event loop freezes now and then (for ``stall`` seconds on average,
 every 0.3 s on average), as a process starved of CPU does, bunching its answers and sends."""
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def simulate(
     backoff: float = 0.5,
     adaptive: bool = True,
     stall: float = 0.0,
+    throttle_latency: float | None = None,
     seed: int = 0,
     monkeypatch=None,
 ) -> Result:
@@ -95,6 +98,14 @@ def simulate(
     async def server() -> tuple[int, float | None]:
         counts["attempts"] += 1
         counts["first"] = counts["first"] or clock.now
+        if throttle_latency is not None:  # decided on arrival, a 429 answered at once (as Gemini does)
+            throttled = over_the_limit() or rng.random() < random_429
+            await asyncio.sleep(throttle_latency if throttled else latency)
+            if throttled:
+                counts["throttled"] += 1
+                return 429, 0.05
+            counts["last"] = clock.now
+            return 200, None
         await asyncio.sleep(latency * (1 + (0.5 * rng.random() if stall else 0.0)))
         if over_the_limit():
             counts["throttled"] += 1

@@ -54,3 +54,18 @@ def test_a_cold_start_finds_a_real_limit_with_few_429s(monkeypatch, rpm, rows, c
     if not stall:
         assert shares[-1] <= 0.05 and min(r.throughput for r in runs) >= 0.9
     assert shares[-1] <= 0.15
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: fast 429s bias the recent share (see the test)")
+def test_a_limit_that_answers_429_at_once_is_still_met(monkeypatch):
+    # Gemini answers a 429 at once and a success after generating it; the fault server (and the
+    # tests above) answer both after the same latency. With 429s back in 20 ms and successes in
+    # 200 ms, the latest sends look nearly all 429s (their successes still on the way), so every
+    # probe past the limit cuts too deep: 8 cuts, none undone, 67% of a 6,000/min limit.
+    # Holding a fast 429 until its successes would be back restores 100% but costs 8-23% 429s
+    # (the cut comes later); the fix wants both. Strict: when it passes, drop the mark.
+    runs = [
+        simulate(2000, rpm=6000, latency=0.2, concurrency=64, throttle_latency=0.02, seed=s, monkeypatch=monkeypatch)
+        for s in range(4)
+    ]
+    assert min(r.throughput for r in runs) >= 0.9 and max(r.share_429 for r in runs) <= 0.05
