@@ -646,3 +646,25 @@ def test_import_refuses_a_prompt_that_is_not_text(tmp_path):
     )
     counts = gf.ResponseCache(tmp_path / "c").import_(tmp_path / "bad.parquet")
     assert counts["refused"] == 2 and counts["refused_reasons"] == {"prompt is not text": 2}
+
+
+def test_clear_refuses_a_database_that_fails_its_check(client, cache_dir):
+    """A database SQLite still reads, whose check finds a fault (here a schema edited so that
+    rows break a NOT NULL it now declares): `clear` deletes nothing and says what the check
+    found, in one line."""
+    import sqlite3
+
+    _prompts("a", "b", "c").with_columns(reply=gf.generate("prompt", client=client))
+    db = cache_dir / "cache.db"
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA writable_schema=ON")
+        con.execute(
+            "UPDATE sqlite_master SET sql = replace(sql, 'filename TEXT', 'filename TEXT NOT NULL') WHERE name = 'Cache'"
+        )
+    result = gemframe_cli("cache", "clear", "--cache-dir", str(cache_dir))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert result.stderr.startswith(
+        f"gemframe: error: the cache database {db} is corrupt (quick_check: NULL value in Cache.filename"
+    )
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT COUNT(*) FROM Cache").fetchone()[0] == 3  # nothing deleted

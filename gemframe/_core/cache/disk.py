@@ -26,7 +26,7 @@ from typing import Any
 import diskcache
 from diskcache.core import DEFAULT_SETTINGS, ENOVAL, METADATA, MODE_BINARY, MODE_RAW, UNKNOWN
 
-from ..._errors import GemframeError
+from ..._errors import GemframeError, clip
 
 MAX_ANSWER_BYTES = 2**28  # 256 MiB: no generateContent answer comes near; a bigger file is planted
 # The only answer-file names gemframe reads or deletes: the ones diskcache's Disk.filename makes
@@ -241,7 +241,10 @@ class _Store(diskcache.Cache):
         cache, on a command that is rare."""
         problems = self._sql("PRAGMA quick_check").fetchall()  # raises itself on some damage
         if problems != [("ok",)]:
-            raise _corrupt(self.directory, f"quick_check: {problems[0][0]}")
+            # Its text can name tables and indexes: chosen by whoever wrote the file. One short
+            # line, no control characters (a terminal escape in an error message).
+            found = re.sub(r"[\x00-\x1f\x7f]", "?", clip(problems[0][0], 200))
+            raise _corrupt(self.directory, f"quick_check: {found}")
 
 
 def _is_corruption(exc: BaseException) -> bool:
