@@ -8,6 +8,7 @@ two helpers every message and display shares: `clip` and `exception_text`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,14 +84,18 @@ def exception_text(exc: BaseException) -> str:
     return f"{name}: {exc}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # left after whitespace collapses: ESC, BEL, C1 codes
+
+
 def clip(value: Any, limit: int) -> str:
     """A value as one short line, for a message or a display: whitespace runs become one space,
-    a text over ``limit`` characters is cut to ``limit`` ending in "…", None (a null cell) is
-    "∅". Bytes (an answer's body) are decoded from their first ``4 * limit`` bytes only, so a
-    huge or hostile body is never read whole to quote a line of it."""
+    any other control character "?" (no terminal escape from a hostile value), a text over
+    ``limit`` characters is cut to ``limit`` ending in "…", None (a null cell) is "∅". Bytes (an
+    answer's body) are decoded from their first ``4 * limit`` bytes only, so a huge or hostile
+    body is never read whole to quote a line of it."""
     if value is None:
         return "∅"
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = bytes(value[: 4 * limit]).decode("utf-8", "replace")
-    text = " ".join(str(value).split())
+    text = _CONTROL.sub("?", " ".join(str(value).split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -241,10 +241,8 @@ class _Store(diskcache.Cache):
         cache, on a command that is rare."""
         problems = self._sql("PRAGMA quick_check").fetchall()  # raises itself on some damage
         if problems != [("ok",)]:
-            # Its text can name tables and indexes: chosen by whoever wrote the file. One short
-            # line, no control characters (a terminal escape in an error message).
-            found = re.sub(r"[\x00-\x1f\x7f]", "?", clip(problems[0][0], 200))
-            raise _corrupt(self.directory, f"quick_check: {found}")
+            # Its text can name tables and indexes, chosen by whoever wrote the file: clipped.
+            raise _corrupt(self.directory, f"quick_check: {clip(problems[0][0], 200)}")
 
 
 def _is_corruption(exc: BaseException) -> bool:
