@@ -491,7 +491,7 @@ def _noise(t1: float, n1: int, t2: float, n2: int, sigmas: float) -> float:
 def _more_by_chance(t1: int, n1: int, t2: int, n2: int) -> float:
     """The chance that t2 or more of the t1 + t2 429s fall among the n2 answers after a change,
     were the share the same before and after (the other tail of `_fewer_by_chance`)."""
-    return 1.0 - _fewer_by_chance(t1, n1, t2 - 1, n2) if t2 else 1.0
+    return 1.0 - _at_most(t2 - 1, t1 + t2, n2 / (n1 + n2)) if t2 else 1.0
 
 
 def _fewer_by_chance(t1: int, n1: int, t2: int, n2: int) -> float:
@@ -500,8 +500,17 @@ def _fewer_by_chance(t1: int, n1: int, t2: int, n2: int) -> float:
     Exact, where a normal approximation is not: with one 429 before the cut (2 of 15, the
     second one tripping it, so 1 of 14), none in the next 56 reads as 2 sigma lower, while that
     one 429 simply fell among the first 14 of 70 answers: a chance of 1 in 5."""
-    k, q = t1 + t2, n2 / (n1 + n2)
-    return sum(math.comb(k, i) * q**i * (1 - q) ** (k - i) for i in range(t2 + 1))
+    return _at_most(t2, t1 + t2, n2 / (n1 + n2))
+
+
+def _at_most(x: int, k: int, q: float) -> float:
+    """P(X <= x) for X binomial(k, q), 0 < q < 1; its terms in logarithms, so that a long run of
+    429s (k past ~1,000) cannot overflow a float."""
+    log_q, log_p = math.log(q), math.log1p(-q)
+    return sum(
+        math.exp(math.lgamma(k + 1) - math.lgamma(i + 1) - math.lgamma(k - i + 1) + i * log_q + (k - i) * log_p)
+        for i in range(min(x, k) + 1)
+    )
 
 
 class RateLimiter:
