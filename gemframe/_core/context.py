@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from .._errors import ConfigError, RowError, clip
-from .executor import FOREVER
+from .executor import FOREVER, _json_object
 from .http import TransportFailure
 from .providers import CACHE_GONE, ContextCacheCapable, Provider
 
@@ -237,12 +237,9 @@ class ContextCaches:
                     f"the {int(small.group(2)):,} tokens {prefix.model} caches at least",
                 )
             return self._inline(prefix, f"the API refused it: {failure.code} {failure.status}: {failure.message}")
-        try:
-            answer = orjson.loads(response.content)
-            name = answer["name"]
-            tokens = (answer.get("usageMetadata") or {}).get("totalTokenCount", 0)
-        except (ValueError, TypeError, KeyError):
-            name, tokens = None, None
+        answer = _json_object(response.content) or {}
+        name, usage = answer.get("name"), answer.get("usageMetadata") or {}
+        tokens = usage.get("totalTokenCount", 0) if isinstance(usage, dict) else None
         if not isinstance(name, str) or not _NAME.match(name) or type(tokens) is not int or tokens < 0:
             return self._inline(prefix, f"its answer is not a cachedContents resource: {clip(response.content, 200)}")
         now = time.time()

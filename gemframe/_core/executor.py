@@ -118,9 +118,9 @@ class RetryPolicy:
         return self.max_attempts is not None and attempt >= self.max_attempts
 
 
-_CALL_ATTEMPTS = (
-    5  # a control call (batch create/poll, countTokens) with no cap set: fail in seconds, not at the deadline
-)
+# Attempts of a control call (batch create/poll, countTokens, a Files API upload) when the client
+# sets no cap: it fails in seconds, not at the row deadline.
+_CALL_ATTEMPTS = 5
 
 
 def _finished(waiting: dict[str, Any], done: queue.SimpleQueue[Any], key: str, task: asyncio.Task[Outcome]) -> None:

@@ -61,7 +61,7 @@ from .._errors import AuthenticationError, InputError, RowError, exception_text
 from .cache import files as file_store
 from .cache.files import FILE_TTL, FileRecord, UploadStore, origin_of, scope_of
 from .cache.key import KnownDigest, _data_digest
-from .executor import take_all
+from .executor import _CALL_ATTEMPTS, _json_object, take_all
 from .http import AiohttpSession, Body, HttpxSession, Reply, TransportFailure, redact_url
 from .payload import INLINE_LIMIT, LocalFile, open_regular
 from .providers import MISSING_FILE, Failure, FilesCapable, Provider
@@ -76,7 +76,6 @@ SHARED_MIN_BYTES = 256 * 1024
 # history, JSON) is not moved to a file for size alone.
 _INLINE_ROOM = INLINE_LIMIT - 2**16
 _CONCURRENCY = 4  # uploads at once per call: each is megabytes, beside the generate requests
-_ATTEMPTS = 5  # attempts of one upload when the client sets no max_attempts (as control calls)
 _POLL_CAP = 10.0  # seconds between polls of a PROCESSING file, at most
 _NAME = re.compile(r"files/[a-z0-9-]{1,40}")
 # A local file over the inline limit (`payload.LocalFile`) is streamed from disk in chunks of
@@ -180,14 +179,6 @@ class _Transient(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message, self.retry_after = message, retry_after
-
-
-def _json_object(content: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = orjson.loads(content)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
 
 
 def _refused(provider: Provider, reply: Reply, doing: str) -> Exception:
@@ -382,7 +373,7 @@ async def upload_file(
     5xx, a dropped connection, a timeout) start the upload again, within ``retry``'s attempts
     and deadline; anything else raises `UploadFailed`."""
     started, wall = time.monotonic(), file_store.now()
-    attempts = retry.max_attempts or _ATTEMPTS
+    attempts = retry.max_attempts or _CALL_ATTEMPTS
     attempt = 0
     while True:
         attempt += 1
