@@ -405,3 +405,41 @@ def test_a_streaming_collect_makes_one_cache_for_all_its_morsels(emulator, cache
         assert emulator.caches.created == 1 and emulator.stats.requests == 1000
         assert replies.struct.field("cached_content_tokens").unique().to_list() == [PREFIX_TOKENS]
     assert emulator.caches.caches == {}
+
+
+class _OddCacheAnswers:
+    """The emulator, except that creating a cache answers 200 with ``answer`` (a server that
+    is not the API, or a hostile one)."""
+
+    def __init__(self, emulator: Emulator, answer: bytes) -> None:
+        self.emulator, self.answer, self.creates = emulator, answer, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/cachedContents"):
+            while (await receive()).get("more_body"):
+                pass
+            self.creates += 1
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.answer)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": self.answer})
+            return
+        await self.emulator(scope, receive, send)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"not json", b"[1, 2]", b'{"name": "cachedContents/x", "usageMetadata": [1]}', b'{"usageMetadata": {}}'],
+)
+def test_an_answer_that_is_not_a_cache_sends_the_prefix_inline(cache_dir, answer):
+    """A create call answered 200 with something that is not a cachedContents resource: one
+    warning saying so, and every row answered with the prefix inline (never a crash)."""
+    emulator = Emulator(api_key=KEY)
+    app = _OddCacheAnswers(emulator, answer)
+    server = ServedEmulator(app)  # type: ignore[arg-type]  # any ASGI app serves
+    try:
+        with pytest.warns(UserWarning, match="its answer is not a cachedContents resource"):
+            with client_for(server.url, cache_dir, cache_context=True) as client:
+                out = ask(client, frame(3))
+    finally:
+        server.stop()
+    assert app.creates == 1 and out["error"].is_null().all() and emulator.stats.requests == 3
