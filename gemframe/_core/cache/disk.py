@@ -16,6 +16,7 @@ import os
 import re
 import sqlite3
 import stat
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -233,6 +234,24 @@ class _Store(diskcache.Cache):
             return None
         return super().reset(key, value, update)
 
+    def settle(self) -> None:
+        """Roll back a transaction that an interrupt left open on this thread's connection.
+
+        Ctrl-C raises KeyboardInterrupt between any two bytecodes, also between diskcache's
+        ``BEGIN IMMEDIATE`` and the bookkeeping that ends it (its ``_txn_id``, the ``try`` that
+        commits or rolls back). The connection is then left in a transaction that holds the
+        database's write lock: the next ``BEGIN`` on it fails (diskcache raises ``Timeout``, and
+        the answers the call was storing on its way out were lost), or, when diskcache had
+        already marked the transaction as this thread's, later writes join it and are never
+        committed. Called where this thread has no transaction of its own (at the start of
+        every public cache method, see `_cache_method`), so an open one was left behind:
+        what it wrote was never committed, and its writer stores it again."""
+        con = self._con
+        if con.in_transaction:
+            if self._txn_id == threading.get_ident():
+                self._txn_id = None
+            con.execute("ROLLBACK")
+
     def check_intact(self) -> None:
         """Refuse a database with damaged pages before anything deletes from it: a clear
         removes rows in batches, each its own transaction, and one that met a damaged page
@@ -277,12 +296,16 @@ def reporting_corruption(directory: str) -> Iterator[None]:
         raise
 
 
-def _reports_corruption(method: Any) -> Any:
-    """`reporting_corruption` around a cache method (``self.directory`` names the cache)."""
+def _cache_method(method: Any) -> Any:
+    """A public method of a store (``self._store`` its `_Store`, ``self.directory`` its
+    directory): it starts from a settled connection (`_Store.settle`: public methods never
+    call each other inside a transaction, so none of this thread's is open), and a damaged
+    database under it is reported (`reporting_corruption`)."""
 
     @wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         with reporting_corruption(self.directory):
+            self._store.settle()
             return method(self, *args, **kwargs)
 
     return wrapper

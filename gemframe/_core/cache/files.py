@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .disk import _reports_corruption, open_store, read_entries
+from .disk import _cache_method, open_store, read_entries
 
 _RECORD = "file:"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -130,7 +130,7 @@ class UploadStore:
     def _key(scope: str, digest: str) -> str:
         return f"{_RECORD}{scope} {digest}"
 
-    @_reports_corruption
+    @_cache_method
     def lookup(self, scope: str, digests: Iterable[str]) -> dict[str, FileRecord]:
         """The live files of these digests (`FileRecord.live`) that name a file of the scope's
         server (`_names_its_file`), one query per 500."""
@@ -144,11 +144,11 @@ class UploadStore:
                 found[wanted[key]] = record
         return found
 
-    @_reports_corruption
+    @_cache_method
     def put(self, scope: str, digest: str, record: FileRecord) -> None:
         self._store.set(self._key(scope, digest), orjson.dumps(asdict(record)))
 
-    @_reports_corruption
+    @_cache_method
     def forget(self, scope: str, digest: str, name: str) -> None:
         """Forget a digest's file, if it is still this one (another process may have stored a
         fresh upload meanwhile)."""
@@ -161,7 +161,7 @@ class UploadStore:
 
     # -- management: gemframe cache stats / clear -------------------------------------------
 
-    @_reports_corruption
+    @_cache_method
     def stats(self) -> dict[str, Any]:
         """Files remembered, those still live, and their bytes."""
         files = live = size = 0
@@ -176,7 +176,7 @@ class UploadStore:
                         live, size = live + 1, size + record.size
         return {"directory": self.directory, "files": files, "live": live, "live_bytes": size}
 
-    @_reports_corruption
+    @_cache_method
     def clear(self) -> int:
         """Forget every uploaded file (they stay on the server until they expire); returns how
         many records were forgotten."""

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from ..._files import atomic_write
-from .disk import MAX_ANSWER_BYTES, _reports_corruption, _Store, read_entries, reporting_corruption, warn_refused
+from .disk import MAX_ANSWER_BYTES, _cache_method, _Store, read_entries, reporting_corruption, warn_refused
 from .entry import answer_problem, header_problem, pack, read_header
 from .key import ENTRY_FORMAT
 
@@ -46,7 +46,7 @@ class CacheManagement:
     directory: str
     _store: _Store
 
-    @_reports_corruption
+    @_cache_method
     def stats(self) -> dict[str, Any]:
         """Entries, bytes on disk, and per model: entries, bytes, oldest and newest answer."""
         rows = self._store._sql(
@@ -82,7 +82,7 @@ class CacheManagement:
         query = f"SELECT key FROM Cache WHERE {' AND '.join(where)} ORDER BY rowid"
         return [key for (key,) in self._store._sql(query, args).fetchall()]
 
-    @_reports_corruption
+    @_cache_method
     def clear(self, *, model: str | None = None, before: Any = None) -> int:
         """Remove entries: every one, or those of one ``model`` and/or answered ``before`` a
         time (a datetime, a date, an ISO string, epoch seconds, or an age like ``"30d"``,
@@ -166,7 +166,7 @@ class CacheManagement:
                 count += len(rows)
         return count
 
-    @_reports_corruption
+    @_cache_method
     def import_(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> dict[str, Any]:
         """Merge the entries of an exported parquet file into this cache. A key already stored
         is kept unless ``overwrite``. Every row is checked first: its key must be a cache key

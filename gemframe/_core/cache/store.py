@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from .disk import (
-    _reports_corruption,
+    _cache_method,
     open_store,
     read_entries,
     warn_refused,
@@ -34,7 +34,7 @@ class ResponseCache(CacheManagement):
     def __repr__(self) -> str:
         return f"ResponseCache({self.directory!r})"
 
-    @_reports_corruption
+    @_cache_method
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """Raw responses of the keys that are stored: one SQL query per 500 keys, not one per
         key (diskcache's ``get`` costs ~2x the lookup itself). Entries diskcache keeps in files
@@ -52,7 +52,7 @@ class ResponseCache(CacheManagement):
         warn_refused(self.directory, refused)
         return found
 
-    @_reports_corruption
+    @_cache_method
     def set_many(self, entries: Iterable[tuple[str, str, bytes]], prompts: Mapping[str, str] | None = None) -> None:
         """Store (key, model, raw response) triples in one transaction; ``prompts`` (key -> the
         prompt asked, see `prompt_text`) go into the entries' headers, for exports."""
@@ -62,11 +62,11 @@ class ResponseCache(CacheManagement):
             for key, model, raw in entries:
                 self._store.set(key, pack(model, created, raw, prompts.get(key)), tag=model)
 
-    @_reports_corruption
+    @_cache_method
     def __len__(self) -> int:
         return len(self._store)
 
-    @_reports_corruption
+    @_cache_method
     def contains_many(self, keys: Iterable[str]) -> set[str]:
         """The keys that are stored, without reading their answers (one transaction)."""
         with self._store.transact():

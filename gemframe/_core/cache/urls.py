@@ -29,7 +29,7 @@ import orjson
 
 from ..._files import atomic_write
 from .disk import (
-    _reports_corruption,
+    _cache_method,
     open_store,
     read_entries,
     reporting_corruption,
@@ -90,7 +90,7 @@ class UrlStore:
     def __repr__(self) -> str:
         return f"UrlStore({self.directory!r})"
 
-    @_reports_corruption
+    @_cache_method
     def lookup(self, urls: Iterable[str]) -> dict[str, UrlRecord]:
         """The records of the URLs whose image is stored (one query per 500 URLs)."""
         entries, _ = read_entries(self._store, [_RECORD + url for url in urls])
@@ -111,7 +111,7 @@ class UrlStore:
             present.update(key[len(_IMAGE) :] for (key,) in self._store._sql(query, chunk).fetchall())
         return present
 
-    @_reports_corruption
+    @_cache_method
     def put(
         self, url: str, data: bytes, mime: str, etag: str | None = None, last_modified: str | None = None
     ) -> UrlRecord:
@@ -124,14 +124,14 @@ class UrlStore:
             self._store.set(_RECORD + url, _dump(record))
         return record
 
-    @_reports_corruption
+    @_cache_method
     def touch(self, record: UrlRecord) -> UrlRecord:
         """A revalidated record (the server said 304 Not Modified): fetched now."""
         fresh = UrlRecord(**{**asdict(record), "fetched_at": time.time()})
         self._store.set(_RECORD + record.url, _dump(fresh))
         return fresh
 
-    @_reports_corruption
+    @_cache_method
     def encoded(self, digest: str) -> str | None:
         """An image's base64 text (as sent inline), or None when it is gone or is not the image
         its digest names (damaged or planted)."""
@@ -144,7 +144,7 @@ class UrlStore:
 
     # -- management: gemframe cache stats / clear / export / import ----------------------------
 
-    @_reports_corruption
+    @_cache_method
     def stats(self) -> dict[str, Any]:
         """URLs remembered, distinct images, and the bytes of those images."""
         urls, oldest, newest = self._store._sql(
@@ -162,7 +162,7 @@ class UrlStore:
             "newest": newest,
         }
 
-    @_reports_corruption
+    @_cache_method
     def clear(self, *, before: float | None = None) -> int:
         """Forget every URL, or those fetched before a time (epoch seconds), and the images no
         remaining URL serves. Returns how many URLs were forgotten."""
