@@ -18,10 +18,10 @@ import sqlite3
 import stat
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from functools import wraps
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import diskcache
 from diskcache.core import DEFAULT_SETTINGS, ENOVAL, METADATA, MODE_BINARY, MODE_RAW, UNKNOWN
@@ -68,7 +68,7 @@ def _private_mode(fd: int, mode: int) -> None:
         os.chmod(fd, mode)
 
 
-class _AnswerDisk(diskcache.Disk):
+class _AnswerDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no type hints: its classes are Any
     """diskcache's serializer, reduced to raw bytes: values are stored as bytes in the database
     (under ``disk_min_file_size``) or in a file, never pickled, and any row in another form is
     refused, so `diskcache.Cache.get`, ``delete``, ``clear`` and friends are as safe as
@@ -223,7 +223,7 @@ def _value_parts(filename: Any) -> tuple[str, str, str] | None:
     return match.groups() if match else None  # type: ignore[return-value]
 
 
-class _Store(diskcache.Cache):
+class _Store(diskcache.Cache):  # type: ignore[misc]  # diskcache has no type hints: its classes are Any
     """diskcache's Cache, except that a setting planted in the database's Settings table never
     becomes an attribute of the cache or its Disk, nor a PRAGMA (diskcache applies every row
     of that table by ``setattr``: a row ``disk__directory`` would move where files are deleted)."""
@@ -277,11 +277,17 @@ def reporting_corruption(directory: str) -> Iterator[None]:
         raise
 
 
-def _reports_corruption(method: Any) -> Any:
-    """`reporting_corruption` around a cache method (``self.directory`` names the cache)."""
+_Self = TypeVar("_Self")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reports_corruption(method: Callable[Concatenate[_Self, _P], _R]) -> Callable[Concatenate[_Self, _P], _R]:
+    """`reporting_corruption` around a cache method (``self.directory`` names the cache). Typed
+    through (ParamSpec), so callers see the method's own arguments and return type."""
 
     @wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with reporting_corruption(self.directory):
             return method(self, *args, **kwargs)
 
