@@ -167,7 +167,7 @@ def show(
         f'grid-template-columns:repeat(auto-fill,minmax({width + 20}px,1fr))">{"".join(cards)}</div>'
     )
     try:
-        from IPython.core.display import HTML  # where it is defined: IPython.display does not declare it exported
+        from IPython.display import HTML
     except ImportError:
         return HtmlGrid(markup)
     return HTML(markup)
