@@ -34,7 +34,7 @@ examples:
 """
 
 
-def _json_arg(text: str) -> dict:
+def _json_arg(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as exc:

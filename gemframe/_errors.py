@@ -72,7 +72,7 @@ class RowError:
     status: str
     message: str
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "status": self.status, "message": self.message}
 
 

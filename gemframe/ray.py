@@ -107,7 +107,7 @@ def _share_concurrency(concurrency: int, num_actors: int) -> int:
     return concurrency // num_actors
 
 
-def _root_names(value: Any) -> list[str]:
+def _root_names(value: IntoExpr | bytes | bytearray | memoryview | os.PathLike[str] | None) -> list[str]:
     if value is None or isinstance(value, (bytes, bytearray, memoryview, os.PathLike)):
         return []
     if isinstance(value, str):

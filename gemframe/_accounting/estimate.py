@@ -152,7 +152,7 @@ class Estimate:
     __repr__ = __str__
 
 
-def _expr(value: Any) -> pl.Expr:
+def _expr(value: str | bytes | bytearray | memoryview | os.PathLike[str] | pl.Expr) -> pl.Expr:
     if isinstance(value, str):
         return pl.col(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -242,7 +242,7 @@ class _Counter:
 
 @asks
 def estimate(
-    data: pl.DataFrame | pl.LazyFrame | str | os.PathLike,
+    data: pl.DataFrame | pl.LazyFrame | str | os.PathLike[str],
     prompt: Any = "prompt",
     *,
     images: Any = None,

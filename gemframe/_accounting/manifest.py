@@ -29,7 +29,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
@@ -347,7 +347,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = os.fspath(path)
     if path.endswith(".json"):
         with open(path) as f:
-            return json.load(f)
+            return cast(dict[str, Any], json.load(f))  # the sidecar gemframe wrote: a JSON object
     import pyarrow.parquet as pq
 
     metadata = pq.read_metadata(path).metadata or {}

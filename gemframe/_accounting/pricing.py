@@ -74,7 +74,7 @@ BATCH_DISCOUNT = 0.5  # Batch Mode is billed at half the standard price
 PARTS = ("input", "cached_input", "output", "thinking", "images")  # the split of a cost
 _DIGITS = 9  # USD rounded to a billionth: an emulator run's cost is a few millionths
 
-Prices = Union[Mapping[str, Mapping[str, float]], str, os.PathLike]
+Prices = Union[Mapping[str, Mapping[str, float]], str, os.PathLike[str]]
 Amount = TypeVar("Amount", float, pl.Expr)
 
 

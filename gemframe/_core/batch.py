@@ -278,7 +278,7 @@ class BatchJobs:
     def _answer(self, response: Any) -> dict[str, Any]:
         if response.status_code != 200:
             raise self.provider.failure(response).as_api_error()
-        return response.json()
+        return cast(dict[str, Any], response.json())  # the API's answer: a JSON object
 
 
 def default_state_path(cache_dir: str, model: str, keys: list[str]) -> str:

@@ -25,7 +25,7 @@ import polars as pl
 from .._errors import ConfigError, InputError, RowError, exception_text
 from .batch import BatchJobs, default_state_path
 from .cache import CacheMode, KnownDigest, ResponseCache, UrlRecord, UrlStore, answer_problem, cache_key, prompt_text
-from .cache.files import UploadStore
+from .cache.files import FileRecord, UploadStore
 from .context import ContextCaches, RunContext, check_capable, context_ttl
 from .executor import Executor, Outcome, RetryPolicy, background_loop, take_all
 from .limits import RateLimiter
@@ -376,7 +376,8 @@ class _Run:
         self.url = self.provider.url(model)
         self.column = column
         self.waiting: dict[str, list[int]] = {}  # key -> rows waiting for its answer
-        self.done: dict[str, tuple[int, bool, dict | None]] = {}  # key answered in this call -> (answer, cached, error)
+        # key answered in this call -> (answer, cached, error)
+        self.done: dict[str, tuple[int, bool, dict[str, Any] | None]] = {}
         self.in_flight: set[str] = set()  # keys submitted and not yet collected
         self.batch_options: tuple[str | None, float, bool] | None = None  # set in batch mode
         self.context: RunContext | None = None  # set when the prefix goes by context cache
@@ -471,7 +472,7 @@ class _Run:
                     "fetches nothing; use cache='use' to fetch it",
                 )
             else:
-                fetch.append((url, record and record.etag, record and record.last_modified))
+                fetch.append((url, record.etag if record else None, record.last_modified if record else None))
         if fetch:
             self.fetching.update(url for url, _, _ in fetch)
             keep = functools.partial(_keep_image, store, known)
@@ -530,7 +531,7 @@ class _Run:
                 del self.image_users[url], self.images[url]
         return rebuilt
 
-    def _media_files(self, fresh: dict[str, tuple[dict[str, Any], int]]) -> dict[str, dict[str, Any] | str]:
+    def _media_files(self, fresh: dict[str, tuple[dict[str, Any], int]]) -> dict[str, dict[str, FileRecord] | str]:
         """The files the misses of a batch name instead of inline media (`uploads`), uploaded
         first; empty when this call sends media inline (the option, the provider, Batch Mode,
         cache='read')."""
@@ -546,7 +547,7 @@ class _Run:
                 self.client.upload,
                 lambda digest: self._url_store().encoded(digest),
             )
-        return cast(dict, self.files.prepare(fresh, self._collect))
+        return self.files.prepare(fresh, self._collect)
 
     def _too_big(self, file: LocalFile) -> str:
         """Why a local file over the inline limit cannot be sent by this call, and the fix."""
@@ -673,8 +674,8 @@ class _Run:
                 self.batch_bodies[key] = content
                 continue
             outgoing.append((key, self.url, content))
-            if self.files is not None and key in files:
-                self.files.note_sent(key, body, cast(dict, files[key]))
+            if self.files is not None and named is not None:  # in ``files``, and not a str
+                self.files.note_sent(key, body, named)
             self._track(key, body, content)
             if self._full():
                 self.client.executor.submit_many(outgoing, self.finished)

@@ -166,7 +166,7 @@ class Executor:
         self._inflight: dict[str, _Shared] = {}
         self._waiting: dict[int, dict[str, _Shared]] = {}  # by id of a caller's done queue: its unfinished keys
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._closer: weakref.finalize | None = None  # closes the session if self is dropped open
+        self._closer: weakref.finalize[..., None] | None = None  # closes the session if self is dropped open
 
     def __repr__(self) -> str:
         return f"Executor({self.provider!r}, concurrency={self.concurrency})"

@@ -29,7 +29,7 @@ import stat
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
@@ -662,7 +662,7 @@ class LocalFile(KnownDigest):
         return f"image file {self.path!r} ({self.size / 2**20:.1f} MB)"
 
 
-def open_regular(path: str, what: str = "image file") -> tuple[Any, os.stat_result]:
+def open_regular(path: str, what: str = "image file") -> tuple[BinaryIO, os.stat_result]:
     """A regular file, opened for reading, and its stat. Anything else is refused before it is
     opened (opening a FIFO blocks, reading /dev/zero never ends), and checked again once open:
     the path may have been swapped meanwhile. Raises `InputError` naming the path, or OSError."""

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from .limits import IDLE_RESTART
 
@@ -56,8 +56,9 @@ def _bar_class() -> type:
     """tqdm's widget bar in a Jupyter kernel that has ipywidgets, else the text bar. Chosen
     here, not by ``tqdm.auto``, which warns (TqdmWarning: IProgress not found) when a kernel
     lacks ipywidgets; the text bar works there as well."""
-    from tqdm.std import tqdm as text_bar
+    from tqdm.std import tqdm
 
+    text_bar: type = tqdm  # tqdm has no type hints (its classes are Any to mypy)
     try:
         shell = sys.modules["IPython"].get_ipython()
         in_kernel = shell is not None and "IPKernelApp" in shell.config
@@ -71,7 +72,7 @@ def _bar_class() -> type:
         from tqdm.notebook import tqdm as widget_bar
     except ImportError:
         return text_bar
-    return widget_bar if IProgress is not None else text_bar
+    return cast(type, widget_bar) if IProgress is not None else text_bar
 
 
 def _figure(n: int) -> str:

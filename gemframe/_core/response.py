@@ -219,7 +219,8 @@ class ReplyColumn:
         answers = pl.concat(self._chunks) if self._chunks else pl.Series("reply", [], dtype=self.dtype)
         index = pl.Series("index", self._row_answer, dtype=pl.Int64)
         out = answers.gather(index.set(index < 0, None))  # null index: null reply
-        return out.alias(name).rechunk()
+        # polars says rechunk returns typing.Self, which mypy only knows from Python 3.11
+        return cast(pl.Series, out.alias(name).rechunk())
 
 
 def _parse(record: dict[str, Any], schema: ResponseSchema) -> dict[str, Any]:

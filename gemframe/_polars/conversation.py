@@ -133,7 +133,7 @@ def turns(
     prompt: IntoExpr,
     reply: IntoExpr,
     *,
-    images: IntoExpr | bytes | os.PathLike | None = None,
+    images: IntoExpr | bytes | os.PathLike[str] | None = None,
     history: IntoExpr | None = None,
 ) -> pl.Expr:
     """The conversation so far, as a history column: ``history`` (if any), then the user turn

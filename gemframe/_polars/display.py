@@ -188,7 +188,7 @@ def _save_cell(value: Any, directory: str, row: int) -> list[str] | None:
     return paths
 
 
-def save_images(images: pl.Series | pl.Expr | str, directory: str | os.PathLike) -> pl.Series | pl.Expr:
+def save_images(images: pl.Series | pl.Expr | str, directory: str | os.PathLike[str]) -> pl.Series | pl.Expr:
     """Write every image of a reply column (or a column of image lists / images) to
     ``directory`` as files named by their content hash; returns their paths as a
     ``list[str]`` column named ``image_paths`` (null for a null reply). Given a Series, returns a Series; given a

@@ -38,7 +38,7 @@ def _to_expr(value: IntoExpr) -> pl.Expr:
     return pl.col(value) if isinstance(value, str) else value
 
 
-def _image_expr(value: IntoExpr | bytes | os.PathLike) -> pl.Expr:
+def _image_expr(value: IntoExpr | bytes | os.PathLike[str]) -> pl.Expr:
     """A column name, an expression, or one image shared by every row (bytes or a path)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return pl.lit(bytes(value), dtype=pl.Binary)
@@ -195,7 +195,7 @@ def _check_run(cache: str | CacheMode | None, mode: str) -> None:
 def generate(
     prompt: IntoExpr,
     *,
-    images: IntoExpr | bytes | os.PathLike | None = None,
+    images: IntoExpr | bytes | os.PathLike[str] | None = None,
     history: IntoExpr | None = None,
     spec: RequestSpec | None = None,
     client: Client | None = None,
@@ -267,7 +267,7 @@ def generate(
 def request(
     prompt: IntoExpr,
     *,
-    images: IntoExpr | bytes | os.PathLike | None = None,
+    images: IntoExpr | bytes | os.PathLike[str] | None = None,
     history: IntoExpr | None = None,
     spec: RequestSpec | None = None,
     **ask: Unpack[Ask],

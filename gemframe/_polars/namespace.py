@@ -29,7 +29,7 @@ def _on_column(function: Callable[Concatenate[pl.Expr, P], R]) -> Callable[Conca
     """A namespace method calling ``function`` with the namespace's column as its first
     argument. Checkers see ``function``'s own keywords (ParamSpec), and so does ``help()``."""
 
-    def method(self: Any, *args: P.args, **kwargs: P.kwargs) -> R:
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return function(self._expr, *args, **kwargs)
 
     params = list(inspect.signature(function).parameters.values())
@@ -72,7 +72,7 @@ class _GeminiFrame(Generic[Frame]):
         name: str = "reply",
         unnest: bool = False,
         prefix: str | None = None,
-        images: _expr.IntoExpr | bytes | os.PathLike | None = None,
+        images: _expr.IntoExpr | bytes | os.PathLike[str] | None = None,
         history: _expr.IntoExpr | None = None,
         spec: RequestSpec | None = None,
         client: Client | None = None,
@@ -112,7 +112,7 @@ class _GeminiFrame(Generic[Frame]):
             **ask,
         ).alias(name)
         if not unnest:
-            return cast(Frame, self._frame.with_columns(reply))
+            return self._frame.with_columns(reply)
         # The names are settled from the schemas (planning sends nothing), before an eager
         # frame's rows are sent: a clash that cannot be resolved is refused first.
         fields = list(cast(pl.Struct, self._frame.lazy().with_columns(reply).collect_schema()[name]).to_schema())
@@ -120,7 +120,7 @@ class _GeminiFrame(Generic[Frame]):
         renamed = _expr.reply_columns(fields, inputs, prefix, name)
         if renamed:
             reply = reply.struct.rename_fields([renamed.get(f, f) for f in fields])
-        return cast(Frame, self._frame.with_columns(reply).unnest(name))
+        return self._frame.with_columns(reply).unnest(name)
 
 
 @pl.api.register_dataframe_namespace("gemini")

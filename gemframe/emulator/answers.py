@@ -198,7 +198,7 @@ class _Faker:
     MAX_ITEMS = 16
     MAX_STEPS = 10**6
 
-    def __init__(self, root: dict, prompt: str, key: str, suffix: str) -> None:
+    def __init__(self, root: dict[str, Any], prompt: str, key: str, suffix: str) -> None:
         self.root = root
         self.words = " ".join(prompt.split()[:6]) or "emulated"
         self.key = f"{prompt}|{key}"
@@ -229,7 +229,7 @@ class _Faker:
             return None
         return self._string(schema, path, label)
 
-    def _resolve(self, schema: dict) -> dict:
+    def _resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
         """Follow local ``$ref``s (``#/$defs/X``, ``#/definitions/X``)."""
         for _ in range(self.MAX_DEPTH):
             ref = schema.get("$ref")
@@ -244,7 +244,7 @@ class _Faker:
     def _hash(self, path: str) -> int:
         return int.from_bytes(hashlib.sha256(f"{self.key}|{path}".encode()).digest()[:8], "big")
 
-    def _object(self, schema: dict, path: str, depth: int) -> dict[str, Any]:
+    def _object(self, schema: dict[str, Any], path: str, depth: int) -> dict[str, Any]:
         properties = _keyword(schema, "properties", dict) or {}
         if depth >= self.MAX_DEPTH:
             return {}
@@ -255,7 +255,7 @@ class _Faker:
             if isinstance(name, str) and name in properties
         }
 
-    def _array(self, schema: dict, path: str, label: str, depth: int) -> list[Any]:
+    def _array(self, schema: dict[str, Any], path: str, label: str, depth: int) -> list[Any]:
         if depth >= self.MAX_DEPTH:
             return []
         count = min(max(_keyword(schema, "min_items", int) or 0, 2), self.MAX_ITEMS)
@@ -265,7 +265,7 @@ class _Faker:
         items = _keyword(schema, "items", dict) or {}
         return [self.value(items, f"{path}[{i}]", f"{label} {i + 1}", depth + 1) for i in range(count)]
 
-    def _bounds(self, schema: dict) -> tuple[float, float]:
+    def _bounds(self, schema: dict[str, Any]) -> tuple[float, float]:
         low = _keyword(schema, "minimum", (int, float))
         high = _keyword(schema, "maximum", (int, float))
         if low is None:
@@ -274,17 +274,17 @@ class _Faker:
             high = low + 99
         return low, max(low, high)
 
-    def _integer(self, schema: dict, path: str) -> int:
+    def _integer(self, schema: dict[str, Any], path: str) -> int:
         low, high = self._bounds(schema)
         low, high = math.ceil(low), max(math.ceil(low), math.floor(high))
         return low + self._hash(path) % min(high - low + 1, self.MAX_STEPS)
 
-    def _number(self, schema: dict, path: str) -> float:
+    def _number(self, schema: dict[str, Any], path: str) -> float:
         low, high = self._bounds(schema)
         steps = int(min((high - low) * 100, self.MAX_STEPS))
         return round(low + (self._hash(path) % (steps + 1)) / 100, 2)
 
-    def _string(self, schema: dict, path: str, label: str) -> str:
+    def _string(self, schema: dict[str, Any], path: str, label: str) -> str:
         fmt = schema.get("format")
         day = 1 + self._hash(path) % 28
         if fmt == "date":
@@ -296,7 +296,7 @@ class _Faker:
         return text[: max(max_length, 0)] if max_length is not None else text
 
 
-def _keyword(schema: dict, snake: str, kind: type | tuple[type, ...]) -> Any:
+def _keyword(schema: dict[str, Any], snake: str, kind: type | tuple[type, ...]) -> Any:
     """A schema keyword in either spelling (JSON Schema camelCase, proto snake_case), or None
     when it is absent or not of the expected JSON type."""
     camel = _camel(snake)
@@ -304,7 +304,7 @@ def _keyword(schema: dict, snake: str, kind: type | tuple[type, ...]) -> Any:
     return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
-def _schema_kind(schema: dict) -> str:
+def _schema_kind(schema: dict[str, Any]) -> str:
     """Lower-case type of a schema node; inferred when absent, first non-null of a type list."""
     kind = schema.get("type")
     if isinstance(kind, list):

@@ -293,7 +293,7 @@ class ErrorAnswer(Exception):
         self,
         code: int,
         message: str,
-        details: list[dict] | None = None,
+        details: list[dict[str, Any]] | None = None,
         retry_after: float | None = None,
         status: str | None = None,
     ) -> None:
@@ -388,7 +388,7 @@ class Config:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     mime: str = "text/plain"
-    schema: dict | None = None
+    schema: dict[str, Any] | None = None
     text: bool = True
     image: bool = False
     thoughts: bool = False
@@ -735,7 +735,7 @@ def _parse_modalities(value: Any) -> set[str]:
     return modalities
 
 
-def _parse_response_format(fields: dict[str, Any]) -> tuple[str, dict | None]:
+def _parse_response_format(fields: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
     """(response MIME type, schema) after the real API's consistency checks."""
     where = "* GenerateContentRequest.generation_config"
     mime = fields.get("response_mime_type") or "text/plain"

@@ -19,10 +19,10 @@ import stat
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from functools import wraps
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import diskcache
 from diskcache.core import DEFAULT_SETTINGS, ENOVAL, METADATA, MODE_BINARY, MODE_RAW, UNKNOWN
@@ -69,7 +69,7 @@ def _private_mode(fd: int, mode: int) -> None:
         os.chmod(fd, mode)
 
 
-class _AnswerDisk(diskcache.Disk):
+class _AnswerDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no type hints: its classes are Any
     """diskcache's serializer, reduced to raw bytes: values are stored as bytes in the database
     (under ``disk_min_file_size``) or in a file, never pickled, and any row in another form is
     refused, so `diskcache.Cache.get`, ``delete``, ``clear`` and friends are as safe as
@@ -224,7 +224,7 @@ def _value_parts(filename: Any) -> tuple[str, str, str] | None:
     return match.groups() if match else None  # type: ignore[return-value]
 
 
-class _Store(diskcache.Cache):
+class _Store(diskcache.Cache):  # type: ignore[misc]  # diskcache has no type hints: its classes are Any
     """diskcache's Cache, except that a setting planted in the database's Settings table never
     becomes an attribute of the cache or its Disk, nor a PRAGMA (diskcache applies every row
     of that table by ``setattr``: a row ``disk__directory`` would move where files are deleted)."""
@@ -296,14 +296,20 @@ def reporting_corruption(directory: str) -> Iterator[None]:
         raise
 
 
-def _cache_method(method: Any) -> Any:
+_Self = TypeVar("_Self")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _cache_method(method: Callable[Concatenate[_Self, _P], _R]) -> Callable[Concatenate[_Self, _P], _R]:
     """A public method of a store (``self._store`` its `_Store`, ``self.directory`` its
     directory): it starts from a settled connection (`_Store.settle`: public methods never
     call each other inside a transaction, so none of this thread's is open), and a damaged
-    database under it is reported (`reporting_corruption`)."""
+    database under it is reported (`reporting_corruption`). Typed through (ParamSpec), so
+    callers see the method's own arguments and return type."""
 
     @wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with reporting_corruption(self.directory):
             self._store.settle()
             return method(self, *args, **kwargs)

@@ -45,7 +45,7 @@ def _data_digest(data: str) -> str:
     return "sha256:" + hashlib.sha256(data.encode("ascii")).hexdigest()
 
 
-class KnownDigest(dict):
+class KnownDigest(dict[str, Any]):
     """An ``inlineData`` dict whose data's digest is known before its data is read (an image URL
     found in the URL store, `urls.UrlRecord.digest`): keyed by ``digest`` exactly as its data
     would be, so a cached rerun needs neither the image nor the network. Only a `Client.send`

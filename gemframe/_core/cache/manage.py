@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -89,7 +89,7 @@ class CacheManagement:
         ``"12h"``). Returns how many were removed."""
         self._store.check_intact()
         if model is None and before is None:
-            return self._store.clear()
+            return cast(int, self._store.clear())  # the count removed; diskcache has no type hints
         keys = self._keys(model, before)
         for start in range(0, len(keys), _EXPORT_BATCH):
             with self._store.transact():

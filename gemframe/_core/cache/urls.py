@@ -168,7 +168,7 @@ class UrlStore:
         remaining URL serves. Returns how many URLs were forgotten."""
         self._store.check_intact()
         if before is None:
-            count = self._store._sql("SELECT COUNT(*) FROM Cache WHERE key LIKE 'url:%'").fetchone()[0]
+            count: int = self._store._sql("SELECT COUNT(*) FROM Cache WHERE key LIKE 'url:%'").fetchone()[0]
             self._store.clear()
             return count
         old = [
