@@ -229,6 +229,8 @@ class _Store(diskcache.Cache):  # type: ignore[misc]  # diskcache has no type hi
     becomes an attribute of the cache or its Disk, nor a PRAGMA (diskcache applies every row
     of that table by ``setattr``: a row ``disk__directory`` would move where files are deleted)."""
 
+    _txn_id: int | None  # diskcache's: the thread whose transaction is open, if any
+
     def reset(self, key: str, value: Any = ENOVAL, update: bool = True) -> Any:
         if key not in _KNOWN_SETTINGS:
             return None
@@ -246,7 +248,7 @@ class _Store(diskcache.Cache):  # type: ignore[misc]  # diskcache has no type hi
         committed. Called where this thread has no transaction of its own (at the start of
         every public cache method, see `_cache_method`), so an open one was left behind:
         what it wrote was never committed, and its writer stores it again."""
-        con = self._con
+        con: sqlite3.Connection = self._con
         if con.in_transaction:
             if self._txn_id == threading.get_ident():
                 self._txn_id = None
