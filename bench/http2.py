@@ -64,6 +64,9 @@ LATENCY = 0.2
 EXTRA_DEPS = ("hypercorn", "h2", "trustme")
 SERVER_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS advertised by the main server
 MEASURABLE = 0.05  # "measurably helps": at least 5% better than the baseline
+# Quick mode forks the servers and clients from a host with these imported (bench/_forkhost.py):
+# none of them imports polars or gemframe.
+HOST_PRELOAD = ("aiohttp", "httpx", "h2.connection", "hypercorn.asyncio", "hypercorn.config", "_common", "clients", "server")
 
 # (label, worker client, HTTP/2 connections)
 CLIENTS = [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, Section, fmt, machine
+from _common import BENCH, DEFAULT_PRELOAD, Section, fmt, forked_processes, machine
 
 MODULES = [
     "overhead",
@@ -54,7 +54,11 @@ def run_section(name: str, mode: str) -> Section:
     module = __import__(_MODULE_FILES.get(name, name))
     start = time.perf_counter()
     try:
-        section = module.run(mode)
+        if mode == "quick":  # a smoke run: fork its processes from one pre-imported interpreter
+            with forked_processes(getattr(module, "HOST_PRELOAD", DEFAULT_PRELOAD)):
+                section = module.run(mode)
+        else:
+            section = module.run(mode)
     except Exception as exc:  # report it and go on with the other benchmarks
         section = Section(name, TITLES[name], "", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     section.seconds = time.perf_counter() - start

@@ -24,7 +24,7 @@ import time
 import urllib.request
 from typing import Any
 
-from _common import API_KEY, BENCH, MODEL, PYTHON, BenchServer, Row, Section, emit, free_port, run_worker, timed
+from _common import API_KEY, BENCH, MODEL, PYTHON, BenchServer, Row, Section, emit, free_port, popen, run_worker, timed
 
 SIZES = {"quick": dict(rows=256), "default": dict(rows=2000)}
 CONCURRENCY = 64
@@ -67,7 +67,7 @@ class ImageServer:
     def __init__(self, directory: str, latency: float) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
+        self.proc = popen(
             [
                 PYTHON,
                 str(BENCH / "url_images.py"),

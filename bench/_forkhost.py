@@ -1,0 +1,286 @@
+"""Quick mode's process launcher: every bench process forked from one pre-imported interpreter.
+
+At ``--quick`` sizes a benchmark's work is a few hundred requests, and most of its CPU went to
+starting interpreters: each worker, server and CLI process paid ~0.7 CPU s to import polars and
+gemframe before sending its first request. In quick mode `run_all.py` therefore starts one host
+(``python bench/_forkhost.py MODULE...``) that imports those modules once and then forks every
+process the benchmark asks for (see `_common.popen`). Each child is still its own process,
+running the same script, ``-m`` module or ``-c`` code with the same arguments and environment
+as it would after ``exec``, and exits the way a fresh interpreter does (non-daemon threads
+joined, ``atexit`` run, exit code from ``SystemExit``); only the imports are already done.
+Peak RSS figures of forked children include the host's pages: meaningless at quick sizes
+anyway. The default and ``--full`` runs never use this (fresh interpreters, as measured).
+
+The host reads one JSON request per line on stdin and answers one JSON line on stdout:
+
+- ``{"op": "spawn", "argv": [...], "env": {...} | null, "stdout": PATH | null, "stderr": PATH | null}``
+  -> ``{"pid": N}`` (argv is what follows ``python``; a null stream is /dev/null);
+- ``{"op": "wait", "pid": N, "timeout": S | null}`` -> ``{"returncode": RC | null}`` (null: still
+  running after S seconds; RC is negative for a signal, as `subprocess` reports it).
+
+At EOF on stdin it terminates and reaps whatever children are left, then exits. The host
+waits for every child and the bench waits for the host, so the children's CPU is in the bench
+process's ``RUSAGE_CHILDREN`` as it was with fresh processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+# What the workers, servers and CLIs of most benchmarks import (bench/http2.py sets its own).
+DEFAULT_PRELOAD = (
+    "polars",
+    "pyarrow.parquet",
+    "gemframe",
+    "gemframe._cli",
+    "gemframe.emulator",
+    "httpx",
+    "uvicorn",
+    "aiohttp.web",
+    "_common",
+    "clients",
+    "server",
+)
+
+
+# --------------------------------------------------------------------------- the bench side
+
+
+class ForkHost:
+    """The host process, seen from the bench: `spawn` returns a Popen-like `HostedProcess`."""
+
+    def __init__(self, preload: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, str(BENCH / "_forkhost.py"), *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self.tmp = tempfile.mkdtemp(prefix="gf-bench-host-")
+        self.lock = threading.Lock()
+        self.count = 0
+        self._ask(None)  # the host's "ready" line: the preload is done
+
+    def _ask(self, request: dict[str, Any] | None) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        with self.lock:
+            if request is not None:
+                self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+                self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the bench fork host exited ({self.proc.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def spawn(self, argv: list[str], env: dict[str, str] | None, stdout: Any, stderr: Any) -> HostedProcess:
+        """``python *argv`` as a child of the host; ``stdout``/``stderr``: `subprocess.PIPE`
+        (captured to a file, read back by `HostedProcess`) or anything else for /dev/null."""
+        self.count += 1
+        paths = {}
+        for name, mode in (("stdout", stdout), ("stderr", stderr)):
+            if mode == subprocess.PIPE:
+                paths[name] = os.path.join(self.tmp, f"{self.count}.{name}")
+                open(paths[name], "wb").close()  # exists before the child writes, so it can be opened now
+        pid = self._ask({"op": "spawn", "argv": argv, "env": env, **{k: paths.get(k) for k in ("stdout", "stderr")}})[
+            "pid"
+        ]
+        return HostedProcess(self, pid, [PYTHON, *argv], paths)
+
+    def wait(self, pid: int, timeout: float | None) -> int | None:
+        return self._ask({"op": "wait", "pid": pid, "timeout": timeout})["returncode"]
+
+    def close(self) -> None:
+        """EOF to the host, which ends and reaps what is left; then wait for it (its CPU is counted)."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class HostedProcess:
+    """The part of `subprocess.Popen` the benchmarks use, for a child of the fork host.
+
+    Captured streams are files: ``stdout``/``stderr`` are readable file objects on them and
+    `communicate` returns their bytes once the child has exited."""
+
+    def __init__(self, host: ForkHost, pid: int, args: list[str], paths: dict[str, str]) -> None:
+        self.host, self.pid, self.args = host, pid, args
+        self.returncode: int | None = None
+        self.stdout = open(paths["stdout"], "rb") if "stdout" in paths else None
+        self.stderr = open(paths["stderr"], "rb") if "stderr" in paths else None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.host.wait(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.host.wait(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[bytes, bytes]:
+        self.wait(timeout)
+        return tuple(f.read() if f is not None else b"" for f in (self.stdout, self.stderr))  # type: ignore[return-value]
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # not reaped yet, so the pid cannot have been reused
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- the host side
+
+
+def _child(request: dict[str, Any]) -> int:
+    """In the forked child: set up the streams and environment, run argv as ``python`` would."""
+    import runpy
+    import traceback
+
+    for fd, path, flags in (
+        (0, None, os.O_RDONLY),
+        (1, request.get("stdout"), os.O_WRONLY | os.O_TRUNC | os.O_CREAT),
+        (2, request.get("stderr"), os.O_WRONLY | os.O_TRUNC | os.O_CREAT),
+    ):
+        source = os.open(path or os.devnull, flags, 0o600)
+        os.dup2(source, fd)
+        os.close(source)
+    if request.get("env") is not None:
+        os.environ.clear()
+        os.environ.update(request["env"])
+    argv = request["argv"]
+    try:
+        if argv[0] == "-m":
+            sys.argv, sys.path[0] = [argv[1], *argv[2:]], os.getcwd()
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv, sys.path[0] = ["-c", *argv[2:]], os.getcwd()
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            sys.argv, sys.path[0] = list(argv), os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as exc:  # as the interpreter reports it: None is 0, a message is printed and 1
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # What a fresh interpreter does at exit: join non-daemon threads, run atexit, flush.
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        import atexit
+
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+    return code
+
+
+def _wait(pid: int, timeout: float | None) -> int | None:
+    """The child's return code (reaping it), or None if it is still running after ``timeout``."""
+    try:
+        fd = os.pidfd_open(pid)  # readable once the child has exited: no polling
+    except (AttributeError, OSError):
+        fd = None
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                if os.environ.get("GF_BENCH_HOST_TRACE"):  # where a smoke run's CPU goes
+                    print(f"[host] pid {pid}: {usage.ru_utime + usage.ru_stime:.2f} CPU s", file=sys.stderr)
+                return os.waitstatus_to_exitcode(status)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            if fd is not None:
+                select.select([fd], [], [], left)
+            else:
+                time.sleep(0.01 if left is None else min(0.01, left))
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def main() -> None:
+    import importlib
+
+    for name in sys.argv[1:]:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # a child that needs it fails on its own import, as a fresh interpreter would
+    requests = os.fdopen(os.dup(0), "rb")
+    replies = os.fdopen(os.dup(1), "wb")
+    # Keep the protocol pipes away from fds 0/1: nothing imported can write into them.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+
+    def reply(value: dict[str, Any]) -> None:
+        replies.write(json.dumps(value).encode() + b"\n")
+        replies.flush()
+
+    children: set[int] = set()
+    reply({"ready": True})
+    for line in requests:
+        request = json.loads(line)
+        if request["op"] == "spawn":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                requests.close()
+                replies.close()
+                os.close(devnull)
+                os._exit(_child(request))
+            children.add(pid)
+            if os.environ.get("GF_BENCH_HOST_TRACE"):
+                print(f"[host] pid {pid}: {' '.join(request['argv'])[:150]}", file=sys.stderr)
+            reply({"pid": pid})
+        elif request["op"] == "wait":
+            code = _wait(request["pid"], request["timeout"])
+            if code is not None:
+                children.discard(request["pid"])
+            reply({"returncode": code})
+    for pid in children:  # the bench is gone: end what it left running
+        os.kill(pid, signal.SIGTERM)
+    for pid in children:
+        if _wait(pid, 5) is None:
+            os.kill(pid, signal.SIGKILL)
+            _wait(pid, None)
+
+
+if __name__ == "__main__":
+    main()
