@@ -48,6 +48,8 @@ DEFAULT_PRELOAD = (
     "gemframe._cli",
     "gemframe.emulator",
     "httpx",
+    "httpcore",  # imported by httpx's first client (with anyio and trio: ~0.25 CPU s)
+    "anyio._backends._asyncio",
     "uvicorn",
     "aiohttp.web",
     "_common",

@@ -30,9 +30,9 @@ from _common import ROOT, Row, Section, emit, fmt, run_worker
 
 LATENCY = 0.2
 SIZES = {
-    "quick": dict(  # the code path, not the figures
-        random=[dict(share=0.2, retry_delay="1.5s", rows=40, latency=LATENCY)],
-        limits=[dict(rpm=1200, rows=40, concurrency=16)],
+    "quick": dict(  # the code path, not the figures: short delays and latency, so it takes seconds
+        random=[dict(share=0.2, retry_delay="0.2s", rows=40, latency=0.05)],
+        limits=[dict(rpm=2400, rows=60, concurrency=16, latency=0.05)],
     ),
     "default": dict(
         random=[
@@ -122,7 +122,7 @@ def run(mode: str) -> Section:
         rate = rpm / 60.0
         found = {}
         for name, options in (("told", ["--rpm", str(rpm)]), ("default", [])):
-            server = _server(rpm=rpm, latency=LATENCY)
+            server = _server(rpm=rpm, latency=cfg.get("latency", LATENCY))
             found[name] = _client(server, rows, c, *options)
         told, default = found["told"], found["default"]
         label = f"limit {rpm:,}/min, {rows:,} rows, C={c}"

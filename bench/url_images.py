@@ -26,7 +26,7 @@ from typing import Any
 
 from _common import API_KEY, BENCH, MODEL, PYTHON, BenchServer, Row, Section, emit, free_port, popen, run_worker, timed
 
-SIZES = {"quick": dict(rows=256), "default": dict(rows=2000)}
+SIZES = {"quick": dict(rows=32), "default": dict(rows=2000)}
 CONCURRENCY = 64
 IMAGE_BYTES = 100_000
 GENERATE_LATENCY = 0.2
