@@ -40,22 +40,23 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
-# What the workers, servers and CLIs of most benchmarks import (bench/http2.py sets its own).
+# What the workers, servers and CLIs of most benchmarks import; a benchmark module's
+# ``HOST_PRELOAD`` replaces it (~0.6 CPU s, nearly all polars + gemframe).
 DEFAULT_PRELOAD = (
     "polars",
     "pyarrow.parquet",
     "gemframe",
     "gemframe._cli",
     "gemframe.emulator",
-    "httpx",
-    "httpcore",  # imported by httpx's first client (with anyio and trio: ~0.25 CPU s)
-    "anyio._backends._asyncio",
     "uvicorn",
     "aiohttp.web",
     "_common",
     "clients",
     "server",
 )
+# What a raw httpx client imports on top, at its first request (with trio: ~0.1 CPU s), for the
+# benchmarks that run one.
+HTTPX_PRELOAD = ("httpx", "httpcore", "anyio._backends._asyncio")
 
 
 # --------------------------------------------------------------------------- the bench side

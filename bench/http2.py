@@ -59,6 +59,7 @@ from _common import (
     run_worker,
     timed,
 )
+from _forkhost import HTTPX_PRELOAD
 
 LATENCY = 0.2
 EXTRA_DEPS = ("hypercorn", "h2", "trustme")
@@ -66,11 +67,8 @@ SERVER_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS advertised by the main s
 MEASURABLE = 0.05  # "measurably helps": at least 5% better than the baseline
 # Quick mode forks the servers and clients from a host with these imported (bench/_forkhost.py):
 # none of them imports polars or gemframe.
-HOST_PRELOAD = (
+HOST_PRELOAD = HTTPX_PRELOAD + (
     "aiohttp",
-    "httpx",
-    "httpcore",  # imported by httpx's first client (with anyio and trio: ~0.25 CPU s)
-    "anyio._backends._asyncio",
     "h2.connection",
     "hypercorn.asyncio",
     "hypercorn.config",
@@ -87,14 +85,14 @@ CLIENTS = [
     ("raw httpx HTTP/2, 4 connections", "httpx2", 4),
 ]
 SIZES = {
-    # quick: every client on every server kind once, at the smallest size; C=16, as raw httpx's
-    # HTTP/1.1 pool burns ~10 ms CPU per request with 64 waiting.
+    # quick: every client on every server kind once, at the smallest size (C=8: every connection is
+    # a TLS handshake; raw httpx's HTTP/1.1 pool burns ~10 ms CPU per request with 64 waiting).
     "quick": dict(
         latency=0.05,
-        throughput=[dict(rows=32, concurrency=16, httpx1_rows=16)],
-        cpu=dict(rows=32, warmup=16, repeat=2, concurrency=16),
-        uncapped=dict(concurrency=16),
-        goaway=dict(rows=40, max_requests=10, concurrency=16),
+        throughput=[dict(rows=16, concurrency=8, httpx1_rows=8)],
+        cpu=dict(rows=16, warmup=8, repeat=2, concurrency=8),
+        uncapped=dict(concurrency=8),
+        goaway=dict(rows=24, max_requests=6, concurrency=8),
     ),
     "default": dict(
         latency=LATENCY,
@@ -161,6 +159,9 @@ def serve(port: int, latency: float, certfile: str, keyfile: str, max_streams: i
     config.keep_alive_timeout = 60
     config.keep_alive_max_requests = max_requests
     config.accesslog = None
+    # At SIGTERM every client has exited; hypercorn's default 3 s wait for connections to close
+    # is only spent on those a max-requests GOAWAY left half-open.
+    config.graceful_timeout = 0.5
     config.loglevel = "WARNING"
     asyncio.run(hypercorn_serve(CountingApp(BenchApp(latency)), config))
 
@@ -508,8 +509,8 @@ def _goaway(section: Section, server: TLSBenchServer, rows: int, max_requests: i
 
     6,000 rows, so every connection reaches the limit at least once: raw aiohttp at C=4 (4
     connections of ~1,500 requests; HTTP/1.1 has one request per connection in flight at any
-    C), HTTP/2 at C=64 on 1 connection (~6 GOAWAYs) and on 4 (~1,500 requests each). (Quick: 40 rows,
-    a close after 10 requests, C=16.)"""
+    C), HTTP/2 at C=64 on 1 connection (~6 GOAWAYs) and on 4 (~1,500 requests each). (Quick: 24 rows,
+    a close after 6 requests, C=8.)"""
     for label, client, conns in CLIENTS:
         if client == "httpx1":
             continue

@@ -11,6 +11,9 @@ decoding and the Arrow struct.
 from __future__ import annotations
 
 from _common import BenchServer, Row, Section, run_worker
+from _forkhost import DEFAULT_PRELOAD, HTTPX_PRELOAD
+
+HOST_PRELOAD = DEFAULT_PRELOAD + HTTPX_PRELOAD  # quick mode: raw httpx is one of the clients
 
 SIZES = {
     # quick: every path once (2 rounds, so the interleaving and best-of merge run; 2 batches each)

@@ -31,8 +31,8 @@ from _common import ROOT, Row, Section, emit, fmt, run_worker
 LATENCY = 0.2
 SIZES = {
     "quick": dict(  # the code path, not the figures: short delays and latency, so it takes seconds
-        random=[dict(share=0.2, retry_delay="0.2s", rows=40, latency=0.05)],
-        limits=[dict(rpm=2400, rows=60, concurrency=16, latency=0.05)],
+        random=[dict(share=0.1, retry_delay="0.2s", rows=20, latency=0.05)],
+        limits=[dict(rpm=3000, rows=60, concurrency=16, latency=0.05)],  # 50 of burst, then 50/s
     ),
     "default": dict(
         random=[
@@ -107,7 +107,8 @@ def run(mode: str) -> Section:
     section = Section(
         "rate_limits",
         "9. Rate limits not told",
-        f"server latency {LATENCY * 1000:.0f} ms (tests/fault_server.py on 127.0.0.1, client in its own process). "
+        f"server latency {LATENCY * 1000:.0f} ms{' (quick sizes: 50 ms)' if mode == 'quick' else ''} "
+        "(tests/fault_server.py on 127.0.0.1, client in its own process). "
         "Random 429s: at C=64, a share of attempts 429 whatever the rate, the same attempts for both clients "
         "(seed 1). Real limit: a token bucket of R requests/min with 1 s of burst; 429 share and rate "
         "counted at the server from the first request to the last answer.",

@@ -11,6 +11,9 @@ fewer rows there; the efficiency is still comparable (it is a rate), the note sa
 from __future__ import annotations
 
 from _common import BenchServer, Row, Section, run_worker
+from _forkhost import DEFAULT_PRELOAD, HTTPX_PRELOAD
+
+HOST_PRELOAD = DEFAULT_PRELOAD + HTTPX_PRELOAD  # quick mode: raw httpx is one of the clients
 
 LATENCY = 0.2
 SIZES = {
