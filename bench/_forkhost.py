@@ -20,7 +20,8 @@ The host reads one JSON request per line on stdin and answers one JSON line on s
 
 At EOF on stdin it terminates and reaps whatever children are left, then exits. The host
 waits for every child and the bench waits for the host, so the children's CPU is in the bench
-process's ``RUSAGE_CHILDREN`` as it was with fresh processes.
+process's ``RUSAGE_CHILDREN`` as it was with fresh processes. ``GF_BENCH_HOST_TRACE=1`` makes
+the host print each child's command line and CPU seconds on stderr (where a smoke run's CPU goes).
 """
 
 from __future__ import annotations
@@ -142,7 +143,12 @@ class HostedProcess:
 
     def communicate(self, timeout: float | None = None) -> tuple[bytes, bytes]:
         self.wait(timeout)
-        return tuple(f.read() if f is not None else b"" for f in (self.stdout, self.stderr))  # type: ignore[return-value]
+        out = []
+        for stream in (self.stdout, self.stderr):
+            out.append(stream.read() if stream is not None else b"")
+            if stream is not None:
+                stream.close()
+        return out[0], out[1]
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:  # not reaped yet, so the pid cannot have been reused
