@@ -1,27 +1,27 @@
-"""Quick mode's process launcher: every bench process forked from one pre-imported interpreter.
+"""Quick mode's process launcher: every bench process forked from one pre-imported host.
 
 At ``--quick`` sizes a benchmark's work is a few hundred requests, and most of its CPU went to
 starting interpreters: each worker, server and CLI process paid ~0.7 CPU s to import polars and
-gemframe before sending its first request. In quick mode `run_all.py` therefore starts one host
-(``python bench/_forkhost.py MODULE...``) that imports those modules once and then forks every
-process the benchmark asks for (see `_common.popen`). Each child is still its own process,
+gemframe before sending its first request. In quick mode `run_all.py` therefore imports those
+modules once, before it runs anything, and forks a host (`ForkHost`) that forks every python
+process the benchmarks ask for (see `_common.popen`). Each child is still its own process,
 running the same script, ``-m`` module or ``-c`` code with the same arguments and environment
 as it would after ``exec``, and exits the way a fresh interpreter does (non-daemon threads
 joined, ``atexit`` run, exit code from ``SystemExit``); only the imports are already done.
 Peak RSS figures of forked children include the host's pages: meaningless at quick sizes
 anyway. The default and ``--full`` runs never use this (fresh interpreters, as measured).
 
-The host reads one JSON request per line on stdin and answers one JSON line on stdout:
+The host reads one JSON request per line on a pipe and answers one JSON line on another:
 
 - ``{"op": "spawn", "argv": [...], "env": {...} | null, "stdout": PATH | null, "stderr": PATH | null}``
   -> ``{"pid": N}`` (argv is what follows ``python``; a null stream is /dev/null);
 - ``{"op": "wait", "pid": N, "timeout": S | null}`` -> ``{"returncode": RC | null}`` (null: still
   running after S seconds; RC is negative for a signal, as `subprocess` reports it).
 
-At EOF on stdin it terminates and reaps whatever children are left, then exits. The host
-waits for every child and the bench waits for the host, so the children's CPU is in the bench
-process's ``RUSAGE_CHILDREN`` as it was with fresh processes. ``GF_BENCH_HOST_TRACE=1`` makes
-the host print each child's command line and CPU seconds on stderr (where a smoke run's CPU goes).
+At EOF it terminates and reaps whatever children are left, then exits. The host waits for
+every child and the bench waits for the host, so the children's CPU is in the bench process's
+``RUSAGE_CHILDREN`` as it was with fresh processes. ``GF_BENCH_HOST_TRACE=1`` makes the host
+print each child's command line and CPU seconds on stderr (where a smoke run's CPU goes).
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
 # What the workers, servers and CLIs of most benchmarks import; a benchmark module's
@@ -64,26 +62,51 @@ HTTPX_PRELOAD = ("httpx", "httpcore", "anyio._backends._asyncio")
 
 
 class ForkHost:
-    """The host process, seen from the bench: `spawn` returns a Popen-like `HostedProcess`."""
+    """The host, seen from the bench: `spawn` returns a Popen-like `HostedProcess`.
+
+    The preload is imported in the calling process, which then forks the host: the bench
+    process has the modules too (its own polars/gemframe work costs no second import). Create
+    it before the process runs anything else: a fork copies only the calling thread, so no
+    other Python thread may be running, and polars must not have run a query yet (its thread
+    pool would be copied mid-state into every child)."""
 
     def __init__(self, preload: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
-        self.proc = subprocess.Popen(
-            [PYTHON, str(BENCH / "_forkhost.py"), *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        import importlib
+
+        for name in preload:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass  # a child that needs it fails on its own import, as a fresh interpreter would
+        to_host, from_bench = os.pipe()
+        from_host, to_bench = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # the host
+            os.close(from_bench)
+            os.close(from_host)
+            code = 1
+            try:
+                serve(os.fdopen(to_host, "rb"), os.fdopen(to_bench, "wb"))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(to_host)
+        os.close(to_bench)
+        self.requests = os.fdopen(from_bench, "wb")
+        self.replies = os.fdopen(from_host, "rb")
         self.tmp = tempfile.mkdtemp(prefix="gf-bench-host-")
         self.lock = threading.Lock()
         self.count = 0
-        self._ask(None)  # the host's "ready" line: the preload is done
 
-    def _ask(self, request: dict[str, Any] | None) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+    def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
-            if request is not None:
-                self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-                self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
+            self.requests.write(json.dumps(request).encode() + b"\n")
+            self.requests.flush()
+            line = self.replies.readline()
         if not line:
-            raise RuntimeError(f"the bench fork host exited ({self.proc.wait()}); its stderr is above")
+            raise RuntimeError(f"the bench fork host exited ({_wait(self.pid, None)}); its stderr is above")
         return json.loads(line)
 
     def spawn(self, argv: list[str], env: dict[str, str] | None, stdout: Any, stderr: Any) -> HostedProcess:
@@ -104,14 +127,12 @@ class ForkHost:
         return self._ask({"op": "wait", "pid": pid, "timeout": timeout})["returncode"]
 
     def close(self) -> None:
-        """EOF to the host, which ends and reaps what is left; then wait for it (its CPU is counted)."""
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """EOF to the host, which ends and reaps what is left; then reap it (its CPU is counted)."""
+        self.requests.close()
+        if _wait(self.pid, 30) is None:
+            os.kill(self.pid, signal.SIGKILL)
+            _wait(self.pid, None)
+        self.replies.close()
         import shutil
 
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -242,27 +263,14 @@ def _wait(pid: int, timeout: float | None) -> int | None:
             os.close(fd)
 
 
-def main() -> None:
-    import importlib
-
-    for name in sys.argv[1:]:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass  # a child that needs it fails on its own import, as a fresh interpreter would
-    requests = os.fdopen(os.dup(0), "rb")
-    replies = os.fdopen(os.dup(1), "wb")
-    # Keep the protocol pipes away from fds 0/1: nothing imported can write into them.
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)
+def serve(requests: Any, replies: Any) -> None:
+    """The host's loop: a request per line, a reply per line, until EOF."""
 
     def reply(value: dict[str, Any]) -> None:
         replies.write(json.dumps(value).encode() + b"\n")
         replies.flush()
 
     children: set[int] = set()
-    reply({"ready": True})
     for line in requests:
         request = json.loads(line)
         if request["op"] == "spawn":
@@ -272,7 +280,6 @@ def main() -> None:
             if pid == 0:
                 requests.close()
                 replies.close()
-                os.close(devnull)
                 os._exit(_child(request))
             children.add(pid)
             if os.environ.get("GF_BENCH_HOST_TRACE"):
@@ -289,7 +296,3 @@ def main() -> None:
         if _wait(pid, 5) is None:
             os.kill(pid, signal.SIGKILL)
             _wait(pid, None)
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ HOST_PRELOAD = DEFAULT_PRELOAD + HTTPX_PRELOAD  # quick mode: raw httpx is one o
 SIZES = {
     # quick: every path once (2 rounds, so the interleaving and best-of merge run; 2 batches each)
     # at the smallest size; raw httpx costs ~8 ms CPU per request once hundreds queue at C=64.
-    "quick": dict(rows=64, repeat=2, warmup=16, rounds=2),
+    "quick": dict(rows=32, repeat=2, warmup=8, rounds=2),
     "default": dict(rows=5000, repeat=2, warmup=200, rounds=3),
 }
 GOAL = 1.5

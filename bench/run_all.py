@@ -14,6 +14,7 @@ reported in the table, not raised. The exit code is non-zero only if a benchmark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -55,15 +56,17 @@ def run_section(name: str, mode: str) -> Section:
     module = __import__(_MODULE_FILES.get(name, name))
     start = time.perf_counter()
     try:
-        if mode == "quick":  # a smoke run: fork its processes from one pre-imported interpreter
-            with forked_processes(getattr(module, "HOST_PRELOAD", DEFAULT_PRELOAD)):
-                section = module.run(mode)
-        else:
-            section = module.run(mode)
+        section = module.run(mode)
     except Exception as exc:  # report it and go on with the other benchmarks
         section = Section(name, TITLES[name], "", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     section.seconds = time.perf_counter() - start
     return section
+
+
+def quick_preload(names: list[str]) -> tuple[str, ...]:
+    """What the fork host imports for these benchmarks (each module's ``HOST_PRELOAD``)."""
+    modules = (__import__(_MODULE_FILES.get(name, name)) for name in names)
+    return tuple(dict.fromkeys(m for module in modules for m in getattr(module, "HOST_PRELOAD", DEFAULT_PRELOAD)))
 
 
 def render(sections: list[Section], mode: str, command: str, total_s: float, load: tuple[str, str]) -> str:
@@ -153,6 +156,9 @@ def main() -> int:
     start = time.perf_counter()
     load_start = _load()
     sections = []
+    host = contextlib.ExitStack()
+    if args.quick:  # a smoke run forks its python processes from one host that imported them (once, here)
+        host.enter_context(forked_processes(quick_preload(args.only or MODULES)))
     for name in args.only or MODULES:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         section = run_section(name, mode)
@@ -168,6 +174,7 @@ def main() -> int:
         print(f"[bench] {name} done in {section.seconds:.0f}s: {status}", file=sys.stderr, flush=True)
         if section.error:
             print(section.error, file=sys.stderr)
+    host.close()
     total = time.perf_counter() - start
     Path(args.out).write_text(render(sections, mode, command, total, (load_start, _load())))
     print(f"[bench] wrote {args.out} in {total:.0f}s", file=sys.stderr)
