@@ -32,7 +32,7 @@ LATENCY = 0.2
 SIZES = {
     "quick": dict(  # the code path, not the figures: short delays and latency, so it takes seconds
         random=[dict(share=0.1, retry_delay="0.2s", rows=20, latency=0.05)],
-        limits=[dict(rpm=3000, rows=60, concurrency=16, latency=0.05)],  # 50 of burst, then 50/s
+        limits=[dict(rpm=600, rows=16, concurrency=16, latency=0.05)],  # 10 of burst, then 429s
     ),
     "default": dict(
         random=[
