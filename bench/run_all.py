@@ -1,7 +1,7 @@
 """Run every gemframe benchmark and write bench/RESULTS.md.
 
     python bench/run_all.py            # the suite (~5 minutes on 2 cores)
-    python bench/run_all.py --quick    # tiny sizes, ~30 s, writes bench/RESULTS_quick.md: a smoke test
+    python bench/run_all.py --quick    # tiny sizes, ~15 s, writes bench/RESULTS_quick.md: a smoke test
                                        # (its processes forked from one pre-imported host: bench/_forkhost.py)
     python bench/run_all.py --full --only memory --out bench/RESULTS_1M.md   # the 1M-row memory run
 
