@@ -29,12 +29,14 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from typing import Any
 
 PYTHON = sys.executable
@@ -90,8 +92,10 @@ class ForkHost:
             try:
                 serve(os.fdopen(to_host, "rb"), os.fdopen(to_bench, "wb"))
                 code = 0
+            except BaseException:
+                traceback.print_exc()
             finally:
-                os._exit(code)
+                os._exit(code)  # never back into the bench's own code
         os.close(to_host)
         os.close(to_bench)
         self.requests = os.fdopen(from_bench, "wb")
@@ -133,8 +137,6 @@ class ForkHost:
             os.kill(self.pid, signal.SIGKILL)
             _wait(self.pid, None)
         self.replies.close()
-        import shutil
-
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -188,7 +190,6 @@ class HostedProcess:
 def _child(request: dict[str, Any]) -> int:
     """In the forked child: set up the streams and environment, run argv as ``python`` would."""
     import runpy
-    import traceback
 
     for fd, path, flags in (
         (0, None, os.O_RDONLY),
@@ -278,9 +279,13 @@ def serve(requests: Any, replies: Any) -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                requests.close()
-                replies.close()
-                os._exit(_child(request))
+                code = 1
+                try:
+                    requests.close()
+                    replies.close()
+                    code = _child(request)
+                finally:
+                    os._exit(code)  # whatever happens, never back into the host's loop
             children.add(pid)
             if os.environ.get("GF_BENCH_HOST_TRACE"):
                 print(f"[host] pid {pid}: {' '.join(request['argv'])[:150]}", file=sys.stderr)
