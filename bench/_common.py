@@ -21,11 +21,39 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from _forkhost import DEFAULT_PRELOAD, ForkHost, HostedProcess
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PYTHON = sys.executable
 MODEL = "gemini-bench"
 API_KEY = "bench"
+
+# Quick mode (`run_all.py --quick`) forks every python process from one pre-imported host
+# (bench/_forkhost.py) instead of starting fresh interpreters; None otherwise.
+_HOST: ForkHost | None = None
+
+
+@contextlib.contextmanager
+def forked_processes(preload: tuple[str, ...] = DEFAULT_PRELOAD) -> Iterator[None]:
+    """While active, `popen` and `run_worker` fork python processes from one host that
+    imported ``preload`` once (quick mode: imports were most of a smoke run's CPU)."""
+    global _HOST
+    host = ForkHost(preload)
+    _HOST = host
+    try:
+        yield
+    finally:
+        _HOST = None
+        host.close()
+
+
+def popen(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes] | HostedProcess:
+    """`subprocess.Popen(cmd, **kwargs)`; a python command is forked from the host instead
+    while `forked_processes` is active (``stdout``/``stderr`` PIPE or DEVNULL, ``env`` kept)."""
+    if _HOST is not None and cmd[0] == PYTHON:
+        return _HOST.spawn(cmd[1:], kwargs.get("env"), kwargs.get("stdout"), kwargs.get("stderr"))
+    return subprocess.Popen(cmd, **kwargs)
 
 
 # --------------------------------------------------------------------------- the server process
@@ -47,14 +75,14 @@ class BenchServer:
         self.latency = latency
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | HostedProcess | None = None
 
     def command(self) -> list[str]:
         """The server process's command line."""
         return [PYTHON, str(BENCH / "server.py"), "--port", str(self.port), "--latency", str(self.latency)]
 
     def __enter__(self) -> BenchServer:
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -101,15 +129,22 @@ def run_worker(script: str, args: list[str], timeout: float = 900) -> dict[str, 
     """Run ``bench/<script> args...`` in a fresh interpreter; it prints one JSON line last.
 
     The worker's peak RSS (``VmHWM``, which the worker reads from /proc/self/status just before
-    it prints) is in its own result when it reports one.
+    it prints) is in its own result when it reports one. In quick mode the process is forked
+    from the host of `forked_processes`.
     """
-    proc = subprocess.run(
-        [PYTHON, str(BENCH / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(BENCH) + os.pathsep + os.environ.get("PYTHONPATH", "")},
-    )
+    cmd = [PYTHON, str(BENCH / script), *args]
+    env = {**os.environ, "PYTHONPATH": str(BENCH) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if _HOST is not None:
+        hosted = popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            out, err = hosted.communicate(timeout)
+        finally:
+            if hosted.poll() is None:
+                hosted.kill()
+                hosted.wait()
+        proc = subprocess.CompletedProcess(cmd, hosted.returncode, out.decode(), err.decode())
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -166,7 +201,7 @@ def run_measured(cmd: list[str], timeout: float = 3600, env: dict[str, str] | No
     ~20 ms before exit."""
     start = time.perf_counter()
     with open(os.devnull, "rb") as devnull:
-        proc = subprocess.Popen(cmd, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc = popen(cmd, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     peak = {"VmHWM": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
     done = threading.Event()
 

@@ -27,7 +27,7 @@ per request at latency 0, C=64. The server advertises ``SETTINGS_MAX_CONCURRENT_
 (hypercorn's default, and a common value for large HTTP/2 front ends), so one HTTP/2 connection
 carries at most 100 requests at a time. httpcore itself also announces 100 and takes the
 smaller of the two, so at C=256 a second server allowing 1,000 streams still sees 100 in flight.
-Last (default size only), a server that closes each connection after 1,000 requests (hypercorn's
+Last, a server that closes each connection after 1,000 requests (hypercorn's
 own default; over HTTP/2 a graceful GOAWAY) counts the requests each client loses.
 """
 
@@ -59,11 +59,23 @@ from _common import (
     run_worker,
     timed,
 )
+from _forkhost import HTTPX_PRELOAD
 
 LATENCY = 0.2
 EXTRA_DEPS = ("hypercorn", "h2", "trustme")
 SERVER_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS advertised by the main server
 MEASURABLE = 0.05  # "measurably helps": at least 5% better than the baseline
+# Quick mode forks the servers and clients from a host with these imported (bench/_forkhost.py):
+# none of them imports polars or gemframe.
+HOST_PRELOAD = HTTPX_PRELOAD + (
+    "aiohttp",
+    "h2.connection",
+    "hypercorn.asyncio",
+    "hypercorn.config",
+    "_common",
+    "clients",
+    "server",
+)
 
 # (label, worker client, HTTP/2 connections)
 CLIENTS = [
@@ -73,11 +85,14 @@ CLIENTS = [
     ("raw httpx HTTP/2, 4 connections", "httpx2", 4),
 ]
 SIZES = {
+    # quick: every client on every server kind once, at the smallest size (C=8: every connection is
+    # a TLS handshake; raw httpx's HTTP/1.1 pool burns ~10 ms CPU per request with 64 waiting).
     "quick": dict(
         latency=0.05,
-        throughput=[dict(rows=256, concurrency=64, httpx1_rows=128)],
-        cpu=dict(rows=300, warmup=64, repeat=1),
-        extras=False,
+        throughput=[dict(rows=16, concurrency=8, httpx1_rows=8)],
+        cpu=dict(rows=16, warmup=8, repeat=2, concurrency=8),
+        uncapped=dict(concurrency=8),
+        goaway=dict(rows=24, max_requests=6, concurrency=8),
     ),
     "default": dict(
         latency=LATENCY,
@@ -85,8 +100,9 @@ SIZES = {
             dict(rows=2000, concurrency=64, httpx1_rows=2000),
             dict(rows=4000, concurrency=256, httpx1_rows=1024),
         ],
-        cpu=dict(rows=3000, warmup=200, repeat=2),
-        extras=True,
+        cpu=dict(rows=3000, warmup=200, repeat=2, concurrency=64),
+        uncapped=dict(concurrency=256),  # the throughput run at this C is its baseline
+        goaway=dict(rows=6000, max_requests=1000, concurrency=64),
     ),
 }
 
@@ -143,6 +159,9 @@ def serve(port: int, latency: float, certfile: str, keyfile: str, max_streams: i
     config.keep_alive_timeout = 60
     config.keep_alive_max_requests = max_requests
     config.accesslog = None
+    # At SIGTERM every client has exited; hypercorn's default 3 s wait for connections to close
+    # is only spent on those a max-requests GOAWAY left half-open.
+    config.graceful_timeout = 0.5
     config.loglevel = "WARNING"
     asyncio.run(hypercorn_serve(CountingApp(BenchApp(latency)), config))
 
@@ -386,7 +405,7 @@ def run(mode: str) -> Section:
         "`server.BenchApp` under hypercorn over TLS (self-signed CA from trustme; ALPN h2 + http/1.1) on 127.0.0.1, "
         f"advertising {SERVER_STREAMS} concurrent streams per HTTP/2 connection. (a) efficiency at {latency * 1000:.0f} ms "
         "latency = ideal wall (rows / C x latency) / measured wall, after a warm-up round of C rows; (b) client CPU "
-        f"(process_time, all threads) per request at latency 0, C=64, {size['cpu']['rows']:,} rows, best of "
+        f"(process_time, all threads) per request at latency 0, C={size['cpu']['concurrency']}, {size['cpu']['rows']:,} rows, best of "
         f"{size['cpu']['repeat']} after a {size['cpu']['warmup']}-row warm-up. Connections = distinct client "
         "(address, port) pairs the server saw on generateContent requests, warm-up included. Baseline: raw aiohttp "
         "HTTP/1.1 (gemframe's path) in the same run.",
@@ -408,14 +427,12 @@ def run(mode: str) -> Section:
         certs = make_certs(workdir)
         with TLSBenchServer(latency, certs) as server:
             bases = _throughput(section, server, size, latency)
-            if size["extras"]:
-                with TLSBenchServer(latency, certs, max_streams=1000) as uncapped:
-                    _uncapped(section, uncapped, latency, bases[256])
+            with TLSBenchServer(latency, certs, max_streams=1000) as uncapped:
+                _uncapped(section, uncapped, latency, bases[size["uncapped"]["concurrency"]])
             server.set_latency(0.0)
             _cpu(section, server, size["cpu"])
-        if size["extras"]:
-            with TLSBenchServer(0.0, certs, max_requests=1000) as goaway:
-                _goaway(section, goaway)
+        with TLSBenchServer(0.0, certs, max_requests=size["goaway"]["max_requests"]) as goaway:
+            _goaway(section, goaway, **size["goaway"])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     section.notes.append(
@@ -466,8 +483,9 @@ def _eff_row(label: str, r: dict[str, Any], base: dict[str, Any], c: int, latenc
 
 
 def _uncapped(section: Section, server: TLSBenchServer, latency: float, base: dict[str, Any]) -> None:
-    """One HTTP/2 connection at C=256 against a server allowing 1,000 streams: httpcore's own cap stays."""
-    c, rows = 256, base["rows"]
+    """One HTTP/2 connection at C=256 (``base``'s C) against a server allowing 1,000 streams:
+    httpcore's own cap stays."""
+    c, rows = base["concurrency"], base["rows"]
     r = _worker(server, "httpx2", 1, rows, c, warmup=c)
     r["eff"] = rows / c * latency / r["wall_s"]
     _check(section, f"raw httpx HTTP/2, 1 connection C={c} (1,000 streams)", r)
@@ -482,7 +500,7 @@ def _uncapped(section: Section, server: TLSBenchServer, latency: float, base: di
     )
 
 
-def _goaway(section: Section, server: TLSBenchServer) -> None:
+def _goaway(section: Section, server: TLSBenchServer, rows: int, max_requests: int, concurrency: int) -> None:
     """A server that closes each connection after 1,000 requests (hypercorn's ``keep_alive_max_requests``
     default). Over HTTP/1.1 that is ``Connection: close`` on the 1,000th answer; over HTTP/2 hypercorn
     calls h2's ``close_connection()`` - a GOAWAY with NO_ERROR, after which it sends nothing more, so
@@ -491,17 +509,17 @@ def _goaway(section: Section, server: TLSBenchServer) -> None:
 
     6,000 rows, so every connection reaches the limit at least once: raw aiohttp at C=4 (4
     connections of ~1,500 requests; HTTP/1.1 has one request per connection in flight at any
-    C), HTTP/2 at C=64 on 1 connection (~6 GOAWAYs) and on 4 (~1,500 requests each)."""
-    rows = 6000
+    C), HTTP/2 at C=64 on 1 connection (~6 GOAWAYs) and on 4 (~1,500 requests each). (Quick: 24 rows,
+    a close after 6 requests, C=8.)"""
     for label, client, conns in CLIENTS:
         if client == "httpx1":
             continue
-        c = 4 if client == "aiohttp" else 64
+        c = 4 if client == "aiohttp" else concurrency
         r = _worker(server, client, conns, rows, c, warmup=0, tolerate=True)
         lost = r["sent"] - (rows - r["errors"])
         section.rows.append(
             Row(
-                f"server drops each connection after 1,000 requests: {label}, C={c}: failed requests",
+                f"server drops each connection after {max_requests:,} requests: {label}, C={c}: failed requests",
                 r["errors"],
                 0,
                 "none expected",
@@ -523,7 +541,7 @@ def _goaway(section: Section, server: TLSBenchServer) -> None:
 
 
 def _cpu(section: Section, server: TLSBenchServer, size: dict[str, Any]) -> None:
-    c = 64
+    c = size["concurrency"]
     found = {}
     for label, client, conns in CLIENTS:
         repeat = 1 if client == "httpx1" else size["repeat"]

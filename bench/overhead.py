@@ -11,9 +11,14 @@ decoding and the Arrow struct.
 from __future__ import annotations
 
 from _common import BenchServer, Row, Section, run_worker
+from _forkhost import DEFAULT_PRELOAD, HTTPX_PRELOAD
+
+HOST_PRELOAD = DEFAULT_PRELOAD + HTTPX_PRELOAD  # quick mode: raw httpx is one of the clients
 
 SIZES = {
-    "quick": dict(rows=500, repeat=1, warmup=64, rounds=1),
+    # quick: every path once (2 rounds, so the interleaving and best-of merge run; 2 batches each)
+    # at the smallest size; raw httpx costs ~8 ms CPU per request once hundreds queue at C=64.
+    "quick": dict(rows=32, repeat=2, warmup=8, rounds=2),
     "default": dict(rows=5000, repeat=2, warmup=200, rounds=3),
 }
 GOAL = 1.5

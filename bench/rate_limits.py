@@ -30,9 +30,9 @@ from _common import ROOT, Row, Section, emit, fmt, run_worker
 
 LATENCY = 0.2
 SIZES = {
-    "quick": dict(  # the code path, not the figures
-        random=[dict(share=0.2, retry_delay="1.5s", rows=40, latency=LATENCY)],
-        limits=[dict(rpm=1200, rows=40, concurrency=16)],
+    "quick": dict(  # the code path, not the figures: short delays and latency, so it takes seconds
+        random=[dict(share=0.1, retry_delay="0.2s", rows=20, latency=0.05)],
+        limits=[dict(rpm=600, rows=16, concurrency=16, latency=0.05)],  # 10 of burst, then 429s
     ),
     "default": dict(
         random=[
@@ -107,7 +107,8 @@ def run(mode: str) -> Section:
     section = Section(
         "rate_limits",
         "9. Rate limits not told",
-        f"server latency {LATENCY * 1000:.0f} ms (tests/fault_server.py on 127.0.0.1, client in its own process). "
+        f"server latency {LATENCY * 1000:.0f} ms{' (quick sizes: 50 ms)' if mode == 'quick' else ''} "
+        "(tests/fault_server.py on 127.0.0.1, client in its own process). "
         "Random 429s: at C=64, a share of attempts 429 whatever the rate, the same attempts for both clients "
         "(seed 1). Real limit: a token bucket of R requests/min with 1 s of burst; 429 share and rate "
         "counted at the server from the first request to the last answer.",
@@ -122,7 +123,7 @@ def run(mode: str) -> Section:
         rate = rpm / 60.0
         found = {}
         for name, options in (("told", ["--rpm", str(rpm)]), ("default", [])):
-            server = _server(rpm=rpm, latency=LATENCY)
+            server = _server(rpm=rpm, latency=cfg.get("latency", LATENCY))
             found[name] = _client(server, rows, c, *options)
         told, default = found["told"], found["default"]
         label = f"limit {rpm:,}/min, {rows:,} rows, C={c}"

@@ -1,7 +1,8 @@
 """Run every gemframe benchmark and write bench/RESULTS.md.
 
     python bench/run_all.py            # the suite (~5 minutes on 2 cores)
-    python bench/run_all.py --quick    # tiny sizes, ~30 s, writes bench/RESULTS_quick.md: a smoke test
+    python bench/run_all.py --quick    # tiny sizes, ~15 s, writes bench/RESULTS_quick.md: a smoke test
+                                       # (its processes forked from one pre-imported host: bench/_forkhost.py)
     python bench/run_all.py --full --only memory --out bench/RESULTS_1M.md   # the 1M-row memory run
 
 Every figure is compared with a baseline measured in the same run, on this machine: raw aiohttp
@@ -13,6 +14,7 @@ reported in the table, not raised. The exit code is non-zero only if a benchmark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, Section, fmt, machine
+from _common import BENCH, DEFAULT_PRELOAD, Section, fmt, forked_processes, machine
 
 MODULES = [
     "overhead",
@@ -59,6 +61,12 @@ def run_section(name: str, mode: str) -> Section:
         section = Section(name, TITLES[name], "", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     section.seconds = time.perf_counter() - start
     return section
+
+
+def quick_preload(names: list[str]) -> tuple[str, ...]:
+    """What the fork host imports for these benchmarks (each module's ``HOST_PRELOAD``)."""
+    modules = (__import__(_MODULE_FILES.get(name, name)) for name in names)
+    return tuple(dict.fromkeys(m for module in modules for m in getattr(module, "HOST_PRELOAD", DEFAULT_PRELOAD)))
 
 
 def render(sections: list[Section], mode: str, command: str, total_s: float, load: tuple[str, str]) -> str:
@@ -148,6 +156,9 @@ def main() -> int:
     start = time.perf_counter()
     load_start = _load()
     sections = []
+    host = contextlib.ExitStack()
+    if args.quick:  # a smoke run forks its python processes from one host that imported them (once, here)
+        host.enter_context(forked_processes(quick_preload(args.only or MODULES)))
     for name in args.only or MODULES:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         section = run_section(name, mode)
@@ -163,6 +174,7 @@ def main() -> int:
         print(f"[bench] {name} done in {section.seconds:.0f}s: {status}", file=sys.stderr, flush=True)
         if section.error:
             print(section.error, file=sys.stderr)
+    host.close()
     total = time.perf_counter() - start
     Path(args.out).write_text(render(sections, mode, command, total, (load_start, _load())))
     print(f"[bench] wrote {args.out} in {total:.0f}s", file=sys.stderr)

@@ -22,7 +22,7 @@ from typing import Any
 
 from _common import PYTHON, BenchServer, Row, Section, emit, timed
 
-SIZES = {"quick": dict(rows=20, image=300_000), "default": dict(rows=1000, image=5_000_000)}
+SIZES = {"quick": dict(rows=8, image=300_000), "default": dict(rows=1000, image=5_000_000)}
 CONCURRENCY = 16
 
 

@@ -24,13 +24,15 @@ import time
 import urllib.request
 from typing import Any
 
-from _common import API_KEY, BENCH, MODEL, PYTHON, BenchServer, Row, Section, emit, free_port, run_worker, timed
+from _common import API_KEY, BENCH, MODEL, PYTHON, BenchServer, Row, Section, emit, free_port, popen, run_worker, timed
 
-SIZES = {"quick": dict(rows=256), "default": dict(rows=2000)}
+SIZES = {
+    "quick": dict(rows=32, generate_latency=0.05, download_latency=0.02),  # a second at most
+    "default": dict(rows=2000, generate_latency=0.2, download_latency=0.1),
+}
 CONCURRENCY = 64
 IMAGE_BYTES = 100_000
-GENERATE_LATENCY = 0.2
-DOWNLOAD_LATENCY = 0.1
+DOWNLOAD_LATENCY = 0.1  # the image server's default
 
 
 # --------------------------------------------------------------------------- the image server
@@ -67,7 +69,7 @@ class ImageServer:
     def __init__(self, directory: str, latency: float) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
+        self.proc = popen(
             [
                 PYTHON,
                 str(BENCH / "url_images.py"),
@@ -156,19 +158,20 @@ def main() -> None:
 def run(mode: str) -> Section:
     from images import noise_png, write_images
 
-    rows = SIZES.get(mode, SIZES["default"])["rows"]
+    size = SIZES.get(mode, SIZES["default"])
+    rows, generate_latency, download_latency = size["rows"], size["generate_latency"], size["download_latency"]
     section = Section(
         "url_images",
         "10. Image URLs",
         f"{rows:,} rows, each its own ~{IMAGE_BYTES // 1000} kB PNG; concurrency {CONCURRENCY}; generateContent "
-        f"after {GENERATE_LATENCY * 1000:.0f} ms (bench/server.py); each download after {DOWNLOAD_LATENCY * 1000:.0f} ms "
+        f"after {generate_latency * 1000:.0f} ms (bench/server.py); each download after {download_latency * 1000:.0f} ms "
         "(aiohttp image server in its own process); a fresh cache directory per job. Baseline: the same job "
         "with the images as local files.",
     )
-    with tempfile.TemporaryDirectory(prefix="gf-bench-urls-") as tmp, BenchServer(GENERATE_LATENCY) as server:
+    with tempfile.TemporaryDirectory(prefix="gf-bench-urls-") as tmp, BenchServer(generate_latency) as server:
         directory = os.path.join(tmp, "images")
         write_images(directory, noise_png(IMAGE_BYTES, 2), rows)
-        images = ImageServer(directory, DOWNLOAD_LATENCY)
+        images = ImageServer(directory, download_latency)
         try:
             found = {}
             for source, where in (("files", directory), ("urls", images.url + "/img")):
