@@ -70,6 +70,12 @@ PRELOAD = "gemframe._cli"
 _MESSAGE = 1 << 20  # the largest message: an environment is a few kB
 _KILL_WAIT = 30.0  # how long a child killed at the timeout may take to be reaped
 
+
+class Unavailable(Exception):
+    """The zygote did not start (gemframe does not import, say): calls run as real subprocesses,
+    which show the command's own error."""
+
+
 calls = {"zygote": 0, "subprocess": 0}
 """How many calls each way went, in this process (for a reviewer's curiosity; nothing reads it)."""
 
@@ -90,7 +96,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, __file__, str(theirs.fileno())],
+                [sys.executable, __file__, str(theirs.fileno()), PRELOAD],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=self.log,
@@ -101,9 +107,10 @@ class Zygote:
             ready = self._answer(120.0)
         except TimeoutError:
             ready = None
-        if not ready or self._output():
+        if not ready or self._output():  # it died, or an import printed what a child would not
+            output = self._output()
             self.close()
-            raise RuntimeError(f"the gemframe zygote did not start cleanly:\n{self._output()}")
+            raise Unavailable(f"the gemframe zygote did not start cleanly:\n{output}")
         read = [name for name in ready["read_at_import"] if CALL_TIME.fullmatch(name)]
         if read:  # then a call that changes one would not be a fresh process's
             self.close()
@@ -187,9 +194,14 @@ def run(command: list[str], *, env: dict[str, str], cwd, timeout: float):
             _zygote.close()  # it died: the next call starts a new one (this one)
             _zygote = None
         if _zygote is None:
-            _zygote = Zygote()
+            try:
+                _zygote = Zygote()
+            except Unavailable as exc:
+                warnings.warn(
+                    f"{exc}\n(running `python -m {command[2]}` in a subprocess)", RuntimeWarning, stacklevel=3
+                )
         zygote = _zygote
-    if zygote.serves(env) and zygote.lock.acquire(blocking=False):
+    if zygote is not None and zygote.serves(env) and zygote.lock.acquire(blocking=False):
         try:
             calls["zygote"] += 1
             return zygote.run(command, env, cwd, timeout)
@@ -252,7 +264,7 @@ def _text(data: bytes) -> str:
 # -- the zygote's side: ``python tests/_zygote.py FD`` ---------------------------------------------
 
 
-def _preload() -> dict:
+def _preload(module: str) -> dict:
     """Import the command's modules as ``python -m gemframe`` would (``sys.path[0]`` the cwd,
     ``sys.argv`` ``["-m"]``), noting the variables they read and the warnings they showed."""
     if not sys.flags.safe_path:
@@ -272,7 +284,7 @@ def _preload() -> dict:
         (message, category, filename, lineno, line)
     )
     try:
-        __import__(PRELOAD)
+        __import__(module)
     finally:
         os.environ.__class__ = environ_class
         warnings.showwarning = showwarning
@@ -361,7 +373,7 @@ def _become(request: dict, startup: dict, sigint) -> None:
 
 if __name__ == "__main__":
     _control = socket.socket(fileno=int(sys.argv[1]))
-    _startup = _preload()
+    _startup = _preload(sys.argv[2])
     # The imported modules' objects go to the collector's permanent generation: a child's
     # collections, and its interpreter's final one, then never touch them, which halves what a
     # call costs (its pages stay shared instead of being copied to write the collector's marks).

@@ -144,3 +144,19 @@ def test_a_variable_read_at_start_makes_the_call_a_real_subprocess(probe, monkey
     done = probe(how="zygote")
     assert _zygote.calls["subprocess"] == before["subprocess"] + 1
     assert done.returncode == 1 and "DeprecationWarning: shown in __main__ only" in done.stderr
+
+
+def test_a_zygote_that_cannot_start_leaves_the_calls_to_real_subprocesses(probe, monkeypatch):
+    """If the zygote cannot import the command's modules (gemframe broken mid-edit, say), a call
+    runs as a real subprocess, which shows the command's own error, and a warning says why."""
+    _zygote.shutdown()
+    monkeypatch.setattr(_zygote, "PRELOAD", "gemframe._not_a_module")
+    before = dict(_zygote.calls)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"(?s)did not start cleanly.*No module named 'gemframe._not_a_module'"):
+            done = probe(how="zygote")
+    finally:
+        monkeypatch.undo()
+        _zygote.shutdown()
+    assert done.returncode == 0 and json.loads(done.stdout.splitlines()[0])["noted"] is None
+    assert _zygote.calls["subprocess"] == before["subprocess"] + 1 and _zygote._zygote is None
