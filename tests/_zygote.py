@@ -10,20 +10,22 @@ bootstrap (which prints an uncaught exception under a "Process-1" header and set
 way), inherit the server's stdout/stderr (passing ours means its fd-passing internals), and the
 forkserver brings a resource-tracker process along. Here each call is one message over a Unix
 socket (the arguments, environment, cwd and umask, plus the two capture files as descriptors) and
-one answer (the wait status): ~100 lines where every step of becoming a fresh process is in plain
-sight.
+one answer (the wait status), and every step of becoming a fresh process is in plain sight
+(`_become`).
 
 A child is a fresh ``python -m gemframe`` in every respect the command can see:
 
 - fds 0, 1, 2 are /dev/null and two temp files of the caller (so what C code or a subprocess
-  writes is captured too; none is a tty), ``sys.std*`` are the interpreter's own objects on them;
+  writes is captured too; none is a tty; regular files where subprocess gives pipes, which
+  nothing here tells apart and which never block a child that writes much), ``sys.std*`` are
+  the interpreter's own objects on them;
 - its cwd, umask and environment (``os.environ`` and the C environment) are the caller's at call
   time plus the call's variables; ``sys.path[0]`` is the cwd, as ``-m`` puts it there;
 - ``__main__`` is run by `runpy._run_module_as_main`, the function ``python -m`` calls, in a new
   ``__main__`` module: ``sys.argv[0]`` is ``gemframe/__main__.py``, ``sys.orig_argv`` the command
   line; an exception or ``SystemExit`` leaves the child the way it leaves any interpreter (the
-  traceback printed by ``sys.excepthook``, exit status 1 or the exit code), and the interpreter
-  then finalizes as usual (non-daemon threads joined, atexit handlers, buffers flushed);
+  traceback printed by ``sys.excepthook``, exit status 1 or the exit code; a traceback has one
+  more frame at its top, this file's call of runpy);
 - SIGINT is handled as at interpreter start (KeyboardInterrupt), whatever the zygote does with it;
 - warnings: the zygote never touches the filters, and the warnings its imports showed are shown
   again in each child, as a fresh interpreter's imports would show them;
@@ -31,6 +33,11 @@ A child is a fresh ``python -m gemframe`` in every respect the command can see:
 - a child ends as any interpreter does: non-daemon threads joined, atexit handlers run, modules
   torn down (``__del__`` methods...), buffers flushed. The objects the zygote's imports made are
   frozen out of the cyclic collector (`gc.freeze`), so the child's collections skip them.
+
+What is drawn at random once per process is drawn once per zygote: the str hash seed, and values
+made at import (gemframe's splice mark in ``_core/payload.py``, numpy's legacy global seed). Each
+child's is as unpredictable as a fresh process's; they are only equal across the calls of one
+zygote. (`random` is reseeded in every child by the standard library.)
 
 What the zygote cannot give a child is what an interpreter reads when it starts or imports: the
 ``PYTHON*`` variables, the locale, ``HOME`` (user site), ``SSL_CERT_FILE`` (aiohttp's context at
