@@ -160,3 +160,25 @@ def test_a_zygote_that_cannot_start_leaves_the_calls_to_real_subprocesses(probe,
         _zygote.shutdown()
     assert done.returncode == 0 and json.loads(done.stdout.splitlines()[0])["noted"] is None
     assert _zygote.calls["subprocess"] == before["subprocess"] + 1 and _zygote._zygote is None
+
+
+def test_a_warning_shown_at_import_is_shown_by_every_call(tmp_path, monkeypatch):
+    """A fresh interpreter shows its imports' warnings each time it starts; the zygote imported
+    once, so it shows them again in each child."""
+    (tmp_path / "noisy_import.py").write_text(
+        "import warnings\nimport gemframe._cli\nwarnings.warn('said at import')\n"
+    )
+    (tmp_path / "noisy.py").write_text("import noisy_import\nprint('ran')\n")
+    command = [sys.executable, "-m", "noisy"]
+    monkeypatch.chdir(tmp_path)  # where the zygote (and -m) find the modules
+    _zygote.shutdown()
+    monkeypatch.setattr(_zygote, "PRELOAD", "noisy_import")
+    try:
+        real = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        first, second = (_zygote.run(command, env=dict(os.environ), cwd=None, timeout=120) for _ in range(2))
+        assert _zygote._zygote is not None  # the calls did run on the zygote
+    finally:
+        monkeypatch.undo()
+        _zygote.shutdown()
+    assert "UserWarning: said at import" in real.stderr and real.stdout == "ran\n"
+    assert (first.stdout, first.stderr) == (second.stdout, second.stderr) == (real.stdout, real.stderr)
