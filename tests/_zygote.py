@@ -74,6 +74,7 @@ CALL_TIME = re.compile(r"GEMFRAME_\w+|GEMINI_API_KEY|GOOGLE_API_KEY|SEGMIND_API_
 when used (the cache directory, provider, prices, keys) and pytest's note of the running test."""
 
 PRELOAD = "gemframe._cli"
+LINUX = sys.platform.startswith("linux")  # os.pidfd_open, SOCK_SEQPACKET: elsewhere, real subprocesses
 _MESSAGE = 1 << 20  # the largest message: an environment is a few kB
 _KILL_WAIT = 30.0  # how long a child killed at the timeout may take to be reaped
 
@@ -200,7 +201,7 @@ def run(command: list[str], *, env: dict[str, str], cwd, timeout: float):
         if _zygote is not None and _zygote.process.poll() is not None:
             _zygote.close()  # it died: the next call starts a new one (this one)
             _zygote = None
-        if _zygote is None:
+        if _zygote is None and LINUX:
             try:
                 _zygote = Zygote()
             except Unavailable as exc:
