@@ -568,6 +568,26 @@ def _umask() -> int:
     return mask
 
 
+def test_outputs_take_the_umask_the_program_has_when_they_are_written(client, tmp_path):
+    """A program that sets its umask after importing gemframe gets its outputs (the parquet, the
+    manifest, the HTML report) under that umask, as open() would give them: gemframe read the
+    umask once, at import, and widened every output to what that old umask allowed. Two masks,
+    so at least one differs from the one this process imported gemframe under."""
+    src = tmp_path / "in.parquet"
+    pl.DataFrame({"prompt": ["private"]}).write_parquet(src)
+    modes = {}
+    for mask in (0o077, 0o002):
+        out = tmp_path / f"out-{mask:03o}.parquet"
+        old = os.umask(mask)
+        try:
+            run(str(src), str(out), client=client, progress=False, manifest_path=f"{out}.json")
+            gf.report(str(out), html=f"{out}.html")
+        finally:
+            os.umask(old)
+        modes[mask] = [oct(os.stat(p).st_mode & 0o777) for p in (out, f"{out}.json", f"{out}.html")]
+    assert modes == {0o077: [oct(0o600)] * 3, 0o002: [oct(0o664)] * 3}
+
+
 def test_a_failed_run_leaves_no_temp_file(cache_dir, sample_input, tmp_path):
     guarded = Emulator(api_key="right")
     with gf.Client("emulator", app=guarded, api_key="wrong", cache_dir=str(cache_dir), progress=False) as c:
