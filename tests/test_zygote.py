@@ -42,7 +42,8 @@ PROBE = textwrap.dedent(
         "ttys": [os.isatty(fd) for fd in (0, 1, 2)], "stdin": sys.stdin.read(),
         "sigint": repr(signal.getsignal(signal.SIGINT)), "sigpipe": repr(signal.getsignal(signal.SIGPIPE)),
         "flags": repr(sys.flags), "filters": repr(warnings.filters) if full else None,
-        "name": __name__, "spec": __spec__.name,
+        "name": __name__, "spec": getattr(__spec__, "name", None), "file": globals().get("__file__"),
+        "loader": getattr(__loader__, "__name__", type(__loader__).__name__),  # -c: the class
         "main": sorted(set(vars(sys.modules["__main__"])) - {"__warningregistry__"}),  # made by any warning
         "threads": threading.active_count(),
         "stdout": [sys.stdout.encoding, sys.stdout.errors, sys.stdout.line_buffering],
@@ -67,12 +68,12 @@ PROBE = textwrap.dedent(
 def probe(tmp_path, monkeypatch):
     """``probe(*args, how)``: run the probe module by a real subprocess or the zygote, from
     ``tmp_path`` (where ``-m`` finds it), under umask 027 (or ``umask``) and a variable set after
-    the zygote started."""
+    the zygote started; as ``python -c PROBE`` if ``option`` is ``-c``."""
     (tmp_path / "gemframe_probe.py").write_text(PROBE)
     monkeypatch.setenv("GEMFRAME_PROBE", "the caller's, at call time")
 
-    def run(*args, how, timeout=120, umask=0o027):
-        command = [sys.executable, "-m", "gemframe_probe", *args]
+    def run(*args, how, timeout=120, umask=0o027, option="-m"):
+        command = [sys.executable, option, "gemframe_probe" if option == "-m" else PROBE, *args]
         env = {**os.environ}
         old = os.umask(umask)
         try:
@@ -90,6 +91,7 @@ def probe(tmp_path, monkeypatch):
         finally:
             os.umask(old)
 
+    run.path = tmp_path / "gemframe_probe.py"
     return run
 
 
@@ -106,20 +108,34 @@ def own_zygote(monkeypatch):
     _zygote._zygote = saved
 
 
-def test_a_call_is_the_same_fresh_process_as_a_real_one(probe):
+@pytest.mark.parametrize("option", ["-m", "-c"])
+def test_a_call_is_the_same_fresh_process_as_a_real_one(probe, option):
     """One real run of the full probe against two calls (the second must not see the first), and
-    the ways a command ends (an uncaught exception, ``sys.exit``) by the bare probe."""
+    the ways a command ends (an uncaught exception, ``sys.exit``) by the bare probe; as
+    ``python -m gemframe_probe`` and as ``python -c PROBE`` (what `_zygote.python_c` runs)."""
     # The zygote runs, started (if it was not) under another umask than the calls'.
     assert probe("bare", how="zygote", umask=0o022).returncode == 0
     before = dict(_zygote.calls)
-    ends = {(): (0, 'DeprecationWarning)\n'), ("raise",): (1, "ValueError: uncaught\n"), ("exit",): (1, "an exit message\n")}
-    for args, calls in [((), 2), (("raise",), 1), (("exit",), 1)]:
-        real = probe(*args, how="subprocess")
-        done = [probe(*args, how="zygote") for _ in range(calls)]
+    # The full probe once, as -m: what it shows beyond the bare one (the warning filters gemframe's
+    # imports make, no carry-over of gemframe's state) does not depend on how __main__ is run.
+    full = () if option == "-m" else ("bare",)
+    ends = {
+        full: (0, "shown in __main__ only"),
+        ("raise",): (1, "ValueError: uncaught"),
+        ("exit",): (1, "an exit message"),
+    }
+    for args, calls in [(full, 2), (("raise",), 1), (("exit",), 1)]:
+        real = probe(*args, how="subprocess", option=option)
+        done = [probe(*args, how="zygote", option=option) for _ in range(calls)]
         seen = json.loads(real.stdout.splitlines()[0])
         assert seen["environ"] == "the caller's, at call time" and seen["c_environ"] == seen["environ"] + "\n"
         assert seen["umask"] == 0o027 and seen["ttys"] == [False] * 3 and seen["noted"] is None
-        assert (real.returncode, real.stderr[-len(ends[args][1]) :]) == ends[args]
+        assert (seen["argv"][0], seen["path0"] == "") == (("-c", True) if option == "-c" else (str(probe.path), False))
+        code, last = ends[args]
+        assert real.returncode == code and last in real.stderr.splitlines()[-1]
+        assert (
+            "DeprecationWarning: shown in __main__ only" in real.stderr and "to stderr by a subprocess" in real.stderr
+        )
         for call in done:
             assert call.returncode == real.returncode
             assert json.loads(call.stdout.splitlines()[0]) == seen
@@ -129,7 +145,6 @@ def test_a_call_is_the_same_fresh_process_as_a_real_one(probe):
             # The same stderr (warnings, the traceback or exit message, a subprocess's lines), but
             # for the first frame of a traceback: the zygote's call of runpy.
             assert _without_the_zygote_frame(call.stderr) == real.stderr
-        assert "DeprecationWarning: shown in __main__ only" in real.stderr and "to stderr by a subprocess" in real.stderr
     assert _zygote.calls["zygote"] == before["zygote"] + 4  # none fell back to a subprocess
 
 
