@@ -382,7 +382,7 @@ def _wait(sock: socket.socket, pid: int) -> int:
 
 def _become(request: dict, startup: dict, sigint) -> None:
     """Make this forked child the fresh ``python -m MODULE`` or ``python -c CODE`` the request
-    describes; returns the new ``__main__``."""
+    describes."""
     null = os.open(os.devnull, os.O_RDONLY)
     for fd, target in zip([null, *request["fds"]], (0, 1, 2)):
         os.dup2(fd, target)
@@ -404,7 +404,6 @@ def _become(request: dict, startup: dict, sigint) -> None:
     signal.signal(signal.SIGINT, sigint)
     for message, category, filename, lineno, line in startup["shown"]:
         warnings.showwarning(message, category, filename, lineno, None, line)
-    return main
 
 
 if __name__ == "__main__":
@@ -419,8 +418,11 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ... is the child's to handle, never the zygote's
     _control.send(json.dumps({"read_at_import": sorted(_startup["read"])}).encode())
     _request = _serve(_control)
-    _main = _become(_request, _startup, _sigint)
+    _become(_request, _startup, _sigint)
+    # No name here may hold the new __main__: the interpreter's teardown must find it referenced
+    # by sys.modules alone, as in a fresh process, or its objects outlive the modules their
+    # __del__ methods use (aiohttp's "Unclosed client session" becomes a TypeError).
     if _request["orig_argv"][1] == "-m":
         runpy._run_module_as_main(_request["orig_argv"][2])  # what `python -m gemframe` runs
     else:  # what `python -c CODE` runs (PyRun_SimpleString)
-        exec(compile(_request["orig_argv"][2], "<string>", "exec"), _main.__dict__)
+        exec(compile(_request["orig_argv"][2], "<string>", "exec"), sys.modules["__main__"].__dict__)

@@ -50,6 +50,13 @@ PROBE = textwrap.dedent(
         "stderr": [sys.stderr.encoding, sys.stderr.errors, sys.stderr.line_buffering],
     }))
     sys.stdout.flush()
+
+    class TornDown:  # dropped when __main__ is torn down, which in a fresh process comes before
+        def __del__(self):  # the other modules' (aiohttp's "Unclosed client session" relies on it)
+            print("torn down with colorsys whole:", colorsys.hls_to_rgb(0.5, 0.5, 0.5), file=sys.stderr)
+
+    import colorsys  # imported by the probe alone: not by the zygote nor gemframe
+    torn_down = TornDown()
     os.system("echo written by a subprocess; echo to stderr by a subprocess >&2")
     warnings.warn("shown in __main__ only", DeprecationWarning)
     print("crlf\\r\\nand cr\\rend")
@@ -132,7 +139,8 @@ def test_a_call_is_the_same_fresh_process_as_a_real_one(probe, option):
         assert seen["umask"] == 0o027 and seen["ttys"] == [False] * 3 and seen["noted"] is None
         assert (seen["argv"][0], seen["path0"] == "") == (("-c", True) if option == "-c" else (str(probe.path), False))
         code, last = ends[args]
-        assert real.returncode == code and last in real.stderr.splitlines()[-1]
+        *_, end, torn = real.stderr.splitlines()
+        assert real.returncode == code and last in end and torn.startswith("torn down with colorsys whole: (0.25, ")
         assert (
             "DeprecationWarning: shown in __main__ only" in real.stderr and "to stderr by a subprocess" in real.stderr
         )
