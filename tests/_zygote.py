@@ -34,6 +34,16 @@ A child is a fresh ``python -m gemframe`` in every respect the command can see:
   torn down (``__del__`` methods...), buffers flushed. The objects the zygote's imports made are
   frozen out of the cyclic collector (`gc.freeze`), so the child's collections skip them.
 
+A call may also be ``[sys.executable, "-c", CODE, *args]``, a test's script that imports gemframe
+and runs to its end (`python_c`): the child is then a fresh ``python -c`` as above, but for what
+``-c`` does differently from ``-m``: ``sys.argv`` is
+``["-c", *args]``, ``sys.path[0]`` is ``''``, and ``__main__`` is the bare module the interpreter
+makes (``__loader__`` BuiltinImporter, no ``__spec__`` nor ``__file__``) in which CODE, compiled as
+``"<string>"``, is executed; its exceptions and exit as above. A script that must see its own
+imports happen (what importing gemframe does when IPython is there, which modules it loads) or
+changes a start-up variable needs a real interpreter: the first is the caller's to know, the
+second falls back by itself.
+
 What is drawn at random once per process is drawn once per zygote: the str hash seed, and values
 made at import (gemframe's splice mark in ``_core/payload.py``, numpy's legacy global seed). Each
 child's is as unpredictable as a fresh process's; they are only equal across the calls of one
@@ -56,7 +66,9 @@ jemalloc and OpenBLAS take their locks across a fork (pthread_atfork) and start 
 
 from __future__ import annotations
 
+import builtins
 import gc
+import importlib.machinery
 import json
 import os
 import re
@@ -138,7 +150,7 @@ class Zygote:
         import tempfile
 
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            request = {"module": command[2], "orig_argv": command, "env": env, "cwd": cwd, "umask": _umask()}
+            request = {"orig_argv": command, "env": env, "cwd": cwd, "umask": _umask()}
             socket.send_fds(self.sock, [json.dumps(request).encode()], [out.fileno(), err.fileno()])
             try:
                 answer = self._answer(timeout)
@@ -185,12 +197,12 @@ _starting = threading.Lock()
 def run(command: list[str], *, env: dict[str, str], cwd, timeout: float):
     """``subprocess.run(command, env=env, cwd=cwd, stdin=DEVNULL, capture_output=True, text=True,
     timeout=timeout)`` for ``command`` = ``[sys.executable, "-m", MODULE, *args]`` (``gemframe``,
-    or a test's probe), through the zygote when it can serve the call (see the module docstring),
-    else as that real subprocess."""
+    or a test's probe) or ``[sys.executable, "-c", CODE, *args]`` (a test's script), through the
+    zygote when it can serve the call (see the module docstring), else as that real subprocess."""
     import subprocess
 
-    if command[:2] != [sys.executable, "-m"]:
-        raise ValueError(f"not a `python -m MODULE` command line: {command}")
+    if command[:2] not in ([sys.executable, "-m"], [sys.executable, "-c"]) or len(command) < 3:
+        raise ValueError(f"not a `python -m MODULE` or `python -c CODE` command line: {command}")
 
     global _zygote
     env = {k: os.fsdecode(v) for k, v in env.items()}
@@ -206,7 +218,9 @@ def run(command: list[str], *, env: dict[str, str], cwd, timeout: float):
                 _zygote = Zygote()
             except Unavailable as exc:
                 warnings.warn(
-                    f"{exc}\n(running `python -m {command[2]}` in a subprocess)", RuntimeWarning, stacklevel=3
+                    f"{exc}\n(running `python {command[1]} {command[2][:60]}` in a subprocess)",
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
         zygote = _zygote
     if zygote is not None and zygote.serves(env) and zygote.lock.acquire(blocking=False):
@@ -230,6 +244,14 @@ def run(command: list[str], *, env: dict[str, str], cwd, timeout: float):
         timeout=timeout,
         check=False,
     )
+
+
+def python_c(code: str, *args, cwd=None, timeout: float = 120, **env: str):
+    """Run ``python -c CODE ARGS`` to its end (``env``: variables added to this environment; stdin
+    /dev/null); its output as text. Through the zygote when it can (see `run`): a script that
+    imports gemframe then costs a fork, not ~0.6 CPU-s of imports. A test that signals or kills
+    its script, or must see gemframe being imported, runs a real subprocess instead."""
+    return run([sys.executable, "-c", code, *map(str, args)], env={**os.environ, **env}, cwd=cwd, timeout=timeout)
 
 
 def shutdown() -> None:
@@ -359,7 +381,8 @@ def _wait(sock: socket.socket, pid: int) -> int:
 
 
 def _become(request: dict, startup: dict, sigint) -> None:
-    """Make this forked child the fresh ``python -m gemframe`` the request describes."""
+    """Make this forked child the fresh ``python -m MODULE`` or ``python -c CODE`` the request
+    describes."""
     null = os.open(os.devnull, os.O_RDONLY)
     for fd, target in zip([null, *request["fds"]], (0, 1, 2)):
         os.dup2(fd, target)
@@ -368,12 +391,16 @@ def _become(request: dict, startup: dict, sigint) -> None:
     os.umask(request["umask"])
     os.environ.clear()  # os.environ's methods set the C environment too (putenv, unsetenv)
     os.environ.update(request["env"])
+    option = request["orig_argv"][1]
     if not sys.flags.safe_path:
-        sys.path[0] = os.getcwd()
-    sys.argv = ["-m", *request["orig_argv"][3:]]  # runpy puts the module's path in sys.argv[0]
+        sys.path[0] = os.getcwd() if option == "-m" else ""  # as -m and -c put it
+    sys.argv = [option, *request["orig_argv"][3:]]  # runpy puts the module's path in sys.argv[0]
     sys.orig_argv = request["orig_argv"]
-    main = sys.modules["__main__"] = types.ModuleType("__main__")  # runpy fills it in
+    main = sys.modules["__main__"] = types.ModuleType("__main__")  # runpy fills it in for -m
     main.__annotations__ = {}  # as the interpreter makes it (add_main_module)
+    if option == "-c":  # the rest of what add_main_module makes, which -c runs in as it is
+        main.__loader__ = importlib.machinery.BuiltinImporter
+        main.__builtins__ = builtins
     signal.signal(signal.SIGINT, sigint)
     for message, category, filename, lineno, line in startup["shown"]:
         warnings.showwarning(message, category, filename, lineno, None, line)
@@ -392,4 +419,10 @@ if __name__ == "__main__":
     _control.send(json.dumps({"read_at_import": sorted(_startup["read"])}).encode())
     _request = _serve(_control)
     _become(_request, _startup, _sigint)
-    runpy._run_module_as_main(_request["module"])  # what `python -m gemframe` runs
+    # No name here may hold the new __main__: the interpreter's teardown must find it referenced
+    # by sys.modules alone, as in a fresh process, or its objects outlive the modules their
+    # __del__ methods use (aiohttp's "Unclosed client session" becomes a TypeError).
+    if _request["orig_argv"][1] == "-m":
+        runpy._run_module_as_main(_request["orig_argv"][2])  # what `python -m gemframe` runs
+    else:  # what `python -c CODE` runs (PyRun_SimpleString)
+        exec(compile(_request["orig_argv"][2], "<string>", "exec"), sys.modules["__main__"].__dict__)

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import polars as pl
@@ -14,6 +13,7 @@ import pytest
 import gemframe as gf
 from gemframe.emulator import Emulator
 
+from ._zygote import python_c
 from .conftest import gemframe_cli, gemframe_command, gemframe_run_args
 
 
@@ -193,7 +193,7 @@ print(out["text"].to_list())
 
 
 def _script(*args):
-    return subprocess.run([sys.executable, "-c", _SUBMIT, *map(str, args)], capture_output=True, text=True, timeout=120)
+    return python_c(_SUBMIT, *args)  # through the zygote: a fresh `python -c`, without its imports
 
 
 def test_submit_in_one_process_and_collect_in_another_over_tcp(served_emulator, tmp_path):

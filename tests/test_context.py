@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -20,7 +18,8 @@ import pytest
 import gemframe as gf
 from gemframe.emulator import Emulator
 
-from .conftest import ServedEmulator
+from ._zygote import python_c
+from .conftest import ServedEmulator, gemframe_cli
 
 KEY = "test-key"
 MODEL = "gemini-2.5-flash"
@@ -279,7 +278,8 @@ def test_a_client_never_closed_deletes_its_cache_at_exit(served, tmp_path):
         assert out["reply"].struct.field("cached_content_tokens")[0] > 0
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    done = python_c(script)  # through the zygote: a fresh `python -c`, without its imports
+    assert done.returncode == 0, done.stderr
     assert emulator.caches.created == 1
     assert len(recorder.calls("DELETE", "")) == 1
     assert emulator.caches.list(None, None) == {"cachedContents": []}
@@ -370,14 +370,7 @@ def test_cli_context_files_and_cache_context(served, tmp_path):
     common += ["--system", SYSTEM, "--context", str(tmp_path / "handbook.txt"), "--cache-dir", str(tmp_path / "c")]
 
     def gemframe(*args: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "GEMINI_API_KEY": KEY}  # PYTHONPATH kept: this checkout's gemframe
-        return subprocess.run(
-            [sys.executable, "-m", "gemframe", "run", *common, *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return gemframe_cli("run", *common, *args, GEMINI_API_KEY=KEY)
 
     dry = gemframe("--cache-context", "2h", "--dry-run", "--output-tokens", "10")
     assert dry.returncode == 0, dry.stderr

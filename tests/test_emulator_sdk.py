@@ -8,12 +8,21 @@ import io
 
 import pytest
 
-genai = pytest.importorskip("google.genai")
-from google.genai import errors, types
+# Bound by `_genai_modules` when this module's first test runs, not when the file is collected:
+# every xdist worker collects every file, and importing google.genai costs about 0.3 CPU-s.
+genai = errors = types = None
 
 PDF_2_PAGES = b"%PDF-1.4\n1 0 obj << /Type /Page >> endobj\n2 0 obj << /Type /Page >> endobj\n%%EOF"
 KEY = "test-key"
 HOURS = 3600
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _genai_modules():
+    """Import the google-genai SDK for this module's tests, or skip them without it."""
+    global genai, errors, types
+    genai = pytest.importorskip("google.genai")
+    from google.genai import errors, types
 
 
 class Clock:

@@ -71,14 +71,11 @@ print(out["reply"].struct.field("error").null_count(), served.emulator.stats.req
 def test_a_client_never_closed_leaves_no_unclosed_session_warnings(tmp_path):
     """aiohttp reports an open session from its ``__del__``: clients dropped without
     ``close()`` and one still open at exit must have closed theirs."""
-    import subprocess
-    import sys
-
+    from ._zygote import python_c
     from .conftest import ROOT
 
-    script = tmp_path / "never_closes.py"
-    script.write_text(UNCLOSED_SCRIPT.format(root=str(ROOT), cache=str(tmp_path / "cache")))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    # Through the zygote: a fresh `python -c`, exiting as any interpreter does, without its imports.
+    done = python_c(UNCLOSED_SCRIPT.format(root=str(ROOT), cache=str(tmp_path / "cache")))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["20", "80"]  # every row answered; 4 systems x 20 prompts sent
     assert "Unclosed" not in done.stderr, done.stderr[:2000]

@@ -4,9 +4,7 @@ import base64
 import re
 import shutil
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 
 def _check_quickstart(text: str, html: str, pngs: list[str]) -> None:
@@ -35,6 +33,11 @@ CHECKS = {"quickstart.ipynb": _check_quickstart, "images.ipynb": _check_images}
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "images.ipynb"])
 def test_notebook_executes(repo_root, tmp_path, monkeypatch, name):
+    # Imported here, not when the file is collected: every xdist worker collects every file,
+    # and nbformat with nbclient (jsonschema...) costs ~0.2 CPU-s.
+    import nbformat
+    from nbclient import NotebookClient
+
     monkeypatch.setenv("GEMFRAME_CACHE_DIR", str(tmp_path / "cache"))
     path = repo_root / "notebooks" / name
     saved = nbformat.read(path, as_version=4)

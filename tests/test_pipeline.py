@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import polars as pl
@@ -14,6 +12,8 @@ from gemframe._accounting.pricing import cost
 from gemframe._cli import main
 from gemframe._pipeline import read_manifest, run
 from gemframe.emulator import Emulator
+
+from .conftest import gemframe_cli
 
 
 def test_run_writes_inputs_plus_reply_fields_and_manifest(client, emulator, sample_input, tmp_path):
@@ -115,9 +115,9 @@ def test_cli_reports_errors_without_traceback(sample_input, tmp_path, capsys):
 
 
 def test_cli_help_and_console_script(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gemframe", "--help"], capture_output=True, text=True)
+    result = gemframe_cli("--help")
     assert result.returncode == 0 and "run" in result.stdout and "emulator" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "gemframe", "run", "--help"], capture_output=True, text=True)
+    result = gemframe_cli("run", "--help")
     assert "--images" in result.stdout and "--cache" in result.stdout
 
 

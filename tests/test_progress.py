@@ -15,6 +15,8 @@ import pytest
 import gemframe as gf
 from gemframe._core.progress import end_resting_jobs
 
+from .conftest import gemframe_cli
+
 FAILED_4 = (
     "4 of 4 rows failed: INVALID_INPUT x4; row 0: cannot read image file 'images/house.jpg': "
     "No such file or directory; see the reply's `error` field"
@@ -71,9 +73,7 @@ def test_client_send_warns_once(client):
 
 
 def _gemframe(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "gemframe", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    return gemframe_cli(*args, cwd=cwd)
 
 
 def test_cli_ends_with_the_failure_summary_and_exit_0(tmp_path):

@@ -20,7 +20,7 @@ from PIL import Image
 import gemframe as gf
 from gemframe.emulator import Emulator
 
-from .conftest import ServedEmulator
+from .conftest import ServedEmulator, gemframe_cli
 
 HOURS = 3600
 PDF_PAGE = b"1 0 obj << /Type /Page >> endobj\n"
@@ -458,15 +458,9 @@ def test_the_upload_option_is_checked():
 def test_cache_commands_cover_the_uploaded_files(emulator, cache_dir, tmp_path, shared_png):
     import json
     import subprocess
-    import sys
 
     def gemframe(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "gemframe", *args, "--cache-dir", str(cache_dir)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return gemframe_cli(*args, "--cache-dir", str(cache_dir))
 
     image = tmp_path / "a.png"
     image.write_bytes(shared_png)
