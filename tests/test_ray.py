@@ -1,11 +1,11 @@
 """gemframe.ray on a local Ray instance (two CPUs), against the emulator served over TCP:
-the same answers as the polars path, a rerun answered from the cache, and a cluster-wide rate
-limit that holds at the server.
+the same answers as the polars path, 8 actors on 2 CPUs, a cluster-wide rate limit that holds at
+the server, and a cache the polars path then answers from.
 
 Ray is the suite's most expensive dependency: a start brings about 10 processes, and every
 actor of every pool is a new process that imports Ray Data, polars and gemframe (about 2 CPU
 seconds each, many times that on a loaded 2-CPU machine). So Ray starts once per module, and
-the tests share two pools: the paced run (`paced_run`, 2 actors) and its rerun on 8 actors.
+the tests share one pool of 8 actors (`paced_run`), each checking it from its own side.
 """
 
 from __future__ import annotations
@@ -128,13 +128,17 @@ ASKED = dict(images="image", system="Be terse.", config={"temperature": 0})
 PER_SECOND = 40  # the paced run's cluster-wide rate: rpm=2400, 20 requests/s per actor
 
 
+ACTORS = 8  # on 2 CPUs: the default num_cpus=0.1 leaves room for Ray Data's read tasks
+
+
 @pytest.fixture(scope="module")
 def paced_run(ray_local, server, tmp_path_factory):
     """One run of gemframe.ray that several tests check, each from its own side: an actor pool
     costs about 2 CPU-seconds per actor to start (many times that on a loaded 2-CPU machine),
-    so the tests share pools instead of starting one each. The frame goes through the polars
-    path (the reference) and then through 2 actors paced at PER_SECOND for the cluster, noting
-    what reached the server."""
+    so the tests share it instead of starting one each. The frame goes through the polars path
+    (the reference), then, as parquet files, through 8 actors of the default ``num_cpus`` on 2
+    CPUs, paced at PER_SECOND for the cluster, noting what reached the server. Read tasks need a
+    CPU each: with 1 CPU per actor this used to wait forever (running=2, pending=6)."""
     served, app = server
     frame = _frame(200, _image_bytes("PNG", (16, 12), "teal"))
     cache = tmp_path_factory.mktemp("paced")
@@ -143,18 +147,27 @@ def paced_run(ray_local, server, tmp_path_factory):
     ) as client:
         expected = frame.with_columns(reply=gf.generate(PROMPT, client=client, **ASKED))
 
+    source = cache / "prompts"
+    source.mkdir()
+    for part in range(20):  # a block per file: 2-3 per actor
+        frame.slice(part * 10, 10).write_parquet(source / f"part-{part:02}.parquet")
     before, start = _requests(app), len(app.arrivals)
-    out = gray.generate(
-        _dataset(frame, 20),
-        PROMPT,
-        **_served_as_google(served, cache / "ray"),
-        rpm=PER_SECOND * 60,
-        num_actors=2,
-        batch_size=20,
-        num_cpus=0.5,
-        **ASKED,
-    )
-    got = _collect(out)
+    with pytest.MonkeyPatch.context() as env:
+        # Ray Data reads parquet footers in a pool of 2 new actor processes per read: one will do.
+        env.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        out = gray.generate(
+            ray.data.read_parquet(str(source)).repartition(20),  # small files are read as one block
+            PROMPT,
+            images="image",
+            spec=gf.RequestSpec(system="Be terse.", config={"temperature": 0}),  # ASKED, as one spec
+            **_served_as_google(served, cache / "ray"),
+            rpm=PER_SECOND * 60,
+            num_actors=ACTORS,
+            concurrency=2 * ACTORS,
+            batch_size=10,
+            unnest=True,
+        )
+        got = _collect(out)
     return SimpleNamespace(
         frame=frame,
         expected=expected,
@@ -166,62 +179,50 @@ def paced_run(ray_local, server, tmp_path_factory):
     )
 
 
-def test_same_answers_as_polars(paced_run):
-    frame, expected, first = paced_run.frame, paced_run.expected, paced_run.got
-    assert first.columns == ["id", "prompt", "image", "reply"]
-    assert first.schema["reply"] == expected.schema["reply"]
-    assert_frame_equal(first.drop("reply"), frame)  # input columns pass through untouched
-    assert_frame_equal(_answers(first), _answers(expected))
-    assert first["reply"].struct.field("text")[1].startswith('Emulated reply to: "QUESTION 1"')  # PROMPT ran
-    assert first["reply"].struct.field("text").null_count() == 1  # the null prompt: null reply
+def test_same_answers_as_polars_from_eight_actors_on_two_cpus(paced_run):
+    """What to ask went to the actors as one gf.RequestSpec (as it is), with ``unnest=True``
+    (the reply's fields as columns, no "reply" column); the answers are the polars path's."""
+    frame, expected, got = paced_run.frame, paced_run.expected, paced_run.got
+    fields = [f.name for f in expected.schema["reply"].fields]
+    assert got.columns == ["id", "prompt", "image", *fields]
+    assert got["id"].to_list() == list(range(frame.height))
+    assert_frame_equal(got.select(frame.columns), frame)  # input columns pass through untouched
+    assert_frame_equal(got.drop(PER_ROW), frame.join(_answers(expected), on="id").sort("id"))
+    assert got.schema == {**frame.schema, **dict(expected.schema["reply"].to_schema())}
+    assert got["text"][1].startswith('Emulated reply to: "QUESTION 1"')  # PROMPT ran
+    assert got["text"].null_count() == 1  # the null prompt: null reply
+    assert got["cached"].null_count() == 1  # a row was answered by the server or by the cache
+    assert (~got["cached"]).sum() == paced_run.sent  # (rows 180-199 ask what rows 0-19 asked)
     distinct = frame["prompt"].drop_nulls().n_unique()
     assert distinct <= paced_run.sent <= frame.height - 1  # each distinct request once (twice at
     # most if two actors asked for it at the same moment)
 
 
 def test_global_rate_limit_holds_at_the_server(paced_run):
+    """Each actor paces its share (PER_SECOND / ACTORS), evenly spaced: in any one second the
+    cluster is ahead of PER_SECOND by at most a request per actor, and not faster overall."""
     arrivals = paced_run.arrivals
     assert len(arrivals) == paced_run.sent > 4 * PER_SECOND  # every request noted; seconds of them
     busiest = max(bisect.bisect_left(arrivals, t + 1.0) - i for i, t in enumerate(arrivals))
-    assert busiest <= PER_SECOND + 1, f"{busiest} requests arrived within one second"
+    assert busiest <= PER_SECOND + ACTORS, f"{busiest} requests arrived within one second"
     assert (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) <= PER_SECOND * 1.05  # nor faster overall
-    assert busiest > PER_SECOND / 2 + 1  # both actors' shares were in use at once
+    assert busiest > PER_SECOND / ACTORS + 1  # several actors' shares were in use at once
 
 
-def test_eight_actors_rerun_from_the_cache_on_a_two_cpu_machine(paced_run, server, tmp_path, monkeypatch):
-    """The paced run again, on num_actors=8 of the default num_cpus on 2 CPUs, reading parquet
-    (read tasks need a CPU each): it used to wait forever (8 actors of 1 CPU: running=2,
-    pending=6). A new dataset, the same cache directory, what to ask as one gf.RequestSpec
-    (handed to the actors as it is): the same requests, so nothing reaches the server. With
-    ``unnest=True`` (the reply's fields as columns), and the key in no repr."""
+def test_the_actors_cache_answers_the_polars_path(paced_run, server):
+    """A rerun answers from the cache the actors wrote, whichever path runs it: the polars path
+    over it sends nothing. And the key is in no repr of the job."""
     served, app = server
-    frame, expected = paced_run.frame, paced_run.expected
-    source = tmp_path / "prompts"
-    source.mkdir()
-    for part in range(20):  # a block per file: 2-3 per actor
-        frame.slice(part * 10, 10).write_parquet(source / f"part-{part:02}.parquet")
-    # Ray Data reads parquet footers in a pool of 2 new actor processes per read: one will do.
-    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     before = _requests(app)
-    out = gray.generate(
-        ray.data.read_parquet(str(source), override_num_blocks=20),
-        PROMPT,
-        images="image",
-        spec=gf.RequestSpec(system="Be terse.", config={"temperature": 0}),
-        **_served_as_google(served, paced_run.cache_dir),
-        num_actors=8,
-        concurrency=16,
-        batch_size=10,
-        unnest=True,
-    )
-    again = _collect(out)
+    with gf.Client(
+        "google", api_key=KEY, base_url=served.url, cache_dir=str(paced_run.cache_dir), progress=False
+    ) as client:
+        again = paced_run.frame.with_columns(reply=gf.generate(PROMPT, client=client, **ASKED))
     assert _requests(app) == before
-    fields = [f.name for f in expected.schema["reply"].fields]
-    assert again.columns == ["id", "prompt", "image", *fields]  # unnested: no "reply" column
-    assert again["id"].to_list() == list(range(frame.height))
-    assert again["cached"].drop_nulls().all() and again["cached"].null_count() == 1
-    assert_frame_equal(again.drop(PER_ROW), frame.join(_answers(expected), on="id").sort("id"))
-    for shown in (repr(out), str(out), out.stats(), repr(again.to_dicts()), repr(paced_run.out)):
+    assert again["reply"].struct.field("cached").drop_nulls().all()
+    assert_frame_equal(_answers(again), _answers(paced_run.expected))
+    out = paced_run.out
+    for shown in (repr(out), str(out), out.stats(), repr(paced_run.got.to_dicts())):
         assert KEY not in shown
 
 
