@@ -2,8 +2,9 @@
 (which is ``strict``), and a user's script that calls the public API is checked against them
 (gemframe ships ``py.typed``), so a wrong argument is caught by the checker, not at run time.
 
-One mypy run checks all of it: most of a run is reading polars' and gemframe's hints, and two
-runs with different options cannot share a cache (two cost ~16 CPU-s, one ~10)."""
+One mypy run checks all of it: most of a run is reading polars' and gemframe's hints (the
+optional extras' packages are read as Any, see ``[tool.mypy]``), and two runs with different
+options cannot share a cache (two cost ~16 CPU-s, one ~6)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow  # mypy checks the whole package: ~10-20 s
+pytestmark = pytest.mark.slow  # mypy checks the whole package: ~6-20 s
 
 # A user's script using the public API: it type-checks.
 GOOD = """
