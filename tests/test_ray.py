@@ -71,6 +71,9 @@ def ray_local():
     with pytest.MonkeyPatch.context() as env:  # the workers inherit this environment:
         for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER"):
             env.delenv(var, raising=False)  # no developer key reaches them
+        # Ray starts its workers at nice 15: beside other work on the machine, they would get
+        # a few percent of a CPU (README, "Small machines"); the suite's own processes run at 0.
+        env.setenv("RAY_worker_niceness", "0")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

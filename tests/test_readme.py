@@ -205,6 +205,8 @@ def test_readme_blocks_run(tmp_path, part):
         # Ray Data reads parquet footers in a pool of 2 new actor processes per read (a few CPU
         # seconds each time, many times that on a loaded 2-CPU machine); one reads a file or two.
         RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="1",
+        # Ray's workers at the suite's priority, not nice 15 (see tests/test_ray.py's `ray_local`).
+        RAY_worker_niceness="0",
     )
     done = subprocess.run(
         [sys.executable, __file__, blocks_file],
