@@ -6,8 +6,9 @@ fixture here is per process: ports are bound to 0 and kept, caches live under ``
 environment variables are set with ``monkeypatch``. Tests that must not overlap carry
 ``@pytest.mark.xdist_group(NAME)`` and run on one worker, one after another:
 
-- ``"ray"``: tests/test_ray.py, whose module fixture starts a local Ray of two CPUs: one
-  worker starts it, once, and never two Rays share the machine.
+- ``"ray"``: tests/test_ray.py, whose module fixture starts a local Ray of two CPUs (the
+  README's Ray part runs in it too): one worker starts it, once, and never two Rays share the
+  machine.
 - ``"installed"``: the tests of tests/test_cli.py that share a module-scoped virtual
   environment (built once, by one worker).
 

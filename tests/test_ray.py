@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import importlib.util
+import os
 import pickle
 import time
 from types import SimpleNamespace
@@ -32,6 +33,7 @@ if importlib.util.find_spec("ray") is None:
 # about a CPU-second, wasted in the workers that never run the "ray" group.
 ray = gray = None
 
+from . import test_readme as readme
 from .conftest import ServedEmulator, _image_bytes
 
 # A hung Ray must not hang CI: the thread method ends the run even inside a blocking call (it
@@ -67,18 +69,33 @@ def _ray_modules():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(tmp_path_factory):
+    """A local Ray of two CPUs. Its workers take the environment and working directory it
+    starts in, whichever driver later joins it, so both are made for the README's Ray part
+    (`test_readme_ray_part_runs_as_written`): a fresh clone as cwd, its cache as
+    GEMFRAME_CACHE_DIR (this module's runs name their own caches)."""
+    home = tmp_path_factory.mktemp("ray-home")
+    readme.prepare_clone(home / "clone")
     with pytest.MonkeyPatch.context() as env:  # the workers inherit this environment:
-        for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER"):
+        for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER", "GEMFRAME_PRICES"):
             env.delenv(var, raising=False)  # no developer key reaches them
+        env.setenv("GEMFRAME_CACHE_DIR", str(home / "cache"))
+        env.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(readme.ROOT), os.environ.get("PYTHONPATH")) if p))
         # Ray starts its workers at nice 15: beside other work on the machine, they would get
-        # a few percent of a CPU (README, "Small machines"); the suite's own processes run at 0.
+        # a few percent of a CPU (README, "Busy machines"); the suite's own processes run at 0.
         env.setenv("RAY_worker_niceness", "0")
+        env.chdir(home / "clone")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    yield
+    yield SimpleNamespace(clone=home / "clone", cache=home / "cache", address=ray.get_runtime_context().gcs_address)
     ray.shutdown()
+
+
+def test_readme_ray_part_runs_as_written(ray_local, tmp_path):
+    """The README's Ray part (see tests/test_readme.py) in this module's Ray, which its driver
+    joins (RAY_ADDRESS) instead of starting one of its own: a Ray start is ~10 CPU-s."""
+    readme.run_part("ray", ray_local.clone, ray_local.cache, tmp_path, RAY_ADDRESS=ray_local.address)
 
 
 @pytest.fixture(scope="module")
