@@ -206,7 +206,10 @@ def test_random_429s_do_not_slow_the_job(fault_server, cache_dir):
     print(f"random 429s: {wall:.2f}s vs {fixed:.2f}s with adaptive=False; send rate at the end {limiter.rate}")
     assert limiter.rate is None  # every cut was undone: the job ends unthrottled
     assert limiter.floor > 0.1  # and knows 429s it cannot cure
-    assert wall <= 1.5 * fixed + 0.5  # loose: the machine is shared
+    # How long each job took is printed, not asserted: two runs one after the other on a loaded
+    # machine measure the load (3.7 s against 1.7 s once, on 2 CPUs beside two other sessions'
+    # busy processes). That the job is not slowed is judged in virtual time over 12 seeds
+    # (test_limits.py::test_a_large_random_share_of_429s_does_not_slow_the_job: <= 1.2x).
 
 
 @pytest.mark.parametrize("seed", [1, 2])
