@@ -4,6 +4,7 @@ no import loop, and every import points down the layers that docs/architecture.m
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,15 @@ def _module(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports() -> dict[str, set[str]]:
-    """gemframe module -> the gemframe modules it imports (as dotted names below gemframe)."""
-    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+# Every gemframe module, by dotted name below gemframe: the parametrization, known at collection.
+MODULES = {_module(p): p for p in PACKAGE.rglob("*.py")}
+
+
+@functools.cache
+def graph() -> dict[str, set[str]]:
+    """gemframe module -> the gemframe modules it imports (as dotted names below gemframe).
+    Parsed once, by the worker that runs these tests, not by every worker that collects them."""
+    modules = MODULES
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
@@ -65,22 +72,19 @@ def _layer(module: str) -> int:
     return next(i for i, (_, tops) in enumerate(LAYERS) if top in tops)
 
 
-GRAPH = _imports()
-
-
 def test_every_module_has_a_layer():
     # The graph was read: were it empty, every test here would pass without checking anything.
-    assert {"_core.cache", "_polars.expr", "_pipeline", "emulator.app", "ray", "_cli"} <= set(GRAPH)
-    assert GRAPH["_core.client"]  # and imports were found (the client imports the executor...)
-    for module in GRAPH:
+    assert {"_core.cache", "_polars.expr", "_pipeline", "emulator.app", "ray", "_cli"} <= set(graph())
+    assert graph()["_core.client"]  # and imports were found (the client imports the executor...)
+    for module in graph():
         if module == "__init__":
             continue
         _layer(module)  # StopIteration names a module no layer holds
 
 
-@pytest.mark.parametrize("module", sorted(GRAPH))
+@pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_down(module):
-    for target in GRAPH[module]:
+    for target in graph()[module]:
         if target == "__init__":
             pytest.fail(f"{module} imports the package face (gemframe/__init__.py)")
         assert _layer(target) <= _layer(module), f"{module} imports {target}, a higher layer"
@@ -97,7 +101,7 @@ def test_no_import_loop():
 
     def visit(module: str, path: list[str]) -> None:
         seen[module] = 1
-        for target in sorted(GRAPH[module]):
+        for target in sorted(graph()[module]):
             if target == module:
                 continue
             if seen.get(target) == 1:
@@ -107,6 +111,6 @@ def test_no_import_loop():
                 visit(target, [*path, target])
         seen[module] = 2
 
-    for module in sorted(GRAPH):
+    for module in sorted(graph()):
         if module not in seen:
             visit(module, [module])
