@@ -34,6 +34,10 @@ A child is a fresh ``python -m gemframe`` in every respect the command can see:
   torn down (``__del__`` methods...), buffers flushed. The objects the zygote's imports made are
   frozen out of the cyclic collector (`gc.freeze`), so the child's collections skip them.
 
+A shell script can run ``python -m MODULE`` on a zygote too (`Relay`: what the README's shell
+blocks run as ``gemframe``): its shim hands the call its own stdout and stderr, and exits as the
+call did.
+
 A call may also be ``[sys.executable, "-c", CODE, *args]``, a test's script that imports gemframe
 and runs to its end (`python_c`): the child is then a fresh ``python -c`` as above, but for what
 ``-c`` does differently from ``-m``: ``sys.argv`` is
@@ -85,6 +89,9 @@ CALL_TIME = re.compile(r"GEMFRAME_\w+|GEMINI_API_KEY|GOOGLE_API_KEY|SEGMIND_API_
 """Variables a call may set or change and still run on the zygote: gemframe's own, which it reads
 when used (the cache directory, provider, prices, keys) and pytest's note of the running test."""
 
+SHELL_OWN = frozenset({"PWD", "OLDPWD", "SHLVL", "_"})
+"""Variables a shell sets for every command it runs, which no interpreter reads as it starts."""
+
 PRELOAD = "gemframe._cli"
 LINUX = sys.platform.startswith("linux")  # os.pidfd_open, SOCK_SEQPACKET: elsewhere, real subprocesses
 _MESSAGE = 1 << 20  # the largest message: an environment is a few kB
@@ -106,11 +113,12 @@ calls = {"zygote": 0, "subprocess": 0}
 class Zygote:
     """The helper process and the socket to it. Started by `run`; `close` ends it."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        """A zygote started in ``env`` (default: this process's environment) and ``cwd``."""
         import subprocess
         import tempfile
 
-        self.environ = dict(os.environ)  # what the zygote's interpreter and imports saw
+        self.environ = dict(os.environ if env is None else env)  # what its interpreter and imports saw
         self.lock = threading.Lock()
         self.log = tempfile.TemporaryFile()  # the zygote's own stdout and stderr: empty unless it fails
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -121,6 +129,8 @@ class Zygote:
                 stdin=subprocess.DEVNULL,
                 stdout=self.log,
                 stderr=self.log,
+                env=self.environ,
+                cwd=cwd,
             )
         self.sock = ours
         try:
@@ -140,28 +150,38 @@ class Zygote:
             )
 
     def serves(self, env: dict[str, str]) -> bool:
-        """Whether a call with this environment can run here: only CALL_TIME variables differ."""
+        """Whether a call with this environment can run here: only CALL_TIME variables differ
+        (and SHELL_OWN ones, for a call from a shell through `Relay`)."""
         changed = {k for k in self.environ.keys() | env.keys() if self.environ.get(k) != env.get(k)}
-        return all(CALL_TIME.fullmatch(k) for k in changed) and self.process.poll() is None
+        return all(CALL_TIME.fullmatch(k) or k in SHELL_OWN for k in changed) and self.process.poll() is None
 
-    def run(self, command: list[str], env: dict[str, str], cwd: str, timeout: float):
-        """One call: fork a child for ``command``, wait for it (killing it at ``timeout``)."""
+    def run(self, command: list[str], env: dict[str, str], cwd: str, timeout: float, *, umask=None, fds=None):
+        """One call: fork a child for ``command``, wait for it (killing it at ``timeout``). Its
+        stdout and stderr are captured, or are the descriptors ``fds`` (then not captured); its
+        umask is this process's, or ``umask``."""
         import subprocess
         import tempfile
 
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            request = {"orig_argv": command, "env": env, "cwd": cwd, "umask": _umask()}
-            socket.send_fds(self.sock, [json.dumps(request).encode()], [out.fileno(), err.fileno()])
+            captured = fds is None
+            request = {"orig_argv": command, "env": env, "cwd": cwd, "umask": _umask() if umask is None else umask}
+            targets = [out.fileno(), err.fileno()] if captured else list(fds)
+            socket.send_fds(self.sock, [json.dumps(request).encode()], targets)
             try:
                 answer = self._answer(timeout)
             except TimeoutError:
                 self.sock.send(b"kill")
                 answer = self._answer(_KILL_WAIT)
                 if answer is not None:
-                    raise subprocess.TimeoutExpired(command, timeout, output=_read(out), stderr=_read(err)) from None
+                    raise subprocess.TimeoutExpired(
+                        command,
+                        timeout,
+                        output=_read(out) if captured else None,
+                        stderr=_read(err) if captured else None,
+                    ) from None
             if answer is None:
                 raise RuntimeError(f"the gemframe zygote died during {command[3:]}:\n{self._output()}")
-            stdout, stderr = _text(_read(out)), _text(_read(err))
+            stdout, stderr = (_text(_read(out)), _text(_read(err))) if captured else (None, None)
         return subprocess.CompletedProcess(command, os.waitstatus_to_exitcode(answer["status"]), stdout, stderr)
 
     def _answer(self, timeout: float) -> dict | None:
@@ -188,6 +208,85 @@ class Zygote:
             self.process.kill()
             self.process.wait()
         self.log.close()
+
+
+class Relay:
+    """``python -m MODULE`` for shell scripts, on a zygote: a Unix socket at ``path`` where a
+    `shim` asks ``zygote`` for a call, with the shim's own stdout and stderr (stdin /dev/null),
+    environment, cwd and umask, and exits as the call did. A call the zygote cannot serve
+    (`Zygote.serves`: a shell that changed PYTHONPATH, say) is told so, and the shim becomes the
+    real command. One call at a time, answered by a thread of this process."""
+
+    def __init__(self, zygote: Zygote, path, timeout: float) -> None:
+        self.zygote, self.timeout = zygote, timeout
+        self.served = 0  # calls run on the zygote (the others ran as real commands)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(os.fspath(path))
+        self.sock.listen()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def shim(self, module: str) -> str:
+        """A ``/bin/sh`` script that runs ``python -m MODULE "$@"`` through this relay. The
+        client is this file, run by an interpreter without its site (``-I -S``): ~20 ms."""
+        address = self.sock.getsockname()
+        return f'#!/bin/sh\nexec "{sys.executable}" -I -S "{__file__}" --call "{address}" {module} "$@"\n'
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                message, fds, _, _ = socket.recv_fds(conn, _MESSAGE, 2)
+                try:
+                    request = json.loads(message)
+                    answer: dict = {}
+                    if len(fds) == 2 and self.zygote.serves(request["env"]) and self.zygote.lock.acquire(False):
+                        try:
+                            done = self.zygote.run(
+                                request["orig_argv"],
+                                request["env"],
+                                request["cwd"],
+                                self.timeout,
+                                umask=request["umask"],
+                                fds=fds,
+                            )
+                            answer = {"returncode": done.returncode}
+                            self.served += 1
+                        except Exception as exc:  # a hang killed at the timeout, a dead zygote
+                            answer = {"error": f"{type(exc).__name__}: {exc}"}
+                        finally:
+                            self.zygote.lock.release()
+                    conn.send(json.dumps(answer).encode())
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept()
+        self.sock.close()
+        self.thread.join(10)
+
+
+def _call(address: str, module: str, args: list[str]) -> None:
+    """A shim's side of `Relay`: run ``python -m MODULE ARGS`` there, and exit as it did."""
+    command = [sys.executable, "-m", module, *args]
+    request = {"orig_argv": command, "env": dict(os.environ), "cwd": os.getcwd(), "umask": _umask()}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.connect(address)
+        socket.send_fds(sock, [json.dumps(request).encode()], [1, 2])
+        answer = json.loads(sock.recv(_MESSAGE) or b"{}")
+    if "error" in answer:
+        sys.exit(f"gemframe zygote relay: {command[2:]} failed: {answer['error']}")
+    if "returncode" not in answer:  # not for the zygote: the real command, in this process
+        os.execv(sys.executable, command)
+    code = answer["returncode"]
+    if code < 0:  # killed by a signal: so is this process, as a shell sees it
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
 
 
 _zygote: Zygote | None = None
@@ -406,7 +505,9 @@ def _become(request: dict, startup: dict, sigint) -> None:
         warnings.showwarning(message, category, filename, lineno, None, line)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] == "--call":  # a `Relay.shim`
+    _call(sys.argv[2], sys.argv[3], sys.argv[4:])
+elif __name__ == "__main__":
     _control = socket.socket(fileno=int(sys.argv[1]))
     _startup = _preload(sys.argv[2])
     # The imported modules' objects go to the collector's permanent generation: a child's

@@ -12,18 +12,19 @@ How the blocks are read (README.md's "Contributing" notes say the same to author
   install would re-point the shared editable install): a line starting with ``pip install`` is
   dropped, up to its first ``&&`` when it chains more commands.
 
-The blocks run in README order, as a new user would run them in a fresh clone on the emulator,
-in two parts side by side (each its own subprocess and clone, so pytest-xdist runs them on two
+The blocks run in README order, as a new user would run them in a fresh clone on the emulator, in
+two parts side by side (each its own subprocess and clone, so pytest-xdist runs them on two
 workers): the sections that use Ray, and all the others (`PARTS`). The Ray part runs in
 tests/test_ray.py, inside the Ray instance started there, whose workers take that part's working
-directory and environment (a Ray's workers take its starter's, not a later driver's): one Ray
-start for the suite, not two. Each part runs with no API
-key in the environment, ``GEMFRAME_CACHE_DIR`` in a temp dir, the
-working directory a temp dir holding a copy of ``sample_data/`` (so ``sample_data/prompts.parquet``
-and the image paths inside it resolve), ``gemframe`` and ``python`` on ``PATH`` meaning this
-interpreter. Python blocks share one namespace per ``##`` section (a section's blocks build on
-each other; a section does not rely on another's variables or files); shell blocks run in bash
-with ``set -euo pipefail``. A failure names the README line of the block.
+directory and environment (a Ray's workers take its starter's, not a later driver's): one Ray start
+for the suite, not two. Each part runs with no API key in the environment, ``GEMFRAME_CACHE_DIR``
+in a temp dir, the working directory a temp dir holding a copy of ``sample_data/`` (so
+``sample_data/prompts.parquet`` and the image paths inside it resolve), ``gemframe`` and ``python``
+on ``PATH`` meaning this interpreter (``gemframe`` as a fork of a zygote started in the blocks'
+environment, when a part runs it twice or more: `_gemframe_on_a_zygote`). Python blocks share one
+namespace per ``##`` section (a section's blocks build on each other; a section does not rely on
+another's variables or files); shell blocks run in bash with ``set -euo pipefail``. A failure names
+the README line of the block.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ def without_installs(script: str) -> str:
     return "\n".join(kept) + "\n"
 
 
-def _drive(blocks_file: str) -> int:
-    """Run the blocks (a JSON list of `Block`s) in order; the first failure ends the run."""
+def _drive(blocks_file: str, bin_dir: str) -> int:
+    """Run the blocks (a JSON list of `Block`s) in order; the first failure ends the run.
+    ``bin_dir`` holds the ``gemframe`` command the shell blocks run (see `_gemframe_on_a_zygote`)."""
     import time
     import traceback
     import warnings
@@ -135,10 +137,15 @@ def _drive(blocks_file: str) -> int:
     blocks = [Block(**b) for b in json.loads(Path(blocks_file).read_text())]
     started = time.monotonic()
     namespaces: dict[str, dict] = {}
+    # A zygote costs what a gemframe command's imports cost: worth it for two commands or more.
+    shell = [without_installs(b.code) for b in blocks if b.info in SHELL]
+    commands = sum(line.lstrip().startswith("gemframe ") for code in shell for line in code.splitlines())
+    relay = None
     for block in blocks:
         where = f"README.md:{block.line} ({block.info} block in '{block.section}')"
         print(f"--- {where} at {time.monotonic() - started:.1f} s", flush=True)
         if block.info in SHELL:
+            relay = relay or (_gemframe_on_a_zygote(Path(bin_dir)) if commands > 1 else None)
             done = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", without_installs(block.code)],
                 stderr=subprocess.PIPE,
@@ -160,8 +167,30 @@ def _drive(blocks_file: str) -> int:
             traceback.print_exc()
             print(f"FAILED {where}", flush=True)
             return 1
-    print(f"ALL BLOCKS RAN in {time.monotonic() - started:.1f} s", flush=True)
+    forked = relay.served if relay else 0
+    print(f"ALL BLOCKS RAN in {time.monotonic() - started:.1f} s ({forked} gemframe commands on a zygote)", flush=True)
     return 0
+
+
+def _gemframe_on_a_zygote(bin_dir: Path):
+    """Make ``bin_dir/gemframe`` a fork of a zygote started here, now, in this process's
+    environment and cwd (tests/_zygote.py, `Relay`): the same fresh ``python -m gemframe`` for
+    the shell blocks (stdin /dev/null), without ~0.6 CPU-s of imports per command. Started when
+    the first shell block runs, so that it has the environment the blocks' commands get (polars,
+    imported here, adds to a variable its library reads as it loads). Left as the plain
+    ``exec python -m gemframe`` where a zygote cannot run. The zygote and relay end with this
+    process (the zygote at the end of its socket)."""
+    import _zygote  # tests/, this script's directory
+
+    if not _zygote.LINUX:
+        return None
+    try:
+        zygote = _zygote.Zygote()
+    except _zygote.Unavailable:
+        return None
+    relay = _zygote.Relay(zygote, bin_dir / "gemframe.sock", timeout=590)
+    (bin_dir / "gemframe").write_text(relay.shim("gemframe"))
+    return relay
 
 
 def test_every_block_names_its_language():
@@ -201,10 +230,6 @@ def run_part(part: str, work: Path, cache: Path, scratch: Path, **env_vars: str)
 
     bin_dir = scratch / "bin"
     bin_dir.mkdir()
-    for name, command in (("python", ""), ("gemframe", " -m gemframe")):
-        shim = bin_dir / name
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}"{command} "$@"\n')
-        shim.chmod(0o755)
     blocks_file = scratch / "blocks.json"
     blocks_file.write_text(json.dumps([asdict(b) for b in runs]))
 
@@ -222,8 +247,12 @@ def run_part(part: str, work: Path, cache: Path, scratch: Path, **env_vars: str)
         RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="1",
         **env_vars,
     )
+    for name, command in (("python", ""), ("gemframe", " -m gemframe")):
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}"{command} "$@"\n')
+        shim.chmod(0o755)
     done = subprocess.run(
-        [sys.executable, __file__, blocks_file],
+        [sys.executable, __file__, blocks_file, bin_dir],
         cwd=work,
         env=env,
         stdout=subprocess.PIPE,
@@ -243,4 +272,4 @@ def run_part(part: str, work: Path, cache: Path, scratch: Path, **env_vars: str)
 
 
 if __name__ == "__main__":
-    sys.exit(_drive(sys.argv[1]))
+    sys.exit(_drive(sys.argv[1], sys.argv[2]))

@@ -228,3 +228,51 @@ def test_a_warning_shown_at_import_is_shown_by_every_call(tmp_path, own_zygote, 
     assert _zygote.calls["zygote"] == before["zygote"] + 2  # the calls did run on the zygote
     assert "UserWarning: said at import" in real.stderr and real.stdout == "ran\n"
     assert (first.stdout, first.stderr) == (second.stdout, second.stderr) == (real.stdout, real.stderr)
+
+
+def test_a_shim_in_a_shell_script_is_the_real_command(probe, tmp_path, monkeypatch):
+    """`Relay`: a shell script's ``python -m MODULE`` as a fork of a zygote (the ``gemframe``
+    that the README's shell blocks run, tests/test_readme.py). The shell sees what the real
+    command gives it (output, exit status, a traceback but for the zygote's frame) and the command
+    sees what the real one does (its argv, cwd, umask, environment, streams); a call with a
+    start-up variable changed runs as the real command."""
+    monkeypatch.setattr(_zygote, "PRELOAD", "json")  # a cheap zygote: the probe runs bare
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # the scripts'
+    zygote = _zygote.Zygote(env=env, cwd=str(tmp_path))
+    relay = _zygote.Relay(zygote, tmp_path / "probe.sock", timeout=60)
+    try:
+        (bin_dir / "real").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m gemframe_probe "$@"\n')
+        (bin_dir / "relayed").write_text(relay.shim("gemframe_probe"))
+        for shim in bin_dir.iterdir():
+            shim.chmod(0o755)
+        script = """
+            umask 027
+            COMMAND bare; echo "exit $?"
+            COMMAND exit; echo "exit $?"
+            COMMAND raise; echo "exit $?"
+            PYTHONWARNINGS=error::DeprecationWarning COMMAND bare; echo "exit $?"
+        """
+
+        def shell(command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["bash", "-uc", script.replace("COMMAND", command)],
+                cwd=tmp_path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        real, relayed = shell("real"), shell("relayed")
+    finally:
+        relay.close()
+        zygote.close()
+    exits = [line for line in real.stdout.splitlines() if line.startswith("exit ")]
+    assert exits == ["exit 0", "exit 1", "exit 1", "exit 1"] and real.stdout.count('"umask": 23,') == 4  # 027
+    assert "ValueError: uncaught" in real.stderr and "an exit message" in real.stderr
+    assert relayed.stdout == real.stdout
+    assert _without_the_zygote_frame(relayed.stderr) == real.stderr
+    assert relay.served == 3  # the fourth changed PYTHONWARNINGS: it ran as the real command
