@@ -217,8 +217,8 @@ class Relay:
     (`Zygote.serves`: a shell that changed PYTHONPATH, say) is told so, and the shim becomes the
     real command. One call at a time, answered by a thread of this process."""
 
-    def __init__(self, zygote: Zygote, path, timeout: float) -> None:
-        self.zygote, self.timeout = zygote, timeout
+    def __init__(self, zygote: Zygote, module: str, path, timeout: float) -> None:
+        self.zygote, self.module, self.timeout = zygote, module, timeout
         self.served = 0  # calls run on the zygote (the others ran as real commands)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.bind(os.fspath(path))
@@ -226,11 +226,11 @@ class Relay:
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def shim(self, module: str) -> str:
+    def shim(self) -> str:
         """A ``/bin/sh`` script that runs ``python -m MODULE "$@"`` through this relay. The
         client is this file, run by an interpreter without its site (``-I -S``): ~20 ms."""
         address = self.sock.getsockname()
-        return f'#!/bin/sh\nexec "{sys.executable}" -I -S "{__file__}" --call "{address}" {module} "$@"\n'
+        return f'#!/bin/sh\nexec "{sys.executable}" -I -S "{__file__}" --call "{address}" {self.module} "$@"\n'
 
     def _serve(self) -> None:
         while True:
@@ -243,7 +243,9 @@ class Relay:
                 try:
                     request = json.loads(message)
                     answer: dict = {}
-                    if len(fds) == 2 and self.zygote.serves(request["env"]) and self.zygote.lock.acquire(False):
+                    if request["orig_argv"][:3] != [sys.executable, "-m", self.module]:  # its command only
+                        answer = {"error": f"this relay runs `python -m {self.module}` only"}
+                    elif len(fds) == 2 and self.zygote.serves(request["env"]) and self.zygote.lock.acquire(False):
                         try:
                             done = self.zygote.run(
                                 request["orig_argv"],

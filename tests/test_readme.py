@@ -188,8 +188,8 @@ def _gemframe_on_a_zygote(bin_dir: Path):
         zygote = _zygote.Zygote()
     except _zygote.Unavailable:
         return None
-    relay = _zygote.Relay(zygote, bin_dir / "gemframe.sock", timeout=590)
-    (bin_dir / "gemframe").write_text(relay.shim("gemframe"))
+    relay = _zygote.Relay(zygote, "gemframe", bin_dir / "gemframe.sock", timeout=590)
+    (bin_dir / "gemframe").write_text(relay.shim())
     return relay
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -241,10 +242,10 @@ def test_a_shim_in_a_shell_script_is_the_real_command(probe, tmp_path, monkeypat
     bin_dir.mkdir()
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # the scripts'
     zygote = _zygote.Zygote(env=env, cwd=str(tmp_path))
-    relay = _zygote.Relay(zygote, tmp_path / "probe.sock", timeout=60)
+    relay = _zygote.Relay(zygote, "gemframe_probe", tmp_path / "probe.sock", timeout=60)
     try:
         (bin_dir / "real").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m gemframe_probe "$@"\n')
-        (bin_dir / "relayed").write_text(relay.shim("gemframe_probe"))
+        (bin_dir / "relayed").write_text(relay.shim())
         for shim in bin_dir.iterdir():
             shim.chmod(0o755)
         script = """
@@ -267,6 +268,12 @@ def test_a_shim_in_a_shell_script_is_the_real_command(probe, tmp_path, monkeypat
             )
 
         real, relayed = shell("real"), shell("relayed")
+        # It runs its one command: any other that reaches its socket is refused, not run.
+        other = {"orig_argv": [sys.executable, "-c", "open('ran', 'w')"], "env": env, "cwd": str(tmp_path), "umask": 18}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(str(tmp_path / "probe.sock"))
+            socket.send_fds(sock, [json.dumps(other).encode()], [1, 2])
+            refused = json.loads(sock.recv(1 << 16))
     finally:
         relay.close()
         zygote.close()
@@ -276,3 +283,4 @@ def test_a_shim_in_a_shell_script_is_the_real_command(probe, tmp_path, monkeypat
     assert relayed.stdout == real.stdout
     assert _without_the_zygote_frame(relayed.stderr) == real.stderr
     assert relay.served == 3  # the fourth changed PYTHONWARNINGS: it ran as the real command
+    assert "runs `python -m gemframe_probe` only" in refused["error"] and not (tmp_path / "ran").exists()
