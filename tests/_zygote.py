@@ -157,8 +157,9 @@ class Zygote:
 
     def run(self, command: list[str], env: dict[str, str], cwd: str, timeout: float, *, umask=None, fds=None):
         """One call: fork a child for ``command``, wait for it (killing it at ``timeout``). Its
-        stdout and stderr are captured, or are the descriptors ``fds`` (then not captured); its
-        umask is this process's, or ``umask``."""
+        stdout and stderr are captured, or are the descriptors ``fds`` (then not captured:
+        stdout and stderr, or stdin, stdout and stderr); its umask is this process's, or
+        ``umask``."""
         import subprocess
         import tempfile
 
@@ -212,18 +213,24 @@ class Zygote:
 
 class Relay:
     """``python -m MODULE`` for shell scripts, on a zygote: a Unix socket at ``path`` where a
-    `shim` asks ``zygote`` for a call, with the shim's own stdout and stderr (stdin /dev/null),
-    environment, cwd and umask, and exits as the call did. A call the zygote cannot serve
-    (`Zygote.serves`: a shell that changed PYTHONPATH, say) is told so, and the shim becomes the
-    real command. One call at a time, answered by a thread of this process."""
+    `shim` asks ``zygote`` for a call, with the shim's own stdin, stdout and stderr, environment,
+    cwd and umask, and exits as the call did. A call the zygote cannot serve is told so, and the
+    shim becomes the real command: one that changes a start-up variable (`Zygote.serves`), or
+    comes while another runs (``gemframe emulator &`` then a client). Each connection has a
+    thread of this process. What a shim cannot pass on: a signal sent to the shim does not reach
+    the call (the zygote's child), which a README block never sends."""
 
     def __init__(self, zygote: Zygote, module: str, path, timeout: float) -> None:
         self.zygote, self.module, self.timeout = zygote, module, timeout
         self.served = 0  # calls run on the zygote (the others ran as real commands)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.bind(os.fspath(path))
-        self.sock.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        try:
+            self.sock.bind(os.fspath(path))  # OSError for a path over 107 bytes
+            self.sock.listen()
+        except OSError:
+            self.sock.close()
+            raise
+        self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
     def shim(self) -> str:
@@ -232,42 +239,50 @@ class Relay:
         address = self.sock.getsockname()
         return f'#!/bin/sh\nexec "{sys.executable}" -I -S "{__file__}" --call "{address}" {self.module} "$@"\n'
 
-    def _serve(self) -> None:
+    def _accept(self) -> None:
         while True:
             try:
                 conn, _ = self.sock.accept()
             except OSError:  # closed
                 return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        """One shim's call. Whatever goes wrong (a shim gone, a bad request, a dead zygote) ends
+        this connection only; the shim then fails, or runs the real command if nothing ran."""
+        fds: list[int] = []
+        try:
             with conn:
-                message, fds, _, _ = socket.recv_fds(conn, _MESSAGE, 2)
-                try:
-                    request = json.loads(message)
-                    answer: dict = {}
-                    if request["orig_argv"][:3] != [sys.executable, "-m", self.module]:  # its command only
-                        answer = {"error": f"this relay runs `python -m {self.module}` only"}
-                    elif len(fds) == 2 and self.zygote.serves(request["env"]) and self.zygote.lock.acquire(False):
-                        try:
-                            done = self.zygote.run(
-                                request["orig_argv"],
-                                request["env"],
-                                request["cwd"],
-                                self.timeout,
-                                umask=request["umask"],
-                                fds=fds,
-                            )
-                            answer = {"returncode": done.returncode}
-                            self.served += 1
-                        except Exception as exc:  # a hang killed at the timeout, a dead zygote
-                            answer = {"error": f"{type(exc).__name__}: {exc}"}
-                        finally:
-                            self.zygote.lock.release()
-                    conn.send(json.dumps(answer).encode())
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+                message, fds, _, _ = socket.recv_fds(conn, _MESSAGE, 3)
+                request = json.loads(message)
+                answer: dict = {}
+                if request["orig_argv"][:3] != [sys.executable, "-m", self.module]:  # its command only
+                    answer = {"error": f"this relay runs `python -m {self.module}` only"}
+                elif len(fds) == 3 and self.zygote.serves(request["env"]) and self.zygote.lock.acquire(False):
+                    try:
+                        done = self.zygote.run(
+                            request["orig_argv"],
+                            request["env"],
+                            request["cwd"],
+                            self.timeout,
+                            umask=request["umask"],
+                            fds=fds,
+                        )
+                        answer = {"returncode": done.returncode}
+                        self.served += 1
+                    except Exception as exc:  # a hang killed at the timeout, a dead zygote
+                        answer = {"error": f"{type(exc).__name__}: {exc}"}
+                    finally:
+                        self.zygote.lock.release()
+                conn.send(json.dumps(answer).encode())
+        except Exception:  # the shim went away (BrokenPipeError), or sent what is not a call
+            pass
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept()
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         self.sock.close()
         self.thread.join(10)
 
@@ -276,17 +291,21 @@ def _call(address: str, module: str, args: list[str]) -> None:
     """A shim's side of `Relay`: run ``python -m MODULE ARGS`` there, and exit as it did."""
     command = [sys.executable, "-m", module, *args]
     request = {"orig_argv": command, "env": dict(os.environ), "cwd": os.getcwd(), "umask": _umask()}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        sock.connect(address)
-        socket.send_fds(sock, [json.dumps(request).encode()], [1, 2])
-        answer = json.loads(sock.recv(_MESSAGE) or b"{}")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(address)
+            socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+            answer = json.loads(sock.recv(_MESSAGE) or b'{"error": "the relay closed the connection"}')
+    except OSError as exc:  # no relay there (any more): nothing ran
+        answer = {"unreachable": str(exc)}
     if "error" in answer:
         sys.exit(f"gemframe zygote relay: {command[2:]} failed: {answer['error']}")
     if "returncode" not in answer:  # not for the zygote: the real command, in this process
         os.execv(sys.executable, command)
     code = answer["returncode"]
-    if code < 0:  # killed by a signal: so is this process, as a shell sees it
-        signal.signal(-code, signal.SIG_DFL)
+    if code < 0:  # killed by a signal: so is this process, as a shell sees it (128 + N)
+        if -code != signal.SIGKILL:  # which cannot be caught, nor set to its default
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     sys.exit(code)
 
@@ -445,7 +464,7 @@ def _serve(sock: socket.socket) -> dict:
     child, with its request."""
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(sock, _MESSAGE, 2)
+            message, fds, _, _ = socket.recv_fds(sock, _MESSAGE, 3)
         except ConnectionError:
             message, fds = b"", []
         if not message:
@@ -484,8 +503,8 @@ def _wait(sock: socket.socket, pid: int) -> int:
 def _become(request: dict, startup: dict, sigint) -> None:
     """Make this forked child the fresh ``python -m MODULE`` or ``python -c CODE`` the request
     describes."""
-    null = os.open(os.devnull, os.O_RDONLY)
-    for fd, target in zip([null, *request["fds"]], (0, 1, 2)):
+    fds = request["fds"]  # stdout and stderr; or stdin too (`Relay`)
+    for fd, target in zip(fds if len(fds) == 3 else [os.open(os.devnull, os.O_RDONLY), *fds], (0, 1, 2)):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])

@@ -130,8 +130,9 @@ def test_configured_tpm_is_never_exceeded():
 # the machine: on 2 CPUs shared with two other sessions' busy processes, the 6,000/min job once
 # reached 85% (its client and server starved of CPU). Whether the limiter settles at >= 90% is
 # judged in virtual time, over 12 seeds, idle and starved (test_limits.py, the same limits), and
-# measured in bench 9; here a floor that only a limiter stuck far below the limit falls under.
-MACHINE_BOUND_FLOOR = 0.5
+# measured in bench 9; here a floor that a limiter stuck below the limit falls under (the known
+# fast-429 gap, test_limits.py's xfail, holds a job near 67%).
+MACHINE_BOUND_FLOOR = 0.75
 
 
 @pytest.mark.slow
@@ -206,10 +207,12 @@ def test_random_429s_do_not_slow_the_job(fault_server, cache_dir):
     print(f"random 429s: {wall:.2f}s vs {fixed:.2f}s with adaptive=False; send rate at the end {limiter.rate}")
     assert limiter.rate is None  # every cut was undone: the job ends unthrottled
     assert limiter.floor > 0.1  # and knows 429s it cannot cure
-    # How long each job took is printed, not asserted: two runs one after the other on a loaded
-    # machine measure the load (3.7 s against 1.7 s once, on 2 CPUs beside two other sessions'
-    # busy processes). That the job is not slowed is judged in virtual time over 12 seeds
-    # (test_limits.py::test_a_large_random_share_of_429s_does_not_slow_the_job: <= 1.2x).
+    # Two runs one after the other on a loaded machine measure the load too (3.7 s against 1.7 s
+    # once, on 2 CPUs beside two other sessions' busy processes): that the job is not slowed is
+    # judged in virtual time over 12 seeds (test_limits.py::
+    # test_a_large_random_share_of_429s_does_not_slow_the_job: <= 1.2x); here, only that it is
+    # not many times slower (the ratchet this guards against made it 13-15x).
+    assert wall <= 4 * fixed + 1
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -145,7 +145,8 @@ def _drive(blocks_file: str, bin_dir: str) -> int:
         where = f"README.md:{block.line} ({block.info} block in '{block.section}')"
         print(f"--- {where} at {time.monotonic() - started:.1f} s", flush=True)
         if block.info in SHELL:
-            relay = relay or (_gemframe_on_a_zygote(Path(bin_dir)) if commands > 1 else None)
+            if relay is None and commands > 1:
+                relay = _gemframe_on_a_zygote(Path(bin_dir)) or False  # False: tried, plain command
             done = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", without_installs(block.code)],
                 stderr=subprocess.PIPE,
@@ -167,7 +168,7 @@ def _drive(blocks_file: str, bin_dir: str) -> int:
             traceback.print_exc()
             print(f"FAILED {where}", flush=True)
             return 1
-    forked = relay.served if relay else 0
+    forked = relay.served if relay else 0  # None or False: none
     print(f"ALL BLOCKS RAN in {time.monotonic() - started:.1f} s ({forked} gemframe commands on a zygote)", flush=True)
     return 0
 
@@ -175,7 +176,7 @@ def _drive(blocks_file: str, bin_dir: str) -> int:
 def _gemframe_on_a_zygote(bin_dir: Path):
     """Make ``bin_dir/gemframe`` a fork of a zygote started here, now, in this process's
     environment and cwd (tests/_zygote.py, `Relay`): the same fresh ``python -m gemframe`` for
-    the shell blocks (stdin /dev/null), without ~0.6 CPU-s of imports per command. Started when
+    the shell blocks, without ~0.6 CPU-s of imports per command. Started when
     the first shell block runs, so that it has the environment the blocks' commands get (polars,
     imported here, adds to a variable its library reads as it loads). Left as the plain
     ``exec python -m gemframe`` where a zygote cannot run. The zygote and relay end with this
@@ -188,7 +189,11 @@ def _gemframe_on_a_zygote(bin_dir: Path):
         zygote = _zygote.Zygote()
     except _zygote.Unavailable:
         return None
-    relay = _zygote.Relay(zygote, "gemframe", bin_dir / "gemframe.sock", timeout=590)
+    try:
+        relay = _zygote.Relay(zygote, "gemframe", bin_dir / "gemframe.sock", timeout=590)
+    except OSError:  # a socket path too long for AF_UNIX, say
+        zygote.close()
+        return None
     (bin_dir / "gemframe").write_text(relay.shim())
     return relay
 

@@ -253,6 +253,7 @@ def test_a_shim_in_a_shell_script_is_the_real_command(probe, tmp_path, monkeypat
             COMMAND bare; echo "exit $?"
             COMMAND exit; echo "exit $?"
             COMMAND raise; echo "exit $?"
+            echo "piped in" | COMMAND bare; echo "exit $?"
             PYTHONWARNINGS=error::DeprecationWarning COMMAND bare; echo "exit $?"
         """
 
@@ -278,9 +279,10 @@ def test_a_shim_in_a_shell_script_is_the_real_command(probe, tmp_path, monkeypat
         relay.close()
         zygote.close()
     exits = [line for line in real.stdout.splitlines() if line.startswith("exit ")]
-    assert exits == ["exit 0", "exit 1", "exit 1", "exit 1"] and real.stdout.count('"umask": 23,') == 4  # 027
+    assert exits == ["exit 0", "exit 1", "exit 1", "exit 0", "exit 1"] and real.stdout.count('"umask": 23,') == 5  # 027
+    assert real.stdout.count('"stdin": "piped in\\n"') == 1  # the shell's stdin, as the real command's
     assert "ValueError: uncaught" in real.stderr and "an exit message" in real.stderr
     assert relayed.stdout == real.stdout
     assert _without_the_zygote_frame(relayed.stderr) == real.stderr
-    assert relay.served == 3  # the fourth changed PYTHONWARNINGS: it ran as the real command
+    assert relay.served == 4  # the fifth changed PYTHONWARNINGS: it ran as the real command
     assert "runs `python -m gemframe_probe` only" in refused["error"] and not (tmp_path / "ran").exists()
