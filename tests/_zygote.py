@@ -185,6 +185,16 @@ class Zygote:
             stdout, stderr = (_text(_read(out)), _text(_read(err))) if captured else (None, None)
         return subprocess.CompletedProcess(command, os.waitstatus_to_exitcode(answer["status"]), stdout, stderr)
 
+    def call(self, command: list[str], env: dict[str, str], cwd: str, timeout: float, **how):
+        """`run` (``how``: its keywords) if this zygote can take the call now: it `serves` the
+        environment and runs no other call. None if not: the caller runs the real command."""
+        if not self.serves(env) or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return self.run(command, env, cwd, timeout, **how)
+        finally:
+            self.lock.release()
+
     def _answer(self, timeout: float) -> dict | None:
         """The zygote's next message, or None if it has gone."""
         self.sock.settimeout(timeout)
@@ -258,9 +268,9 @@ class Relay:
                 answer: dict = {}
                 if request["orig_argv"][:3] != [sys.executable, "-m", self.module]:  # its command only
                     answer = {"error": f"this relay runs `python -m {self.module}` only"}
-                elif len(fds) == 3 and self.zygote.serves(request["env"]) and self.zygote.lock.acquire(False):
+                elif len(fds) == 3:
                     try:
-                        done = self.zygote.run(
+                        done = self.zygote.call(
                             request["orig_argv"],
                             request["env"],
                             request["cwd"],
@@ -268,12 +278,12 @@ class Relay:
                             umask=request["umask"],
                             fds=fds,
                         )
-                        answer = {"returncode": done.returncode}
-                        self.served += 1
                     except Exception as exc:  # a hang killed at the timeout, a dead zygote
                         answer = {"error": f"{type(exc).__name__}: {exc}"}
-                    finally:
-                        self.zygote.lock.release()
+                    else:
+                        if done is not None:
+                            answer = {"returncode": done.returncode}
+                            self.served += 1
                 conn.send(json.dumps(answer).encode())
         except Exception:  # the shim went away (BrokenPipeError), or sent what is not a call
             pass
@@ -343,16 +353,16 @@ def run(command: list[str], *, env: dict[str, str], cwd, timeout: float):
                     stacklevel=3,
                 )
         zygote = _zygote
-    if zygote is not None and zygote.serves(env) and zygote.lock.acquire(blocking=False):
+    if zygote is not None:
         try:
-            calls["zygote"] += 1
-            return zygote.run(command, env, cwd, timeout)
+            done = zygote.call(command, env, cwd, timeout)
         except BaseException as exc:
             if not isinstance(exc, subprocess.TimeoutExpired):
                 shutdown()  # where the protocol stands is unknown: start afresh next time
             raise
-        finally:
-            zygote.lock.release()
+        if done is not None:
+            calls["zygote"] += 1
+            return done
     calls["subprocess"] += 1
     return subprocess.run(
         command,
