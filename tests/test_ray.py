@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import importlib.util
-import os
 import pickle
 import time
 from types import SimpleNamespace
@@ -76,11 +75,11 @@ def ray_local(tmp_path_factory):
     GEMFRAME_CACHE_DIR (this module's runs name their own caches)."""
     home = tmp_path_factory.mktemp("ray-home")
     readme.prepare_clone(home / "clone")
-    with pytest.MonkeyPatch.context() as env:  # the workers inherit this environment:
-        for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER", "GEMFRAME_PRICES"):
+    with pytest.MonkeyPatch.context() as env:  # the workers inherit this environment: the part's
+        for var in readme.UNSET:
             env.delenv(var, raising=False)  # no developer key reaches them
-        env.setenv("GEMFRAME_CACHE_DIR", str(home / "cache"))
-        env.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(readme.ROOT), os.environ.get("PYTHONPATH")) if p))
+        for var, value in readme.part_environment(home / "cache").items():
+            env.setenv(var, value)
         # Ray starts its workers at nice 15: beside other work on the machine, they would get
         # a few percent of a CPU (README, "Busy machines"); the suite's own processes run at 0.
         env.setenv("RAY_worker_niceness", "0")
@@ -109,6 +108,11 @@ def server():
 def _served_as_google(served: ServedEmulator, cache_dir) -> dict:
     """Where the actors send: the served emulator as the Google API, with KEY; and their cache."""
     return dict(provider="google", api_key=KEY, base_url=served.url, cache_dir=str(cache_dir))
+
+
+def _polars_client(served: ServedEmulator, cache_dir) -> gf.Client:
+    """The polars path's client, in this process, to the same server (`_served_as_google`)."""
+    return gf.Client(**_served_as_google(served, cache_dir), progress=False)
 
 
 def _requests(app: RecordingApp) -> int:
@@ -158,12 +162,10 @@ def paced_run(ray_local, server, tmp_path_factory):
     served, app = server
     frame = _frame(200, _image_bytes("PNG", (16, 12), "teal"))
     cache = tmp_path_factory.mktemp("paced")
-    with gf.Client(
-        "google", api_key=KEY, base_url=served.url, cache_dir=str(cache / "polars"), progress=False
-    ) as client:
+    with _polars_client(served, cache / "polars") as client:
         expected = frame.with_columns(reply=gf.generate(PROMPT, client=client, **ASKED))
     # The first SEEDED rows' answers are in the actors' cache before they start: they must read it.
-    with gf.Client("google", api_key=KEY, base_url=served.url, cache_dir=str(cache / "ray"), progress=False) as client:
+    with _polars_client(served, cache / "ray") as client:
         frame.head(SEEDED).with_columns(reply=gf.generate(PROMPT, client=client, **ASKED))
 
     source = cache / "prompts"
@@ -237,9 +239,7 @@ def test_the_actors_cache_answers_the_polars_path(paced_run, server):
     over it sends nothing. And the key is in no repr of the job."""
     served, app = server
     before = _requests(app)
-    with gf.Client(
-        "google", api_key=KEY, base_url=served.url, cache_dir=str(paced_run.cache_dir), progress=False
-    ) as client:
+    with _polars_client(served, paced_run.cache_dir) as client:
         again = paced_run.frame.with_columns(reply=gf.generate(PROMPT, client=client, **ASKED))
     assert _requests(app) == before
     assert again["reply"].struct.field("cached").drop_nulls().all()

@@ -215,6 +215,22 @@ def test_readme_blocks_run(tmp_path, part):
     run_part(part, work, tmp_path / "cache", tmp_path)
 
 
+UNSET = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER", "GEMFRAME_PRICES")
+"""Not in a part's environment: no developer key, provider or prices reach the README's blocks."""
+
+
+def part_environment(cache: Path) -> dict[str, str]:
+    """What a part's environment sets (besides `UNSET` and ``PATH``): ``cache`` as the default
+    cache, this checkout first on the path."""
+    return dict(
+        GEMFRAME_CACHE_DIR=str(cache),
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        # Ray Data reads parquet footers in a pool of 2 new actor processes per read (a few CPU
+        # seconds each time, many times that on a loaded 2-CPU machine); one reads a file or two.
+        RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="1",
+    )
+
+
 def prepare_clone(work: Path) -> None:
     """A new user's fresh clone, as far as the README's blocks can tell: ``sample_data/``."""
     shutil.copytree(ROOT / "sample_data", work / "sample_data")
@@ -238,20 +254,8 @@ def run_part(part: str, work: Path, cache: Path, scratch: Path, **env_vars: str)
     blocks_file = scratch / "blocks.json"
     blocks_file.write_text(json.dumps([asdict(b) for b in runs]))
 
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "SEGMIND_API_KEY", "GEMFRAME_PROVIDER", "GEMFRAME_PRICES")
-    }
-    env.update(
-        GEMFRAME_CACHE_DIR=str(cache),
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
-        # Ray Data reads parquet footers in a pool of 2 new actor processes per read (a few CPU
-        # seconds each time, many times that on a loaded 2-CPU machine); one reads a file or two.
-        RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="1",
-        **env_vars,
-    )
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env.update(part_environment(cache), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", **env_vars)
     for name, command in (("python", ""), ("gemframe", " -m gemframe")):
         shim = bin_dir / name
         shim.write_text(f'#!/bin/sh\nexec "{sys.executable}"{command} "$@"\n')
